@@ -1,0 +1,48 @@
+# Quick start: `make demo` runs qnix on this host, `make test` runs every test.
+# Both install what they need (as root on Debian 12; on NixOS use `nix-shell -p` for the tools).
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+QNIX      := $(VENV)/bin/qnix
+STAMP     := $(VENV)/.installed
+SYSTEM_PACKAGES := bubblewrap nftables nix-bin age graphviz iproute2 systemd-container python3-venv
+PYTHON    ?= python3
+
+.PHONY: demo test lint deps system-deps bench clean
+
+demo: $(STAMP)
+	$(QNIX) check examples/smb-office.toml
+	$(QNIX) build examples/smb-office.toml -o build/smb-office
+	@echo
+	@echo "Built the flake in build/smb-office:"
+	@cd build/smb-office && find . -type f | sort
+	$(QNIX) graph examples/smb-office.toml -o build/smb-office.svg
+	@echo "Drew build/smb-office.svg"
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check qnix tests bench
+	$(VENV)/bin/ruff format --check qnix tests bench
+	$(VENV)/bin/mypy qnix
+	$(VENV)/bin/pytest -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) bench/build_scaling.py
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "please install:$$missing" >&2; exit 1; fi; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis

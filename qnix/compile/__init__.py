@@ -1,0 +1,1 @@
+"""Pure compilation: a validated Workstation to Artifacts (file path -> bytes)."""

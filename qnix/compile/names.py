@@ -1,0 +1,65 @@
+"""Names and addresses the host uses for a compartment, derived from the spec alone.
+
+Linux limits interface names to 15 bytes and user names to 32, while a compartment name may be
+31 long, so both are derived through a short hash; the same spec always gives the same names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+USER_PREFIX = "qx-"
+MAX_USER = 32
+
+
+def _digest(name: str, length: int) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:length]
+
+
+def host_ifname(name: str) -> str:
+    """The host end of a compartment's veth pair: `qx` + 10 hex digits (12 bytes)."""
+    return "qx" + _digest(name, 10)
+
+
+def unix_user(name: str) -> str:
+    """The unprivileged host user that owns a compartment's state."""
+    plain = USER_PREFIX + name
+    if len(plain) <= MAX_USER:
+        return plain
+    return f"{USER_PREFIX}{name[:20]}-{_digest(name, 8)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A point-to-point /31: the host (or net compartment) side and the compartment side."""
+
+    gateway: str
+    address: str
+
+    @property
+    def prefix(self) -> int:
+        return 31
+
+
+def allocate_links(names: Iterable[str], subnet: str) -> dict[str, Link]:
+    """A /31 per compartment, at a slot chosen by the hash of its name (stable under edits
+    elsewhere in the spec), probing linearly on collision, in sorted name order."""
+    network = ipaddress.IPv4Network(subnet)
+    slots = network.num_addresses // 2
+    base = int(network.network_address)
+    ordered = sorted(set(names))
+    if len(ordered) >= slots:
+        raise ValueError(f"{len(ordered)} compartments do not fit in {subnet}")
+    taken: set[int] = {0}  # slot 0 holds the network's own address
+    links: dict[str, Link] = {}
+    for name in ordered:
+        slot = int(_digest(name, 12), 16) % slots
+        while slot in taken:
+            slot = (slot + 1) % slots
+        taken.add(slot)
+        gateway = ipaddress.IPv4Address(base + 2 * slot)
+        links[name] = Link(str(gateway), str(gateway + 1))
+    return links

@@ -1,0 +1,1 @@
+"""Effects on the host: every subprocess, namespace, nft table and mount lives here."""
