@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 USER_PREFIX = "qx-"
+# Every host-side interface qnix creates starts with this; the nft table matches on it.
+IFNAME_PREFIX = "qx"
 MAX_USER = 32
 
 
@@ -21,7 +23,7 @@ def _digest(name: str, length: int) -> str:
 
 def host_ifname(name: str) -> str:
     """The host end of a compartment's veth pair: `qx` + 10 hex digits (12 bytes)."""
-    return "qx" + _digest(name, 10)
+    return IFNAME_PREFIX + _digest(name, 10)
 
 
 def unix_user(name: str) -> str:

@@ -1,0 +1,338 @@
+"""The workstation's network segmentation as one nftables table, `inet qnix`.
+
+The same text goes to NixOS (`networking.nftables.tables.qnix.content` gets
+`render_table_body`) and to a live host (`nft -f` of `render_ruleset`, one transaction).
+
+Topology. Every compartment with a network has a veth pair whose host end is
+`names.host_ifname(name)` (`qx` + 10 hex digits) and a /31 from `names.allocate_links`: the host
+side is `Link.gateway`, the compartment side `Link.address`. A compartment with
+`network = "none"` has no veth: it appears in no set, map or chain of this table, so nothing here
+can let it out. A compartment behind a net compartment (`network = "<net>"`) is routed by the
+host into the net compartment's veth; the net compartment masquerades it and sends it back to
+the host under its own address, where the net compartment's own allow-list applies.
+
+How a packet from a compartment is judged (hook forward):
+
+1. `ct state invalid` is dropped.
+2. Replies that a net compartment carries back to one of its own clients are accepted
+   (`iifname . ip daddr @net_clients`, reply direction, established or related only): after it
+   undoes its masquerade they carry the far end's address, not the net compartment's.
+3. Anti-spoofing and dispatch in one lookup: `iifname . ip saddr vmap @egress` maps each
+   compartment's (interface, address) pair to `jump c_<ifname>`. Any other source address on a
+   qnix interface finds no element and is dropped. IPv6 from a compartment is dropped here too:
+   the links are IPv4 only.
+4. The compartment's chain first jumps to `admitted`: established and related traffic is
+   accepted; then the `openings` set (source, destination, protocol, port), which the policy
+   (`qnix.Net`) fills later; then any destination in `compartment_addrs` is dropped. So no allow
+   rule below can reach another compartment, whatever it says.
+5. A guard pins the way out: an uplink compartment may not leave through any qnix interface,
+   a compartment behind a net compartment only through that net compartment's interface.
+6. One rule per allowed destination and family, from the firewall allow-list, in spec order.
+   Whatever falls through returns to the forward chain and is dropped.
+
+Traffic towards a qnix interface from elsewhere is accepted only as a reply; the input hook
+drops everything arriving on a qnix interface, so a compartment cannot reach the host's own
+addresses (its gateway, loopback-bound services, the host's LAN address). The host talks to its
+compartments through agent sockets, never over these links. Other interfaces of the host pass
+this table untouched: every rule matches the `qx*` interface names only, which also covers
+interfaces made at run time (disposables) before their elements are added.
+
+DNS names in a firewall rule are not resolved here: compiling is pure, and handing names to `nft`
+would make it resolve them. Each host-name rule gets two empty named sets,
+`c_<ifname>_h<index>_4` (`ipv4_addr`) and `..._6` (`ipv6_addr`), listed by `hostname_sets`, that
+the runtime fills with the resolved addresses; the rule matches `ip daddr @..._4` (and `ip6 daddr
+@..._6`). Until they are filled the rule allows nothing.
+
+Size. O(1) base rules, plus per compartment with a network a constant two rules and the rules of
+its allow-list (one per family it names), one `egress` element and one `compartment_addrs`
+element (and one `net_clients` element if it sits behind a net compartment). Nothing is
+pairwise, so the table grows linearly with the number of compartments.
+
+No spec text reaches the output except through `quote` (comments): chain and set names come from
+the hashed interface name, addresses and ports are re-rendered from their parsed values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from qnix.compile import names
+from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Compartment, FirewallRule, Workstation
+
+TABLE = "inet qnix"
+# Every host end of a qnix veth is `names.host_ifname(...)`, which starts with this prefix.
+QNIX_INTERFACES = f"\"{names.IFNAME_PREFIX}*\""
+
+# nft strings are double-quoted with no escape mechanism; comments are capped at 128 bytes.
+MAX_COMMENT_BYTES = 128
+_COMMENT_SAFE = frozenset(string.ascii_letters + string.digits + " -_.,:/+=()@!?%'&")
+
+DNS_PORT = 53
+
+Family = Literal[4, 6]
+
+
+def quote(text: str) -> str:
+    """Spec text as an nft quoted string: characters outside a small printable ASCII set
+    become `_`, so no quote, backslash, newline, brace, `;` or `#` can end the string or start
+    a new statement; cut to nft's comment limit."""
+    safe = "".join(ch if ch in _COMMENT_SAFE else "_" for ch in text)
+    return '"' + safe[:MAX_COMMENT_BYTES] + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class HostnameSet:
+    """An empty named set the runtime fills with the addresses `hostname` resolves to."""
+
+    set_name: str
+    family: Family
+    hostname: str
+    compartment: str
+
+
+def chain_name(compartment: str) -> str:
+    """The egress chain of a compartment, derived from its hashed interface name."""
+    return "c_" + names.host_ifname(compartment)
+
+
+def _hostname_set_name(compartment: str, index: int, family: Family) -> str:
+    return f"{chain_name(compartment)}_h{index}_{family}"
+
+
+def _is_hostname(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def hostname_sets(ws: Workstation) -> tuple[HostnameSet, ...]:
+    """Every named set a host-name firewall rule refers to, in output order."""
+    found: list[HostnameSet] = []
+    for compartment in _networked(ws):
+        for index, rule in enumerate(compartment.firewall):
+            if rule.host is not None and _is_hostname(rule.host):
+                for family in (4, 6):
+                    found.append(
+                        HostnameSet(
+                            _hostname_set_name(compartment.name, index, family),
+                            family,
+                            rule.host,
+                            compartment.name,
+                        )
+                    )
+    return tuple(found)
+
+
+# ---- rendering helpers ----------------------------------------------------------------------
+
+
+def _set_literal(items: Sequence[str]) -> str:
+    """One value bare, several as an anonymous set."""
+    if len(items) == 1:
+        return items[0]
+    return "{ " + ", ".join(items) + " }"
+
+
+def _ports(ports: Iterable[str]) -> list[str]:
+    """Port ranges sorted, with overlapping and adjacent ranges merged."""
+    spans: list[tuple[int, int]] = []
+    for text in ports:
+        first, _, last = text.partition("-")
+        spans.append((int(first), int(last or first)))
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(spans):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return [str(low) if low == high else f"{low}-{high}" for low, high in merged]
+
+
+def _daddr(family: Family) -> str:
+    return "ip daddr" if family == 4 else "ip6 daddr"
+
+
+def _proto_match(rule: FirewallRule, family: Family) -> str:
+    if rule.proto is None:
+        return ""
+    if rule.proto == "icmp":
+        return " meta l4proto " + ("icmp" if family == 4 else "ipv6-icmp")
+    if rule.ports:
+        return f" {rule.proto} dport {_set_literal(_ports(rule.ports))}"
+    return f" meta l4proto {rule.proto}"
+
+
+def _comment(text: str) -> str:
+    return f" comment {quote(text)}" if text else ""
+
+
+def _dns_rules(rule: FirewallRule, dns_servers: Sequence[str]) -> list[str]:
+    proto = f"meta l4proto {{ tcp, udp }} th dport {DNS_PORT}"
+    comment = _comment(rule.comment)
+    if not dns_servers:
+        return [f"{proto} accept{comment}"]
+    addresses = sorted({ipaddress.ip_address(a) for a in dns_servers}, key=_address_key)
+    lines = []
+    for family in (4, 6):
+        chosen = [str(a) for a in addresses if a.version == family]
+        if chosen:
+            lines.append(f"{_daddr(family)} {_set_literal(chosen)} {proto} accept{comment}")
+    return lines
+
+
+def _address_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, int]:
+    return (address.version, int(address))
+
+
+def _allow_rules(
+    compartment: str, index: int, rule: FirewallRule, dns_servers: Sequence[str]
+) -> list[str]:
+    """The nft rules of one firewall rule: one per address family it names."""
+    if rule.dns:
+        return _dns_rules(rule, dns_servers)
+    comment = _comment(rule.comment)
+    destinations: list[tuple[Family, str]]
+    if rule.cidr is not None:
+        network = ipaddress.ip_network(rule.cidr)
+        destinations = [(4 if network.version == 4 else 6, str(network))]
+    elif rule.host is not None and not _is_hostname(rule.host):
+        address = ipaddress.ip_address(rule.host)
+        destinations = [(4 if address.version == 4 else 6, str(address))]
+    elif rule.host is not None:
+        destinations = [
+            (family, "@" + _hostname_set_name(compartment, index, family)) for family in (4, 6)
+        ]
+    else:  # the model rejects a rule without host, cidr or dns
+        raise ValueError(f"firewall rule {index} of {compartment!r} has no destination")
+    return [
+        f"{_daddr(family)} {target}{_proto_match(rule, family)} accept{comment}"
+        for family, target in destinations
+    ]
+
+
+def _networked(ws: Workstation) -> list[Compartment]:
+    return [c for c in ws.compartments.values() if c.network != NETWORK_NONE]
+
+
+def _net_of(ws: Workstation, compartment: Compartment) -> Compartment | None:
+    """The net compartment a compartment sits behind, or None for an uplink one."""
+    if compartment.network == NETWORK_UPLINK:
+        return None
+    net = ws.compartments.get(compartment.network)
+    if net is None or not net.provides_network:
+        # load.check_references reports this to the user; here it is a caller's bug.
+        raise ValueError(
+            f"compartment {compartment.name!r} uses network {compartment.network!r}, "
+            "which is not a net compartment"
+        )
+    return net
+
+
+def _guard(ws: Workstation, compartment: Compartment) -> str:
+    net = _net_of(ws, compartment)
+    if net is None:
+        return f"oifname {QNIX_INTERFACES} drop"
+    return f'oifname != "{names.host_ifname(net.name)}" drop'
+
+
+def _block(header: str, lines: Iterable[str]) -> str:
+    body = "".join(f"\t\t{line}\n" for line in lines)
+    return f"\t{header} {{\n{body}\t}}\n"
+
+
+def _elements(items: Sequence[str]) -> list[str]:
+    if not items:
+        return []
+    inner = ",\n".join(f"\t\t\t{item}" for item in items)
+    return ["elements = {\n" + inner + "\n\t\t}"]
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+
+def render_table_body(ws: Workstation) -> str:
+    """The lines inside `table inet qnix { ... }`."""
+    links = names.allocate_links(ws.compartments, ws.host.subnet)
+    networked = _networked(ws)
+
+    addresses = [links[c.name].address for c in networked]
+    egress = [
+        f'"{names.host_ifname(c.name)}" . {links[c.name].address} : jump {chain_name(c.name)}'
+        for c in networked
+    ]
+    net_clients = []
+    for compartment in networked:
+        net = _net_of(ws, compartment)
+        if net is not None:
+            net_clients.append(
+                f'"{names.host_ifname(net.name)}" . {links[compartment.name].address}'
+            )
+
+    blocks = [
+        _block("set compartment_addrs", ["type ipv4_addr", *_elements(addresses)]),
+        _block("set net_clients", ["type ifname . ipv4_addr", *_elements(net_clients)]),
+        # Filled from the policy (qnix.Net): who may open what on whom.
+        _block("set openings", ["type ipv4_addr . ipv4_addr . inet_proto . inet_service"]),
+        _block("map egress", ["type ifname . ipv4_addr : verdict", *_elements(egress)]),
+    ]
+    for hostname_set in hostname_sets(ws):
+        kind = "ipv4_addr" if hostname_set.family == 4 else "ipv6_addr"
+        blocks.append(_block(f"set {hostname_set.set_name}", [f"type {kind}", "flags interval"]))
+
+    blocks += [
+        _block(
+            "chain forward",
+            [
+                "type filter hook forward priority filter; policy accept;",
+                f"iifname {QNIX_INTERFACES} jump from_compartment",
+                f"oifname {QNIX_INTERFACES} jump to_compartment",
+            ],
+        ),
+        _block(
+            "chain input",
+            [
+                "type filter hook input priority filter; policy accept;",
+                f"iifname {QNIX_INTERFACES} drop",
+            ],
+        ),
+        _block(
+            "chain from_compartment",
+            [
+                "ct state invalid drop",
+                "iifname . ip daddr @net_clients ct direction reply"
+                " ct state established,related accept",
+                "iifname . ip saddr vmap @egress",
+                "drop",
+            ],
+        ),
+        _block("chain to_compartment", ["ct state established,related accept", "drop"]),
+        _block(
+            "chain admitted",
+            [
+                "ct state established,related accept",
+                "ip saddr . ip daddr . meta l4proto . th dport @openings accept",
+                "ip daddr @compartment_addrs drop",
+            ],
+        ),
+    ]
+    for compartment in networked:
+        rules = [
+            f"comment {quote(compartment.name)}",
+            "jump admitted",
+            _guard(ws, compartment),
+        ]
+        for index, rule in enumerate(compartment.firewall):
+            rules += _allow_rules(compartment.name, index, rule, ws.host.dns_servers)
+        blocks.append(_block(f"chain {chain_name(compartment.name)}", rules))
+    return "\n".join(blocks)
+
+
+def render_ruleset(ws: Workstation) -> str:
+    """A complete file for `nft -f`."""
+    return f"table {TABLE} {{\n" + render_table_body(ws) + "}\n"
