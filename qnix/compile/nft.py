@@ -65,7 +65,7 @@ from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Compartment, FirewallR
 
 TABLE = "inet qnix"
 # Every host end of a qnix veth is `names.host_ifname(...)`, which starts with this prefix.
-QNIX_INTERFACES = f"\"{names.IFNAME_PREFIX}*\""
+QNIX_INTERFACES = f'"{names.IFNAME_PREFIX}*"'
 
 # nft strings are double-quoted with no escape mechanism; comments are capped at 128 bytes.
 MAX_COMMENT_BYTES = 128

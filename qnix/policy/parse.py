@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from qnix.spec.model import COMPARTMENT_NAME_RE, TAG_RE
+from qnix.spec.model import COMPARTMENT_NAME_RE, TAG_RE, UNIX_USER_RE
 
 SERVICE_RE = re.compile(r"^(\*|[A-Za-z0-9_.-]{1,64})$")
 ARGUMENT_RE = re.compile(r"^(\*|\+[A-Za-z0-9_.+-]{0,64})$")
@@ -152,6 +152,9 @@ def parse_line(text: str, *, file: str, line: int) -> Rule | None:
             )
         if any(k == key for k, _ in params):
             raise PolicySyntaxError(file, line, f"parameter {key!r} given twice")
+        problem = _param_problem(key, value)
+        if problem:
+            raise PolicySyntaxError(file, line, problem)
         params.append((key, value))
     return Rule(
         service=service,
@@ -163,6 +166,27 @@ def parse_line(text: str, *, file: str, line: int) -> Rule | None:
         file=file,
         line=line,
     )
+
+
+# A redirection names one place to go, never a set of them.
+REDIRECT_KINDS = ("name", "adminvm", "dispvm", "dispvm_template")
+
+
+def _param_problem(key: str, value: str) -> str:
+    """What is wrong with a parameter's value ("" if nothing): values reach the broker."""
+    if key in ("target", "default_target"):
+        try:
+            token = parse_token(value, as_target=True)
+        except ValueError as exc:
+            return f"bad {key}={value}: {exc}"
+        if token.kind not in REDIRECT_KINDS:
+            return f"bad {key}={value}: name one compartment, @adminvm, @dispvm or @dispvm:NAME"
+    elif key == "user":
+        if not re.fullmatch(UNIX_USER_RE, value):
+            return f"bad user={value!r}: not a Unix user name"
+    elif value not in ("yes", "no"):
+        return f"bad {key}={value!r}: use {key}=yes or {key}=no"
+    return ""
 
 
 def parse_text(text: str, *, file: str) -> list[Rule]:

@@ -20,24 +20,56 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel
 
+from qnix.compile.names import allocate_links
 from qnix.errors import Problem, QnixError, SpecError
-from qnix.policy.parse import PolicySyntaxError, Rule, parse_line, parse_text, parse_token
+from qnix.policy.parse import PolicySyntaxError, Rule, Token, parse_line, parse_token
 from qnix.spec import model
-from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Workstation
+from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, SpecRuleError, Workstation
 
-# Readable descriptions of the name patterns, shown as hints.
-PATTERN_HINTS = {
-    model.COMPARTMENT_NAME_RE: "lower-case letters, digits and '-', starting with a letter, 1-31 long",  # noqa: E501
-    model.HOSTNAME_RE: "lower-case letters, digits and '-', not starting or ending with '-'",
-    model.UNIX_USER_RE: "a Unix user name: lower-case letters, digits, '_' and '-'",
-    model.PACKAGE_RE: "a nixpkgs attribute path such as firefox or python3Packages.requests",
-    model.APP_RE: "a program name such as firefox, without '/' or spaces",
-    model.TAG_RE: "lower-case letters, digits, '_' and '-', starting with a letter",
-    model.SECRET_NAME_RE: "lower-case letters, digits, '_' and '-', starting with a letter",
-    model.AGE_RECIPIENT_RE: "an age public key (age1...) or an ssh-ed25519 / ssh-rsa public key",
+# What each name pattern is called, and a readable description of it for the hint.
+PATTERN_NAMES = {
+    model.COMPARTMENT_NAME_RE: (
+        "compartment name",
+        "lower-case letters, digits and '-', starting with a letter, 1-31 long",
+    ),
+    model.HOSTNAME_RE: (
+        "host name",
+        "lower-case letters, digits and '-', not starting or ending with '-'",
+    ),
+    model.UNIX_USER_RE: ("user name", "a Unix user name: lower-case letters, digits, '_' and '-'"),
+    model.PACKAGE_RE: (
+        "package name",
+        "a nixpkgs attribute path such as firefox or python3Packages.requests",
+    ),
+    model.APP_RE: ("program name", "a program name such as firefox, without '/' or spaces"),
+    model.TAG_RE: ("tag", "lower-case letters, digits, '_' and '-', starting with a letter"),
+    model.SECRET_NAME_RE: (
+        "secret name",
+        "lower-case letters, digits, '_' and '-', starting with a letter",
+    ),
+    model.AGE_RECIPIENT_RE: (
+        "recipient",
+        "an age public key (age1...) or an ssh-ed25519 / ssh-rsa public key",
+    ),
+}
+TYPE_MESSAGES = {
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "dict_type": "must be a table (TOML) or an object (JSON)",
+    "model_type": "must be a table (TOML) or an object (JSON)",
+    "model_attributes_type": "must be a table (TOML) or an object (JSON)",
 }
 AGE_HEADERS = (b"age-encryption.org/v1\n", b"-----BEGIN AGE ENCRYPTED FILE-----")
 MAX_SPEC_BYTES = 16 * 1024 * 1024
+MAX_SHOWN = 80
+POLICY_FILE_RE = r"[0-9a-z_.-]{1,64}\.policy"
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +102,7 @@ def load(path: Path) -> LoadedSpec:
         raise SpecError(list(_problems_from_validation(file, data, exc))) from None
     policy_files, problems = _read_policy_dir(path.parent, file, workstation)
     problems += check_references(file, workstation, policy_files)
+    problems += _check_subnet(file, workstation)
     problems += _check_secret_files(path.parent, file, workstation)
     if problems:
         raise SpecError(problems)
@@ -80,20 +113,31 @@ def parse_document(path: Path, raw: bytes) -> Any:
     """Decode TOML, JSON or Nix into plain data."""
     file = str(path)
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json", ".nix"):
+        raise SpecError(
+            [
+                Problem(
+                    file,
+                    "",
+                    f"unknown spec format {suffix or '(no suffix)'!r}",
+                    hint="use .toml, .json or .nix",
+                )
+            ]
+        )
     if suffix == ".nix":
         return _eval_nix(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError([Problem(file, "", f"not UTF-8 (byte {exc.start})")]) from None
-    if suffix == ".toml":
+    try:
+        if suffix == ".toml":
+            try:
+                return tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise SpecError([Problem(file, "", f"TOML syntax error: {exc}")]) from None
         try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise SpecError([Problem(file, "", f"TOML syntax error: {exc}")]) from None
-    if suffix == ".json":
-        try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_json_object)
         except json.JSONDecodeError as exc:
             raise SpecError(
                 [
@@ -104,52 +148,114 @@ def parse_document(path: Path, raw: bytes) -> Any:
                     )
                 ]
             ) from None
-    raise SpecError(
-        [
-            Problem(
-                file,
-                "",
-                f"unknown spec format {suffix or '(no suffix)'!r}",
-                hint="use .toml, .json or .nix",
-            )
-        ]
-    )
+        except _DuplicateKey as exc:
+            raise SpecError(
+                [
+                    Problem(
+                        file,
+                        "",
+                        "JSON object has a key twice",
+                        show(exc.key),
+                        "JSON would silently keep the last one; merge the two",
+                    )
+                ]
+            ) from None
+    except RecursionError:
+        raise SpecError([Problem(file, "", "nested too deeply")]) from None
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _eval_nix(path: Path) -> Any:
     from qnix.runtime.runner import require_tool, run
 
-    nix_instantiate = require_tool("nix-instantiate", "nix-bin")
+    file = str(path)
+    try:
+        nix_instantiate = require_tool("nix-instantiate", "nix-bin")
+    except QnixError as exc:
+        raise QnixError(
+            f"cannot evaluate {file}: nix-instantiate is not installed",
+            hint=f"{exc.hint}; or write the spec as TOML or JSON",
+        ) from None
     result = run(
         [nix_instantiate, "--eval", "--strict", "--json", str(path.resolve())],
         check=False,
         timeout=120,
     )
     if result.returncode != 0:
-        message = result.stderr.strip().splitlines()
+        raise SpecError([Problem(file, "", "Nix evaluation failed: " + _nix_error(result.stderr))])
+    try:
+        return json.loads(result.stdout, object_pairs_hook=_json_object)
+    except (ValueError, RecursionError):
         raise SpecError(
-            [Problem(str(path), "", "Nix evaluation failed: " + " | ".join(message[-5:]))]
-        )
-    return json.loads(result.stdout)
+            [Problem(file, "", "Nix evaluation gave no JSON", hint="the file must be an attrset")]
+        ) from None
 
 
-# ---- pydantic errors -> problems -------------------------------------------------------------
+def _nix_error(stderr: str) -> str:
+    """The message and position of a Nix error, without the source excerpt Nix draws."""
+    lines = [line.strip() for line in _ANSI_RE.sub("", stderr).splitlines() if line.strip()]
+    errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
+    where = next((line for line in lines if line.startswith("at ")), "")
+    if not errors:
+        return " | ".join(lines[-3:]) or "nix-instantiate failed without a message"
+    return errors[-1] + (f" ({where.rstrip(':')})" if where else "")
+
+
+# ---- showing values and key paths ------------------------------------------------------------
+
+
+def show(value: Any) -> str:
+    """A value as the author would write it in JSON, escaped and cut to MAX_SHOWN characters."""
+    try:
+        text = json.dumps(value, default=str, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        text = "(nested too deeply)"
+    # Never put a terminal control character or a bidi override from a spec onto the screen.
+    text = "".join(
+        ch
+        if ch.isprintable()
+        else (f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+        for ch in text
+    )
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
 
 
 def format_path(loc: tuple[str | int, ...]) -> str:
+    """`compartments.work.firewall[2].ports`; keys other than plain words are quoted."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z0-9_-]+", part):
+        elif re.fullmatch(r"[A-Za-z0-9_-]{1,64}", part):
             out += f".{part}" if out else part
         else:
-            out += f"[{json.dumps(part)}]"
+            out += f"[{show(part)}]"
     return out
 
 
-def _real_loc(data: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
-    """The part of a pydantic location that names places in the input (drops union tags)."""
+_ABSENT = object()
+
+
+def _walk(data: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """The part of a pydantic location that names places in the input.
+
+    Drops what pydantic adds (union branch tags, `[key]`); keeps the name of a missing or
+    unknown key.
+    """
     out: list[str | int] = []
     node = data
     for part in loc:
@@ -162,7 +268,6 @@ def _real_loc(data: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
         elif isinstance(node, Mapping) and isinstance(part, str) and not _is_type_tag(part):
             out.append(part)  # a missing or unknown key: name it, there is nothing below
             node = None
-        # else: a union branch tag such as 'int' or 'function-after[...]'
     return tuple(out)
 
 
@@ -170,9 +275,17 @@ def _is_type_tag(part: str) -> bool:
     return part in ("int", "str", "bool", "float", "none") or "[" in part
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, default=str, ensure_ascii=False)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _is_injected_name(data: Any, loc: tuple[str | int, ...]) -> bool:
+    """An error about `name` that the loader put into a compartment from its key: the key's
+    own error already reports it, at the place the author wrote it."""
+    if len(loc) < 3 or loc[0] != "compartments" or loc[2] != "name":
+        return False
+    compartments = data.get("compartments") if isinstance(data, Mapping) else None
+    body = compartments.get(loc[1]) if isinstance(compartments, Mapping) else None
+    return isinstance(body, Mapping) and "name" not in body
+
+
+# ---- pydantic errors -> problems -------------------------------------------------------------
 
 
 def _problems_from_validation(
@@ -180,28 +293,30 @@ def _problems_from_validation(
 ) -> Iterator[Problem]:
     merged: dict[str, Problem] = {}
     for error in exc.errors(include_url=False):
-        loc = _real_loc(data, tuple(error["loc"]))
-        path = format_path(loc)
-        problem = _problem(file, path, loc, error)
-        if path in merged:
-            old = merged[path]
-            if problem.message not in old.message:
-                merged[path] = Problem(
-                    file,
-                    path,
-                    f"{old.message}, or {problem.message}",
-                    old.value,
-                    old.hint or problem.hint,
-                )
-        else:
-            merged[path] = problem
+        raw_loc = tuple(error["loc"])
+        if _is_injected_name(data, raw_loc):
+            continue
+        problem = _problem(file, data, raw_loc, error)
+        old = merged.get(problem.path)
+        if old is None:
+            merged[problem.path] = problem
+        elif problem.message not in old.message:
+            merged[problem.path] = Problem(
+                file,
+                problem.path,
+                f"{old.message}; {problem.message}",
+                old.value or problem.value,
+                old.hint or problem.hint,
+            )
     yield from merged.values()
 
 
-def _problem(file: str, path: str, loc: tuple[str | int, ...], error: Any) -> Problem:
-    kind = error["type"]
-    value = error.get("input")
-    ctx = error.get("ctx") or {}
+def _problem(file: str, data: Any, raw_loc: tuple[str | int, ...], error: Any) -> Problem:
+    loc = _walk(data, raw_loc)
+    value = error.get("input", _ABSENT)  # for a bad key, the key itself
+    kind: str = error["type"]
+    ctx: Mapping[str, Any] = error.get("ctx") or {}
+    cause = ctx.get("error")
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else ""
         known = _fields_at(loc[:-1])
@@ -211,30 +326,109 @@ def _problem(file: str, path: str, loc: tuple[str | int, ...], error: Any) -> Pr
             if close
             else (f"known keys here: {', '.join(sorted(known))}" if known else "")
         )
-        return Problem(file, path, "unknown key", hint=hint)
+        return Problem(file, format_path(loc), "unknown key", hint=hint)
     if kind == "missing":
-        return Problem(file, path, "required key is missing")
-    message = str(error["msg"])
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
+        return Problem(file, format_path(loc), "required key is missing")
     hint = ""
-    if kind == "string_pattern_mismatch":
-        pattern = ctx.get("pattern", "")
-        message = "is not a valid name"
-        hint = PATTERN_HINTS.get(pattern, f"must match {pattern}")
+    if isinstance(cause, SpecRuleError):
+        if cause.at:
+            loc += cause.at
+            value = _lookup(data, loc)
+        message, hint = cause.message, cause.hint
+        if _is_structure(value):
+            value = _ABSENT  # a whole rule or table: the key path says where
+    elif kind == "value_error":
+        message = str(cause) if cause is not None else str(error["msg"])
+        if _is_structure(value):
+            value = _ABSENT
+    elif kind == "string_pattern_mismatch":
+        pattern = str(ctx.get("pattern", ""))
+        noun, description = PATTERN_NAMES.get(pattern, ("value", f"must match {pattern}"))
+        message = f"is not a valid {noun}"
+        hint = description + _name_suggestion(value, pattern)
     elif kind == "literal_error":
         expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         message = f"must be one of: {', '.join(expected)}"
-        close = difflib.get_close_matches(str(value), expected, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else ""
-    elif (
-        loc
-        and isinstance(loc[-1], str)
-        and loc[-1] in _fields_at(loc[:-1])
-        and isinstance(value, Mapping)
-    ):
-        value = None  # an object-level rule: the key path says where, the value would be noise
-    return Problem(file, path, message, value=_short(value) if value is not None else "", hint=hint)
+        if isinstance(value, str):
+            hint = _did_you_mean(value, expected, cutoff=0.5)
+        else:
+            hint = f"a string such as {expected[0]!r}, not {_json_kind(value)}"
+    elif kind in TYPE_MESSAGES:
+        message = TYPE_MESSAGES[kind]
+        hint = _type_hint(kind, value)
+    else:
+        message = _bound_message(kind, ctx) or str(error["msg"])
+    shown = show(value) if value is not _ABSENT else ""
+    return Problem(file, format_path(loc), message, shown, hint)
+
+
+def _lookup(data: Any, loc: tuple[str | int, ...]) -> Any:
+    node = data
+    for part in loc:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list | tuple) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return _ABSENT
+    return node
+
+
+def _is_structure(value: Any) -> bool:
+    return isinstance(value, Mapping) or (
+        isinstance(value, list | tuple) and any(isinstance(v, Mapping | list) for v in value)
+    )
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a table"
+    if value is None:
+        return "null"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+def _type_hint(kind: str, value: Any) -> str:
+    if isinstance(value, str):
+        if kind.startswith("int") and re.fullmatch(r"-?[0-9]+", value):
+            return f"write the number without quotes: {value}"
+        if kind.startswith("bool") and value in ("true", "false"):
+            return f"write it without quotes: {value}"
+        if kind in ("tuple_type", "list_type"):
+            return f"write a list, even of one item: [{show(value)}]"
+    return ""
+
+
+def _bound_message(kind: str, ctx: Mapping[str, Any]) -> str:
+    templates = {
+        "greater_than_equal": "must be at least {ge}",
+        "greater_than": "must be more than {gt}",
+        "less_than_equal": "must be at most {le}",
+        "less_than": "must be less than {lt}",
+        "string_too_long": "is longer than {max_length} characters",
+        "string_too_short": "is shorter than {min_length} characters",
+        "too_long": "has more than {max_length} items",
+        "too_short": "has fewer than {min_length} items",
+    }
+    template = templates.get(kind)
+    return template.format_map(dict(ctx)) if template else ""
+
+
+def _name_suggestion(value: Any, pattern: str) -> str:
+    """A close valid name, for the common slips: capitals, spaces, underscores."""
+    if not isinstance(value, str):
+        return ""
+    lowered = value.strip().lower()
+    for candidate in (lowered, re.sub(r"[ _]", "-", lowered)):
+        if candidate != value and re.fullmatch(pattern, candidate):
+            return f"; did you mean {candidate!r}?"
+    return ""
 
 
 def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
@@ -278,7 +472,12 @@ def _step(annotation: Any, part: str | int) -> Any:
     return None
 
 
-# ---- cross references ------------------------------------------------------------------------
+def _did_you_mean(word: str, choices: list[str], cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=cutoff)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+# ---- files beside the spec -------------------------------------------------------------------
 
 
 def _read_policy_dir(
@@ -287,50 +486,106 @@ def _read_policy_dir(
     folder = workstation.policy.dir
     if folder is None:
         return (), []
-    directory = (base / folder).resolve()
+    directory = base / folder
     if not directory.is_dir():
         return (), [
             Problem(
                 file,
                 "policy.dir",
                 "is not a folder",
-                _short(folder),
+                show(folder),
                 "a path relative to the spec file",
             )
         ]
-    files = []
+    files: list[tuple[str, str]] = []
+    problems: list[Problem] = []
     for entry in sorted(directory.iterdir(), key=lambda p: p.name.encode()):
-        if entry.suffix != ".policy":
+        if not entry.name.endswith(".policy"):
+            continue  # Qubes reads only *.policy; editors leave backups beside them
+        if not re.fullmatch(POLICY_FILE_RE, entry.name):
+            problems.append(
+                Problem(
+                    file,
+                    "policy.dir",
+                    "policy file name is not lower-case letters, digits, '_', '-' and '.'",
+                    show(entry.name),
+                    "rename it, such as 30-office.policy",
+                )
+            )
             continue
-        files.append((entry.name, entry.read_text(encoding="utf-8")))
-    return tuple(files), []
+        try:
+            files.append((entry.name, entry.read_text(encoding="utf-8")))
+        except UnicodeDecodeError:
+            problems.append(Problem(file, "policy.dir", f"{entry.name} is not UTF-8 text"))
+        except OSError as exc:
+            problems.append(
+                Problem(file, "policy.dir", f"cannot read {entry.name}: {exc.strerror}")
+            )
+    return tuple(files), problems
+
+
+@dataclass(frozen=True, slots=True)
+class _PlacedRule:
+    """A parsed policy rule and where to point the author: a key path, and in a policy.d
+    file also `file:line` in front of the message."""
+
+    path: str
+    prefix: str
+    text: str
+    rule: Rule
 
 
 def _policy_rules(
     file: str, workstation: Workstation, policy_files: tuple[tuple[str, str], ...]
-) -> tuple[list[tuple[str, Rule]], list[Problem]]:
-    rules: list[tuple[str, Rule]] = []
+) -> tuple[list[_PlacedRule], list[Problem]]:
+    rules: list[_PlacedRule] = []
     problems: list[Problem] = []
-    for index, text in enumerate(workstation.policy.rules):
-        path = f"policy.rules[{index}]"
+    sources: list[tuple[str, str, int, str]] = [
+        (f"policy.rules[{index}]", file, index + 1, text)
+        for index, text in enumerate(workstation.policy.rules)
+    ]
+    for name, body in policy_files:
+        sources += [
+            ("policy.dir", name, number, line)
+            for number, line in enumerate(body.splitlines(), start=1)
+        ]
+    for path, where, number, text in sources:
+        prefix = "" if path != "policy.dir" else f"{where}:{number}: "
         try:
-            rule = parse_line(text, file=file, line=index + 1)
+            rule = parse_line(text, file=where, line=number)
         except PolicySyntaxError as exc:
-            problems.append(Problem(file, path, exc.message, _short(text)))
+            problems.append(Problem(file, path, prefix + exc.message, show(text.strip())))
             continue
         if rule is not None:
-            rules.append((path, rule))
-    for name, text in policy_files:
-        if not re.fullmatch(r"[0-9a-z_.-]+", name):
-            problems.append(
-                Problem(file, "policy.dir", f"policy file name {name!r} is not [0-9a-z_.-]")
-            )
-            continue
-        try:
-            rules.extend((f"policy.dir/{name}:{r.line}", r) for r in parse_text(text, file=name))
-        except PolicySyntaxError as exc:
-            problems.append(Problem(file, "policy.dir", str(exc)))
+            rules.append(_PlacedRule(path, prefix, text.strip(), rule))
     return rules, problems
+
+
+def _check_token(
+    file: str, placed: _PlacedRule, role: str, token: Token, workstation: Workstation
+) -> Problem | None:
+    """A policy token that names something the spec does not have."""
+    templates = list(workstation.disposable_templates)
+    vms = [*workstation.compartments, *templates]
+    tags = sorted(workstation.tags())
+    if token.kind == "name" and token.value not in vms:
+        message, choices = f"{role} {token.value!r} names no compartment", vms
+    elif token.kind in ("tag", "dispvm_tag") and token.value not in tags:
+        message, choices = f"{role} tag {token.value!r} is on no compartment", tags
+    elif token.kind == "dispvm_template" and token.value not in templates:
+        message, choices = f"{role} {token.value!r} is no disposable template", templates
+    else:
+        return None
+    return Problem(
+        file,
+        placed.path,
+        placed.prefix + message,
+        show(placed.text),
+        _did_you_mean(token.value, choices),
+    )
+
+
+# ---- cross references ------------------------------------------------------------------------
 
 
 def check_references(
@@ -343,7 +598,13 @@ def check_references(
 
     for name in sorted(set(compartments) & set(templates)):
         problems.append(
-            Problem(file, f"disposable_templates.{name}", "has the name of a compartment")
+            Problem(
+                file,
+                f"disposable_templates.{name}",
+                "has the name of a compartment",
+                show(name),
+                "a name can mean only one thing in a policy; rename one of them",
+            )
         )
 
     networked: list[tuple[str, model.CompartmentBase]] = [
@@ -356,16 +617,14 @@ def check_references(
             continue
         target = compartments.get(net)
         if target is None:
-            close = difflib.get_close_matches(net, list(compartments), n=1)
+            close = _did_you_mean(net, [*compartments, NETWORK_NONE, NETWORK_UPLINK])
             problems.append(
                 Problem(
                     file,
                     f"{where}.network",
                     "names no compartment",
-                    _short(net),
-                    f"did you mean {close[0]!r}?"
-                    if close
-                    else 'use "none", "uplink" or a net compartment',
+                    show(net),
+                    close or 'use "none", "uplink" or a net compartment',
                 )
             )
         elif not target.provides_network:
@@ -374,7 +633,7 @@ def check_references(
                     file,
                     f"{where}.network",
                     f"{net!r} is not a net compartment",
-                    _short(net),
+                    show(net),
                     f"set provides_network = true in compartments.{net}",
                 )
             )
@@ -384,14 +643,14 @@ def check_references(
     for name, compartment in compartments.items():
         for index, secret in enumerate(compartment.secrets):
             if secret not in workstation.secrets:
-                close = difflib.get_close_matches(secret, list(workstation.secrets), n=1)
                 problems.append(
                     Problem(
                         file,
                         f"compartments.{name}.secrets[{index}]",
                         "names no secret",
-                        _short(secret),
-                        f"did you mean {close[0]!r}?" if close else "declare it under [secrets]",
+                        show(secret),
+                        _did_you_mean(secret, list(workstation.secrets))
+                        or "declare it under [secrets]",
                     )
                 )
 
@@ -404,75 +663,31 @@ def check_references(
                 file,
                 "default_disposable",
                 "names no disposable template",
-                _short(workstation.default_disposable),
-                "declare it under [disposable_templates]",
+                show(workstation.default_disposable),
+                _did_you_mean(workstation.default_disposable, list(templates))
+                or "declare it under [disposable_templates]",
             )
         )
 
     rules, policy_problems = _policy_rules(file, workstation, policy_files)
     problems += policy_problems
-    known_tags = workstation.tags()
-    for where, rule in rules:
+    for placed in rules:
+        rule = placed.rule
         for role, token in (("source", rule.source), ("target", rule.target)):
-            if (
-                token.kind == "name"
-                and token.value not in compartments
-                and token.value not in templates
-            ):
-                problems.append(
-                    Problem(
-                        file,
-                        where,
-                        f"{role} {token.value!r} names no compartment",
-                        _short(str(token)),
-                        _did_you_mean(token.value, [*compartments, *templates]),
-                    )
-                )
-            elif token.kind in ("tag", "dispvm_tag") and token.value not in known_tags:
-                problems.append(
-                    Problem(
-                        file,
-                        where,
-                        f"{role} tag {token.value!r} is on no compartment",
-                        _short(str(token)),
-                        _did_you_mean(token.value, sorted(known_tags)),
-                    )
-                )
-            elif token.kind == "dispvm_template" and token.value not in templates:
-                problems.append(
-                    Problem(
-                        file,
-                        where,
-                        f"{role} {token.value!r} is no disposable template",
-                        _short(str(token)),
-                        _did_you_mean(token.value, list(templates)),
-                    )
-                )
+            problem = _check_token(file, placed, role, token, workstation)
+            if problem is not None:
+                problems.append(problem)
         for key in ("target", "default_target"):
             value = rule.param(key)
             if value is None:
                 continue
-            try:
-                token = parse_token(value, as_target=True)
-            except ValueError as exc:
-                problems.append(Problem(file, where, f"{key}= {exc}", _short(value)))
-                continue
-            if token.kind == "name" and token.value not in compartments:
-                problems.append(
-                    Problem(
-                        file,
-                        where,
-                        f"{key}={value} names no compartment",
-                        _short(value),
-                        _did_you_mean(value, list(compartments)),
-                    )
-                )
+            # parse_line has checked the shape; here: does the name exist?
+            problem = _check_token(
+                file, placed, f"parameter {key}", parse_token(value, as_target=True), workstation
+            )
+            if problem is not None:
+                problems.append(problem)
     return problems
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f"did you mean {close[0]!r}?" if close else ""
 
 
 def _network_cycles(file: str, workstation: Workstation) -> list[Problem]:
@@ -498,10 +713,30 @@ def _network_cycles(file: str, workstation: Workstation) -> list[Problem]:
                     file,
                     f"compartments.{key}.network",
                     f"network chain is a cycle: {ring}",
-                    hint='one net compartment in the chain must use network = "uplink"',
+                    show(compartments[key].network),
+                    'one net compartment in the chain must use network = "uplink"',
                 )
             )
     return problems
+
+
+def _check_subnet(file: str, workstation: Workstation) -> list[Problem]:
+    """Every compartment needs its own /31 from host.subnet."""
+    subnet = workstation.host.subnet
+    try:
+        allocate_links(workstation.compartments, subnet)
+    except ValueError as exc:
+        count = len(workstation.compartments)
+        return [
+            Problem(
+                file,
+                "host.subnet",
+                str(exc),
+                show(subnet),
+                f"a /{31 - count.bit_length()} network or larger holds {count} compartments",
+            )
+        ]
+    return []
 
 
 def _check_secret_files(base: Path, file: str, workstation: Workstation) -> list[Problem]:
@@ -509,26 +744,28 @@ def _check_secret_files(base: Path, file: str, workstation: Workstation) -> list
     for name, secret in workstation.secrets.items():
         where = f"secrets.{name}.file"
         target = base / secret.file
-        if not target.is_file():
+        try:
+            with target.open("rb") as handle:
+                head = handle.read(64)
+        except OSError as exc:
+            missing = isinstance(exc, FileNotFoundError | IsADirectoryError)
             problems.append(
                 Problem(
                     file,
                     where,
-                    "file not found",
-                    _short(secret.file),
-                    "encrypt it with: age -r RECIPIENT -o FILE",
+                    "file not found" if missing else f"cannot read: {exc.strerror}",
+                    show(secret.file),
+                    "encrypt it with: age -r RECIPIENT -o FILE PLAINTEXT",
                 )
             )
             continue
-        with target.open("rb") as handle:
-            head = handle.read(64)
         if not head.startswith(AGE_HEADERS):
             problems.append(
                 Problem(
                     file,
                     where,
                     "is not an age-encrypted file",
-                    _short(secret.file),
+                    show(secret.file),
                     "a plaintext secret must never sit in the repo; encrypt it with age",
                 )
             )

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -28,21 +30,52 @@ from pydantic import (
 COMPARTMENT_NAME_RE = r"^[a-z][a-z0-9-]{0,30}$"
 HOSTNAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 UNIX_USER_RE = r"^[a-z_][a-z0-9_-]{0,31}$"
-# A nixpkgs attribute path such as `firefox` or `python3Packages.requests`.
-PACKAGE_RE = r"^[A-Za-z_][A-Za-z0-9_'-]*(\.[A-Za-z_][A-Za-z0-9_'-]*)*$"
-APP_RE = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+# A nixpkgs attribute path such as `firefox` or `python3Packages.requests`. Nix allows `'` in
+# identifiers, but no package a spec needs has one, and a name must never carry a quote.
+PACKAGE_RE = r"^[A-Za-z_][A-Za-z0-9_-]{0,99}(\.[A-Za-z_][A-Za-z0-9_-]{0,99}){0,7}$"
+# A program name; a `.` only before another character, so never `..` and never a dot-file.
+APP_RE = r"^[A-Za-z0-9][A-Za-z0-9_+-]*(\.[A-Za-z0-9_+-]+)*$"
+APP_MAX_LENGTH = 64
 TAG_RE = r"^[a-z][a-z0-9_-]{0,30}$"
 SECRET_NAME_RE = r"^[a-z][a-z0-9_-]{0,62}$"
 AGE_RECIPIENT_RE = r"^(age1[02-9ac-hj-np-z]{58}|ssh-(ed25519|rsa) [A-Za-z0-9+/=]{16,1024})$"
 
-CompartmentName = Annotated[str, StringConstraints(pattern=COMPARTMENT_NAME_RE)]
+# Words `network` and the policy give a meaning of their own, so no compartment may bear them.
+RESERVED_NAMES = ("none", "uplink", "dom0")
+
+
+class SpecRuleError(ValueError):
+    """A broken rule, pinned to the place the author has to change.
+
+    `at` is relative to the value being validated: a field name, or an index into a list.
+    The loader turns it into a key path and shows the value found there.
+    """
+
+    def __init__(self, message: str, *at: str | int, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.at = at
+        self.hint = hint
+
+
+def _not_reserved(name: str) -> str:
+    if name in RESERVED_NAMES:
+        raise SpecRuleError(
+            f"{name!r} is a reserved word",
+            hint=f"choose another name; reserved: {', '.join(RESERVED_NAMES)}",
+        )
+    return name
+
+
+CompartmentName = Annotated[
+    str, StringConstraints(pattern=COMPARTMENT_NAME_RE), AfterValidator(_not_reserved)
+]
 UnixUser = Annotated[str, StringConstraints(pattern=UNIX_USER_RE)]
 PackageName = Annotated[str, StringConstraints(pattern=PACKAGE_RE)]
-AppName = Annotated[str, StringConstraints(pattern=APP_RE)]
+AppName = Annotated[str, StringConstraints(pattern=APP_RE, max_length=APP_MAX_LENGTH)]
 TagName = Annotated[str, StringConstraints(pattern=TAG_RE)]
 SecretName = Annotated[str, StringConstraints(pattern=SECRET_NAME_RE)]
 AgeRecipient = Annotated[str, StringConstraints(pattern=AGE_RECIPIENT_RE)]
-Comment = Annotated[str, StringConstraints(max_length=200)]
 
 Label = Literal["red", "orange", "yellow", "green", "gray", "blue", "purple", "black"]
 Isolation = Literal["namespace", "container", "vm"]
@@ -60,14 +93,44 @@ NETWORK_UPLINK = "uplink"
 
 _T = TypeVar("_T")
 
+# The models are strict (no "2048" for 2048, no 1 for true), but a spec's lists arrive as
+# Python lists while the models keep tuples: only the container is lax, its items stay strict.
+_LIST = Field(strict=False)
+
 
 def _no_duplicates(items: tuple[_T, ...]) -> tuple[_T, ...]:
-    seen: set[_T] = set()
-    for item in items:
-        if item in seen:
-            raise ValueError(f"{item!r} is listed twice")
-        seen.add(item)
+    first_at: dict[_T, int] = {}
+    for index, item in enumerate(items):
+        if item in first_at:
+            raise SpecRuleError(
+                "is listed twice", index, hint=f"drop it; it is already at [{first_at[item]}]"
+            )
+        first_at[item] = index
     return items
+
+
+def _not_empty(items: tuple[_T, ...]) -> tuple[_T, ...]:
+    if not items:
+        raise SpecRuleError("must not be empty")
+    return items
+
+
+def _unsafe_char(ch: str) -> bool:
+    """Whitespace, control/format/unassigned characters and shell or Nix metacharacters."""
+    return ch.isspace() or unicodedata.category(ch)[0] == "C" or ch in "\"'\\$`;"
+
+
+def _safe_chars(path: str) -> None:
+    # `..` anywhere, not only as a component: `a..b` is never needed, and a rule without an
+    # exception is one a reviewer can check at a glance.
+    if ".." in path:
+        raise ValueError("must not contain '..'")
+    if any(_unsafe_char(ch) for ch in path):
+        raise ValueError(
+            "must not contain whitespace, quotes, '$', '`', ';', '\\' or control characters"
+        )
+    if len(path) > 1024:
+        raise ValueError("is longer than 1024 characters")
 
 
 def _absolute_path(path: str) -> str:
@@ -78,24 +141,42 @@ def _absolute_path(path: str) -> str:
         raise ValueError("must not contain '.' or '..' components")
     if "//" in path or (len(path) > 1 and path.endswith("/")):
         raise ValueError("must be normalised (no '//' and no trailing '/')")
-    if any(ord(ch) < 0x21 or ch in "\"'\\$`;" or ord(ch) == 0x7F for ch in path):
+    _safe_chars(path)
+    return path
+
+
+def _relative_path(path: str) -> str:
+    """A file or folder beside the spec file or below it, in normal form."""
+    if not path or path.startswith("/"):
+        raise ValueError("must be a path relative to the spec file, such as secrets/vpn.age")
+    if any(part in ("", ".", "..") for part in path.split("/")):
         raise ValueError(
-            "must not contain spaces, quotes, '$', '`', ';', '\\' or control characters"
+            "must stay below the spec file's folder, in normal form: no '.', '..' or '//'"
         )
-    if len(path) > 1024:
-        raise ValueError("is longer than 1024 characters")
+    _safe_chars(path)
     return path
 
 
 AbsPath = Annotated[str, AfterValidator(_absolute_path)]
+RelPath = Annotated[str, AfterValidator(_relative_path)]
+
+
+def _comment(text: str) -> str:
+    if any(unicodedata.category(ch)[0] == "C" for ch in text):
+        raise ValueError("must not contain control characters or line breaks")
+    return text
+
+
+Comment = Annotated[str, StringConstraints(max_length=200), AfterValidator(_comment)]
 
 
 def _hostname(value: str) -> str:
     """A DNS name (RFC 1123 labels) or an IP address."""
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        pass
+    if "%" not in value:  # an IPv6 scope (fe80::1%eth0) names an interface of one machine
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
     if len(value) > 253 or not re.fullmatch(
         r"(?=.*[a-zA-Z])([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)*"
         r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?",
@@ -107,6 +188,8 @@ def _hostname(value: str) -> str:
 
 def _ip_address(value: str) -> str:
     try:
+        if "%" in value:
+            raise ValueError(value)
         return str(ipaddress.ip_address(value))
     except ValueError:
         raise ValueError("must be an IP address such as 192.0.2.53") from None
@@ -114,17 +197,26 @@ def _ip_address(value: str) -> str:
 
 def _cidr(value: str) -> str:
     try:
+        if "%" in value:
+            raise ValueError(f"{value!r} has an interface scope")
         return str(ipaddress.ip_network(value, strict=True))
     except ValueError as exc:
         raise ValueError(f"must be a network such as 203.0.113.0/24 ({exc})") from None
 
 
-def _port_range(value: int | str) -> str:
-    """One port (443) or an inclusive range ("8000-8080"), normalised to a string."""
+def _port_range(value: Any) -> str:
+    """One port (443) or an inclusive range ("8000-8080"), normalised to a string.
+
+    A before-validator rather than `int | str`, so that a bad port gives one message rather
+    than one per union member.
+    """
+    shape = 'must be a port such as 443 or a range such as "8000-8080"'
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(shape)
     text = str(value)
     match = re.fullmatch(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", text)
     if match is None:
-        raise ValueError('must be a port such as 443 or a range such as "8000-8080"')
+        raise ValueError(shape)
     low = int(match.group(1))
     high = int(match.group(2)) if match.group(2) else low
     if not (1 <= low <= high <= 65535):
@@ -144,13 +236,13 @@ def _compartment_subnet(value: str) -> str:
 DnsName = Annotated[str, AfterValidator(_hostname)]
 IpAddress = Annotated[str, AfterValidator(_ip_address)]
 Cidr = Annotated[str, AfterValidator(_cidr)]
-PortRange = Annotated[int | str, AfterValidator(_port_range)]
+PortRange = Annotated[str, BeforeValidator(_port_range)]
 
 
 class Model(BaseModel):
     """Frozen, strict about unknown keys, no silent coercion of str to int and back."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, str_strip_whitespace=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, str_strip_whitespace=False)
 
 
 def _sorted_mapping(value: Any) -> Any:
@@ -172,9 +264,13 @@ class Disk(Model):
     @model_validator(mode="after")
     def _tpm_needs_luks(self) -> Self:
         if self.tpm2 and self.encryption == "none":
-            raise ValueError('tpm2 unlock needs encryption = "luks2"')
+            raise SpecRuleError(
+                'tpm2 unlock needs encryption = "luks2"',
+                "encryption",
+                hint='keep encryption = "luks2", or also set tpm2 = false',
+            )
         if not self.device.startswith("/dev/"):
-            raise ValueError("device must be under /dev/, such as /dev/nvme0n1")
+            raise SpecRuleError("must be under /dev/, such as /dev/nvme0n1", "device")
         return self
 
 
@@ -196,7 +292,7 @@ class Host(Model):
     # Point-to-point /31 links to the compartments are carved from this IPv4 network.
     subnet: Annotated[str, AfterValidator(_compartment_subnet)] = "10.137.0.0/16"
     # Resolvers that compartments with a `dns = true` firewall rule may ask; empty means any.
-    dns_servers: tuple[IpAddress, ...] = ()
+    dns_servers: Annotated[tuple[IpAddress, ...], _LIST, AfterValidator(_no_duplicates)] = ()
     state_version: Annotated[str, StringConstraints(pattern=r"^[0-9]{2}\.[0-9]{2}$")] = "25.11"
 
 
@@ -209,22 +305,37 @@ class FirewallRule(Model):
     proto: Proto | None = None
     host: DnsName | None = None
     cidr: Cidr | None = None
-    ports: Annotated[tuple[PortRange, ...], AfterValidator(_no_duplicates)] = ()
+    ports: Annotated[tuple[PortRange, ...], _LIST, AfterValidator(_no_duplicates)] = ()
     dns: bool = False
     comment: Comment = ""
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
         if self.dns:
-            if self.host or self.cidr or self.ports or self.proto:
-                raise ValueError("a dns rule stands alone: drop proto, host, cidr and ports")
+            extra = [k for k in ("proto", "host", "cidr", "ports") if getattr(self, k)]
+            if extra:
+                raise SpecRuleError(
+                    "a dns rule stands alone",
+                    extra[0],
+                    hint=f"drop {' and '.join(extra)}, or put them in a rule of their own",
+                )
             return self
         if self.host is None and self.cidr is None:
-            raise ValueError("a rule needs a host, a cidr, or dns = true")
+            raise SpecRuleError(
+                "a rule needs a host, a cidr, or dns = true",
+                hint='add host = "mail.example.com" or cidr = "203.0.113.0/24"',
+            )
         if self.host is not None and self.cidr is not None:
-            raise ValueError("give either host or cidr, not both")
+            raise SpecRuleError(
+                "give either host or cidr, not both", hint="split it into two rules"
+            )
         if self.ports and self.proto not in ("tcp", "udp"):
-            raise ValueError('ports need proto = "tcp" or "udp"')
+            raise SpecRuleError(
+                'ports need proto = "tcp" or "udp"',
+                "ports",
+                hint=f"proto is {self.proto or 'not set'}; "
+                + ("icmp has no ports" if self.proto == "icmp" else 'add proto = "tcp"'),
+            )
         return self
 
 
@@ -232,14 +343,14 @@ class CompartmentBase(Model):
     label: Label = "red"
     isolation: Isolation = "namespace"
     network: str = NETWORK_NONE
-    firewall: tuple[FirewallRule, ...] = ()
+    firewall: Annotated[tuple[FirewallRule, ...], _LIST] = ()
     memory_mb: int = Field(default=2048, ge=64, le=1 << 20)
     cpus: int = Field(default=2, ge=1, le=1024)
     pids: int = Field(default=1024, ge=16, le=1 << 22)
-    devices: Annotated[tuple[Device, ...], AfterValidator(_no_duplicates)] = ()
-    packages: Annotated[tuple[PackageName, ...], AfterValidator(_no_duplicates)] = ()
-    apps: Annotated[tuple[AppName, ...], AfterValidator(_no_duplicates)] = ()
-    tags: Annotated[tuple[TagName, ...], AfterValidator(_no_duplicates)] = ()
+    devices: Annotated[tuple[Device, ...], _LIST, AfterValidator(_no_duplicates)] = ()
+    packages: Annotated[tuple[PackageName, ...], _LIST, AfterValidator(_no_duplicates)] = ()
+    apps: Annotated[tuple[AppName, ...], _LIST, AfterValidator(_no_duplicates)] = ()
+    tags: Annotated[tuple[TagName, ...], _LIST, AfterValidator(_no_duplicates)] = ()
     user: UnixUser = "user"
 
     @field_validator("network")
@@ -252,8 +363,10 @@ class CompartmentBase(Model):
     @model_validator(mode="after")
     def _firewall_needs_network(self) -> Self:
         if self.firewall and self.network == NETWORK_NONE:
-            raise ValueError(
-                'a firewall needs a network: set network = "uplink" or a net compartment'
+            raise SpecRuleError(
+                'a firewall needs a network, but network is "none"',
+                "firewall",
+                hint='set network = "uplink" or a net compartment, or drop the firewall',
             )
         return self
 
@@ -263,17 +376,25 @@ class Compartment(CompartmentBase):
 
     name: CompartmentName
     persistence: Persistence = "persistent"
-    persistent_paths: Annotated[tuple[AbsPath, ...], AfterValidator(_no_duplicates)] = ()
+    persistent_paths: Annotated[tuple[AbsPath, ...], _LIST, AfterValidator(_no_duplicates)] = ()
     provides_network: bool = False
     autostart: bool = False
-    secrets: Annotated[tuple[SecretName, ...], AfterValidator(_no_duplicates)] = ()
+    secrets: Annotated[tuple[SecretName, ...], _LIST, AfterValidator(_no_duplicates)] = ()
 
     @model_validator(mode="after")
     def _disposable_keeps_nothing(self) -> Self:
         if self.persistence == "disposable" and self.persistent_paths:
-            raise ValueError("a disposable compartment keeps nothing: drop persistent_paths")
+            raise SpecRuleError(
+                "a disposable compartment keeps nothing",
+                "persistent_paths",
+                hint='drop persistent_paths, or set persistence = "persistent"',
+            )
         if self.provides_network and self.network == NETWORK_NONE:
-            raise ValueError('a net compartment needs a network itself: "uplink" or another one')
+            raise SpecRuleError(
+                'a net compartment needs a network itself, but network is "none"',
+                "provides_network",
+                hint='set network = "uplink" or another net compartment',
+            )
         return self
 
 
@@ -286,16 +407,17 @@ class DisposableTemplate(CompartmentBase):
 
 class Policy(Model):
     # Qubes 4.1+ policy lines, evaluated before the files of `dir`.
-    rules: tuple[Annotated[str, StringConstraints(max_length=4096)], ...] = ()
+    rules: Annotated[tuple[Annotated[str, StringConstraints(max_length=4096)], ...], _LIST] = ()
     # A policy.d folder, relative to the spec file.
-    dir: str | None = None
+    dir: RelPath | None = None
 
 
 class Secret(Model):
-    file: str
-    recipients: Annotated[tuple[AgeRecipient, ...], AfterValidator(_no_duplicates)] = Field(
-        min_length=1
-    )
+    # The age-encrypted file, relative to the spec file.
+    file: RelPath
+    recipients: Annotated[
+        tuple[AgeRecipient, ...], _LIST, AfterValidator(_not_empty), AfterValidator(_no_duplicates)
+    ]
 
 
 class RemoteSyslog(Model):
@@ -307,13 +429,15 @@ class RemoteSyslog(Model):
     @model_validator(mode="after")
     def _tls_over_tcp(self) -> Self:
         if self.tls and self.protocol != "tcp":
-            raise ValueError('tls needs protocol = "tcp"')
+            raise SpecRuleError(
+                'tls needs protocol = "tcp"', "protocol", hint='use "tcp", or set tls = false'
+            )
         return self
 
 
 class Audit(Model):
     remote_syslog: RemoteSyslog | None = None
-    aide_paths: Annotated[tuple[AbsPath, ...], AfterValidator(_no_duplicates)] = ()
+    aide_paths: Annotated[tuple[AbsPath, ...], _LIST, AfterValidator(_no_duplicates)] = ()
 
 
 # ---- the whole workstation -----------------------------------------------------------------
@@ -321,7 +445,7 @@ class Audit(Model):
 
 class Workstation(Model):
     host: Host
-    compartments: dict[str, Compartment] = {}
+    compartments: dict[CompartmentName, Compartment] = {}
     disposable_templates: dict[CompartmentName, DisposableTemplate] = {}
     default_disposable: CompartmentName | None = None
     policy: Policy = Policy()
@@ -350,8 +474,12 @@ class Workstation(Model):
     def _name_matches_key(self) -> Self:
         for key, compartment in self.compartments.items():
             if compartment.name != key:
-                raise ValueError(
-                    f"compartments.{key}.name is {compartment.name!r}; it must equal its key"
+                raise SpecRuleError(
+                    "must equal the compartment's key",
+                    "compartments",
+                    key,
+                    "name",
+                    hint=f"drop name, or rename the table to compartments.{compartment.name}",
                 )
         return self
 
