@@ -1,0 +1,289 @@
+"""The qnix agent (inside a compartment) and its host-side client.
+
+Like Qubes' qrexec-agent: the compartment's first process listens on a unix socket that the host
+binds into it; the host asks it to run commands and deliver files. This module imports only the
+standard library so that it runs inside a compartment as a lone file (`python3 -I agent.py
+serve SOCKET`), and so that `qnix run` pays for nothing else on its hot path.
+
+Wire format, both directions: a 4-byte big-endian length, then that many bytes of a JSON object.
+A request may carry file descriptors (SCM_RIGHTS): `exec` carries the caller's stdin, stdout and
+stderr, so input, output and a terminal pass straight through without copying.
+
+Everything the agent reads comes from the host but crosses a trust boundary all the same, and
+everything the host reads back comes from a compartment: both sides validate each message
+(size, type of every field) and treat a malformed one as the end of the conversation.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+MAX_MESSAGE = 64 * 1024
+MAX_FDS = 3
+MAX_ARGS = 4096
+HEADER = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """A malformed, oversized or unexpected message: the conversation ends."""
+
+
+# ---- framing -------------------------------------------------------------------------------
+
+
+def send_message(sock: socket.socket, message: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    if len(body) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    data = HEADER.pack(len(body)) + body
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([data], ancillary)
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining:
+        data, ancdata, flags, _ = sock.recvmsg(remaining, socket.CMSG_SPACE(MAX_FDS * 4))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % 4])
+                fds.extend(received)
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            raise ProtocolError("too many file descriptors")
+        if not data:
+            _close_all(fds)
+            raise ProtocolError("connection closed mid-message" if chunks else "connection closed")
+        chunks.append(data)
+        remaining -= len(data)
+    return b"".join(chunks)
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One message and the descriptors that came with it; ProtocolError if malformed."""
+    fds: list[int] = []
+    (size,) = HEADER.unpack(_recv_exact(sock, HEADER.size, fds))
+    if size > MAX_MESSAGE:
+        _close_all(fds)
+        raise ProtocolError(f"message of {size} bytes exceeds {MAX_MESSAGE}")
+    body = _recv_exact(sock, size, fds)
+    if len(fds) > MAX_FDS:
+        _close_all(fds)
+        raise ProtocolError("too many file descriptors")
+    try:
+        message = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _close_all(fds)
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        _close_all(fds)
+        raise ProtocolError("a message is an object with a string 'op'")
+    return message, fds
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# ---- validation of requests (agent side) -----------------------------------------------------
+
+
+def _string_list(value: Any, what: str, *, min_items: int = 0) -> list[str]:
+    if not isinstance(value, list) or not min_items <= len(value) <= MAX_ARGS:
+        raise ProtocolError(f"{what} must be a list of {min_items} to {MAX_ARGS} strings")
+    for item in value:
+        if not isinstance(item, str) or "\x00" in item:
+            raise ProtocolError(f"{what} must hold strings without NUL")
+    return value
+
+
+def validate_exec(untrusted: Mapping[str, Any], untrusted_fds: Sequence[int]) -> dict[str, Any]:
+    """An exec request checked field by field; unknown fields are refused."""
+    allowed = {"op", "argv", "env", "cwd"}
+    if set(untrusted) - allowed:
+        raise ProtocolError(f"unknown fields: {sorted(set(untrusted) - allowed)}")
+    argv = _string_list(untrusted.get("argv"), "argv", min_items=1)
+    env_pairs = untrusted.get("env", {})
+    if not isinstance(env_pairs, dict) or len(env_pairs) > 256:
+        raise ProtocolError("env must be an object of at most 256 entries")
+    env = {}
+    for key, value in env_pairs.items():
+        if not isinstance(value, str) or not key or "=" in key or "\x00" in key + value:
+            raise ProtocolError("env entries must be NAME=VALUE strings without NUL")
+        env[key] = value
+    cwd = untrusted.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/") or "\x00" in cwd):
+        raise ProtocolError("cwd must be an absolute path")
+    if len(untrusted_fds) != 3:
+        raise ProtocolError("exec needs exactly three descriptors: stdin, stdout, stderr")
+    return {"argv": argv, "env": env, "cwd": cwd}
+
+
+# ---- the agent -------------------------------------------------------------------------------
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _spawn(request: Mapping[str, Any], fds: Sequence[int]) -> int:
+    pid = os.fork()
+    if pid == 0:  # the child: becomes the command
+        try:
+            os.setsid()
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+            os.closerange(3, 65536)
+            if request["cwd"]:
+                os.chdir(request["cwd"])
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            os.execvpe(request["argv"][0], request["argv"], request["env"])
+        except FileNotFoundError:
+            os.write(2, f"qnix-agent: command not found: {request['argv'][0]}\n".encode())
+            os._exit(127)
+        except OSError as exc:
+            os.write(2, f"qnix-agent: cannot run {request['argv'][0]}: {exc.strerror}\n".encode())
+            os._exit(126)
+    return pid
+
+
+def _handle(conn: socket.socket) -> None:
+    """One connection: one request. Runs in a forked child of the agent."""
+    fds: list[int] = []
+    try:
+        untrusted, fds = recv_message(conn)
+        op = untrusted["op"]
+        if op == "ping":
+            send_message(conn, {"op": "pong", "pid": os.getpid()})
+        elif op == "exec":
+            request = validate_exec(untrusted, fds)
+            pid = _spawn(request, fds)
+            _close_all(fds)
+            fds = []
+            send_message(conn, {"op": "started", "pid": pid})
+            _, status = os.waitpid(pid, 0)
+            send_message(conn, {"op": "exited", "code": _exit_code(status)})
+        else:
+            raise ProtocolError(f"unknown op {op!r}")
+    except (ProtocolError, OSError) as exc:
+        with contextlib.suppress(OSError):
+            send_message(conn, {"op": "error", "message": str(exc)[:512]})
+    finally:
+        _close_all(fds)
+        conn.close()
+
+
+def serve(socket_path: str) -> None:
+    """Listen on `socket_path` and answer each connection in a child process."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(socket_path)
+    os.chmod(socket_path, 0o600)
+    server.listen(64)
+    # The host waits for this line before it reports the compartment as running.
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:
+        conn, _ = server.accept()
+        child = os.fork()
+        if child == 0:
+            server.close()
+            _handle(conn)
+            os._exit(0)
+        conn.close()
+        _reap()
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+# ---- the host-side client --------------------------------------------------------------------
+
+
+class AgentError(Exception):
+    pass
+
+
+def connect(socket_path: str, timeout: float = 10.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(socket_path)
+    except OSError as exc:
+        sock.close()
+        raise AgentError(f"cannot reach the agent at {socket_path}: {exc.strerror}") from None
+    return sock
+
+
+def ping(socket_path: str, timeout: float = 5.0) -> int:
+    with connect(socket_path, timeout) as sock:
+        send_message(sock, {"op": "ping"})
+        untrusted, fds = recv_message(sock)
+        _close_all(fds)
+    if untrusted.get("op") != "pong" or not isinstance(untrusted.get("pid"), int):
+        raise AgentError(f"unexpected answer to ping: {untrusted.get('op')!r}")
+    return int(untrusted["pid"])
+
+
+def execute(
+    socket_path: str,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None = None,
+    stdio: Sequence[int] = (0, 1, 2),
+) -> int:
+    """Run argv in the compartment with our stdio; return its exit code (128+N for signal N)."""
+    with connect(socket_path) as sock:
+        send_message(sock, {"op": "exec", "argv": list(argv), "env": dict(env), "cwd": cwd}, stdio)
+        sock.settimeout(None)  # the command may run for as long as it likes
+        while True:
+            untrusted, fds = recv_message(sock)
+            _close_all(fds)
+            op = untrusted.get("op")
+            if op == "started":
+                continue
+            if op == "exited":
+                code = untrusted.get("code")
+                if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255:
+                    raise AgentError(f"agent reported a bad exit code: {code!r}")
+                return code
+            if op == "error":
+                message = str(untrusted.get("message", ""))[:512]
+                raise AgentError(f"the agent refused: {message}")
+            raise AgentError(f"unexpected message from the agent: {op!r}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "serve":
+        sys.stderr.write("usage: agent.py serve SOCKET\n")
+        sys.exit(2)
+    serve(sys.argv[2])

@@ -1,0 +1,163 @@
+"""The agent protocol: commands run with our stdio, hostile messages end the conversation."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qnix.runtime import agent
+
+AGENT = Path(agent.__file__)
+
+
+@pytest.fixture
+def agent_socket(tmp_path: Path) -> Iterator[str]:
+    path = str(tmp_path / "agent.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-I", str(AGENT), "serve", path], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    try:
+        yield path
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run_captured(path: str, argv: list[str], stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+    r_in, w_in = os.pipe()
+    r_out, w_out = os.pipe()
+    r_err, w_err = os.pipe()
+    os.write(w_in, stdin)
+    os.close(w_in)
+    try:
+        code = agent.execute(path, argv, env={"PATH": "/usr/bin:/bin"}, stdio=(r_in, w_out, w_err))
+    finally:
+        for fd in (r_in, w_out, w_err):
+            os.close(fd)
+    with os.fdopen(r_out, "rb") as out, os.fdopen(r_err, "rb") as err:
+        return code, out.read(), err.read()
+
+
+def test_ping(agent_socket: str) -> None:
+    assert agent.ping(agent_socket) > 0
+
+
+def test_exec_passes_stdio_and_exit_code(agent_socket: str) -> None:
+    code, out, err = run_captured(
+        agent_socket, ["sh", "-c", "read x; echo got:$x; echo oops >&2; exit 3"], b"hello\n"
+    )
+    assert (code, out, err) == (3, b"got:hello\n", b"oops\n")
+
+
+def test_signal_death_is_128_plus_signal(agent_socket: str) -> None:
+    code, _, _ = run_captured(agent_socket, ["sh", "-c", "kill -9 $$"])
+    assert code == 128 + 9
+
+
+def test_missing_command_is_127(agent_socket: str) -> None:
+    code, _, err = run_captured(agent_socket, ["no-such-command-qnix"])
+    assert code == 127
+    assert b"command not found" in err
+
+
+def test_environment_is_exactly_what_was_sent(agent_socket: str) -> None:
+    code, out, _ = run_captured(agent_socket, ["/usr/bin/env"])
+    assert code == 0
+    assert out == b"PATH=/usr/bin:/bin\n"
+
+
+def _raw(path: str, payload: bytes, fds: list[int] | None = None) -> dict[str, object] | None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        if fds:
+            sock.sendmsg(
+                [payload],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))],
+            )
+        else:
+            sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            message, received = agent.recv_message(sock)
+        except agent.ProtocolError:
+            return None
+        for fd in received:
+            os.close(fd)
+        return message
+
+
+def _frame(obj: object) -> bytes:
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+HOSTILE = {
+    "oversized length": struct.pack(">I", 2**31) + b"x" * 16,
+    "not json": struct.pack(">I", 5) + b"\xff\xfe{}x",
+    "json list": _frame([1, 2]),
+    "no op": _frame({"argv": ["true"]}),
+    "unknown op": _frame({"op": "format-disk"}),
+    "exec without fds": _frame({"op": "exec", "argv": ["true"], "env": {}}),
+    "truncated": struct.pack(">I", 100) + b'{"op":',
+}
+
+
+@pytest.mark.parametrize("payload", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_messages_are_refused_and_the_agent_survives(
+    agent_socket: str, payload: bytes
+) -> None:
+    answer = _raw(agent_socket, payload)
+    assert answer is None or answer["op"] == "error"
+    assert agent.ping(agent_socket) > 0
+
+
+BAD_EXEC = {
+    "argv empty": {"argv": []},
+    "argv not strings": {"argv": ["true", 3]},
+    "argv with NUL": {"argv": ["tr\x00ue"]},
+    "env not strings": {"argv": ["true"], "env": {"A": 1}},
+    "env key with =": {"argv": ["true"], "env": {"A=B": "c"}},
+    "relative cwd": {"argv": ["true"], "cwd": "tmp"},
+    "extra field": {"argv": ["true"], "uid": 0},
+}
+
+
+@pytest.mark.parametrize("fields", BAD_EXEC.values(), ids=BAD_EXEC.keys())
+def test_malformed_exec_requests_run_nothing(
+    agent_socket: str, tmp_path: Path, fields: dict[str, object]
+) -> None:
+    marker = tmp_path / "ran"
+    argv = fields["argv"]
+    assert isinstance(argv, list)
+    # Were the request accepted, the command would leave a marker behind.
+    fields = {
+        **fields,
+        "op": "exec",
+        "argv": ["sh", "-c", f"touch {marker}", *argv] if argv else [],
+    }
+    with open(os.devnull, "rb") as null:
+        fd = null.fileno()
+        answer = _raw(agent_socket, _frame(fields), [fd, fd, fd])
+    assert answer is not None and answer["op"] == "error"
+    time.sleep(0.1)
+    assert not marker.exists()
+
+
+def test_too_many_descriptors_are_refused(agent_socket: str) -> None:
+    with open(os.devnull, "rb") as null:
+        fd = null.fileno()
+        answer = _raw(agent_socket, _frame({"op": "exec", "argv": ["true"]}), [fd] * 5)
+    assert answer is None or answer["op"] == "error"
+    assert agent.ping(agent_socket) > 0
