@@ -1,0 +1,69 @@
+"""A validated spec to Artifacts: every file of the flake as bytes, plus manifest.json.
+
+Pure and deterministic: the same spec (in any order of its compartments and keys) gives
+byte-identical Artifacts. The generation is named by the hash of its manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from qnix import __version__
+from qnix.compile import nft
+from qnix.compile.nix.flake import render_nix_files
+from qnix.compile.policy import policy_files
+from qnix.spec.load import LoadedSpec
+from qnix.spec.model import Workstation
+
+MANIFEST = "manifest.json"
+SPEC_COPY = "spec.json"
+RULESET = "nftables/qnix.nft"
+
+
+@dataclass(frozen=True, slots=True)
+class Artifacts:
+    files: Mapping[str, bytes]
+
+    @property
+    def manifest(self) -> dict[str, object]:
+        parsed: dict[str, object] = json.loads(self.files[MANIFEST])
+        return parsed
+
+    @property
+    def generation(self) -> str:
+        return str(self.manifest["generation"])
+
+
+def canonical_spec(ws: Workstation) -> bytes:
+    """The validated spec as canonical JSON: what the build (and its hash) depends on."""
+    return (json.dumps(ws.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def compile_spec(loaded: LoadedSpec) -> Artifacts:
+    ws = loaded.workstation
+    texts: dict[str, str] = {}
+    texts.update(render_nix_files(ws, nft.render_table_body(ws)))
+    texts[RULESET] = nft.render_ruleset(ws)
+    texts.update(policy_files(ws.policy.rules, loaded.policy_files))
+    files = {path: text.encode() for path, text in texts.items()}
+    spec = canonical_spec(ws)
+    files[SPEC_COPY] = spec
+    hashes = {path: sha256(data) for path, data in sorted(files.items())}
+    manifest: dict[str, object] = {
+        "qnix_version": __version__,
+        "hostname": ws.host.hostname,
+        "spec_sha256": sha256(spec),
+        "files": hashes,
+        # The generation is named by everything it contains.
+        "generation": sha256(json.dumps(hashes, sort_keys=True).encode()),
+    }
+    files[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    return Artifacts(MappingProxyType(dict(sorted(files.items()))))

@@ -1,0 +1,171 @@
+"""Compartments on NixOS: where their state lives, NixOS containers, and what the host needs to
+run namespace compartments itself.
+
+State. Each compartment owns `/var/lib/qnix/compartments/<name>` (mode 0700, its own unix user);
+a persistent one keeps its home in `home/` and each persistent path in `paths/<hash>`, named by
+a hash of the path so that no spec text reaches a tmpfiles line or a file name. A disposable keeps
+nothing there.
+
+Containers (`isolation = "container"`) are NixOS containers. The veth to the host is an extra veth
+named `names.host_ifname(name)`, not NixOS' own `ve-<name>`: the `inet qnix` table matches the
+`qx*` interfaces only, so a `ve-*` link would bypass the compartment's firewall. Resource limits
+go on the container's unit, `container@<name>.service`: NixOS starts systemd-nspawn with
+`--keep-unit`, and nspawn ignores `--property=` then.
+
+Namespace compartments are started by the qnix runtime with bubblewrap; NixOS provides their
+state directories, bubblewrap, user namespaces, and a profile holding their packages
+(`/etc/qnix/profiles/<name>`, also one per disposable template).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from qnix.compile.names import Link, allocate_links, host_ifname, unix_user
+from qnix.compile.nix.printer import attr_path
+from qnix.compile.nix.tree import Call, Lambda, Tree
+from qnix.spec.model import NETWORK_NONE, Compartment, CompartmentBase, Workstation
+
+STATE_ROOT = "/var/lib/qnix"
+COMPARTMENTS_ROOT = f"{STATE_ROOT}/compartments"
+PROFILES_ETC = "qnix/profiles"  # below /etc
+
+# What a tmpfiles path may hold: qnix builds these from names and hashes only.
+_TMPFILES_PATH = re.compile(r"/[A-Za-z0-9_./-]+")
+
+
+def state_dir(name: str) -> str:
+    return f"{COMPARTMENTS_ROOT}/{name}"
+
+
+def home_dir(name: str) -> str:
+    return f"{state_dir(name)}/home"
+
+
+def persistent_dir(name: str, path: str) -> str:
+    """Where the host keeps a persistent path of a compartment."""
+    return f"{state_dir(name)}/paths/{hashlib.sha256(path.encode()).hexdigest()[:16]}"
+
+
+def home_inside(compartment: CompartmentBase) -> str:
+    return f"/home/{compartment.user}"
+
+
+def persistent_mounts(compartment: Compartment) -> dict[str, str]:
+    """Mount point inside -> directory on the host, for a persistent compartment; sorted."""
+    if compartment.persistence != "persistent":
+        return {}
+    mounts = {home_inside(compartment): home_dir(compartment.name)}
+    for path in compartment.persistent_paths:
+        mounts[path] = persistent_dir(compartment.name, path)
+    return dict(sorted(mounts.items()))
+
+
+def tmpfiles_dir(path: str, mode: str, owner: str, group: str) -> str:
+    """A systemd-tmpfiles `d` line. Only qnix-made paths and validated user names get here."""
+    if not _TMPFILES_PATH.fullmatch(path) or ".." in path:
+        raise ValueError(f"not a path qnix makes: {path!r}")
+    for word in (mode, owner, group):
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", word):
+            raise ValueError(f"not a tmpfiles field: {word!r}")
+    return f"d {path} {mode} {owner} {group} -"
+
+
+def state_rules(ws: Workstation) -> list[str]:
+    rules = [
+        tmpfiles_dir(STATE_ROOT, "0755", "root", "root"),
+        tmpfiles_dir(COMPARTMENTS_ROOT, "0755", "root", "root"),
+    ]
+    for compartment in ws.compartments.values():
+        user = unix_user(compartment.name)
+        directories = {state_dir(compartment.name), *persistent_mounts(compartment).values()}
+        if compartment.persistent_paths:
+            directories.add(f"{state_dir(compartment.name)}/paths")
+        # Sorted, a directory comes before those inside it.
+        rules += [tmpfiles_dir(path, "0700", user, user) for path in sorted(directories)]
+    return rules
+
+
+def package_list(compartment: CompartmentBase) -> list[Tree]:
+    return [attr_path("pkgs", *package.split(".")) for package in compartment.packages]
+
+
+def links(ws: Workstation) -> dict[str, Link]:
+    return allocate_links(ws.compartments, ws.host.subnet)
+
+
+def _container(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, Tree]:
+    ifname = host_ifname(compartment.name)
+    networked = compartment.network != NETWORK_NONE
+    config: dict[str, Tree] = {
+        "environment": {"systemPackages": package_list(compartment)},
+        "system": {"stateVersion": ws.host.state_version},
+        "users": {"users": {compartment.user: {"isNormalUser": True}}},
+    }
+    container: dict[str, Tree] = {
+        "autoStart": compartment.autostart,
+        "config": Lambda(("pkgs",), config),
+        "ephemeral": compartment.persistence == "disposable",
+        "privateNetwork": True,
+        "privateUsers": "pick",
+    }
+    if networked:
+        config["networking"] = {"defaultGateway": {"address": link.gateway, "interface": ifname}}
+        container["extraVeths"] = {
+            ifname: {"hostAddress": link.gateway, "localAddress": link.address}
+        }
+    mounts = persistent_mounts(compartment)
+    if mounts:
+        container["bindMounts"] = {
+            mount_point: {"hostPath": source, "isReadOnly": False, "mountPoint": mount_point}
+            for mount_point, source in mounts.items()
+        }
+    return container
+
+
+def resource_limits(compartment: CompartmentBase) -> dict[str, Tree]:
+    """systemd resource-control settings for the unit a compartment runs in."""
+    return {
+        "CPUQuota": f"{compartment.cpus * 100}%",
+        "MemoryMax": f"{compartment.memory_mb}M",
+        "TasksMax": compartment.pids,
+    }
+
+
+def profile(name: str, body: CompartmentBase) -> dict[str, Tree]:
+    """The packages of a compartment the runtime starts itself, kept alive through /etc."""
+    return {
+        "source": Call(
+            attr_path("pkgs", "buildEnv"), {"name": f"qnix-{name}", "paths": package_list(body)}
+        )
+    }
+
+
+def compartments_module(ws: Workstation) -> dict[str, Tree]:
+    containers = [c for c in ws.compartments.values() if c.isolation == "container"]
+    # What the runtime starts itself: namespace compartments, and disposables of any template.
+    run_by_qnix: dict[str, CompartmentBase] = {
+        **{c.name: c for c in ws.compartments.values() if c.isolation == "namespace"},
+        **ws.disposable_templates,
+    }
+    config: dict[str, Tree] = {}
+    systemd: dict[str, Tree] = {"tmpfiles": {"rules": state_rules(ws)}}
+    if containers:
+        all_links = links(ws)
+        config["containers"] = {c.name: _container(ws, c, all_links[c.name]) for c in containers}
+        systemd["services"] = {
+            f"container@{c.name}": {"serviceConfig": resource_limits(c)} for c in containers
+        }
+    if run_by_qnix:
+        config["environment"] = {
+            "etc": {
+                f"{PROFILES_ETC}/{name}": profile(name, body) for name, body in run_by_qnix.items()
+            },
+            "systemPackages": [attr_path("pkgs", "bubblewrap")],
+        }
+    if containers or run_by_qnix:
+        # bubblewrap and `privateUsers = "pick"` both need user namespaces.
+        config["security"] = {"allowUserNamespaces": True}
+    config["systemd"] = systemd
+    return config

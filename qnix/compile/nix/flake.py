@@ -1,0 +1,67 @@
+"""The flake: `nixosModules.<concern>` (one file each under modules/), `nixosModules.default`
+importing them all, and `nixosConfigurations.<hostname>`.
+
+Inputs are only what the spec needs: lanzaboote with Secure Boot, microvm.nix with VMs.
+"""
+
+from __future__ import annotations
+
+from qnix.compile.nix.modules import CONCERNS, module_trees
+from qnix.compile.nix.printer import Raw
+from qnix.compile.nix.tree import Call, Lambda, Tree, render_file, render_module
+from qnix.compile.nix.vms import vms
+from qnix.spec.model import Workstation
+
+NIXPKGS_URL = "github:NixOS/nixpkgs/nixos-25.11"
+DISKO_URL = "github:nix-community/disko"
+LANZABOOTE_URL = "github:nix-community/lanzaboote/v1.0.0"
+MICROVM_URL = "github:microvm-nix/microvm.nix"
+
+FLAKE = "flake.nix"
+
+
+def module_path(concern: str) -> str:
+    return f"modules/{concern}.nix"
+
+
+def _follows_nixpkgs(url: str) -> dict[str, Tree]:
+    return {"inputs": {"nixpkgs": {"follows": "nixpkgs"}}, "url": url}
+
+
+def flake_tree(ws: Workstation) -> dict[str, Tree]:
+    inputs: dict[str, Tree] = {
+        "disko": _follows_nixpkgs(DISKO_URL),
+        "nixpkgs": {"url": NIXPKGS_URL},
+    }
+    params = ["self", "nixpkgs", "disko"]
+    modules: list[Tree] = [Raw("self.nixosModules.default"), Raw("disko.nixosModules.disko")]
+    if ws.host.secure_boot:
+        inputs["lanzaboote"] = _follows_nixpkgs(LANZABOOTE_URL)
+        params.append("lanzaboote")
+        modules.append(Raw("lanzaboote.nixosModules.lanzaboote"))
+    if vms(ws):
+        inputs["microvm"] = _follows_nixpkgs(MICROVM_URL)
+        params.append("microvm")
+        modules.append(Raw("microvm.nixosModules.host"))
+
+    paths = {concern: Raw(f"./{module_path(concern)}") for concern in CONCERNS}
+    outputs: dict[str, Tree] = {
+        "nixosConfigurations": {
+            ws.host.hostname: Call(Raw("nixpkgs.lib.nixosSystem"), {"modules": modules})
+        },
+        "nixosModules": {**paths, "default": {"imports": list(paths.values())}},
+    }
+    return {
+        "description": f"qnix workstation {ws.host.hostname}",
+        "inputs": dict(sorted(inputs.items())),
+        "outputs": Lambda(tuple(params), outputs),
+    }
+
+
+def render_nix_files(ws: Workstation, nft_table_body: str) -> dict[str, str]:
+    """All .nix files of the flake, keyed by relative path: "flake.nix" and
+    "modules/<concern>.nix"."""
+    files = {FLAKE: render_file(flake_tree(ws))}
+    for concern, config in module_trees(ws, nft_table_body).items():
+        files[module_path(concern)] = render_module(config)
+    return files

@@ -1,0 +1,90 @@
+"""Writing files so that a crash never leaves a half-written one behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from qnix.errors import QnixError
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` through a temporary file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_tree(target: Path, files: Mapping[str, bytes]) -> None:
+    """Make `target` hold exactly `files` (relative path -> bytes).
+
+    The tree is written beside the target and swapped in with two renames, so the target is
+    never a mix of old and new files; files the new tree lacks are gone with the old one.
+    """
+    target = target.absolute()
+    if target.exists() and not target.is_dir():
+        raise QnixError(f"{target} exists and is not a folder", hint="choose another -o folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.new-"))
+    try:
+        staging.chmod(0o755)
+        for relative, data in files.items():
+            if Path(relative).is_absolute() or ".." in Path(relative).parts:
+                raise QnixError(f"refusing to write outside the output folder: {relative}")
+            path = staging / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            path.chmod(0o644)
+        for directory in sorted({p.parent for p in staging.rglob("*")}, reverse=True):
+            _fsync_dir(directory)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+        staging.rename(target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def draw_with_graphviz(dot_source: str, fmt: str, output: Path) -> None:
+    """Render DOT text with graphviz into `output`, which appears only when complete."""
+    from qnix.runtime.runner import require_tool, run
+
+    dot = require_tool("dot", "graphviz")
+    output.absolute().parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=output.absolute().parent, prefix=f".{output.name}.", suffix=".tmp"
+    )
+    os.close(fd)
+    try:
+        run([dot, f"-T{fmt}", "-o", tmp], input=dot_source, timeout=120)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
