@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 from xml.etree import ElementTree
 
+import pytest
+from click.testing import CliRunner
+
+from qnix.cli.main import cli
 from tests.conftest import EXAMPLES
+from tests.spec.test_invalid import CASES, Bad, write_case
 
 QNIX = str(Path(sys.executable).with_name("qnix"))
 OFFICE = str(EXAMPLES / "smb-office.toml")
@@ -98,3 +103,14 @@ def test_graph_refuses_unknown_formats(tmp_path: Path) -> None:
     result = qnix("graph", OFFICE, "-o", str(tmp_path / "x.gif"))
     assert result.returncode == 1
     assert "hint: end the file name in .svg" in result.stderr
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_every_invalid_spec_exits_2_naming_its_key_path(case: Bad, tmp_path: Path) -> None:
+    """The same cases as the loader's tests, through the command (in-process for speed)."""
+    spec = write_case(case, tmp_path)
+    result = CliRunner().invoke(cli, ["check", str(spec)])
+    assert result.exit_code == 2, result.output
+    where = f"{spec}: {case.path}: " if case.path else f"{spec}: "
+    assert where in result.stderr
+    assert "Traceback" not in result.stderr
