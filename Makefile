@@ -1,5 +1,5 @@
 # Quick start: `make demo` runs qnix on this host, `make test` runs every test.
-# Both install what they need (as root on Debian 12; on NixOS use `nix-shell -p` for the tools).
+# Both install what they need: apt-get on Debian 12 (as root); on NixOS they run inside shell.nix.
 
 VENV      := .venv
 PY        := $(VENV)/bin/python
@@ -9,6 +9,14 @@ SYSTEM_PACKAGES := bubblewrap nftables nix-bin age graphviz iproute2 systemd-con
 PYTHON    ?= python3
 
 .PHONY: demo test lint deps system-deps bench clean
+
+# On NixOS (no apt-get, but nix-shell) every target runs inside shell.nix, which brings the tools.
+NIX_REEXEC := $(and $(if $(IN_NIX_SHELL),,1),$(if $(shell command -v apt-get 2>/dev/null),,1),$(shell command -v nix-shell 2>/dev/null))
+
+ifneq ($(NIX_REEXEC),)
+demo test bench clean:
+	nix-shell shell.nix --run '$(MAKE) $@'
+else
 
 demo: $(STAMP)
 	$(QNIX) check examples/smb-office.toml
@@ -29,7 +37,8 @@ bench: $(STAMP)
 	$(PY) bench/build_scaling.py
 
 system-deps:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	@if [ -n "$(IN_NIX_SHELL)" ]; then exit 0; fi; \
+	missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
@@ -46,3 +55,4 @@ $(STAMP): pyproject.toml | system-deps
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis
+endif

@@ -1,0 +1,15 @@
+# The tools `make demo` and `make test` need on NixOS (Debian gets them from apt-get).
+{ pkgs ? import <nixpkgs> { } }:
+pkgs.mkShell {
+  packages = with pkgs; [
+    python311
+    gnumake
+    bubblewrap
+    nftables
+    nix
+    age
+    graphviz
+    iproute2
+    procps
+  ];
+}
