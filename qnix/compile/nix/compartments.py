@@ -23,8 +23,7 @@ import hashlib
 import re
 
 from qnix.compile.names import Link, allocate_links, host_ifname, unix_user
-from qnix.compile.nix.printer import attr_path
-from qnix.compile.nix.tree import Call, Lambda, Tree
+from qnix.compile.nix.printer import Call, Function, NixValue, attr_path
 from qnix.spec.model import NETWORK_NONE, Compartment, CompartmentBase, Workstation
 
 STATE_ROOT = "/var/lib/qnix"
@@ -87,7 +86,7 @@ def state_rules(ws: Workstation) -> list[str]:
     return rules
 
 
-def package_list(compartment: CompartmentBase) -> list[Tree]:
+def package_list(compartment: CompartmentBase) -> list[NixValue]:
     return [attr_path("pkgs", *package.split(".")) for package in compartment.packages]
 
 
@@ -95,17 +94,17 @@ def links(ws: Workstation) -> dict[str, Link]:
     return allocate_links(ws.compartments, ws.host.subnet)
 
 
-def _container(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, Tree]:
+def _container(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, NixValue]:
     ifname = host_ifname(compartment.name)
     networked = compartment.network != NETWORK_NONE
-    config: dict[str, Tree] = {
+    config: dict[str, NixValue] = {
         "environment": {"systemPackages": package_list(compartment)},
         "system": {"stateVersion": ws.host.state_version},
         "users": {"users": {compartment.user: {"isNormalUser": True}}},
     }
-    container: dict[str, Tree] = {
+    container: dict[str, NixValue] = {
         "autoStart": compartment.autostart,
-        "config": Lambda(("pkgs",), config),
+        "config": Function(("pkgs",), config),
         "ephemeral": compartment.persistence == "disposable",
         "privateNetwork": True,
         "privateUsers": "pick",
@@ -124,7 +123,7 @@ def _container(ws: Workstation, compartment: Compartment, link: Link) -> dict[st
     return container
 
 
-def resource_limits(compartment: CompartmentBase) -> dict[str, Tree]:
+def resource_limits(compartment: CompartmentBase) -> dict[str, NixValue]:
     """systemd resource-control settings for the unit a compartment runs in."""
     return {
         "CPUQuota": f"{compartment.cpus * 100}%",
@@ -133,7 +132,7 @@ def resource_limits(compartment: CompartmentBase) -> dict[str, Tree]:
     }
 
 
-def profile(name: str, body: CompartmentBase) -> dict[str, Tree]:
+def profile(name: str, body: CompartmentBase) -> dict[str, NixValue]:
     """The packages of a compartment the runtime starts itself, kept alive through /etc."""
     return {
         "source": Call(
@@ -142,15 +141,15 @@ def profile(name: str, body: CompartmentBase) -> dict[str, Tree]:
     }
 
 
-def compartments_module(ws: Workstation) -> dict[str, Tree]:
+def compartments_module(ws: Workstation) -> dict[str, NixValue]:
     containers = [c for c in ws.compartments.values() if c.isolation == "container"]
     # What the runtime starts itself: namespace compartments, and disposables of any template.
     run_by_qnix: dict[str, CompartmentBase] = {
         **{c.name: c for c in ws.compartments.values() if c.isolation == "namespace"},
         **ws.disposable_templates,
     }
-    config: dict[str, Tree] = {}
-    systemd: dict[str, Tree] = {"tmpfiles": {"rules": state_rules(ws)}}
+    config: dict[str, NixValue] = {}
+    systemd: dict[str, NixValue] = {"tmpfiles": {"rules": state_rules(ws)}}
     if containers:
         all_links = links(ws)
         config["containers"] = {c.name: _container(ws, c, all_links[c.name]) for c in containers}

@@ -11,8 +11,7 @@ which replaces systemd-boot.
 from __future__ import annotations
 
 from qnix.compile.nix.compartments import STATE_ROOT
-from qnix.compile.nix.printer import Raw
-from qnix.compile.nix.tree import Call, Tree
+from qnix.compile.nix.printer import Call, NixValue, Raw
 from qnix.spec.model import Filesystem, Workstation
 
 LUKS_NAME = "cryptroot"
@@ -28,7 +27,7 @@ BTRFS_SUBVOLUMES = {
 }
 
 
-def filesystem_content(filesystem: Filesystem) -> dict[str, Tree]:
+def filesystem_content(filesystem: Filesystem) -> dict[str, NixValue]:
     if filesystem == "btrfs":
         return {
             "extraArgs": ["-f"],
@@ -41,10 +40,10 @@ def filesystem_content(filesystem: Filesystem) -> dict[str, Tree]:
     return {"format": filesystem, "mountpoint": "/", "type": "filesystem"}
 
 
-def disk_module(ws: Workstation) -> dict[str, Tree]:
+def disk_module(ws: Workstation) -> dict[str, NixValue]:
     disk = ws.host.disk
     encrypted = disk.encryption == "luks2"
-    root: dict[str, Tree] = filesystem_content(disk.filesystem)
+    root: dict[str, NixValue] = filesystem_content(disk.filesystem)
     if encrypted:
         root = {
             "content": root,
@@ -53,7 +52,7 @@ def disk_module(ws: Workstation) -> dict[str, Tree]:
             "settings": {"allowDiscards": True},
             "type": "luks",
         }
-    partitions: dict[str, Tree] = {
+    partitions: dict[str, NixValue] = {
         "ESP": {
             "content": {
                 "format": "vfat",
@@ -73,7 +72,7 @@ def disk_module(ws: Workstation) -> dict[str, Tree]:
             "size": f"{disk.swap_gb}G",
         }
 
-    boot: dict[str, Tree] = {}
+    boot: dict[str, NixValue] = {}
     if encrypted and disk.tpm2:
         boot["initrd"] = {
             "luks": {"devices": {LUKS_NAME: {"crypttabExtraOpts": ["tpm2-device=auto"]}}},

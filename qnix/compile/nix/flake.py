@@ -6,9 +6,9 @@ Inputs are only what the spec needs: lanzaboote with Secure Boot, microvm.nix wi
 
 from __future__ import annotations
 
+from qnix.compile.nix.files import render_file, render_module
 from qnix.compile.nix.modules import CONCERNS, module_trees
-from qnix.compile.nix.printer import Raw
-from qnix.compile.nix.tree import Call, Lambda, Tree, render_file, render_module
+from qnix.compile.nix.printer import Call, Function, NixValue, Raw
 from qnix.compile.nix.vms import vms
 from qnix.spec.model import Workstation
 
@@ -24,17 +24,17 @@ def module_path(concern: str) -> str:
     return f"modules/{concern}.nix"
 
 
-def _follows_nixpkgs(url: str) -> dict[str, Tree]:
+def _follows_nixpkgs(url: str) -> dict[str, NixValue]:
     return {"inputs": {"nixpkgs": {"follows": "nixpkgs"}}, "url": url}
 
 
-def flake_tree(ws: Workstation) -> dict[str, Tree]:
-    inputs: dict[str, Tree] = {
+def flake_tree(ws: Workstation) -> dict[str, NixValue]:
+    inputs: dict[str, NixValue] = {
         "disko": _follows_nixpkgs(DISKO_URL),
         "nixpkgs": {"url": NIXPKGS_URL},
     }
     params = ["self", "nixpkgs", "disko"]
-    modules: list[Tree] = [Raw("self.nixosModules.default"), Raw("disko.nixosModules.disko")]
+    modules: list[NixValue] = [Raw("self.nixosModules.default"), Raw("disko.nixosModules.disko")]
     if ws.host.secure_boot:
         inputs["lanzaboote"] = _follows_nixpkgs(LANZABOOTE_URL)
         params.append("lanzaboote")
@@ -45,7 +45,7 @@ def flake_tree(ws: Workstation) -> dict[str, Tree]:
         modules.append(Raw("microvm.nixosModules.host"))
 
     paths = {concern: Raw(f"./{module_path(concern)}") for concern in CONCERNS}
-    outputs: dict[str, Tree] = {
+    outputs: dict[str, NixValue] = {
         "nixosConfigurations": {
             ws.host.hostname: Call(Raw("nixpkgs.lib.nixosSystem"), {"modules": modules})
         },
@@ -54,7 +54,7 @@ def flake_tree(ws: Workstation) -> dict[str, Tree]:
     return {
         "description": f"qnix workstation {ws.host.hostname}",
         "inputs": dict(sorted(inputs.items())),
-        "outputs": Lambda(tuple(params), outputs),
+        "outputs": Function(tuple(params), outputs),
     }
 
 

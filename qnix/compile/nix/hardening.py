@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from qnix.compile.nix.tree import Tree
+from qnix.compile.nix.printer import NixValue
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Hardening, Workstation
 
 BASELINE_SYSCTL: Final[dict[str, int]] = {
@@ -104,21 +104,21 @@ def kernel_params(ws: Workstation) -> list[str]:
     return params
 
 
-def hardening_module(ws: Workstation) -> dict[str, Tree]:
+def hardening_module(ws: Workstation) -> dict[str, NixValue]:
     profile = ws.host.hardening
     locked = profile in ("strict", "paranoid")
-    boot: dict[str, Tree] = {"kernel": {"sysctl": dict(sysctls(ws))}}
+    boot: dict[str, NixValue] = {"kernel": {"sysctl": dict(sysctls(ws))}}
     params = kernel_params(ws)
     if params:
         boot["kernelParams"] = list(params)
     if locked:
         boot["kexec"] = {"enable": False}
 
-    security: dict[str, Tree] = {}
+    security: dict[str, NixValue] = {}
     if profile == "paranoid":
         security["allowSimultaneousMultithreading"] = False
     if locked:
-        apparmor: dict[str, Tree] = {"enable": True}
+        apparmor: dict[str, NixValue] = {"enable": True}
         if profile == "paranoid":
             apparmor["killUnconfinedConfinables"] = True
         security["apparmor"] = apparmor

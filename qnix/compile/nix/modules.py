@@ -13,8 +13,7 @@ from qnix.compile.names import unix_user
 from qnix.compile.nix.compartments import STATE_ROOT, compartments_module, state_dir
 from qnix.compile.nix.disk import disk_module
 from qnix.compile.nix.hardening import hardening_module
-from qnix.compile.nix.printer import Raw, attr_path
-from qnix.compile.nix.tree import Call, Tree
+from qnix.compile.nix.printer import Call, NixValue, Raw, attr_path
 from qnix.compile.nix.vms import vms_module
 from qnix.spec.model import NETWORK_NONE, Workstation
 
@@ -44,8 +43,8 @@ AUDIT_RULES = (
 _EXEC_SAFE = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
-def network_module(ws: Workstation, nft_table_body: str) -> dict[str, Tree]:
-    config: dict[str, Tree] = {}
+def network_module(ws: Workstation, nft_table_body: str) -> dict[str, NixValue]:
+    config: dict[str, NixValue] = {}
     networked = any(c.network != NETWORK_NONE for c in ws.compartments.values()) or any(
         t.network != NETWORK_NONE for t in ws.disposable_templates.values()
     )
@@ -63,9 +62,9 @@ def network_module(ws: Workstation, nft_table_body: str) -> dict[str, Tree]:
     return config
 
 
-def users_module(ws: Workstation) -> dict[str, Tree]:
-    users: dict[str, Tree] = {}
-    groups: dict[str, Tree] = {}
+def users_module(ws: Workstation) -> dict[str, NixValue]:
+    users: dict[str, NixValue] = {}
+    groups: dict[str, NixValue] = {}
     for compartment in ws.compartments.values():
         name = unix_user(compartment.name)
         users[name] = {
@@ -82,9 +81,9 @@ def users_module(ws: Workstation) -> dict[str, Tree]:
     return {"users": {"groups": groups, "users": users}}
 
 
-def audit_module(ws: Workstation) -> dict[str, Tree]:
+def audit_module(ws: Workstation) -> dict[str, NixValue]:
     # "lock": the rules cannot be changed until the next boot.
-    enable: Tree = "lock" if ws.host.hardening == "paranoid" else True
+    enable: NixValue = "lock" if ws.host.hardening == "paranoid" else True
     return {
         "security": {
             "audit": {"enable": enable, "rules": list(AUDIT_RULES)},
@@ -93,7 +92,7 @@ def audit_module(ws: Workstation) -> dict[str, Tree]:
     }
 
 
-def secrets_module(ws: Workstation) -> dict[str, Tree]:
+def secrets_module(ws: Workstation) -> dict[str, NixValue]:
     """Only the tmpfs directory secrets are decrypted into at run time; never a secret."""
     if not ws.secrets:
         return {}
@@ -126,8 +125,8 @@ def desktop_items(ws: Workstation) -> list[dict[str, str]]:
     return items
 
 
-def desktop_module(ws: Workstation) -> dict[str, Tree]:
-    config: dict[str, Tree] = {}
+def desktop_module(ws: Workstation) -> dict[str, NixValue]:
+    config: dict[str, NixValue] = {}
     items = desktop_items(ws)
     if items:
         config["environment"] = {
@@ -141,9 +140,9 @@ def desktop_module(ws: Workstation) -> dict[str, Tree]:
     return config
 
 
-def module_trees(ws: Workstation, nft_table_body: str) -> dict[str, dict[str, Tree]]:
+def module_trees(ws: Workstation, nft_table_body: str) -> dict[str, dict[str, NixValue]]:
     """The config of every module, by concern, in `CONCERNS` order."""
-    emitters: dict[str, Callable[[Workstation], dict[str, Tree]]] = {
+    emitters: dict[str, Callable[[Workstation], dict[str, NixValue]]] = {
         "compartments": compartments_module,
         "network": lambda w: network_module(w, nft_table_body),
         "users": users_module,

@@ -35,8 +35,24 @@ class Function:
     body: NixValue
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """`function argument`, the function being code qnix writes (e.g. `lib.mkForce`)."""
+
+    function: Raw
+    argument: NixValue
+
+
 NixValue: TypeAlias = (
-    bool | int | str | Raw | Function | Sequence["NixValue"] | Mapping[str, "NixValue"] | None
+    bool
+    | int
+    | str
+    | Raw
+    | Function
+    | Call
+    | Sequence["NixValue"]
+    | Mapping[str, "NixValue"]
+    | None
 )
 
 
@@ -94,11 +110,19 @@ def render(value: NixValue, indent: int = 0) -> str:
     if isinstance(value, Function):
         params = ", ".join([*(identifier(p) for p in value.params), "..."])
         return f"{{ {params} }}:\n{pad}" + render(value.body, indent)
+    if isinstance(value, Call):
+        argument = render(value.argument, indent)
+        if isinstance(value.argument, Function | Call) or (
+            isinstance(value.argument, Raw) and not _is_atom(argument)
+        ):
+            argument = f"({argument})"
+        return f"{value.function.code} {argument}"
     if isinstance(value, Mapping):
         if not value:
             return "{ }"
         lines = []
-        for key, item in value.items():
+        # Attribute sets have no order in Nix: sorted, the same spec gives the same text.
+        for key, item in sorted(value.items()):
             if not isinstance(key, str):
                 raise TypeError(f"attribute names must be str, not {type(key).__name__}")
             lines.append(f"{inner}{attr_name(key)} = {_item(item, indent + 1)};")
@@ -112,9 +136,9 @@ def render(value: NixValue, indent: int = 0) -> str:
 
 
 def _item(value: NixValue, indent: int) -> str:
-    """A list element or attribute value: functions and raw code get parentheses in lists."""
+    """A list element or attribute value: functions, calls and raw code get parentheses."""
     text = render(value, indent)
-    if isinstance(value, Function | Raw) and not _is_atom(text):
+    if isinstance(value, Function | Call | Raw) and not _is_atom(text):
         return f"({text})"
     return text
 

@@ -13,7 +13,7 @@ import hashlib
 
 from qnix.compile.names import Link, host_ifname
 from qnix.compile.nix.compartments import links, package_list, persistent_mounts
-from qnix.compile.nix.tree import Lambda, Tree
+from qnix.compile.nix.printer import Function, NixValue
 from qnix.spec.model import NETWORK_NONE, Compartment, Workstation
 
 HYPERVISOR = "qemu"
@@ -36,13 +36,13 @@ def vms(ws: Workstation) -> list[Compartment]:
     return [c for c in ws.compartments.values() if c.isolation == "vm"]
 
 
-def _guest(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, Tree]:
+def _guest(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, NixValue]:
     networked = compartment.network != NETWORK_NONE
     mac = mac_address(compartment.name)
-    interfaces: list[Tree] = (
+    interfaces: list[NixValue] = (
         [{"id": host_ifname(compartment.name), "mac": mac, "type": "tap"}] if networked else []
     )
-    shares: list[Tree] = [
+    shares: list[NixValue] = [
         {
             "mountPoint": mount_point,
             "proto": "virtiofs",
@@ -51,7 +51,7 @@ def _guest(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, T
         }
         for mount_point, source in persistent_mounts(compartment).items()
     ]
-    guest: dict[str, Tree] = {
+    guest: dict[str, NixValue] = {
         "environment": {"systemPackages": package_list(compartment)},
         "microvm": {
             "hypervisor": HYPERVISOR,
@@ -79,7 +79,7 @@ def _guest(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, T
     return guest
 
 
-def vms_module(ws: Workstation) -> dict[str, Tree]:
+def vms_module(ws: Workstation) -> dict[str, NixValue]:
     machines = vms(ws)
     if not machines:
         return {}
@@ -91,7 +91,7 @@ def vms_module(ws: Workstation) -> dict[str, Tree]:
             "vms": {
                 c.name: {
                     "autostart": c.autostart,
-                    "config": Lambda(("pkgs",), _guest(ws, c, all_links[c.name])),
+                    "config": Function(("pkgs",), _guest(ws, c, all_links[c.name])),
                 }
                 for c in machines
             },

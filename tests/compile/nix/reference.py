@@ -18,8 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
-from qnix.compile.nix.printer import Raw
-from qnix.compile.nix.tree import Call, Lambda, Tree
+from qnix.compile.nix.printer import Call, Function, NixValue, Raw
 from tests.conftest import DATA
 
 OPTIONS_TSV = DATA / "nixos-25.11-options.tsv"
@@ -238,12 +237,12 @@ class Checker:
         self.root = root if root is not None else reference()
         self.report = Report()
 
-    def config(self, config: Mapping[str, Tree], where: str = "") -> None:
+    def config(self, config: Mapping[str, NixValue], where: str = "") -> None:
         self.report.errors += self._walk(config, self.root, [], [], where, strict=False)
 
     def _walk(
         self,
-        config: Mapping[str, Tree],
+        config: Mapping[str, NixValue],
         node: Node,
         path: list[str],
         pattern: list[str],
@@ -267,7 +266,7 @@ class Checker:
         return errors
 
     def _option(
-        self, value: Tree, node: Node, path: list[str], pattern: list[str], where: str
+        self, value: NixValue, node: Node, path: list[str], pattern: list[str], where: str
     ) -> list[str]:
         assert node.type is not None
         self.report.options.add(dotted(pattern))
@@ -275,7 +274,7 @@ class Checker:
 
     def _check(
         self,
-        value: Tree,
+        value: NixValue,
         type_: Type,
         node: Node | None,
         path: list[str],
@@ -301,13 +300,13 @@ class Checker:
             ok = isinstance(value, Raw | Call)
             return [] if ok else [f"{at}: {_describe(value)} is not a package"]
         if kind == "config":
-            if isinstance(value, Lambda):
+            if isinstance(value, Function):
                 value = value.body
             if not isinstance(value, Mapping):
                 return [f"{at}: {_describe(value)} is not a NixOS config"]
             return self._walk(value, self.root, [], [], f"{at}/", strict=False)
         wrong = [f"{at}: {_describe(value)} is not a {type_.text}"]
-        if isinstance(value, Raw | Call | Lambda):
+        if isinstance(value, Raw | Call | Function):
             return wrong
         if kind == "bool":
             return [] if isinstance(value, bool) else wrong
@@ -364,7 +363,7 @@ class Checker:
         raise AssertionError(f"unhandled type kind {kind}")
 
 
-def check(config: Mapping[str, Tree], root: Node | None = None) -> Report:
+def check(config: Mapping[str, NixValue], root: Node | None = None) -> Report:
     checker = Checker(root)
     checker.config(config)
     return checker.report

@@ -19,8 +19,7 @@ from typing import Any
 from qnix.compile import nft
 from qnix.compile.nix.flake import render_nix_files
 from qnix.compile.nix.modules import module_trees
-from qnix.compile.nix.printer import Raw, render
-from qnix.compile.nix.tree import Call, Lambda, Tree
+from qnix.compile.nix.printer import Call, Function, NixValue, Raw, render
 from qnix.runtime.runner import run
 from qnix.spec.load import check_references, load
 from qnix.spec.model import Workstation
@@ -153,7 +152,7 @@ def nix_files(ws: Workstation) -> dict[str, str]:
     return render_nix_files(ws, nft.render_table_body(ws))
 
 
-def trees(ws: Workstation) -> dict[str, dict[str, Tree]]:
+def trees(ws: Workstation) -> dict[str, dict[str, NixValue]]:
     return module_trees(ws, nft.render_table_body(ws))
 
 
@@ -236,13 +235,13 @@ def module_evaluation(
     )
 
 
-def expected_json(value: Tree) -> Any:
+def expected_json(value: NixValue) -> Any:
     """What a value tree evaluates to with the stand-ins, as JSON would show it."""
     if isinstance(value, Call):
         if value.function.code not in IDENTITY_CALLS:
             raise AssertionError(f"no stand-in for {value.function.code}")
         return expected_json(value.argument)
-    if isinstance(value, Lambda):
+    if isinstance(value, Function):
         return expected_json(value.body)
     if isinstance(value, Raw):
         path = _PKGS_PATH.fullmatch(value.code)

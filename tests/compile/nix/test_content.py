@@ -11,8 +11,7 @@ import pytest
 
 from qnix.compile.names import allocate_links, host_ifname, unix_user
 from qnix.compile.nix.modules import module_trees
-from qnix.compile.nix.printer import Raw
-from qnix.compile.nix.tree import Call, Lambda, Tree
+from qnix.compile.nix.printer import Call, Function, NixValue, Raw
 from tests.compile.nix.support import (
     MIXED_COMPARTMENTS,
     TEMPLATES,
@@ -78,11 +77,13 @@ def get(tree: Any, *path: str) -> Any:
     return tree
 
 
-def module(ws: Any, concern: str) -> dict[str, Tree]:
+def module(ws: Any, concern: str) -> dict[str, NixValue]:
     return trees(ws)[concern]
 
 
-def leaves(tree: Tree, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Tree]]:
+def leaves(
+    tree: NixValue, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], NixValue]]:
     if isinstance(tree, Mapping):
         for key, value in tree.items():
             yield from leaves(value, (*path, key))
@@ -211,7 +212,7 @@ def test_containers_are_nixos_containers_with_their_own_veth() -> None:
         "privateUsers": "pick",
     }
     config = work["config"]
-    assert isinstance(config, Lambda)
+    assert isinstance(config, Function)
     assert config.params == ("pkgs",)
     assert config.body == {
         "environment": {
@@ -580,10 +581,10 @@ def test_microvm_appears_only_with_vms() -> None:
 def test_no_two_modules_set_the_same_option_differently(name: str) -> None:
     """NixOS merges lists and sets across modules, but two definitions of one value conflict."""
     ws = all_workstations()[name]
-    defined: dict[tuple[str, ...], tuple[str, Tree]] = {}
+    defined: dict[tuple[str, ...], tuple[str, NixValue]] = {}
     for concern, tree in trees(ws).items():
         for path, value in leaves(tree):
-            if isinstance(value, list | tuple | Lambda):
+            if isinstance(value, list | tuple | Function):
                 continue
             for length in range(1, len(path)):
                 prefix = path[:length]

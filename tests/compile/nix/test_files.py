@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qnix.compile.nix.files import HEADER
 from qnix.compile.nix.modules import CONCERNS
 from qnix.compile.nix.printer import render
-from qnix.compile.nix.tree import HEADER
 from qnix.spec.model import Workstation
 from tests.compile.nix.support import (
     all_workstations,

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from qnix.compile.nix.printer import Raw
-from qnix.compile.nix.tree import Call, Lambda
+from qnix.compile.nix.printer import Call, Function, Raw
 from tests.compile.nix.reference import (
     UnknownType,
     check,
@@ -129,7 +128,7 @@ BAD_TREES: dict[str, tuple[dict[str, Any], str]] = {
         "services.logind.auditd: no such option",
     ),
     "a made-up microvm option inside a VM's config": (
-        {"microvm": {"vms": {"v": {"config": Lambda(("pkgs",), {"microvm": {"ram": 512}})}}}},
+        {"microvm": {"vms": {"v": {"config": Function(("pkgs",), {"microvm": {"ram": 512}})}}}},
         "microvm.vms.v.config/microvm.ram: no such option",
     ),
     "autostart is spelled autoStart for containers": (
