@@ -295,6 +295,22 @@ class Host(Model):
     dns_servers: Annotated[tuple[IpAddress, ...], _LIST, AfterValidator(_no_duplicates)] = ()
     state_version: Annotated[str, StringConstraints(pattern=r"^[0-9]{2}\.[0-9]{2}$")] = "25.11"
 
+    @model_validator(mode="after")
+    def _hibernation_possible(self) -> Self:
+        # Swap beside LUKS gets a fresh random key each boot, and paranoid's kernel lockdown
+        # forbids hibernation: either way the machine could never resume.
+        if self.desktop.lid_switch == "hibernate" and (
+            self.hardening == "paranoid" or self.disk.encryption != "none" or not self.disk.swap_gb
+        ):
+            raise SpecRuleError(
+                "this workstation cannot hibernate",
+                "desktop",
+                "lid_switch",
+                hint="hibernation needs unencrypted swap and no paranoid lockdown; "
+                'use "suspend" or "lock"',
+            )
+        return self
+
 
 # ---- compartments --------------------------------------------------------------------------
 

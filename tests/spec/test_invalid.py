@@ -246,6 +246,14 @@ CASES = [
     ),
     # ---- host
     Bad(
+        "hibernate-with-encrypted-swap",
+        toml('[host.desktop]\nlid_switch = "hibernate"\n'),
+        "host.desktop.lid_switch",
+        "this workstation cannot hibernate",
+        '"hibernate"',
+        'use "suspend" or "lock"',
+    ),
+    Bad(
         "tpm2-without-encryption",
         toml('[host.disk]\nencryption = "none"\n'),
         "host.disk.encryption",
