@@ -1,23 +1,33 @@
 """The workstation as a Graphviz drawing: compartments, network links, policy arrows.
 
-Compartments are boxes filled in their Qubes label colour and grouped by isolation level;
-disposable templates are dashed. Solid edges follow the network (compartment -> net compartment
--> uplink); dashed edges are policy lines that allow or ask between named compartments or tags.
-Lines whose source or target is a wildcard (`@anyvm`, `*`, `@dispvm`, ...) would connect
-everything to everything, so they are summarised in a legend box instead of drawn.
+Compartments are boxes filled in their Qubes label colour and grouped in one cluster per
+isolation level; disposable templates are dashed boxes and stand for the disposables made from
+them (a policy target `@dispvm:NAME` points at template NAME; `@dispvm` at the default one).
+Solid edges follow the network (compartment -> net compartment -> uplink); a compartment with
+network "none" has no such edge and says "offline".
 
-Node ids are derived (`c0`, `c1`, ...), never spec text; every label goes through `dot_string`.
+Dashed edges are policy lines that allow or ask between concrete compartments: names, tags
+(every compartment carrying the tag) and disposable templates. An edge is drawn only for the
+pairs where its line is the one that decides, because the first matching line wins. Lines with
+a wildcard side (`*`, `@anyvm`, `@type:...`) would connect everything to everything, and lines
+towards the host (`@adminvm`, `@default`) have no box to point at, so these are listed, in
+policy order, in one legend note instead. Deny lines are not drawn: no edge means no flow.
+
+The picture is for review; the policy evaluator, not this drawing, decides requests.
+Node ids are derived (`c0`, `c1`, ...), never spec text, and every text goes through
+`dot_string`, so nothing in a spec can change the structure of the graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from qnix.compile.policy import INLINE_POLICY_FILE
 from qnix.policy.parse import Rule, Token, parse_line, parse_text
 from qnix.spec.load import LoadedSpec
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, CompartmentBase, Workstation
 
-# Qubes' label colours: (fill, text).
+# Qubes' label colours (Tango palette, as in Qubes' own icons): (fill, text) for contrast.
 LABEL_COLOURS = {
     "red": ("#cc0000", "white"),
     "orange": ("#f57900", "black"),
@@ -35,20 +45,45 @@ LEVEL_TITLES = {
     "vm": "vm (QEMU / microvm.nix)",
 }
 UPLINK_ID = "uplink"
+LEGEND_ID = "legend"
+LEGEND_TITLE = "policy lines for many compartments (allow and ask, in order):"
+# Token kinds that stand for (nearly) every compartment: summarised, never drawn as a mesh.
+WILDCARD_KINDS = ("any", "anyvm", "type")
 
 
 def dot_string(text: str) -> str:
-    """A DOT double-quoted string holding `text`: quotes and backslashes escaped, control
-    characters dropped (DOT would read `\\n` and friends as layout escapes)."""
-    safe = "".join(ch for ch in text if ch.isprintable())
-    return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A DOT double-quoted string that graphviz shows as exactly `text`.
+
+    Quotes and backslashes are escaped (a backslash would otherwise start a layout escape such
+    as `\\N` or `\\l`), `&` becomes `&amp;` (graphviz expands HTML entities in plain labels), and
+    characters that are not printable, line breaks included, are dropped. Always quoted, so a
+    value can never become an HTML-like `<...>` label; record syntax needs a record shape, which
+    this module never uses.
+    """
+    printable = "".join(ch for ch in text if ch.isprintable())
+    escaped = printable.replace("&", "&amp;").replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def dot_lines(lines: Sequence[str], *, end: str = "") -> str:
+    """Several lines as one DOT label: each escaped, joined by graphviz's line-break escape.
+
+    `end` is "" for centred lines, or "l" for left-justified ones (each line, the last one
+    included, then ends in `\\l`)."""
+    inner = [dot_string(line)[1:-1] for line in lines]
+    if end:
+        return '"' + "".join(f"{line}\\{end}" for line in inner) + '"'
+    return '"' + "\\n".join(inner) + '"'
 
 
 def policy_rules_of(loaded: LoadedSpec) -> list[Rule]:
-    """The spec's inline rules, then its policy.d files, as parsed rules."""
+    """Every policy line of a spec in evaluation order: the inline rules, then the policy.d files.
+
+    Inline rules are named like the file the build writes them to, so a rule's `file:line`
+    points at the same place in the graph, the build output and an evaluation."""
     rules: list[Rule] = []
     for number, text in enumerate(loaded.workstation.policy.rules, start=1):
-        rule = parse_line(text, file="spec", line=number)
+        rule = parse_line(text, file=INLINE_POLICY_FILE, line=number)
         if rule is not None:
             rules.append(rule)
     for name, text in loaded.policy_files:
@@ -56,118 +91,153 @@ def policy_rules_of(loaded: LoadedSpec) -> list[Rule]:
     return rules
 
 
-def _ends(token: Token, ws: Workstation) -> list[str] | None:
-    """Compartments a token stands for, or None when it is a wildcard (not drawn)."""
-    if token.kind == "name":
-        known = token.value in ws.compartments or token.value in ws.disposable_templates
-        return [token.value] if known else []
-    if token.kind == "tag":
-        units: dict[str, CompartmentBase] = {**ws.compartments, **ws.disposable_templates}
-        return sorted(name for name, unit in units.items() if token.value in unit.tags)
-    if token.kind == "dispvm_template":
-        return [token.value]
-    return None
+def _units(ws: Workstation) -> dict[str, CompartmentBase]:
+    """Every box of the graph by name: compartments and disposable templates (disjoint names)."""
+    return {**ws.compartments, **ws.disposable_templates}
 
 
-def _matches(token: Token, name: str, ws: Workstation) -> bool:
+def _members(token: Token, ws: Workstation) -> frozenset[str]:
+    """The boxes a policy token covers.
+
+    For `@type:`: a persistent compartment is an AppVM; a disposable compartment and the
+    disposables of a template are DispVMs; qnix has no TemplateVM, StandaloneVM or AdminVM box.
+    """
+    units = _units(ws)
+    templates = ws.disposable_templates
     if token.kind in ("any", "anyvm"):
-        return True
+        return frozenset(units)
     if token.kind == "name":
-        return token.value == name
+        return frozenset({token.value} & units.keys())
     if token.kind == "tag":
-        unit = ws.compartments.get(name) or ws.disposable_templates.get(name)
-        return unit is not None and token.value in unit.tags
-    return False
+        return frozenset(name for name, unit in units.items() if token.value in unit.tags)
+    if token.kind == "dispvm_template":
+        return frozenset({token.value} & templates.keys())
+    if token.kind == "dispvm_tag":
+        return frozenset(name for name, unit in templates.items() if token.value in unit.tags)
+    if token.kind == "dispvm":
+        default = ws.default_disposable
+        return frozenset({default} & templates.keys()) if default else frozenset()
+    if token.kind == "type":
+        persistent = {n for n, c in ws.compartments.items() if c.persistence == "persistent"}
+        if token.value == "AppVM":
+            return frozenset(persistent)
+        if token.value == "DispVM":
+            return frozenset(units.keys() - persistent)
+    return frozenset()  # @adminvm, @default and the types qnix has no box for
 
 
-def _first_match(
-    rules: Sequence[Rule], rule: Rule, source: str, target: str, ws: Workstation
+def _service_label(rule: Rule) -> str:
+    argument = "" if rule.argument == "*" else rule.argument
+    return f"{rule.service}{argument} ({rule.action})"
+
+
+def _could_match(earlier: Rule, rule: Rule) -> bool:
+    """Whether `earlier` applies to requests that `rule` would answer (service and argument)."""
+    return earlier.service in ("*", rule.service) and earlier.argument in ("*", rule.argument)
+
+
+def _decides(
+    rules: Sequence[Rule],
+    rule: Rule,
+    source: str,
+    target: str,
+    members: Mapping[Token, frozenset[str]],
 ) -> bool:
-    """Whether `rule` is the first line for its service that matches source -> target."""
+    """Whether `rule` is the first line that matches `source` -> `target` for its service."""
     for earlier in rules:
-        if earlier.service not in ("*", rule.service) or earlier.argument not in (
-            "*",
-            rule.argument,
+        if (
+            _could_match(earlier, rule)
+            and source in members[earlier.source]
+            and target in members[earlier.target]
         ):
-            continue
-        if _matches(earlier.source, source, ws) and _matches(earlier.target, target, ws):
             return earlier is rule
     return False
 
 
+def _policy_edges(
+    ws: Workstation, rules: Sequence[Rule]
+) -> tuple[dict[tuple[str, str], dict[str, str]], list[str]]:
+    """Arrows (source, target) -> {label: action}, and the legend lines for the rest."""
+    members = {token: _members(token, ws) for rule in rules for token in (rule.source, rule.target)}
+    edges: dict[tuple[str, str], dict[str, str]] = {}
+    legend: list[str] = []
+    for rule in rules:
+        if rule.action == "deny":
+            continue
+        sources, targets = members[rule.source], members[rule.target]
+        wildcard = rule.source.kind in WILDCARD_KINDS or rule.target.kind in WILDCARD_KINDS
+        if wildcard or not sources or not targets:
+            legend.append(f"{_service_label(rule)}: {rule.source} -> {rule.target}")
+            continue
+        for source in sorted(sources):
+            for target in sorted(targets):
+                if source != target and _decides(rules, rule, source, target, members):
+                    edges.setdefault((source, target), {}).setdefault(
+                        _service_label(rule), rule.action
+                    )
+    return edges, list(dict.fromkeys(legend))
+
+
 def render_dot(ws: Workstation, policy_rules: Sequence[Rule]) -> str:
-    units: dict[str, CompartmentBase] = {**ws.compartments, **ws.disposable_templates}
+    """The DOT source of the workstation's picture; the same inputs give the same bytes."""
+    units = _units(ws)
     ids = {name: f"c{index}" for index, name in enumerate(sorted(units))}
+    title = f"{ws.host.hostname} ({ws.host.system}, {ws.host.hardening})"
     lines = [
         f"digraph {dot_string(ws.host.hostname)} {{",
-        "  graph [rankdir=LR, fontname=sans, compound=true, "
-        f"label={dot_string(f'{ws.host.hostname} ({ws.host.system}, {ws.host.hardening})')}];",
+        f"  graph [rankdir=LR, fontname=sans, compound=true, label={dot_string(title)}];",
         '  node [shape=box, style="rounded,filled", fontname=sans];',
         "  edge [fontname=sans, fontsize=10];",
-        f'  {UPLINK_ID} [label="uplink / internet", shape=cloud, fillcolor="#eeeeec"];',
+        f'  {UPLINK_ID} [label="uplink / internet", shape=ellipse, style=filled, '
+        'fillcolor="#eeeeec"];',
     ]
-    for level, title in LEVEL_TITLES.items():
-        members = sorted(name for name, unit in units.items() if unit.isolation == level)
-        if not members:
+    for level, level_title in LEVEL_TITLES.items():
+        in_level = sorted(name for name, unit in units.items() if unit.isolation == level)
+        if not in_level:
             continue
         lines.append(f"  subgraph cluster_{level} {{")
-        lines.append(f'    label={dot_string(title)}; style=dashed; color="#888a85";')
-        for name in members:
-            lines.append("    " + _node(ids[name], name, units[name], ws))
+        lines.append(f'    label={dot_string(level_title)}; style=dashed; color="#888a85";')
+        lines.extend(f"    {_node(ids[name], name, ws)}" for name in in_level)
         lines.append("  }")
     for name in sorted(units):
         network = units[name].network
         if network == NETWORK_NONE:
             continue
-        target = UPLINK_ID if network == NETWORK_UPLINK else ids.get(network)
-        if target is not None:
-            lines.append(f'  {ids[name]} -> {target} [penwidth=2, color="#2e3436"];')
-    summary: list[str] = []
-    # One edge per ordered pair, listing every service that may flow along it.
-    edges: dict[tuple[str, str], dict[str, str]] = {}
-    for rule in policy_rules:
-        if rule.action == "deny":
-            continue
-        sources, targets = _ends(rule.source, ws), _ends(rule.target, ws)
-        label = f"{rule.service} ({rule.action})"
-        if sources is None or targets is None:
-            summary.append(f"{label}: {rule.source} -> {rule.target}")
-            continue
-        for source in sources:
-            for target in targets:
-                # Drawn only where this line is the one that decides (first match wins).
-                if source != target and _first_match(policy_rules, rule, source, target, ws):
-                    edges.setdefault((source, target), {}).setdefault(label, rule.action)
+        upstream = UPLINK_ID if network == NETWORK_UPLINK else ids.get(network)
+        if upstream is not None:
+            lines.append(f'  {ids[name]} -> {upstream} [penwidth=2, color="#2e3436"];')
+    edges, legend = _policy_edges(ws, policy_rules)
     for (source, target), labels in sorted(edges.items()):
         colour = ACTION_COLOURS["ask" if "ask" in labels.values() else "allow"]
-        text = "\\n".join(dot_string(label)[1:-1] for label in labels)
         lines.append(
             f"  {ids[source]} -> {ids[target]} [style=dashed, constraint=false, "
-            f'color="{colour}", fontcolor="{colour}", label="{text}"];'
+            f'color="{colour}", fontcolor="{colour}", label={dot_lines(list(labels))}];'
         )
-    if summary:
-        text = "policy for any compartment:\\l" + "".join(
-            dot_string(entry)[1:-1] + "\\l" for entry in dict.fromkeys(summary)
+    if legend:
+        text = dot_lines([LEGEND_TITLE, *legend], end="l")
+        lines.append(
+            f'  {LEGEND_ID} [shape=note, style=filled, fillcolor="#fcfcfc", label={text}];'
         )
-        lines.append(f'  legend [shape=note, style=filled, fillcolor="#fcfcfc", label="{text}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def _node(node_id: str, name: str, unit: CompartmentBase, ws: Workstation) -> str:
-    fill, font = LABEL_COLOURS[unit.label]
-    is_template = name in ws.disposable_templates
+def _node(node_id: str, name: str, ws: Workstation) -> str:
+    template = ws.disposable_templates.get(name)
+    compartment = ws.compartments.get(name)
+    unit: CompartmentBase = template if template is not None else ws.compartments[name]
     notes = []
-    if is_template:
+    if template is not None:
         notes.append("disposable template")
-    elif ws.compartments[name].persistence == "disposable":
+    elif compartment is not None and compartment.persistence == "disposable":
         notes.append("disposable")
-    if name in ws.compartments and ws.compartments[name].provides_network:
+    if compartment is not None and compartment.provides_network:
         notes.append("net compartment")
     if unit.network == NETWORK_NONE:
         notes.append("offline")
-    label = name + "".join(f"\n{note}" for note in notes)
-    # DOT reads "\n" in a label as a line break; dot_string drops real newlines, so build it.
-    quoted = "\\n".join(dot_string(part)[1:-1] for part in label.split("\n"))
-    style = "rounded,filled,dashed" if is_template else "rounded,filled"
-    return f'{node_id} [label="{quoted}", fillcolor="{fill}", fontcolor="{font}", style="{style}"];'
+    fill, font = LABEL_COLOURS[unit.label]
+    style = "rounded,filled,dashed" if template is not None else "rounded,filled"
+    return (
+        f"{node_id} [label={dot_lines([name, *notes])}, "
+        f'fillcolor="{fill}", fontcolor="{font}", style="{style}"];'
+    )

@@ -184,9 +184,10 @@ def synthetic(count: int, comments: list[str] | None = None) -> Workstation:
 
 
 # The design's size, stated from the spec alone.
-BASE_RULES = 12  # forward 2, input 1, from_compartment 4, to_compartment 2, admitted 3
+BASE_RULES = 13  # forward 2, input 1, postrouting 1, from_compartment 4, to_compartment 2,
+# admitted 3
 PER_COMPARTMENT_RULES = 2  # jump admitted, the way-out guard
-BASE_CHAINS = 5
+BASE_CHAINS = 6
 BASE_SETS = 3  # compartment_addrs, net_clients, openings
 
 
@@ -267,6 +268,11 @@ table inet qnix {
 \tchain input {
 \t\ttype filter hook input priority filter; policy accept;
 \t\tiifname "qx*" drop
+\t}
+
+\tchain postrouting {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tiifname "qx*" oifname != "qx*" masquerade
 \t}
 
 \tchain from_compartment {
@@ -536,7 +542,9 @@ def test_no_accept_reaches_a_compartment_address() -> None:
     assert table.hooks == {
         "forward": "type filter hook forward priority filter; policy accept;",
         "input": "type filter hook input priority filter; policy accept;",
+        "postrouting": "type nat hook postrouting priority srcnat; policy accept;",
     }
+    assert table.chains["postrouting"] == ['iifname "qx*" oifname != "qx*" masquerade']
 
 
 def test_anti_spoofing_pairs_each_interface_with_its_address_only() -> None:
@@ -588,7 +596,7 @@ def test_chain_and_set_names_carry_no_spec_text() -> None:
     table = parse(render_ruleset(ws))
     for name in [*table.chains, *table.sets, *table.maps]:
         assert re.fullmatch(
-            r"forward|input|from_compartment|to_compartment|admitted|egress|openings"
+            r"forward|input|postrouting|from_compartment|to_compartment|admitted|egress|openings"
             r"|compartment_addrs|net_clients|c_qx[0-9a-f]{10}(_h[0-9]+_[46])?",
             name,
         ), name
@@ -786,7 +794,8 @@ def test_live_segmentation_in_namespaces(lab: Lab) -> None:
         "timeout",  # nothing from outside opens a connection into a compartment
     ]
 
-    # alpha may reach anything on tcp/8080 except other compartments and the host itself.
+    # alpha may reach anything on tcp/8080 except other compartments and the host itself; what
+    # leaves the host is masqueraded, so upstream sees the host's address, never a link's.
     assert lab.probe(
         "alpha",
         ("", UPSTREAM, 8080),
@@ -794,14 +803,14 @@ def test_live_segmentation_in_namespaces(lab: Lab) -> None:
         ("", beta, 8080),
         ("", links["alpha"].gateway, 8080),
         ("", UPSTREAM_GATEWAY, 8080),
-    ) == [f"ok {alpha}", "timeout", "timeout", "timeout", "timeout"]
+    ) == [f"ok {UPSTREAM_GATEWAY}", "timeout", "timeout", "timeout", "timeout"]
 
     # alpha takes beta's address as a second one: whatever it sends with it is dropped.
     spoof = [need("ip"), "-n", lab.ns("alpha"), "addr"]
     run([*spoof, "add", f"{beta}/32", "dev", "eth0"])
     assert lab.probe("alpha", (beta, UPSTREAM, 8080), (alpha, UPSTREAM, 8080)) == [
         "timeout",
-        f"ok {alpha}",
+        f"ok {UPSTREAM_GATEWAY}",
     ]
     run([*spoof, "del", f"{beta}/32", "dev", "eth0"])
 
@@ -813,9 +822,9 @@ def test_live_segmentation_in_namespaces(lab: Lab) -> None:
         ("", UPSTREAM, 8081),
         ("", relay, 8080),
         ("", beta, 8080),
-    ) == [f"ok {relay}", "timeout", "timeout", "timeout"]
+    ) == [f"ok {UPSTREAM_GATEWAY}", "timeout", "timeout", "timeout"]
     assert lab.probe("relay", ("", UPSTREAM, 8081), ("", UPSTREAM, 9090), ("", client, 8080)) == [
-        f"ok {relay}",
+        f"ok {UPSTREAM_GATEWAY}",
         "timeout",
         "timeout",
     ]

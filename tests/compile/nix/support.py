@@ -128,7 +128,11 @@ def synthetic_workstations() -> dict[str, Workstation]:
             },
             "desktop": {
                 "hyprland": index % 2 == 1,
-                "lid_switch": ("suspend", "hibernate", "lock", "poweroff", "ignore")[index % 5],
+                "lid_switch": (
+                    "hibernate"
+                    if can_hibernate(profile, encrypted, (0, 8, 32)[index % 3])
+                    else ("suspend", "lock", "poweroff", "ignore")[index % 4]
+                ),
             },
         }
         with_compartments = index % 3 != 2
@@ -138,6 +142,11 @@ def synthetic_workstations() -> dict[str, Workstation]:
             **({"disposable_templates": TEMPLATES} if with_compartments else {}),
         )
     return cases
+
+
+def can_hibernate(profile: str, encrypted: bool, swap_gb: int) -> bool:
+    """The spec refuses hibernation with random-keyed swap, no swap, or paranoid lockdown."""
+    return profile != "paranoid" and not encrypted and swap_gb > 0
 
 
 def example_workstations() -> dict[str, Workstation]:

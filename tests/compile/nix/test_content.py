@@ -166,8 +166,15 @@ def test_host_identity() -> None:
     assert hardening["system"] == {"stateVersion": "25.11"}
 
 
+HIBERNATING_HOST = {
+    "hardening": "baseline",
+    "disk": {"encryption": "none", "tpm2": False, "swap_gb": 16},
+    "desktop": {"lid_switch": "hibernate"},
+}
+
+
 def test_hibernating_on_lid_close_keeps_the_kernel_image_replaceable() -> None:
-    ws = workstation({"hardening": "baseline", "desktop": {"lid_switch": "hibernate"}})
+    ws = workstation(HIBERNATING_HOST)
     assert get(module(ws, "hardening"), "security", "protectKernelImage") is False
 
 
@@ -468,7 +475,8 @@ def test_desktop_has_hyprland_the_lid_and_a_menu_entry_per_app() -> None:
 
 @pytest.mark.parametrize("action", ["suspend", "hibernate", "lock", "poweroff", "ignore"])
 def test_lid_switch(action: str) -> None:
-    desktop = module(workstation({"desktop": {"lid_switch": action}}), "desktop")
+    host = HIBERNATING_HOST if action == "hibernate" else {"desktop": {"lid_switch": action}}
+    desktop = module(workstation(host), "desktop")
     assert desktop == {"services": {"logind": {"settings": {"Login": {"HandleLidSwitch": action}}}}}
 
 

@@ -133,7 +133,7 @@ def hostile_workstation(draw: st.DrawFn) -> Workstation:
         },
         "desktop": {
             "hyprland": draw(st.booleans()),
-            "lid_switch": draw(st.sampled_from(["suspend", "hibernate", "lock", "poweroff"])),
+            "lid_switch": draw(st.sampled_from(["suspend", "lock", "poweroff"])),
         },
     }
     compartments = draw(st.dictionaries(compartment_name, compartment(), max_size=3))
