@@ -30,7 +30,9 @@ How a packet from a compartment is judged (hook forward):
 6. One rule per allowed destination and family, from the firewall allow-list, in spec order.
    Whatever falls through returns to the forward chain and is dropped.
 
-Traffic towards a qnix interface from elsewhere is accepted only as a reply; the input hook
+What leaves the host by an interface other than a qnix one is masqueraded (hook postrouting):
+the upstream network never sees a compartment's link address. Traffic towards a qnix interface
+from elsewhere is accepted only as a reply; the input hook
 drops everything arriving on a qnix interface, so a compartment cannot reach the host's own
 addresses (its gateway, loopback-bound services, the host's LAN address). The host talks to its
 compartments through agent sockets, never over these links. Other interfaces of the host pass
@@ -299,6 +301,15 @@ def render_table_body(ws: Workstation) -> str:
             [
                 "type filter hook input priority filter; policy accept;",
                 f"iifname {QNIX_INTERFACES} drop",
+            ],
+        ),
+        # Compartment traffic that leaves the host (not towards another qnix interface) goes
+        # out under the host's address: the compartments' link addresses are private.
+        _block(
+            "chain postrouting",
+            [
+                "type nat hook postrouting priority srcnat; policy accept;",
+                f"iifname {QNIX_INTERFACES} oifname != {QNIX_INTERFACES} masquerade",
             ],
         ),
         _block(
