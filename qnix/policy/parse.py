@@ -4,11 +4,16 @@ A line is `service argument source target action [key=value ...]`, where argumen
 `+ARG`. Sources and targets are typed tokens (`@anyvm`, `@tag:NAME`, a compartment name, ...)
 so that later code matches on types, never on raw strings. Any syntax error is an error with
 file:line: the caller must deny everything while a policy has one.
+
+Include directives (`!include`, `!include-dir`, `!include-service`) need files to read, so
+they are handled by `qnix.policy.load`; `parse_line` refuses them, which is what the spec's
+inline rules need.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +26,7 @@ ACTIONS = ("allow", "deny", "ask")
 PARAMS: dict[str, tuple[str, ...]] = {
     "allow": ("target", "user", "notify", "autostart"),
     "deny": ("notify",),
-    "ask": ("target", "default_target", "user", "autostart"),
+    "ask": ("target", "default_target", "user", "notify", "autostart"),
 }
 
 TokenKind = Literal[
@@ -36,6 +41,7 @@ TokenKind = Literal[
     "type",
     "any",
 ]
+Action = Literal["allow", "deny", "ask"]
 
 
 class PolicySyntaxError(ValueError):
@@ -74,13 +80,49 @@ class Rule:
     argument: str
     source: Token
     target: Token
-    action: Literal["allow", "deny", "ask"]
+    action: Action
     params: tuple[tuple[str, str], ...]
     file: str
     line: int
 
     def param(self, key: str) -> str | None:
         return dict(self.params).get(key)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyError:
+    """Something that makes a policy unusable; `line` is 0 when a whole file is at fault."""
+
+    file: str
+    line: int
+    message: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    def render(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Rules in evaluation order, and every error found while reading them.
+
+    A policy with errors denies every request, as Qubes does: half a policy could allow what
+    the missing half would have denied.
+    """
+
+    rules: tuple[Rule, ...]
+    errors: tuple[PolicyError, ...] = ()
+
+
+# Sources are what a caller can be: never `@default` nor `@dispvm` (the caller has a name).
+_TARGET_ONLY = {"@default": "default", "@dispvm": "dispvm"}
 
 
 def parse_token(text: str, *, as_target: bool) -> Token:
@@ -91,12 +133,10 @@ def parse_token(text: str, *, as_target: bool) -> Token:
         return Token("anyvm")
     if text in ("@adminvm", "dom0"):
         return Token("adminvm")
-    if text == "@default":
+    if text in _TARGET_ONLY:
         if not as_target:
-            raise ValueError("@default is valid only as a target")
-        return Token("default")
-    if text == "@dispvm":
-        return Token("dispvm")
+            raise ValueError(f"{text} is valid only as a target")
+        return Token(_TARGET_ONLY[text])  # type: ignore[arg-type]
     for prefix, kind in (("@dispvm:@tag:", "dispvm_tag"), ("@tag:", "tag")):
         if text.startswith(prefix):
             tag = text[len(prefix) :]
@@ -118,6 +158,22 @@ def parse_token(text: str, *, as_target: bool) -> Token:
     raise ValueError(f"{text!r} is neither a compartment name nor an @-token")
 
 
+def split_lines(text: str) -> list[str]:
+    """Lines as Qubes reads a policy file: split at \\n, \\r\\n or \\r, and nowhere else."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def service_argument_problem(service: str, argument: str) -> str:
+    """What is wrong with a line's service and argument fields ("" if nothing)."""
+    if not SERVICE_RE.fullmatch(service):
+        return f"bad service name {service!r}"
+    if not ARGUMENT_RE.fullmatch(argument):
+        return f"bad argument {argument!r}: use * or +ARGUMENT"
+    if service == "*" and argument != "*":
+        return "a * service takes only the * argument"
+    return ""
+
+
 def parse_line(text: str, *, file: str, line: int) -> Rule | None:
     """One policy line; None for blanks and comments. Include directives are not rules."""
     stripped = text.strip()
@@ -131,10 +187,26 @@ def parse_line(text: str, *, file: str, line: int) -> Rule | None:
             file, line, "expected: service argument source target action [key=value ...]"
         )
     service, argument, source, target, action, *raw_params = fields
-    if not SERVICE_RE.match(service):
-        raise PolicySyntaxError(file, line, f"bad service name {service!r}")
-    if not ARGUMENT_RE.match(argument):
-        raise PolicySyntaxError(file, line, f"bad argument {argument!r}: use * or +ARGUMENT")
+    return rule_from_fields(
+        service, argument, source, target, action, raw_params, file=file, line=line
+    )
+
+
+def rule_from_fields(
+    service: str,
+    argument: str,
+    source: str,
+    target: str,
+    action: str,
+    raw_params: Sequence[str],
+    *,
+    file: str,
+    line: int,
+) -> Rule:
+    """A rule from its split fields: shared by policy.d lines and `!include-service` files."""
+    problem = service_argument_problem(service, argument)
+    if problem:
+        raise PolicySyntaxError(file, line, problem)
     if action not in ACTIONS:
         raise PolicySyntaxError(file, line, f"unknown action {action!r}; use allow, deny or ask")
     try:
@@ -156,6 +228,9 @@ def parse_line(text: str, *, file: str, line: int) -> Rule | None:
         if problem:
             raise PolicySyntaxError(file, line, problem)
         params.append((key, value))
+    if target_token.kind == "default" and action == "allow" and "target" not in dict(params):
+        # Nobody named a target: without target= the call would have nowhere to go.
+        raise PolicySyntaxError(file, line, "allow for target @default must carry target=")
     return Rule(
         service=service,
         argument=argument,
@@ -191,7 +266,7 @@ def _param_problem(key: str, value: str) -> str:
 
 def parse_text(text: str, *, file: str) -> list[Rule]:
     rules = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         rule = parse_line(line, file=file, line=number)
         if rule is not None:
             rules.append(rule)

@@ -22,7 +22,14 @@ from pydantic import BaseModel
 
 from qnix.compile.names import allocate_links
 from qnix.errors import Problem, QnixError, SpecError
-from qnix.policy.parse import PolicySyntaxError, Rule, Token, parse_line, parse_token
+from qnix.policy.parse import (
+    PolicySyntaxError,
+    Rule,
+    Token,
+    parse_line,
+    parse_token,
+    split_lines,
+)
 from qnix.spec import model
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, SpecRuleError, Workstation
 
@@ -547,7 +554,7 @@ def _policy_rules(
     for name, body in policy_files:
         sources += [
             ("policy.dir", name, number, line)
-            for number, line in enumerate(body.splitlines(), start=1)
+            for number, line in enumerate(split_lines(body), start=1)
         ]
     for path, where, number, text in sources:
         prefix = "" if path != "policy.dir" else f"{where}:{number}: "
