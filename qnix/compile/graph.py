@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from qnix.compile.policy import INLINE_POLICY_FILE
-from qnix.policy.parse import Rule, Token, parse_line, parse_text
+from qnix.policy.parse import INLINE_POLICY_FILE, Rule, Token, parse_line, parse_text
 from qnix.spec.load import LoadedSpec
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, CompartmentBase, Workstation
 

@@ -39,16 +39,24 @@ compartments through agent sockets, never over these links. Other interfaces of 
 this table untouched: every rule matches the `qx*` interface names only, which also covers
 interfaces made at run time (disposables) before their elements are added.
 
+Disposables. Each disposable template with a network has an egress chain of its own,
+`d_<hashed template name>`, built like a compartment's (jump admitted, the way-out guard, the
+allow-list). A disposable made from it at run time changes no rule: the runtime adds its
+elements (`disposable_elements`: its interface and address in `egress`, jumping to the
+template's chain; its address in `compartment_addrs`; in `net_clients` behind a net
+compartment) and deletes them when the disposable ends.
+
 DNS names in a firewall rule are not resolved here: compiling is pure, and handing names to `nft`
 would make it resolve them. Each host-name rule gets two empty named sets,
 `c_<ifname>_h<index>_4` (`ipv4_addr`) and `..._6` (`ipv6_addr`), listed by `hostname_sets`, that
 the runtime fills with the resolved addresses; the rule matches `ip daddr @..._4` (and `ip6 daddr
 @..._6`). Until they are filled the rule allows nothing.
 
-Size. O(1) base rules, plus per compartment with a network a constant two rules and the rules of
-its allow-list (one per family it names), one `egress` element and one `compartment_addrs`
-element (and one `net_clients` element if it sits behind a net compartment). Nothing is
-pairwise, so the table grows linearly with the number of compartments.
+Size. O(1) base rules, plus per compartment (and disposable template) with a network a
+constant two rules and the rules of its allow-list (one per family it names), and per
+compartment one `egress` element and one `compartment_addrs` element (and one `net_clients`
+element if it sits behind a net compartment). Nothing is pairwise, so the table grows linearly
+with the number of compartments.
 
 No spec text reaches the output except through `quote` (comments): chain and set names come from
 the hashed interface name, addresses and ports are re-rendered from their parsed values.
@@ -57,13 +65,21 @@ the hashed interface name, addresses and ports are re-rendered from their parsed
 from __future__ import annotations
 
 import ipaddress
+import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from qnix.compile import names
-from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Compartment, FirewallRule, Workstation
+from qnix.spec.model import (
+    NETWORK_NONE,
+    NETWORK_UPLINK,
+    Compartment,
+    CompartmentBase,
+    FirewallRule,
+    Workstation,
+)
 
 TABLE = "inet qnix"
 # Every host end of a qnix veth is `names.host_ifname(...)`, which starts with this prefix.
@@ -101,8 +117,13 @@ def chain_name(compartment: str) -> str:
     return "c_" + names.host_ifname(compartment)
 
 
-def _hostname_set_name(compartment: str, index: int, family: Family) -> str:
-    return f"{chain_name(compartment)}_h{index}_{family}"
+def template_chain_name(template: str) -> str:
+    """The egress chain every disposable made from `template` jumps to."""
+    return "d_" + names.host_ifname(template)
+
+
+def _hostname_set_name(chain: str, index: int, family: Family) -> str:
+    return f"{chain}_h{index}_{family}"
 
 
 def _is_hostname(host: str) -> bool:
@@ -114,18 +135,16 @@ def _is_hostname(host: str) -> bool:
 
 
 def hostname_sets(ws: Workstation) -> tuple[HostnameSet, ...]:
-    """Every named set a host-name firewall rule refers to, in output order."""
+    """Every named set a host-name firewall rule refers to, in output order: those of the
+    compartments, then those of the disposable templates (`compartment` names the template)."""
     found: list[HostnameSet] = []
-    for compartment in _networked(ws):
-        for index, rule in enumerate(compartment.firewall):
+    for chain, name, unit in _egress_chains(ws):
+        for index, rule in enumerate(unit.firewall):
             if rule.host is not None and _is_hostname(rule.host):
                 for family in (4, 6):
                     found.append(
                         HostnameSet(
-                            _hostname_set_name(compartment.name, index, family),
-                            family,
-                            rule.host,
-                            compartment.name,
+                            _hostname_set_name(chain, index, family), family, rule.host, name
                         )
                     )
     return tuple(found)
@@ -193,7 +212,7 @@ def _address_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tupl
 
 
 def _allow_rules(
-    compartment: str, index: int, rule: FirewallRule, dns_servers: Sequence[str]
+    chain: str, index: int, rule: FirewallRule, dns_servers: Sequence[str]
 ) -> list[str]:
     """The nft rules of one firewall rule: one per address family it names."""
     if rule.dns:
@@ -208,10 +227,10 @@ def _allow_rules(
         destinations = [(4 if address.version == 4 else 6, str(address))]
     elif rule.host is not None:
         destinations = [
-            (family, "@" + _hostname_set_name(compartment, index, family)) for family in (4, 6)
+            (family, "@" + _hostname_set_name(chain, index, family)) for family in (4, 6)
         ]
     else:  # the model rejects a rule without host, cidr or dns
-        raise ValueError(f"firewall rule {index} of {compartment!r} has no destination")
+        raise ValueError(f"firewall rule {index} of chain {chain} has no destination")
     return [
         f"{_daddr(family)} {target}{_proto_match(rule, family)} accept{comment}"
         for family, target in destinations
@@ -222,22 +241,34 @@ def _networked(ws: Workstation) -> list[Compartment]:
     return [c for c in ws.compartments.values() if c.network != NETWORK_NONE]
 
 
-def _net_of(ws: Workstation, compartment: Compartment) -> Compartment | None:
-    """The net compartment a compartment sits behind, or None for an uplink one."""
-    if compartment.network == NETWORK_UPLINK:
+def _egress_chains(ws: Workstation) -> list[tuple[str, str, CompartmentBase]]:
+    """(chain, name, compartment or template) for every egress chain, in output order."""
+    chains: list[tuple[str, str, CompartmentBase]] = [
+        (chain_name(c.name), c.name, c) for c in _networked(ws)
+    ]
+    chains += [
+        (template_chain_name(name), name, template)
+        for name, template in ws.disposable_templates.items()
+        if template.network != NETWORK_NONE
+    ]
+    return chains
+
+
+def _net_of(ws: Workstation, name: str, unit: CompartmentBase) -> Compartment | None:
+    """The net compartment a compartment (or template) sits behind, or None for uplink."""
+    if unit.network == NETWORK_UPLINK:
         return None
-    net = ws.compartments.get(compartment.network)
+    net = ws.compartments.get(unit.network)
     if net is None or not net.provides_network:
         # load.check_references reports this to the user; here it is a caller's bug.
         raise ValueError(
-            f"compartment {compartment.name!r} uses network {compartment.network!r}, "
-            "which is not a net compartment"
+            f"compartment {name!r} uses network {unit.network!r}, which is not a net compartment"
         )
     return net
 
 
-def _guard(ws: Workstation, compartment: Compartment) -> str:
-    net = _net_of(ws, compartment)
+def _guard(ws: Workstation, name: str, unit: CompartmentBase) -> str:
+    net = _net_of(ws, name, unit)
     if net is None:
         return f"oifname {QNIX_INTERFACES} drop"
     return f'oifname != "{names.host_ifname(net.name)}" drop'
@@ -270,7 +301,7 @@ def render_table_body(ws: Workstation) -> str:
     ]
     net_clients = []
     for compartment in networked:
-        net = _net_of(ws, compartment)
+        net = _net_of(ws, compartment.name, compartment)
         if net is not None:
             net_clients.append(
                 f'"{names.host_ifname(net.name)}" . {links[compartment.name].address}'
@@ -332,16 +363,34 @@ def render_table_body(ws: Workstation) -> str:
             ],
         ),
     ]
-    for compartment in networked:
-        rules = [
-            f"comment {quote(compartment.name)}",
-            "jump admitted",
-            _guard(ws, compartment),
-        ]
-        for index, rule in enumerate(compartment.firewall):
-            rules += _allow_rules(compartment.name, index, rule, ws.host.dns_servers)
-        blocks.append(_block(f"chain {chain_name(compartment.name)}", rules))
+    for chain, name, unit in _egress_chains(ws):
+        rules = [f"comment {quote(name)}", "jump admitted", _guard(ws, name, unit)]
+        for index, rule in enumerate(unit.firewall):
+            rules += _allow_rules(chain, index, rule, ws.host.dns_servers)
+        blocks.append(_block(f"chain {chain}", rules))
     return "\n".join(blocks)
+
+
+def disposable_elements(
+    ws: Workstation, template: str, host_ifname: str, address: str
+) -> dict[str, str]:
+    """The elements that admit one running disposable made from `template`, with host end
+    `host_ifname` and link address `address`: {set or map name: element}. The runtime adds
+    them when the disposable starts and deletes them when it ends; the rules never change."""
+    unit = ws.disposable_templates[template]
+    if unit.network == NETWORK_NONE:
+        return {}
+    ipaddress.IPv4Address(address)  # only a parsed address reaches the output
+    if not re.fullmatch(rf"{names.IFNAME_PREFIX}[0-9a-f]{{10}}", host_ifname):
+        raise ValueError(f"not a qnix interface name: {host_ifname!r}")
+    found = {
+        "compartment_addrs": address,
+        "egress": f'"{host_ifname}" . {address} : jump {template_chain_name(template)}',
+    }
+    net = _net_of(ws, template, unit)
+    if net is not None:
+        found["net_clients"] = f'"{names.host_ifname(net.name)}" . {address}'
+    return found
 
 
 def render_ruleset(ws: Workstation) -> str:

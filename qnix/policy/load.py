@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from qnix.compile.policy import INLINE_POLICY_FILE
 from qnix.policy.parse import (
+    INLINE_POLICY_FILE,
     Policy,
     PolicyError,
     PolicySyntaxError,

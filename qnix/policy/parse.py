@@ -19,6 +19,8 @@ from typing import Literal
 
 from qnix.spec.model import COMPARTMENT_NAME_RE, TAG_RE, UNIX_USER_RE
 
+# The spec's inline rules form this file, so that in name order they come first.
+INLINE_POLICY_FILE = "00-spec.policy"
 SERVICE_RE = re.compile(r"^(\*|[A-Za-z0-9_.-]{1,64})$")
 ARGUMENT_RE = re.compile(r"^(\*|\+[A-Za-z0-9_.+-]{0,64})$")
 VM_TYPES = ("AppVM", "DispVM", "AdminVM", "TemplateVM", "StandaloneVM")

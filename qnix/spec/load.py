@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from qnix.compile.names import allocate_links
 from qnix.errors import Problem, QnixError, SpecError
 from qnix.policy.parse import (
+    INLINE_POLICY_FILE,
     PolicySyntaxError,
     Rule,
     Token,
@@ -517,6 +518,18 @@ def _read_policy_dir(
                     "policy file name is not lower-case letters, digits, '_', '-' and '.'",
                     show(entry.name),
                     "rename it, such as 30-office.policy",
+                )
+            )
+            continue
+        if entry.name.encode() <= INLINE_POLICY_FILE.encode():
+            problems.append(
+                Problem(
+                    file,
+                    "policy.dir",
+                    f"policy file name sorts at or before {INLINE_POLICY_FILE}, "
+                    "which holds the spec's inline rules",
+                    show(entry.name),
+                    "the inline rules come first; rename it, such as 10-" + entry.name,
                 )
             )
             continue

@@ -34,7 +34,7 @@ from qnix.compile.nft import (
 )
 from qnix.runtime.runner import run
 from qnix.spec.load import load
-from qnix.spec.model import NETWORK_NONE, FirewallRule, Workstation
+from qnix.spec.model import NETWORK_NONE, CompartmentBase, FirewallRule, Workstation
 from tests.conftest import EXAMPLES, need
 
 SMB_OFFICE = EXAMPLES / "smb-office.toml"
@@ -206,17 +206,20 @@ def rule_width(rule: FirewallRule, dns_servers: tuple[str, ...]) -> int:
 
 def expected_shape(ws: Workstation) -> dict[str, int]:
     networked = [c for c in ws.compartments.values() if c.network != NETWORK_NONE]
+    # A disposable template with a network has a chain like a compartment's, and no elements.
+    templates = [t for t in ws.disposable_templates.values() if t.network != NETWORK_NONE]
+    chains: list[CompartmentBase] = [*networked, *templates]
     hostname_rules = sum(
-        1 for c in networked for r in c.firewall if r.host is not None and rule_width(r, ()) == 2
+        1 for c in chains for r in c.firewall if r.host is not None and rule_width(r, ()) == 2
     )
     behind_net = sum(1 for c in networked if c.network != "uplink")
     return {
         "rules": BASE_RULES
         + sum(
             PER_COMPARTMENT_RULES + sum(rule_width(r, ws.host.dns_servers) for r in c.firewall)
-            for c in networked
+            for c in chains
         ),
-        "chains": BASE_CHAINS + len(networked),
+        "chains": BASE_CHAINS + len(chains),
         "sets": BASE_SETS + 2 * hostname_rules,
         "maps": 1,
         "elements": 2 * len(networked) + behind_net,
@@ -597,7 +600,7 @@ def test_chain_and_set_names_carry_no_spec_text() -> None:
     for name in [*table.chains, *table.sets, *table.maps]:
         assert re.fullmatch(
             r"forward|input|postrouting|from_compartment|to_compartment|admitted|egress|openings"
-            r"|compartment_addrs|net_clients|c_qx[0-9a-f]{10}(_h[0-9]+_[46])?",
+            r"|compartment_addrs|net_clients|[cd]_qx[0-9a-f]{10}(_h[0-9]+_[46])?",
             name,
         ), name
 

@@ -576,6 +576,15 @@ CASES = [
         files={"policy.d/Office Rules.policy": "qnix.Filecopy * work work deny\n"},
     ),
     Bad(
+        "policy-dir-file-before-inline-rules",
+        toml('[compartments.work]\n[policy]\ndir = "policy.d"\n'),
+        "policy.dir",
+        "policy file name sorts at or before 00-spec.policy",
+        '"00-early.policy"',
+        "rename it, such as 10-00-early.policy",
+        files={"policy.d/00-early.policy": "qnix.Filecopy * work work deny\n"},
+    ),
+    Bad(
         "policy-dir-bad-line",
         toml('[compartments.work]\n[policy]\ndir = "policy.d"\n'),
         "policy.dir",
