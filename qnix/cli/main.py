@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from qnix import __version__
+from qnix.cli.policy import policy
 from qnix.errors import QnixError
 
 if TYPE_CHECKING:
+    from qnix.runtime.lifecycle import Status
+    from qnix.runtime.paths import RuntimePaths
     from qnix.spec.load import LoadedSpec
 
 SPEC_ARG = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False, exists=False))
@@ -131,9 +135,191 @@ def graph(spec: Path, output: Path) -> None:
     click.echo(f"wrote {output}")
 
 
-def main() -> None:
-    cli.main(prog_name="qnix")
+# ---- the host's compartments ------------------------------------------------------------
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+NAME_ARG = click.argument("name")
+
+
+def runtime_options(command: _F) -> _F:
+    """--state-root and --run-root, shared by every command that acts on the host."""
+    command = click.option(
+        "--run-root",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Runtime folder (default /run/qnix; environment QNIX_RUN_ROOT).",
+    )(command)
+    return click.option(
+        "--state-root",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
+    )(command)
+
+
+def _paths(state_root: Path | None, run_root: Path | None) -> RuntimePaths:
+    from qnix.runtime.paths import PathError, RuntimePaths
+
+    try:
+        return RuntimePaths.from_options(state_root, run_root)
+    except PathError as exc:
+        raise QnixError(str(exc)) from exc
+
+
+def _echo_changes(changes: Sequence[str], nothing: str = "no changes") -> None:
+    for change in changes:
+        click.echo(change)
+    if not changes:
+        click.echo(nothing)
+
+
+@cli.command()
+@SPEC_ARG
+@runtime_options
+@click.option("--purge", is_flag=True, help="Also delete the state of compartments removed.")
+def apply(spec: Path, state_root: Path | None, run_root: Path | None, purge: bool) -> None:
+    """Bring this host to SPEC: namespaces, links, the nft table, state, autostart."""
+    from qnix.runtime import lifecycle
+
+    result = lifecycle.apply(_paths(state_root, run_root), _load(spec), purge=purge)
+    _echo_changes(result.changes)
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
+def _format_memory(status: Status) -> str:
+    if status.memory_used is None:
+        return f"{status.memory_mb} MiB"
+    return f"{status.memory_used >> 20}/{status.memory_mb} MiB"
+
+
+@cli.command(name="ls")
+@runtime_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON list, for scripts.")
+def ls(state_root: Path | None, run_root: Path | None, as_json: bool) -> None:
+    """List the compartments of the live generation and their state."""
+    import json
+
+    from qnix.runtime import lifecycle
+
+    found = lifecycle.statuses(_paths(state_root, run_root))
+    if as_json:
+        click.echo(json.dumps([status.to_json() for status in found], indent=2))
+        return
+    rows = [("NAME", "LABEL", "ISOLATION", "STATE", "NETWORK", "ADDRESS", "MEMORY")]
+    for status in found:
+        address = f"{status.address}/31" if status.address else "-"
+        rows.append(
+            (
+                status.name,
+                status.label,
+                status.isolation,
+                status.state,
+                status.network,
+                address,
+                _format_memory(status),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+@cli.command()
+@NAME_ARG
+@runtime_options
+def start(name: str, state_root: Path | None, run_root: Path | None) -> None:
+    """Start compartment NAME."""
+    from qnix.runtime import lifecycle
+
+    started = lifecycle.start(_paths(state_root, run_root), name)
+    click.echo(f"{name}: started" if started else f"{name}: already running")
+
+
+@cli.command()
+@NAME_ARG
+@runtime_options
+def stop(name: str, state_root: Path | None, run_root: Path | None) -> None:
+    """Stop compartment NAME (SIGTERM to its processes, SIGKILL after a grace period)."""
+    from qnix.runtime import lifecycle
+
+    stopped = lifecycle.stop(_paths(state_root, run_root), name)
+    click.echo(f"{name}: stopped" if stopped else f"{name}: not running")
+
+
+@cli.command()
+@NAME_ARG
+@runtime_options
+def restart(name: str, state_root: Path | None, run_root: Path | None) -> None:
+    """Stop compartment NAME if it runs, then start it."""
+    from qnix.runtime import lifecycle
+
+    lifecycle.restart(_paths(state_root, run_root), name)
+    click.echo(f"{name}: restarted")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@NAME_ARG
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@runtime_options
+@click.option("--user", "-u", help="The user to run as: only the compartment's user exists.")
+@click.pass_context
+def run(
+    ctx: click.Context,
+    name: str,
+    command: tuple[str, ...],
+    state_root: Path | None,
+    run_root: Path | None,
+    user: str | None,
+) -> None:
+    """Run COMMAND in compartment NAME with this terminal's input and output; exit with its
+    exit code. NAME is started first if it is not running. Put `--` before COMMAND."""
+    from qnix.runtime import lifecycle
+
+    ctx.exit(lifecycle.run(_paths(state_root, run_root), name, command, user))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@runtime_options
+@click.option(
+    "--template", "-t", help="Disposable template (default: the spec's default_disposable)."
+)
+@click.pass_context
+def dispose(
+    ctx: click.Context,
+    command: tuple[str, ...],
+    state_root: Path | None,
+    run_root: Path | None,
+    template: str | None,
+) -> None:
+    """Run COMMAND in a fresh disposable compartment with this terminal's input and output;
+    when it ends, nothing of the disposable is left. Put `--` before COMMAND."""
+    from qnix.runtime import lifecycle
+
+    ctx.exit(lifecycle.dispose(_paths(state_root, run_root), command, template))
+
+
+@cli.command()
+@runtime_options
+def down(state_root: Path | None, run_root: Path | None) -> None:
+    """Stop every compartment and remove qnix's runtime from this host; keep the state."""
+    from qnix.runtime import lifecycle
+
+    _echo_changes(lifecycle.down(_paths(state_root, run_root)), "nothing to remove")
+
+
+@cli.command()
+@runtime_options
+def gc(state_root: Path | None, run_root: Path | None) -> None:
+    """Remove what a crash left behind: namespaces, links, cgroups, files, nft leftovers."""
+    from qnix.runtime import lifecycle
+
+    _echo_changes(lifecycle.gc(_paths(state_root, run_root)), "nothing to remove")
+
+
+cli.add_command(policy)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(prog_name="qnix")

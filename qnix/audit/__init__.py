@@ -1,0 +1,1 @@
+"""The audit trail: every lifecycle event and decision, one JSON line each."""

@@ -1,0 +1,306 @@
+"""The keeper: one process per running compartment, detached from the command that started it.
+
+`qnix start` writes a KeeperConfig to `<run root>/compartments/<name>/keeper.json` and runs
+`python -I -m qnix.runtime.keeper <that file>` in a session of its own. The keeper
+
+1. creates the compartment's cgroup (memory and process limits),
+2. starts bubblewrap in the compartment's network namespace and cgroup, as the compartment's
+   own unprivileged host user, with the agent as the first program: the agent's code and
+   /etc/resolv.conf come in as sealed memfds (read-only inside), the agent's socket folder is
+   bound read-write at /run/qnix-agent,
+3. waits for the agent's "ready", writes `state.json` atomically (its own pid and start time,
+   the socket, the environment for commands) and tells the starting command on its stdout
+   ("ready", or "error: ..." and exit code 1),
+4. waits until the sandbox ends or it is told to stop (SIGTERM, SIGINT, SIGHUP) or, for a
+   disposable, the `qnix dispose` that owns it exits: then it sends SIGTERM to every process
+   of the compartment, SIGKILL after a grace period, removes the cgroup and the compartment's
+   run folder (for a disposable also its nft elements, link and namespace), and exits.
+
+bubblewrap runs with --die-with-parent: if the keeper is killed outright (SIGKILL), the
+compartment dies with it, and `qnix gc` removes the cgroup and files it leaves behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+
+from qnix.errors import QnixError
+from qnix.runtime import cgroups
+from qnix.runtime.backends import namespace as ns
+from qnix.runtime.files import atomic_write
+from qnix.runtime.net import HostNetwork
+from qnix.runtime.paths import AGENT_DIR_INSIDE, AGENT_SOCKET_NAME
+from qnix.runtime.quickrun import process_start_time
+
+# Where the agent's code appears inside a compartment (a read-only file).
+AGENT_CODE_INSIDE = "/opt/qnix-agent/agent.py"
+AGENT_SOURCE = Path(__file__).with_name("agent.py")
+READY_TIMEOUT = 30.0
+STOP_GRACE = 3.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperConfig:
+    """Everything the keeper needs, decided by the command that starts it."""
+
+    name: str
+    user: str  # the user inside (uid 1000)
+    host_uid: int  # the unprivileged host account the sandbox runs as
+    host_gid: int
+    home: str | None  # host folder bound as the home; None: a tmpfs
+    netns_path: str
+    cgroup: str
+    memory_bytes: int
+    pids: int
+    run_dir: str
+    agent_dir: str
+    state_file: str
+    interpreter: str  # the Python that runs the agent inside
+    interpreter_prefix: str | None  # bound read-only when outside /usr and /nix/store
+    resolv_conf: str
+    stop_grace: float = STOP_GRACE
+    # A disposable: what it is made from, and what of the network is its alone, removed by
+    # the keeper when it ends. It also ends when `owner_pid` (the `qnix dispose`) exits.
+    template: str | None = None
+    owner_pid: int | None = None
+    netns_prefix: str = ""
+    host_netns: str | None = None
+    host_ifname: str | None = None
+    address: str | None = None
+    gateway: str | None = None
+    elements: tuple[tuple[str, str], ...] = ()  # (nft set or map, element)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> KeeperConfig:
+        fields = json.loads(data)
+        if not isinstance(fields, dict):
+            raise ValueError("a keeper configuration is a JSON object")
+        fields["elements"] = tuple((str(k), str(v)) for k, v in fields.get("elements", ()))
+        return cls(**fields)
+
+    @property
+    def disposable(self) -> bool:
+        return self.template is not None
+
+
+def teardown_network(config: KeeperConfig) -> None:
+    """A disposable's own network: its nft elements, its link, its namespace."""
+    if not config.disposable:
+        return
+    net = HostNetwork(prefix=config.netns_prefix, host_netns=config.host_netns)
+    net.delete_elements(config.elements)
+    if config.host_ifname is not None:
+        net.remove_link(config.host_ifname)
+    net.remove_netns(config.name)
+
+
+def compartment_env(plan: ns.SandboxPlan) -> dict[str, str]:
+    """The environment a command run through the agent gets (what bubblewrap gives the agent)."""
+    return {
+        "HOME": plan.home_inside,
+        "USER": plan.user,
+        "LOGNAME": plan.user,
+        "SHELL": "/bin/sh",
+        "PATH": ns.DEFAULT_PATH,
+        "LANG": "C.UTF-8",
+        "XDG_RUNTIME_DIR": plan.runtime_dir,
+    }
+
+
+class _Stop:
+    """Set by a stop signal; the wakeup pipe makes a waiting select() return."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.wakeup_read, wakeup_write = os.pipe()
+        os.set_blocking(wakeup_write, False)
+        signal.set_wakeup_fd(wakeup_write)
+        for number in STOP_SIGNALS:
+            signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def _wait_ready(process: subprocess.Popen[bytes], stop: _Stop, timeout: float) -> None:
+    """Read the agent's first line: "ready"."""
+    assert process.stdout is not None
+    out = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise QnixError(f"the agent did not report ready within {timeout:g}s")
+        if stop.requested:
+            raise QnixError("stopped while starting")
+        readable, _, _ = select.select([out, stop.wakeup_read], [], [], remaining)
+        if stop.wakeup_read in readable:
+            os.read(stop.wakeup_read, 64)
+        if out in readable:
+            chunk = os.read(out, 64)
+            if not chunk:
+                code = process.wait()
+                raise QnixError(f"the sandbox exited with code {code} before its agent was ready")
+            line += chunk
+    if line != b"ready\n":
+        raise QnixError(f"unexpected first line from the agent: {line[:80]!r}")
+
+
+def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subprocess.Popen[bytes]:
+    agent_dir = Path(config.agent_dir)
+    agent_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(agent_dir, config.host_uid, config.host_gid)
+    plan = ns.SandboxPlan(
+        name=config.name,
+        home=Path(config.home) if config.home is not None else None,
+        user=config.user,
+        extra_binds=((str(agent_dir), AGENT_DIR_INSIDE),),
+    )
+    agent_fd = ns.sealed_memfd(AGENT_SOURCE.read_bytes(), "qnix-agent")
+    resolv_fd = ns.sealed_memfd(config.resolv_conf.encode(), "qnix-resolv.conf")
+    try:
+        system = (
+            *ns.host_system_binds(interpreter_prefix=config.interpreter_prefix),
+            ns.RoData(agent_fd, AGENT_CODE_INSIDE),
+            ns.RoData(resolv_fd, "/etc/resolv.conf"),
+        )
+        socket_inside = f"{AGENT_DIR_INSIDE}/{AGENT_SOCKET_NAME}"
+        command = [config.interpreter, "-I", "-S", AGENT_CODE_INSIDE, "serve", socket_inside]
+        with ns.prepare(plan, command, system=system) as prepared:
+            process = ns.launch(
+                prepared.argv,
+                netns_path=config.netns_path,
+                cgroup=cgroup,
+                pass_fds=(*prepared.fds, agent_fd, resolv_fd),
+                run_as=ns.HostIdentity(config.host_uid, config.host_gid),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=None,  # the keeper's own stderr: its log file
+            )
+    finally:
+        os.close(agent_fd)
+        os.close(resolv_fd)
+    try:
+        _wait_ready(process, stop, READY_TIMEOUT)
+    except BaseException:
+        _end(process, cgroup, grace=0)
+        raise
+    state = {
+        "name": config.name,
+        "keeper_pid": os.getpid(),
+        "keeper_start": process_start_time(os.getpid()),
+        "sandbox_pid": process.pid,
+        "socket": str(agent_dir / AGENT_SOCKET_NAME),
+        "host_uid": config.host_uid,
+        "user": config.user,
+        "env": compartment_env(plan),
+        "cwd": plan.home_inside,
+        "cgroup": config.cgroup,
+        "started": time.time(),
+    }
+    atomic_write(Path(config.state_file), (json.dumps(state, indent=2) + "\n").encode(), 0o600)
+    return process
+
+
+def _end(process: subprocess.Popen[bytes], cgroup: cgroups.Cgroup, grace: float) -> None:
+    """SIGTERM to every process of the compartment, SIGKILL to what is left after `grace`."""
+    if grace > 0 and process.poll() is None:
+        for pid in cgroups.processes(cgroup):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+    cgroups.kill(cgroup)
+    process.wait()
+
+
+def teardown(config: KeeperConfig, cgroup: cgroups.Cgroup | None) -> None:
+    """What is per run: the cgroup and the run folder (state, socket, configuration, log);
+    for a disposable also its network."""
+    if cgroup is not None:
+        cgroups.kill(cgroup)
+        cgroups.remove(cgroup)
+    try:
+        teardown_network(config)
+    finally:
+        shutil.rmtree(config.run_dir, ignore_errors=True)
+
+
+def _wait(process: subprocess.Popen[bytes], stop: _Stop, owner: int | None) -> None:
+    """Until the sandbox exits, a stop signal arrives or the owner (a pidfd) exits."""
+    pidfd = os.pidfd_open(process.pid)
+    watched = [pidfd, stop.wakeup_read] + ([owner] if owner is not None else [])
+    try:
+        while not stop.requested:
+            readable, _, _ = select.select(watched, [], [])
+            if stop.wakeup_read in readable:
+                os.read(stop.wakeup_read, 64)
+            if pidfd in readable:
+                return
+            if owner is not None and owner in readable:
+                stop.requested = True
+    finally:
+        os.close(pidfd)
+
+
+def keep(config: KeeperConfig, notify: int) -> int:
+    """Run the compartment until it ends or is stopped; report readiness on `notify`."""
+    stop = _Stop()
+    cgroup: cgroups.Cgroup | None = None
+    owner: int | None = None
+    try:
+        if config.owner_pid is not None:
+            owner = os.pidfd_open(config.owner_pid)
+        limits = cgroups.CgroupLimits(memory_bytes=config.memory_bytes, pids=config.pids)
+        cgroup = cgroups.create(config.cgroup, limits)
+        process = _start(config, cgroup, stop)
+    except BaseException as exc:
+        message = exc.message if isinstance(exc, QnixError) else f"{type(exc).__name__}: {exc}"
+        print(f"keeper: {message}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            os.write(notify, f"error: {message}\n".encode())
+        teardown(config, cgroup)
+        return 1
+    with contextlib.suppress(OSError):  # the starting command may be gone already
+        os.write(notify, b"ready\n")
+    os.close(notify)
+    try:
+        _wait(process, stop, owner)
+    finally:
+        _end(process, cgroup, grace=config.stop_grace if stop.requested else 0)
+        teardown(config, cgroup)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m qnix.runtime.keeper KEEPER_JSON", file=sys.stderr)
+        return 2
+    config = KeeperConfig.from_json(Path(argv[1]).read_bytes())
+    # Readiness goes to our stdout (a pipe the starting command reads), then stdout is
+    # pointed at /dev/null so that nothing later can block on a reader that has gone.
+    notify = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    return keep(config, notify)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,171 @@
+"""Where the runtime keeps things on a host, and the names it gives host objects.
+
+Two roots: the state root (default /var/lib/qnix) holds what survives a reboot — each
+compartment's home and the audit log; the run root (default /run/qnix) holds what describes the
+running host — the live generation, one folder per running compartment (its keeper's state, its
+agent socket), the lock. Network namespaces are `<netns_prefix><compartment>` under /run/netns and
+cgroups `qnix/<netns_prefix><compartment>`, so two qnix instances with different prefixes (the
+host's and a test's) never touch each other's objects.
+
+`host_netns` names the network namespace that stands for the host (None: the one qnix runs in).
+It is a testing aid: tests give a namespace they made, so they never touch the real host's
+routes, links or nftables ruleset. Each field can come from the environment (QNIX_STATE_ROOT,
+QNIX_RUN_ROOT, QNIX_NETNS_PREFIX, QNIX_HOST_NETNS) so that a command run as a subprocess gets it.
+
+Standard library only: `qnix run` reads these paths on its fast path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+DEFAULT_STATE_ROOT = Path("/var/lib/qnix")
+DEFAULT_RUN_ROOT = Path("/run/qnix")
+DEFAULT_NETNS_PREFIX = "qnix-"
+
+ENV_STATE_ROOT = "QNIX_STATE_ROOT"
+ENV_RUN_ROOT = "QNIX_RUN_ROOT"
+ENV_NETNS_PREFIX = "QNIX_NETNS_PREFIX"
+ENV_HOST_NETNS = "QNIX_HOST_NETNS"
+
+# A prefix plus a compartment name (31 at most) must still be a valid cgroup name (63).
+PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
+NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Compartment names as the spec allows them (qnix.spec.model.COMPARTMENT_NAME_RE), checked here
+# again because a name from the command line becomes a path.
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+# Where the agent's socket folder appears inside a compartment.
+AGENT_DIR_INSIDE = "/run/qnix-agent"
+AGENT_SOCKET_NAME = "agent.sock"
+
+
+class PathError(ValueError):
+    """A root, prefix or name that cannot be used."""
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise PathError(
+            f"{name!r} is not a compartment name (lower-case letters, digits and '-', "
+            "starting with a letter, at most 31)"
+        )
+    return name
+
+
+class RuntimePaths(NamedTuple):
+    """Immutable. A NamedTuple rather than a frozen dataclass: importing dataclasses costs
+    `qnix run` more than everything else it imports. `from_options` validates; code that
+    builds one directly calls `checked()`."""
+
+    state_root: Path = DEFAULT_STATE_ROOT
+    run_root: Path = DEFAULT_RUN_ROOT
+    netns_prefix: str = DEFAULT_NETNS_PREFIX
+    host_netns: str | None = None
+
+    def checked(self) -> RuntimePaths:
+        for root in (self.state_root, self.run_root):
+            if not root.is_absolute():
+                raise PathError(f"{root} must be an absolute path")
+        if not PREFIX_RE.match(self.netns_prefix):
+            raise PathError(
+                f"namespace prefix {self.netns_prefix!r} must be lower-case letters, digits "
+                "and '-', starting with a letter, at most 24"
+            )
+        if self.host_netns is not None and not NETNS_NAME_RE.match(self.host_netns):
+            raise PathError(f"{self.host_netns!r} is not a network namespace name")
+        return self
+
+    @classmethod
+    def from_options(
+        cls,
+        state_root: str | Path | None = None,
+        run_root: str | Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> RuntimePaths:
+        """Options first, then the environment, then the defaults."""
+        env = os.environ if environ is None else environ
+        state = state_root or env.get(ENV_STATE_ROOT) or DEFAULT_STATE_ROOT
+        run = run_root or env.get(ENV_RUN_ROOT) or DEFAULT_RUN_ROOT
+        return cls(
+            state_root=Path(os.path.abspath(state)),
+            run_root=Path(os.path.abspath(run)),
+            netns_prefix=env.get(ENV_NETNS_PREFIX) or DEFAULT_NETNS_PREFIX,
+            host_netns=env.get(ENV_HOST_NETNS) or None,
+        ).checked()
+
+    # ---- run root ------------------------------------------------------------------------
+
+    @property
+    def generation_dir(self) -> Path:
+        """The live generation: the compiled Artifacts the host was last brought to."""
+        return self.run_root / "generation"
+
+    @property
+    def applied_file(self) -> Path:
+        """What `apply` did beyond the generation: resolved names, the loaded table's hash."""
+        return self.run_root / "applied.json"
+
+    @property
+    def nft_transaction_file(self) -> Path:
+        """The table as `apply` last loaded it (host-name sets filled), for `gc` to reload."""
+        return self.run_root / "qnix.nft"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.run_root / "lock"
+
+    @property
+    def compartments_run(self) -> Path:
+        return self.run_root / "compartments"
+
+    def run_dir(self, name: str) -> Path:
+        return self.compartments_run / check_name(name)
+
+    def state_file(self, name: str) -> Path:
+        """Written by the keeper once the compartment's agent is ready."""
+        return self.run_dir(name) / "state.json"
+
+    def keeper_config(self, name: str) -> Path:
+        return self.run_dir(name) / "keeper.json"
+
+    def keeper_log(self, name: str) -> Path:
+        return self.run_dir(name) / "keeper.log"
+
+    def agent_dir(self, name: str) -> Path:
+        """Bound read-write at AGENT_DIR_INSIDE; holds the agent's socket."""
+        return self.run_dir(name) / "agent"
+
+    def agent_socket(self, name: str) -> Path:
+        return self.agent_dir(name) / AGENT_SOCKET_NAME
+
+    # ---- state root ----------------------------------------------------------------------
+
+    @property
+    def compartments_state(self) -> Path:
+        return self.state_root / "compartments"
+
+    def state_dir(self, name: str) -> Path:
+        return self.compartments_state / check_name(name)
+
+    def home(self, name: str) -> Path:
+        return self.state_dir(name) / "home"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state_root / "audit" / "events.jsonl"
+
+    # ---- host object names ---------------------------------------------------------------
+
+    def netns(self, name: str) -> str:
+        return self.netns_prefix + check_name(name)
+
+    def netns_path(self, name: str) -> Path:
+        return Path("/run/netns") / self.netns(name)
+
+    def cgroup_name(self, name: str) -> str:
+        return self.netns(name)

@@ -1,0 +1,206 @@
+"""`qnix run NAME -- CMD...` on its fast path: straight to the compartment's agent.
+
+Running a command in a compartment that is already up needs three things: the agent's socket
+(from the keeper's state.json), the compartment's environment (same file) and one line in the
+audit log. This module does exactly that with the standard library only: no click, rich,
+or pydantic is imported, so `qnix run` costs little more than the interpreter's own
+start. Anything else — a compartment that is not running (it is started first, like
+`qvm-run`), `--help`, `--debug`, a malformed command line — returns None and the full command
+line interface takes over (qnix.cli.entry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from qnix.audit import events
+from qnix.runtime import agent
+from qnix.runtime.paths import PathError, RuntimePaths, check_name
+
+# The state.json fields the fast path relies on, with their types.
+STATE_FIELDS: dict[str, type] = {
+    "keeper_pid": int,
+    "keeper_start": int,
+    "host_uid": int,
+    "socket": str,
+    "user": str,
+    "env": dict,
+    "cwd": str,
+}
+# Passed from the caller's environment when its stdin is a terminal.
+TERMINAL_ENV = ("TERM", "COLORTERM")
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks since boot (field 22 of /proc/<pid>/stat), which
+    with the pid names one process even after the pid is reused; None if there is none, or
+    only its zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            stat = handle.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
+    rest = stat[stat.rindex(")") + 2 :].split()
+    if rest[0] in ("Z", "X"):
+        return None
+    return int(rest[19])
+
+
+def read_state(paths: RuntimePaths, name: str) -> dict[str, Any] | None:
+    """The keeper's state.json for `name`, or None if there is none or it is malformed."""
+    try:
+        with open(paths.state_file(name), encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    for field, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(field), kind) or isinstance(state.get(field), bool):
+            return None
+    return state
+
+
+def keeper_alive(state: dict[str, Any]) -> bool:
+    pid = int(state["keeper_pid"])
+    return pid > 0 and process_start_time(pid) == state["keeper_start"]
+
+
+def running_state(paths: RuntimePaths, name: str) -> dict[str, Any] | None:
+    """The state of `name` if its keeper is alive (the compartment is running), else None."""
+    state = read_state(paths, name)
+    if state is None or not keeper_alive(state):
+        return None
+    return state
+
+
+def command_env(state: dict[str, Any], stdin_is_tty: bool) -> dict[str, str]:
+    env = {str(k): str(v) for k, v in state["env"].items()}
+    if stdin_is_tty:
+        for key in TERMINAL_ENV:
+            if key in os.environ:
+                env[key] = os.environ[key]
+    return env
+
+
+def pin_socket(paths: RuntimePaths, name: str, host_uid: int) -> str:
+    """A hard link to the agent's socket in the compartment's run folder, which only root can
+    write, once it is checked to be a socket owned by the compartment's host user.
+
+    The compartment can write the folder its socket lives in: connecting to that path directly
+    would follow a symlink it put there to any socket on the host (another compartment's
+    agent, a system daemon) and hand it our stdio. link() does not follow symlinks, and the
+    link cannot be swapped once it is in a folder the compartment cannot reach."""
+    pinned = paths.run_dir(name) / f"connect-{os.getpid()}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pinned)
+    try:
+        os.link(paths.agent_socket(name), pinned, follow_symlinks=False)
+    except OSError as exc:
+        raise agent.AgentError(f"cannot reach the agent of {name}: {exc.strerror}") from None
+    info = os.lstat(pinned)
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != host_uid:
+        os.unlink(pinned)
+        raise agent.AgentError(f"the agent socket of {name} is not the agent's: refusing it")
+    return str(pinned)
+
+
+def execute(
+    paths: RuntimePaths,
+    name: str,
+    state: dict[str, Any],
+    argv: Sequence[str],
+    stdio: Sequence[int] = (0, 1, 2),
+    *,
+    event: str = "run",
+    **audit: events.FieldValue,
+) -> int:
+    """Run argv in the running compartment with our stdio; its exit code. Audited as `event`
+    (`run`, or `dispose` with the template) once the command has ended."""
+    env = command_env(state, os.isatty(stdio[0]))
+    fields: dict[str, events.FieldValue] = {"compartment": name, **audit, "argv": list(argv)}
+    try:
+        socket_path = pin_socket(paths, name, state["host_uid"])
+        try:
+            code = agent.execute(socket_path, argv, env=env, cwd=state["cwd"], stdio=stdio)
+        finally:
+            os.unlink(socket_path)
+    except (agent.AgentError, agent.ProtocolError) as exc:
+        events.record(paths, event, **fields, result=f"error: {exc}")
+        raise
+    events.record(paths, event, **fields, result=code)
+    return code
+
+
+class RunRequest(NamedTuple):
+    name: str
+    command: tuple[str, ...]
+    user: str | None = None
+    state_root: str | None = None
+    run_root: str | None = None
+
+
+_VALUE_OPTIONS = {
+    "--user": "user",
+    "-u": "user",
+    "--state-root": "state_root",
+    "--run-root": "run_root",
+}
+
+
+def parse_run(argv: Sequence[str]) -> RunRequest | None:
+    """`run [OPTIONS] NAME [OPTIONS] -- CMD...`; None for anything else."""
+    if len(argv) < 4 or argv[0] != "run" or "--" not in argv:
+        return None
+    split = list(argv).index("--")
+    head, command = list(argv[1:split]), tuple(argv[split + 1 :])
+    if not command:
+        return None
+    values: dict[str, str] = {}
+    positional: list[str] = []
+    index = 0
+    while index < len(head):
+        token = head[index]
+        option, equals, value = token.partition("=")
+        if option in _VALUE_OPTIONS and _VALUE_OPTIONS[option] not in values:
+            if not equals:
+                index += 1
+                if index >= len(head):
+                    return None
+                value = head[index]
+            values[_VALUE_OPTIONS[option]] = value
+        elif token.startswith("-"):
+            return None
+        else:
+            positional.append(token)
+        index += 1
+    if len(positional) != 1:
+        return None
+    return RunRequest(positional[0], command, **values)
+
+
+def run_fast(argv: Sequence[str]) -> int | None:
+    """The exit code of the command, or None when the full command line must handle it."""
+    request = parse_run(argv)
+    if request is None:
+        return None
+    try:
+        check_name(request.name)
+        paths = RuntimePaths.from_options(request.state_root, request.run_root)
+    except PathError:
+        return None
+    state = running_state(paths, request.name)
+    if state is None or (request.user is not None and request.user != state["user"]):
+        return None
+    try:
+        return execute(paths, request.name, state, request.command)
+    except (agent.AgentError, agent.ProtocolError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1

@@ -1,0 +1,462 @@
+"""The runtime's pieces: host accounts, order, resolv.conf, the table transaction, the audit
+hook, the fast `qnix run` path and its import cost; and apply / gc / down in process against a
+stand-in host.
+
+`LiveHost` is the stand-in every live runtime test uses (here, tests/cli and tests/isolation):
+a network namespace that plays the host, temporary state and run roots, and a namespace prefix
+of its own, so nothing of the real host's is touched and everything made can be found again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from qnix.audit import events
+from qnix.compile import names, nft
+from qnix.compile.artifacts import RULESET, compile_spec
+from qnix.errors import QnixError
+from qnix.runtime import cgroups, lifecycle, quickrun
+from qnix.runtime.net import HostNetwork
+from qnix.runtime.paths import RuntimePaths
+from qnix.spec.load import LoadedSpec, load
+from qnix.spec.model import Workstation
+from tests.conftest import need
+
+QNIX = str(Path(sys.executable).with_name("qnix"))
+TEST_TAG = "qxt"
+
+
+class LiveHost:
+    """A stand-in host for qnix: run `close()` (or use the fixture) to remove all of it."""
+
+    def __init__(self) -> None:
+        tag = TEST_TAG + secrets.token_hex(3)
+        self.tag = tag
+        self.prefix = f"{tag}-"
+        self.host_netns = f"{tag}host"  # outside the prefix: qnix must never remove it
+        self.base = Path(tempfile.mkdtemp(prefix=f"qnixtest-{tag}-", dir="/tmp"))
+        self.base.chmod(0o711)  # compartment users pass through it to their homes
+        self.ip = need("ip")
+        self.links_before = HostNetwork().list_links()
+        subprocess.run([self.ip, "netns", "add", self.host_netns], check=True)
+        subprocess.run([self.ip, "-n", self.host_netns, "link", "set", "lo", "up"], check=True)
+        self.paths = RuntimePaths(
+            state_root=self.base / "state",
+            run_root=self.base / "run",
+            netns_prefix=self.prefix,
+            host_netns=self.host_netns,
+        ).checked()
+        self.net = HostNetwork(prefix=self.prefix, host_netns=self.host_netns)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "QNIX_STATE_ROOT": str(self.paths.state_root),
+            "QNIX_RUN_ROOT": str(self.paths.run_root),
+            "QNIX_NETNS_PREFIX": self.prefix,
+            "QNIX_HOST_NETNS": self.host_netns,
+        }
+
+    def qnix(
+        self, *args: str, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [QNIX, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str, input: str | None = None) -> str:
+        result = self.qnix(*args, input=input)
+        assert result.returncode == 0, f"qnix {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def spec(self, text: str, name: str = "spec.toml") -> Path:
+        path = self.base / name
+        path.write_text(text)
+        return path
+
+    def ls(self) -> dict[str, dict[str, object]]:
+        return {entry["name"]: entry for entry in json.loads(self.ok("ls", "--json"))}
+
+    def netns_names(self) -> set[str]:
+        return {n for n in os.listdir("/run/netns") if n.startswith(self.tag)}
+
+    def compartment_netns(self) -> set[str]:
+        return {n[len(self.prefix) :] for n in self.netns_names() if n.startswith(self.prefix)}
+
+    def cgroup_names(self) -> set[str]:
+        return {n for n in cgroups.names() if n.startswith(self.prefix)}
+
+    def nft(self, *args: str, check: bool = True) -> str:
+        return subprocess.run(
+            [self.ip, "netns", "exec", self.host_netns, need("nft"), *args],
+            capture_output=True,
+            text=True,
+            check=check,
+        ).stdout
+
+    def leftovers(self) -> dict[str, object]:
+        """What qnix must have removed by `down`: empty values only."""
+        return {
+            "netns": sorted(self.compartment_netns()),
+            "links": self.net.list_links(),
+            "rules": self.net.list_rule_interfaces(),
+            "table": self.net.table_listing(),
+            "cgroups": sorted(self.cgroup_names()),
+            "run_root": self.paths.run_root.exists(),
+        }
+
+    def close(self) -> None:
+        down = self.qnix("down")
+        leftovers = self.leftovers()
+        for name in self.netns_names():
+            subprocess.run([self.ip, "netns", "delete", name], check=False)
+        for name in self.cgroup_names():
+            cgroup = cgroups.cgroup_of(name, cgroups.detect())
+            cgroups.kill(cgroup)
+            cgroups.remove(cgroup)
+        shutil.rmtree(self.base, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
+        assert leftovers == {
+            "netns": [],
+            "links": [],
+            "rules": [],
+            "table": None,
+            "cgroups": [],
+            "run_root": False,
+        }
+        assert not self.netns_names()
+        assert not self.base.exists()
+        assert HostNetwork().list_links() == self.links_before
+
+
+@pytest.fixture(scope="module")
+def live_host() -> Iterator[LiveHost]:
+    host = LiveHost()
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+# ---- pure pieces -----------------------------------------------------------------------------
+
+SMALL = """\
+[host]
+hostname = "lab"
+subnet = "10.202.0.0/16"
+dns_servers = ["192.0.2.53"]
+
+[compartments.sys-net]
+network = "uplink"
+provides_network = true
+memory_mb = 128
+firewall = [{ cidr = "0.0.0.0/0" }]
+
+[compartments.work]
+network = "sys-net"
+memory_mb = 128
+firewall = [
+  { dns = true },
+  { proto = "tcp", host = "localhost", ports = [8001] },
+  { proto = "tcp", cidr = "203.0.113.0/24", ports = [8001] },
+]
+
+[compartments.vault]
+memory_mb = 128
+
+[compartments.office]
+isolation = "container"
+network = "uplink"
+autostart = true
+"""
+
+
+def small(tmp_path: Path, text: str = SMALL) -> LoadedSpec:
+    path = tmp_path / "small.toml"
+    path.write_text(text)
+    return load(path)
+
+
+def test_host_accounts_are_unique_stable_and_unprivileged(tmp_path: Path) -> None:
+    ws = small(tmp_path).workstation
+    links = names.allocate_links(ws.compartments, ws.host.subnet)
+    base = int(ipaddress.IPv4Network(ws.host.subnet).network_address)
+    ids = {name: lifecycle.host_identity(ws, name) for name in ws.compartments}
+    for name, identity in ids.items():
+        slot = (int(ipaddress.IPv4Address(links[name].gateway)) - base) // 2
+        assert identity.uid == identity.gid == 0x70000000 + slot
+        assert lifecycle.host_identity(ws, name) == identity
+    assert len({identity.uid for identity in ids.values()}) == len(ids)
+
+
+def test_net_compartments_come_before_their_clients(tmp_path: Path) -> None:
+    ws = small(tmp_path).workstation
+    order = [c.name for c in lifecycle.network_order(ws)]
+    assert order == ["office", "sys-net", "vault", "work"]
+    assert order.index("sys-net") < order.index("work")
+
+
+def test_resolv_conf_only_for_compartments_allowed_dns(tmp_path: Path) -> None:
+    ws = small(tmp_path).workstation
+    assert lifecycle.resolv_conf(ws, ws.compartments["work"]) == (
+        "# qnix: generated from the spec\nnameserver 192.0.2.53\n"
+    )
+    assert lifecycle.resolv_conf(ws, ws.compartments["vault"]) == (
+        "# qnix: this compartment's firewall allows no DNS\n"
+    )
+
+
+def test_host_names_fill_their_sets_in_the_same_transaction(
+    tmp_path: Path, live_host: LiveHost
+) -> None:
+    loaded = small(tmp_path)
+    ruleset = compile_spec(loaded).files[RULESET].decode()
+    transaction, resolved = lifecycle.table_transaction(loaded.workstation, ruleset, live_host.net)
+    chain = "c_" + names.host_ifname("work")
+    assert resolved == {f"{chain}_h1_4": ["127.0.0.1"], f"{chain}_h1_6": []}
+    assert transaction == ruleset + f"add element inet qnix {chain}_h1_4 {{ 127.0.0.1 }}\n"
+    live_host.net.load_table(transaction)
+    try:
+        listing = live_host.nft("list", "set", "inet", "qnix", f"{chain}_h1_4")
+        assert "elements = { 127.0.0.1 }" in listing
+    finally:
+        live_host.net.delete_table()
+
+
+def test_audit_record_appends_one_json_line_each(tmp_path: Path) -> None:
+    paths = RuntimePaths(state_root=tmp_path / "state", run_root=tmp_path / "run")
+    events.record(paths, "start", compartment="work", result="ok")
+    events.record(paths, "run", compartment="work", argv=["sh", "-c", 'echo "hi"\n'], result=7)
+    lines = paths.audit_log.read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert [{k: v for k, v in e.items() if k != "time"} for e in entries] == [
+        {"event": "start", "compartment": "work", "result": "ok"},
+        {"event": "run", "compartment": "work", "argv": ["sh", "-c", 'echo "hi"\n'], "result": 7},
+    ]
+    assert all(e["time"].endswith("Z") and "T" in e["time"] for e in entries)
+    assert stat.S_IMODE(paths.audit_log.stat().st_mode) == 0o600
+    assert stat.S_IMODE(paths.audit_log.parent.stat().st_mode) == 0o700
+    with pytest.raises(ValueError, match="unknown audit event"):
+        events.record(paths, "reboot")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "work", "--", "sh", "-c", "x"], quickrun.RunRequest("work", ("sh", "-c", "x"))),
+        (
+            ["run", "--user", "alice", "work", "--run-root=/r", "--", "id", "--", "-u"],
+            quickrun.RunRequest("work", ("id", "--", "-u"), user="alice", run_root="/r"),
+        ),
+        (
+            ["run", "work", "--state-root", "/s", "--user=u", "--", "true"],
+            quickrun.RunRequest("work", ("true",), user="u", state_root="/s"),
+        ),
+        (["run", "-u", "u", "work", "--", "id"], quickrun.RunRequest("work", ("id",), user="u")),
+        (["run", "work", "true"], None),  # no `--`: click decides
+        (["run", "work", "--"], None),
+        (["run", "--", "true"], None),
+        (["run", "a", "b", "--", "true"], None),
+        (["run", "--help", "work", "--", "true"], None),
+        (["run", "work", "--debug", "--", "true"], None),
+        (["run", "work", "--user", "--", "true"], None),
+        (["ls", "work", "--", "true"], None),
+        (["--debug", "run", "work", "--", "true"], None),
+    ],
+)
+def test_fast_run_parses_only_what_it_fully_understands(
+    argv: list[str], expected: quickrun.RunRequest | None
+) -> None:
+    assert quickrun.parse_run(argv) == expected
+
+
+def test_fast_run_path_imports_no_heavy_library() -> None:
+    """`qnix run` loads the standard library and three small qnix modules, nothing else."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import qnix.runtime.quickrun"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    qnix_modules = sorted(m for m in imported if m.startswith("qnix"))
+    assert qnix_modules == [
+        "qnix",
+        "qnix.audit",
+        "qnix.audit.events",
+        "qnix.runtime",
+        "qnix.runtime.agent",
+        "qnix.runtime.paths",
+        "qnix.runtime.quickrun",
+    ]
+    heavy = {"click", "rich", "pydantic", "pyroute2", "dataclasses", "subprocess"}
+    assert {m.split(".")[0] for m in imported} & heavy == set()
+
+
+def test_agent_interpreter_is_reachable_by_any_user() -> None:
+    interpreter, prefix = lifecycle.agent_interpreter()
+    assert os.access(interpreter, os.X_OK)
+    reachable = prefix if prefix is not None else interpreter
+    assert lifecycle._searchable(Path(reachable).parent)
+    if prefix is None:
+        assert interpreter.startswith(("/usr/", "/nix/store/"))
+
+
+def test_paths_come_from_options_then_environment() -> None:
+    env: Mapping[str, str] = {
+        "QNIX_STATE_ROOT": "/srv/state",
+        "QNIX_RUN_ROOT": "/srv/run",
+        "QNIX_NETNS_PREFIX": "lab-",
+        "QNIX_HOST_NETNS": "labhost",
+    }
+    assert RuntimePaths.from_options(environ=env) == RuntimePaths(
+        Path("/srv/state"), Path("/srv/run"), "lab-", "labhost"
+    )
+    assert RuntimePaths.from_options("/a", None, environ=env).state_root == Path("/a")
+    assert RuntimePaths.from_options(environ={}) == RuntimePaths()
+    paths = RuntimePaths()
+    assert paths.agent_socket("work") == Path("/run/qnix/compartments/work/agent/agent.sock")
+    assert paths.home("work") == Path("/var/lib/qnix/compartments/work/home")
+    assert paths.netns("work") == "qnix-work"
+    with pytest.raises(ValueError, match="not a compartment name"):
+        paths.run_dir("../etc")
+    with pytest.raises(ValueError, match="prefix"):
+        RuntimePaths.from_options(environ={"QNIX_NETNS_PREFIX": "Bad/"})
+
+
+# ---- in process, on the stand-in host --------------------------------------------------------
+
+
+def test_apply_gc_and_down_in_process(tmp_path: Path, live_host: LiveHost) -> None:
+    paths, net = live_host.paths, live_host.net
+    loaded = small(tmp_path)
+    first = lifecycle.apply(paths, loaded)
+    try:
+        assert first.changes[0].startswith("loaded nft table inet qnix")
+        assert "enabled IPv4 forwarding on the host" in first.changes
+        assert first.notes == ("office: not started: the container backend is not implemented yet",)
+        assert lifecycle.apply(paths, loaded).changes == ()
+        assert live_host.compartment_netns() == {"office", "sys-net", "vault", "work"}
+        home = paths.home("work")
+        identity = lifecycle.host_identity(loaded.workstation, "work")
+        info = home.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (
+            identity.uid,
+            identity.gid,
+            0o700,
+        )
+        with pytest.raises(QnixError, match="container backend is not implemented yet"):
+            lifecycle.start(paths, "office")
+
+        # What a crash could leave: a namespace, a link and a rule of no compartment, and a
+        # cgroup of a compartment that does not run.
+        net.ensure_netns("ghost")
+        subprocess.run(
+            [
+                live_host.ip,
+                "-n",
+                live_host.host_netns,
+                "link",
+                "add",
+                names.host_ifname("ghost2"),
+                *("type", "veth", "peer", "name", "ghost2peer"),
+            ],
+            check=True,
+        )
+        subprocess.run(
+            [
+                live_host.ip,
+                "-n",
+                live_host.host_netns,
+                "rule",
+                "add",
+                "iif",
+                names.host_ifname("ghost3"),
+                "table",
+                "20100",
+                "priority",
+                "20000",
+            ],
+            check=True,
+        )
+        cgroups.create(paths.cgroup_name("vault"), cgroups.CgroupLimits(64 << 20, 16))
+        assert sorted(lifecycle.gc(paths)) == sorted(
+            [
+                "vault: removed its cgroup",
+                "ghost: removed its network namespace " + net.netns("ghost"),
+                f"removed link {names.host_ifname('ghost2')}",
+                f"removed the routing rule of {names.host_ifname('ghost3')}",
+            ]
+        )
+        assert lifecycle.gc(paths) == []
+        assert live_host.compartment_netns() == {"office", "sys-net", "vault", "work"}
+        assert lifecycle.apply(paths, loaded).changes == ()
+    finally:
+        changes = lifecycle.down(paths)
+    assert f"removed {paths.run_root}" in changes
+    assert live_host.leftovers()["netns"] == []
+    assert paths.home("work").is_dir()  # state is kept
+    assert lifecycle.statuses(paths) == []
+
+
+DISPOSABLES = (
+    SMALL.replace(
+        "[host]",
+        'default_disposable = "dvm"\n\n[host]',
+    )
+    + """
+[disposable_templates.dvm]
+network = "sys-net"
+firewall = [{ proto = "tcp", cidr = "203.0.113.0/24", ports = [443] }]
+
+[disposable_templates.offline]
+"""
+)
+
+
+def test_a_disposable_gets_elements_only_and_a_free_link(tmp_path: Path) -> None:
+    ws = small(tmp_path, DISPOSABLES).workstation
+    ruleset = compile_spec(load(tmp_path / "small.toml")).files[RULESET].decode()
+    chain = nft.template_chain_name("dvm")
+    assert f'\tchain {chain} {{\n\t\tcomment "dvm"\n\t\tjump admitted\n' in ruleset
+    assert nft.template_chain_name("offline") not in ruleset
+    link = lifecycle.disposable_link(ws, "disp1", set())
+    spec_links = names.allocate_links(ws.compartments, ws.host.subnet)
+    assert link not in spec_links.values()
+    ifname = names.host_ifname("disp1")
+    assert nft.disposable_elements(ws, "dvm", ifname, link.address) == {
+        "compartment_addrs": link.address,
+        "egress": f'"{ifname}" . {link.address} : jump {chain}',
+        "net_clients": f'"{names.host_ifname("sys-net")}" . {link.address}',
+    }
+    assert nft.disposable_elements(ws, "offline", ifname, link.address) == {}
+    with pytest.raises(ValueError, match="not a qnix interface name"):
+        nft.disposable_elements(ws, "dvm", 'qx" } drop', link.address)
+    # Another running disposable's slot is skipped.
+    taken = {lifecycle._slot(link.gateway, ws.host.subnet)}
+    assert lifecycle.disposable_link(ws, "disp1", taken) != link
+
+
+def test_a_live_workstation_round_trips_through_its_spec_copy(tmp_path: Path) -> None:
+    loaded = small(tmp_path)
+    copy = compile_spec(loaded).files["spec.json"]
+    assert Workstation.model_validate_json(copy) == loaded.workstation
