@@ -26,6 +26,8 @@ demo: $(STAMP)
 	@cd build/smb-office && find . -type f | sort
 	$(QNIX) graph examples/smb-office.toml -o build/smb-office.svg
 	@echo "Drew build/smb-office.svg"
+	@echo
+	bash examples/live-demo.sh $(QNIX)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check qnix tests bench

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The live half of `make demo`: the office compartments brought up on this host and shown
+# isolated, then everything qnix put on the host taken down again (the state is kept).
+# Usage: examples/live-demo.sh [QNIX]     (as root)
+set -euo pipefail
+qnix=${1:-qnix}
+spec=examples/smb-office.toml
+
+trap '"$qnix" down' EXIT
+"$qnix" apply "$spec"
+"$qnix" ls
+
+echo "== a command in two compartments"
+"$qnix" run work -- sh -c 'echo "in $(hostname) as $(id -un), home $HOME"'
+"$qnix" run personal -- sh -c 'echo "in $(hostname): $(ls /proc | grep -c "^[0-9]") processes visible, all its own"'
+
+echo "== work cannot reach banking"
+banking=$("$qnix" ls --json | python3 -c \
+  'import json, sys; print(next(c["address"] for c in json.load(sys.stdin) if c["name"] == "banking"))')
+probe="import socket; socket.create_connection(('$banking', 443), timeout=3)"
+code=0
+"$qnix" run work -- python3 -c "$probe" 2>/dev/null || code=$?
+case $code in
+  0) echo "FAILED: work reached banking at $banking" >&2; exit 1 ;;
+  1) echo "ok: work cannot open a connection to banking ($banking)" ;;
+  *) echo "could not probe (exit code $code): is python3 under /usr on this host?" >&2; exit 1 ;;
+esac
+
+echo "== the vault has no network but loopback"
+"$qnix" run vault -- sh -c 'echo "interfaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " " | tr "\n" " ")"'
+
+echo "== a disposable, gone when its command ends"
+"$qnix" dispose --template offline-dvm -- sh -c 'echo "in $(hostname), home on $(df --output=fstype ~ | tail -1)"'
+"$qnix" ls
