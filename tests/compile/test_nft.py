@@ -36,6 +36,7 @@ from qnix.runtime.runner import run
 from qnix.spec.load import load
 from qnix.spec.model import NETWORK_NONE, CompartmentBase, FirewallRule, Workstation
 from tests.conftest import EXAMPLES, need
+from tests.netprobes import PROBE, SERVE
 
 SMB_OFFICE = EXAMPLES / "smb-office.toml"
 
@@ -607,41 +608,6 @@ def test_chain_and_set_names_carry_no_spec_text() -> None:
 
 # ---- live: load it into throwaway namespaces and try ----------------------------------------
 
-PROBE = r"""
-import concurrent.futures, json, socket, sys
-def probe(spec):
-    source, host, port = spec
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(1.0)
-    try:
-        if source:
-            sock.bind((source, 0))
-        sock.connect((host, port))
-        return "ok " + sock.recv(64).decode()
-    except TimeoutError:
-        return "timeout"
-    except OSError as exc:
-        return f"error {exc.errno}"
-    finally:
-        sock.close()
-specs = json.loads(sys.argv[1])
-with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
-    print(json.dumps(list(pool.map(probe, specs))))
-"""
-
-SERVE = r"""
-import socket, sys, threading
-def serve(sock):
-    while True:
-        conn, (peer, _) = sock.accept()
-        conn.sendall(peer.encode())
-        conn.close()
-for port in sys.argv[1:]:
-    sock = socket.create_server(("0.0.0.0", int(port)))
-    threading.Thread(target=serve, args=(sock,), daemon=True).start()
-print("ready", flush=True)
-sys.stdin.read()
-"""
 
 UPSTREAM, UPSTREAM_GATEWAY = "192.0.2.1", "192.0.2.0"
 RELAY_MASQUERADE = """\

@@ -23,6 +23,7 @@ from qnix.runtime import lifecycle
 from qnix.runtime.net import route_table
 from qnix.spec.load import load
 from tests.isolation.conftest import Sandbox, py
+from tests.netprobes import PROBE, SERVE
 from tests.runtime.test_lifecycle import QNIX, LiveHost
 
 HOST_UPLINK, UPSTREAM = "203.0.113.0", "203.0.113.1"
@@ -77,40 +78,6 @@ firewall = [
 # The control: web's first rule, and the template's, also name the denied port.
 WIDER = SPEC.replace(f"ports = [{ALLOWED}] }}", f"ports = [{ALLOWED}, {DENIED}] }}")
 
-PROBE = r"""
-import concurrent.futures, json, socket, sys
-def probe(target):
-    host, port = target
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(1.0)
-    try:
-        sock.connect((host, port))
-        return "ok " + sock.recv(64).decode()
-    except TimeoutError:
-        return "timeout"
-    except OSError as exc:
-        return f"error {exc.errno}"
-    finally:
-        sock.close()
-targets = json.loads(sys.argv[1])
-with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
-    print(json.dumps(list(pool.map(probe, targets))))
-"""
-
-SERVE = r"""
-import socket, sys, threading
-def serve(sock):
-    while True:
-        conn, (peer, _) = sock.accept()
-        conn.sendall(peer.encode())
-        conn.close()
-for spec in sys.argv[1:]:
-    address, port = spec.rsplit(":", 1)
-    sock = socket.create_server((address, int(port)))
-    threading.Thread(target=serve, args=(sock,), daemon=True).start()
-print("ready", flush=True)
-sys.stdin.read()
-"""
 
 ECONNREFUSED, ENETUNREACH = 111, 101
 
