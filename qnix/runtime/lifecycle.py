@@ -287,9 +287,37 @@ def _read_keeper_config(paths: RuntimePaths, name: str) -> KeeperConfig | None:
         return None
 
 
+def _starting_keeper(paths: RuntimePaths, name: str) -> int | None:
+    """The pid of a keeper of `name` that lives but has not recorded its state yet: the
+    command that started it was killed, the keeper goes on starting on its own."""
+    wanted = str(paths.keeper_config(name)).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        if b"qnix.runtime.keeper" in argv and wanted in argv:
+            return int(entry)
+    return None
+
+
+def _await_started(paths: RuntimePaths, name: str) -> None:
+    """Let a start in progress finish (or fail) before anything acts on `name`."""
+    deadline = time.monotonic() + READY_TIMEOUT + 15
+    while read_state(paths, name) is None and _starting_keeper(paths, name) is not None:
+        if time.monotonic() > deadline:
+            raise QnixError(f"compartment {name} is still starting", hint="try again in a moment")
+        time.sleep(0.05)
+
+
 def _cleanup_run(paths: RuntimePaths, name: str) -> bool:
     """Remove what a run of `name` leaves when its keeper is gone: cgroup, run folder, and
-    for a disposable its network."""
+    for a disposable its network. A keeper still starting is waited for, never cut short."""
+    _await_started(paths, name)
+    if running_state(paths, name) is not None:
+        return False
     changed = False
     config = _read_keeper_config(paths, name)
     if config is not None and config.disposable:
@@ -436,6 +464,7 @@ def _stop(
     paths: RuntimePaths, name: str, timeout: float = STOP_TIMEOUT, *, audit: bool = True
 ) -> bool:
     """Stop `name` if it runs; True if it ran. Leftovers of a crashed run are removed too."""
+    _await_started(paths, name)
     state = read_state(paths, name)
     if state is None or not keeper_alive(state):
         _cleanup_run(paths, name)
