@@ -37,6 +37,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/build_scaling.py
+	$(PY) bench/runtime.py
 
 system-deps:
 	@if [ -n "$(IN_NIX_SHELL)" ]; then exit 0; fi; \
