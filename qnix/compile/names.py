@@ -12,6 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 USER_PREFIX = "qx-"
+# A compartment's host uid and gid: this base plus its link slot (unique within a spec, stable
+# under edits elsewhere), so the runtime and the NixOS users agree without /etc/passwd edits.
+HOST_ID_BASE = 0x70000000
 # Every host-side interface qnix creates starts with this; the nft table matches on it.
 IFNAME_PREFIX = "qx"
 MAX_USER = 32
@@ -65,3 +68,14 @@ def allocate_links(names: Iterable[str], subnet: str) -> dict[str, Link]:
         gateway = ipaddress.IPv4Address(base + 2 * slot)
         links[name] = Link(str(gateway), str(gateway + 1))
     return links
+
+
+def link_slot(gateway: str, subnet: str) -> int:
+    """Which /31 of `subnet` the link with this gateway is: the number `allocate_links` chose."""
+    network = ipaddress.IPv4Network(subnet)
+    return (int(ipaddress.IPv4Address(gateway)) - int(network.network_address)) // 2
+
+
+def host_id(link: Link, subnet: str) -> int:
+    """The unprivileged host uid (and gid) a compartment's processes and state belong to."""
+    return HOST_ID_BASE + link_slot(link.gateway, subnet)

@@ -7,7 +7,7 @@ folders, the live generation, and last the autostart compartments. Every step lo
 acts, so a second apply changes nothing and says so. Compartments that left the spec are
 stopped and their namespace, link and run folder removed (their state too with `purge`).
 
-A compartment runs as its own unprivileged host account, uid = gid = HOST_ID_BASE + its link
+A compartment runs as its own unprivileged host account, uid = gid = names.HOST_ID_BASE + its link
 slot (`names.allocate_links`: stable, unique per compartment within a spec), with no entry in
 /etc/passwd: nothing on the host needs its name, and the number alone owns its home folder
 (0700). Inside, the spec's `user` is uid 1000.
@@ -73,7 +73,6 @@ from qnix.runtime.quickrun import execute, keeper_alive, read_state, running_sta
 from qnix.spec.load import LoadedSpec
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Compartment, Workstation
 
-HOST_ID_BASE = 0x70000000
 STOP_TIMEOUT = 15.0
 IMPLEMENTED_ISOLATION = ("namespace",)
 # `qnix dispose` turns these into an orderly exit, so that its disposable is removed.
@@ -92,8 +91,8 @@ def network_for(paths: RuntimePaths) -> HostNetwork:
 def host_identity(ws: Workstation, name: str) -> HostIdentity:
     """The unprivileged host account compartment `name` runs as: HOST_ID_BASE + link slot."""
     links = names.allocate_links(ws.compartments, ws.host.subnet)
-    slot = _slot(links[name].gateway, ws.host.subnet)
-    return HostIdentity(HOST_ID_BASE + slot, HOST_ID_BASE + slot)
+    uid = names.host_id(links[name], ws.host.subnet)
+    return HostIdentity(uid, uid)
 
 
 def uplink_of(
@@ -115,11 +114,6 @@ def uplink_of(
         )
     own = link if link is not None else links[compartment.name]
     return Uplink(names.host_ifname(compartment.name), own, route)
-
-
-def _slot(gateway: str, subnet: str) -> int:
-    network = ipaddress.IPv4Network(subnet)
-    return (int(ipaddress.IPv4Address(gateway)) - int(network.network_address)) // 2
 
 
 def network_order(ws: Workstation) -> list[Compartment]:
@@ -574,7 +568,7 @@ def _free_slot(ws: Workstation, name: str, taken_by_disposables: set[int]) -> in
     network = ipaddress.IPv4Network(ws.host.subnet)
     slots = network.num_addresses // 2
     links = names.allocate_links(ws.compartments, ws.host.subnet)
-    taken = {0} | {_slot(link.gateway, ws.host.subnet) for link in links.values()}
+    taken = {0} | {names.link_slot(link.gateway, ws.host.subnet) for link in links.values()}
     taken |= taken_by_disposables
     if len(taken) >= slots:
         raise QnixError(f"no free link left in {ws.host.subnet} for a disposable")
@@ -609,9 +603,13 @@ def _create_disposable(
     compartment = Compartment.model_validate(
         {**dict(template), "name": name, "persistence": "disposable"}
     )
-    taken = {_slot(c.gateway, ws.host.subnet) for c in running.values() if c.gateway is not None}
+    taken = {
+        names.link_slot(c.gateway, ws.host.subnet)
+        for c in running.values()
+        if c.gateway is not None
+    }
     link = disposable_link(ws, name, taken)
-    slot = _slot(link.gateway, ws.host.subnet)
+    slot = names.link_slot(link.gateway, ws.host.subnet)
     uplink = uplink_of(ws, compartment, link)
     extra: dict[str, Any] = {
         "template": chosen,
@@ -627,7 +625,7 @@ def _create_disposable(
             "gateway": link.gateway,
             "elements": tuple(elements.items()),
         }
-    identity = HostIdentity(HOST_ID_BASE + slot, HOST_ID_BASE + slot)
+    identity = HostIdentity(names.HOST_ID_BASE + slot, names.HOST_ID_BASE + slot)
     config = _keeper_config(paths, ws, compartment, identity, **extra)
     net = network_for(paths)
     try:

@@ -452,7 +452,7 @@ def test_a_disposable_gets_elements_only_and_a_free_link(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="not a qnix interface name"):
         nft.disposable_elements(ws, "dvm", 'qx" } drop', link.address)
     # Another running disposable's slot is skipped.
-    taken = {lifecycle._slot(link.gateway, ws.host.subnet)}
+    taken = {names.link_slot(link.gateway, ws.host.subnet)}
     assert lifecycle.disposable_link(ws, "disp1", taken) != link
 
 

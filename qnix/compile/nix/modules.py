@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from qnix.compile.names import unix_user
+from qnix.compile.names import allocate_links, host_id, unix_user
 from qnix.compile.nix.compartments import STATE_ROOT, compartments_module, state_dir
 from qnix.compile.nix.disk import disk_module
 from qnix.compile.nix.hardening import hardening_module
@@ -65,9 +65,13 @@ def network_module(ws: Workstation, nft_table_body: str) -> dict[str, NixValue]:
 def users_module(ws: Workstation) -> dict[str, NixValue]:
     users: dict[str, NixValue] = {}
     groups: dict[str, NixValue] = {}
+    links = allocate_links(ws.compartments, ws.host.subnet)
     for compartment in ws.compartments.values():
         name = unix_user(compartment.name)
+        # The same number the qnix runtime runs the compartment as, so its state agrees.
+        uid = host_id(links[compartment.name], ws.host.subnet)
         users[name] = {
+            "uid": uid,
             "createHome": False,  # systemd.tmpfiles makes it, mode 0700
             "description": f"qnix compartment {compartment.name}",
             "group": name,
@@ -75,7 +79,7 @@ def users_module(ws: Workstation) -> dict[str, NixValue]:
             "isSystemUser": True,
             "shell": NOLOGIN,
         }
-        groups[name] = {}
+        groups[name] = {"gid": uid}
     if not users:
         return {}
     return {"users": {"groups": groups, "users": users}}

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from qnix.compile.names import allocate_links, host_ifname, unix_user
+from qnix.compile.names import allocate_links, host_ifname, link_slot, unix_user
 from qnix.compile.nix.modules import module_trees
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw
+from qnix.runtime import lifecycle
 from tests.compile.nix.support import (
     MIXED_COMPARTMENTS,
     TEMPLATES,
@@ -413,9 +414,17 @@ def test_one_unprivileged_user_per_compartment_with_its_own_home() -> None:
         "home": "/var/lib/qnix/compartments/work",
         "isSystemUser": True,
         "shell": Raw('"${pkgs.shadow}/bin/nologin"'),
+        "uid": 0x70000000 + link_slot(LINKS["work"].gateway, MIXED.host.subnet),
     }
     groups = get(module(MIXED, "users"), "users", "groups")
-    assert groups == {unix_user(name): {} for name in MIXED.compartments}
+    # The same ids the runtime runs each compartment as.
+    assert groups == {
+        unix_user(name): {"gid": lifecycle.host_identity(MIXED, name).gid}
+        for name in MIXED.compartments
+    }
+    assert {user["uid"] for user in users.values()} == {
+        lifecycle.host_identity(MIXED, name).uid for name in MIXED.compartments
+    }
 
 
 def test_audit_watches_config_state_and_module_loading() -> None:
