@@ -31,6 +31,7 @@ MAX_MESSAGE = 64 * 1024
 MAX_FDS = 3
 MAX_ARGS = 4096
 HEADER = struct.Struct(">I")
+PEERCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
 
 class ProtocolError(Exception):
@@ -232,14 +233,28 @@ class AgentError(Exception):
     pass
 
 
-def connect(socket_path: str, timeout: float = 10.0) -> socket.socket:
+def connect(
+    socket_path: str, timeout: float = 10.0, *, peer_uid: int | None = None
+) -> socket.socket:
+    """A connection to the agent at `socket_path`; with `peer_uid`, only if the process
+    listening there runs as that (host) uid, whatever the socket file claims."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(socket_path)
+        if peer_uid is not None:
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+            _, uid, _ = PEERCRED.unpack(credentials)
+            if uid != peer_uid:
+                raise AgentError(
+                    f"the socket at {socket_path} belongs to uid {uid}, not the compartment's"
+                )
     except OSError as exc:
         sock.close()
         raise AgentError(f"cannot reach the agent at {socket_path}: {exc.strerror}") from None
+    except AgentError:
+        sock.close()
+        raise
     return sock
 
 
@@ -260,9 +275,11 @@ def execute(
     env: Mapping[str, str],
     cwd: str | None = None,
     stdio: Sequence[int] = (0, 1, 2),
+    peer_uid: int | None = None,
 ) -> int:
-    """Run argv in the compartment with our stdio; return its exit code (128+N for signal N)."""
-    with connect(socket_path) as sock:
+    """Run argv in the compartment with our stdio; return its exit code (128+N for signal N).
+    `peer_uid`: refuse unless the agent runs as this host uid (see connect)."""
+    with connect(socket_path, peer_uid=peer_uid) as sock:
         send_message(sock, {"op": "exec", "argv": list(argv), "env": dict(env), "cwd": cwd}, stdio)
         sock.settimeout(None)  # the command may run for as long as it likes
         while True:

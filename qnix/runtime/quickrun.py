@@ -129,7 +129,14 @@ def execute(
     try:
         socket_path = pin_socket(paths, name, state["host_uid"])
         try:
-            code = agent.execute(socket_path, argv, env=env, cwd=state["cwd"], stdio=stdio)
+            code = agent.execute(
+                socket_path,
+                argv,
+                env=env,
+                cwd=state["cwd"],
+                stdio=stdio,
+                peer_uid=state["host_uid"],
+            )
         finally:
             os.unlink(socket_path)
     except (agent.AgentError, agent.ProtocolError) as exc:

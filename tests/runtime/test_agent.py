@@ -161,3 +161,16 @@ def test_too_many_descriptors_are_refused(agent_socket: str) -> None:
         answer = _raw(agent_socket, _frame({"op": "exec", "argv": ["true"]}), [fd] * 5)
     assert answer is None or answer["op"] == "error"
     assert agent.ping(agent_socket) > 0
+
+
+def test_an_agent_running_as_another_uid_is_refused(agent_socket: str, tmp_path: Path) -> None:
+    """The host checks who listens (SO_PEERCRED), not only who owns the socket file."""
+    marker = tmp_path / "ran"
+    with pytest.raises(agent.AgentError, match="belongs to uid 0"):
+        agent.execute(agent_socket, ["touch", str(marker)], env={}, peer_uid=12345)
+    assert not marker.exists()
+    code = agent.execute(
+        agent_socket, ["touch", str(marker)], env={"PATH": "/usr/bin:/bin"}, peer_uid=os.geteuid()
+    )
+    assert code == 0
+    assert marker.exists()
