@@ -18,7 +18,7 @@ from qnix.compile import names
 from qnix.runtime import cgroups
 from qnix.runtime.paths import AGENT_DIR_INSIDE
 from tests.conftest import need
-from tests.runtime.test_lifecycle import QNIX, LiveHost
+from tests.runtime.livehost import QNIX, LiveHost
 
 SPEC = """\
 default_disposable = "dvm"

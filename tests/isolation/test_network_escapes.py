@@ -24,7 +24,7 @@ from qnix.runtime.net import route_table
 from qnix.spec.load import load
 from tests.isolation.conftest import Sandbox, py
 from tests.netprobes import PROBE, SERVE
-from tests.runtime.test_lifecycle import QNIX, LiveHost
+from tests.runtime.livehost import QNIX, LiveHost
 
 HOST_UPLINK, UPSTREAM = "203.0.113.0", "203.0.113.1"
 SUBNET = "10.204.0.0/16"

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.runtime.test_lifecycle import QNIX, LiveHost
+from tests.runtime.livehost import QNIX, LiveHost
 
 COUNT = 20
 PORT = 8001

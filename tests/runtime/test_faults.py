@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.runtime.test_lifecycle import QNIX, LiveHost
+from tests.runtime.livehost import QNIX, LiveHost
 
 SPEC = """\
 [host]

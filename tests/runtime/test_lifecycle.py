@@ -2,9 +2,7 @@
 hook, the fast `qnix run` path and its import cost; and apply / gc / down in process against a
 stand-in host.
 
-`LiveHost` is the stand-in every live runtime test uses (here, tests/cli and tests/isolation):
-a network namespace that plays the host, temporary state and run roots, and a namespace prefix
-of its own, so nothing of the real host's is touched and everything made can be found again.
+The stand-in host is tests/runtime/livehost.py.
 """
 
 from __future__ import annotations
@@ -12,12 +10,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import secrets
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -28,124 +23,10 @@ from qnix.compile import names, nft
 from qnix.compile.artifacts import RULESET, compile_spec
 from qnix.errors import QnixError
 from qnix.runtime import cgroups, lifecycle, quickrun
-from qnix.runtime.net import HostNetwork
 from qnix.runtime.paths import RuntimePaths
 from qnix.spec.load import LoadedSpec, load
 from qnix.spec.model import Workstation
-from tests.conftest import need
-
-QNIX = str(Path(sys.executable).with_name("qnix"))
-TEST_TAG = "qxt"
-
-
-class LiveHost:
-    """A stand-in host for qnix: run `close()` (or use the fixture) to remove all of it."""
-
-    def __init__(self) -> None:
-        tag = TEST_TAG + secrets.token_hex(3)
-        self.tag = tag
-        self.prefix = f"{tag}-"
-        self.host_netns = f"{tag}host"  # outside the prefix: qnix must never remove it
-        self.base = Path(tempfile.mkdtemp(prefix=f"qnixtest-{tag}-", dir="/tmp"))
-        self.base.chmod(0o711)  # compartment users pass through it to their homes
-        self.ip = need("ip")
-        self.links_before = HostNetwork().list_links()
-        subprocess.run([self.ip, "netns", "add", self.host_netns], check=True)
-        subprocess.run([self.ip, "-n", self.host_netns, "link", "set", "lo", "up"], check=True)
-        self.paths = RuntimePaths(
-            state_root=self.base / "state",
-            run_root=self.base / "run",
-            netns_prefix=self.prefix,
-            host_netns=self.host_netns,
-        ).checked()
-        self.net = HostNetwork(prefix=self.prefix, host_netns=self.host_netns)
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "QNIX_STATE_ROOT": str(self.paths.state_root),
-            "QNIX_RUN_ROOT": str(self.paths.run_root),
-            "QNIX_NETNS_PREFIX": self.prefix,
-            "QNIX_HOST_NETNS": self.host_netns,
-        }
-
-    def qnix(
-        self, *args: str, input: str | None = None, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [QNIX, *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=timeout,
-            check=False,
-        )
-
-    def ok(self, *args: str, input: str | None = None) -> str:
-        result = self.qnix(*args, input=input)
-        assert result.returncode == 0, f"qnix {' '.join(args)}: {result.stderr}"
-        return result.stdout
-
-    def spec(self, text: str, name: str = "spec.toml") -> Path:
-        path = self.base / name
-        path.write_text(text)
-        return path
-
-    def ls(self) -> dict[str, dict[str, object]]:
-        return {entry["name"]: entry for entry in json.loads(self.ok("ls", "--json"))}
-
-    def netns_names(self) -> set[str]:
-        return {n for n in os.listdir("/run/netns") if n.startswith(self.tag)}
-
-    def compartment_netns(self) -> set[str]:
-        return {n[len(self.prefix) :] for n in self.netns_names() if n.startswith(self.prefix)}
-
-    def cgroup_names(self) -> set[str]:
-        return {n for n in cgroups.names() if n.startswith(self.prefix)}
-
-    def nft(self, *args: str, check: bool = True) -> str:
-        return subprocess.run(
-            [self.ip, "netns", "exec", self.host_netns, need("nft"), *args],
-            capture_output=True,
-            text=True,
-            check=check,
-        ).stdout
-
-    def leftovers(self) -> dict[str, object]:
-        """What qnix must have removed by `down`: empty values only."""
-        return {
-            "netns": sorted(self.compartment_netns()),
-            "links": self.net.list_links(),
-            "rules": self.net.list_rule_interfaces(),
-            "table": self.net.table_listing(),
-            "cgroups": sorted(self.cgroup_names()),
-            "run_root": self.paths.run_root.exists(),
-        }
-
-    def close(self) -> None:
-        down = self.qnix("down")
-        leftovers = self.leftovers()
-        for name in self.netns_names():
-            subprocess.run([self.ip, "netns", "delete", name], check=False)
-        for name in self.cgroup_names():
-            cgroup = cgroups.cgroup_of(name, cgroups.detect())
-            cgroups.kill(cgroup)
-            cgroups.remove(cgroup)
-        shutil.rmtree(self.base, ignore_errors=True)
-        assert down.returncode == 0, down.stderr
-        assert leftovers == {
-            "netns": [],
-            "links": [],
-            "rules": [],
-            "table": None,
-            "cgroups": [],
-            "run_root": False,
-        }
-        assert not self.netns_names()
-        assert not self.base.exists()
-        assert HostNetwork().list_links() == self.links_before
+from tests.runtime.livehost import LiveHost
 
 
 @pytest.fixture(scope="module")
