@@ -46,6 +46,9 @@ from qnix.runtime.quickrun import process_start_time
 # Where the agent's code appears inside a compartment (a read-only file).
 AGENT_CODE_INSIDE = "/opt/qnix-agent/agent.py"
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
+# The other programs that run inside (qnix/inside/*.py), bound next to the agent.
+INSIDE_PROGRAMS_DIR = Path(__file__).parent.parent / "inside"
+INSIDE_DIR = "/opt/qnix-agent"
 READY_TIMEOUT = 30.0
 STOP_GRACE = 3.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -174,10 +177,15 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
     )
     agent_fd = ns.sealed_memfd(AGENT_SOURCE.read_bytes(), "qnix-agent")
     resolv_fd = ns.sealed_memfd(config.resolv_conf.encode(), "qnix-resolv.conf")
+    programs = {
+        f"{INSIDE_DIR}/{source.name}": ns.sealed_memfd(source.read_bytes(), f"qnix-{source.stem}")
+        for source in sorted(INSIDE_PROGRAMS_DIR.glob("[!_]*.py"))
+    }
     try:
         system = (
             *ns.host_system_binds(interpreter_prefix=config.interpreter_prefix),
             ns.RoData(agent_fd, AGENT_CODE_INSIDE),
+            *(ns.RoData(fd, inside) for inside, fd in programs.items()),
             ns.RoData(resolv_fd, "/etc/resolv.conf"),
         )
         socket_inside = f"{AGENT_DIR_INSIDE}/{AGENT_SOCKET_NAME}"
@@ -187,15 +195,15 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
                 prepared.argv,
                 netns_path=config.netns_path,
                 cgroup=cgroup,
-                pass_fds=(*prepared.fds, agent_fd, resolv_fd),
+                pass_fds=(*prepared.fds, agent_fd, resolv_fd, *programs.values()),
                 run_as=ns.HostIdentity(config.host_uid, config.host_gid),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=None,  # the keeper's own stderr: its log file
             )
     finally:
-        os.close(agent_fd)
-        os.close(resolv_fd)
+        for fd in (agent_fd, resolv_fd, *programs.values()):
+            os.close(fd)
     try:
         _wait_ready(process, stop, READY_TIMEOUT)
     except BaseException:
