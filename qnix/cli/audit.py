@@ -1,0 +1,235 @@
+"""`qnix audit show|verify|export`: read, check and hand on the hash-chained audit log.
+
+`verify` exits 0 when the chain is intact and 1 naming the first bad entry, so a cron job or a
+monitoring check can run it as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from qnix.errors import QnixError
+
+if TYPE_CHECKING:
+    from qnix.audit.events import Entry
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+FORMATS = ("jsonl", "rfc5424")
+
+
+def log_options(command: _F) -> _F:
+    """--state-root (as the host commands take it) and --log, a log file named directly."""
+    command = click.option(
+        "--log",
+        "log_file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="Audit log file to read (default: <state root>/audit/events.jsonl).",
+    )(command)
+    return click.option(
+        "--state-root",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
+    )(command)
+
+
+def filter_options(command: _F) -> _F:
+    for option in reversed(
+        (
+            click.option("--event", "events", multiple=True, help="Only this event (repeatable)."),
+            click.option(
+                "--compartment",
+                "compartments",
+                multiple=True,
+                help="Only entries about this compartment (also as source or target; repeatable).",
+            ),
+            click.option(
+                "--since", help="Only entries since: 15m, 2h, 7d, 2025-06-01 or 2025-06-01T10:00."
+            ),
+            click.option("--limit", type=click.IntRange(min=0), help="Only the last N matches."),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _log_path(state_root: Path | None, log_file: Path | None) -> Path:
+    if log_file is not None:
+        if not log_file.is_file():
+            raise QnixError(f"{log_file}: no such audit log")
+        return log_file
+    from qnix.runtime.paths import PathError, RuntimePaths
+
+    try:
+        return RuntimePaths.from_options(state_root, None).audit_log
+    except PathError as exc:
+        raise QnixError(str(exc)) from exc
+
+
+def _unreadable(log: Path, exc: OSError) -> QnixError:
+    return QnixError(f"cannot read {log}: {exc.strerror or exc}")
+
+
+def _selection(
+    log: Path,
+    events: tuple[str, ...],
+    compartments: tuple[str, ...],
+    since: str | None,
+    limit: int | None,
+) -> list[tuple[bytes, Entry]]:
+    from qnix.audit import query
+
+    try:
+        start = None if since is None else query.parse_since(since)
+    except ValueError as exc:
+        raise QnixError(str(exc), hint="--since 2h, --since 2025-06-01") from exc
+    where = query.Filter(frozenset(events), frozenset(compartments), start, limit)
+    try:
+        matched, unreadable = query.select(query.read(log), where)
+    except OSError as exc:
+        raise _unreadable(log, exc) from exc
+    for item in unreadable:
+        click.echo(f"{log}: line {item.line} is not an entry: {item.reason}", err=True)
+    return matched
+
+
+@click.group()
+def audit() -> None:
+    """The tamper-evident audit log: show it, verify its chain, export it."""
+
+
+@audit.command()
+@log_options
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="The log's own JSON lines, for scripts.")
+def show(
+    state_root: Path | None,
+    log_file: Path | None,
+    events: tuple[str, ...],
+    compartments: tuple[str, ...],
+    since: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Show the audit log's entries, oldest first (it does not verify: see `verify`)."""
+    from qnix.audit import query
+
+    log = _log_path(state_root, log_file)
+    for line, entry in _selection(log, events, compartments, since, limit):
+        click.echo(line.decode("ascii").rstrip("\n") if as_json else query.table_line(entry))
+
+
+@audit.command()
+@log_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="jsonl",
+    show_default=True,
+    help="What the log file holds: the log itself, or RFC 5424 messages a syslog server "
+    "received (one a line; the head is then not checked).",
+)
+@click.option("--json", "as_json", is_flag=True, help="The result as one JSON object.")
+@click.pass_context
+def verify(
+    ctx: click.Context, state_root: Path | None, log_file: Path | None, fmt: str, as_json: bool
+) -> None:
+    """Verify the hash chain: exit 0 if intact, 1 naming the first bad entry."""
+    from qnix.audit.verify import verify as verify_log
+    from qnix.audit.verify import verify_lines
+
+    log = _log_path(state_root, log_file)
+    repeats = 0
+    try:
+        if fmt == "rfc5424":
+            lines, repeats = _messages(log)
+            result = verify_lines(lines, None, check_head=False)
+        else:
+            result = verify_log(log)
+    except OSError as exc:
+        raise _unreadable(log, exc) from exc
+    if as_json:
+        click.echo(json.dumps({"log": str(log), **result.to_json()}, indent=2))
+    elif result.problem is not None:
+        click.echo(f"{log}: NOT intact: first bad entry {result.problem}")
+    elif result.entries == 0:
+        click.echo(f"{log}: no entries yet")
+    else:
+        head = f", head {result.head.seq} {result.head.hash[:16]}" if result.head else ""
+        click.echo(f"{log}: intact, {result.entries} entries{head}")
+    if not as_json:
+        for note in result.notes:
+            click.echo(f"note: {note}")
+        if repeats:
+            plural = "s" if repeats != 1 else ""
+            click.echo(f"note: {repeats} repeated message{plural} skipped (sent again by a relay)")
+    ctx.exit(0 if result.ok else 1)
+
+
+def _messages(received: Path) -> tuple[list[bytes], int]:
+    """The entries' lines inside RFC 5424 messages (one message a line), and how many exact
+    repeats were skipped: a relay that crashed sends what it had not marked done again."""
+    from qnix.audit.events import split_lines
+    from qnix.audit.rfc5424 import parse_message
+
+    messages = split_lines(received.read_bytes())
+    lines: list[bytes] = []
+    seen: set[bytes] = set()
+    for number, raw in enumerate(messages, 1):
+        try:
+            message = parse_message(raw.decode("ascii").rstrip("\n"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise QnixError(f"{received}: line {number} is not an RFC 5424 message") from exc
+        line = message.msg.encode("ascii") + b"\n"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return lines, len(messages) - len(lines)
+
+
+@audit.command()
+@log_options
+@filter_options
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File to write (replaced; default: standard output).",
+)
+@click.option("--hostname", help="HOSTNAME of RFC 5424 messages (default: this host's name).")
+def export(
+    state_root: Path | None,
+    log_file: Path | None,
+    events: tuple[str, ...],
+    compartments: tuple[str, ...],
+    since: str | None,
+    limit: int | None,
+    fmt: str,
+    output: Path | None,
+    hostname: str | None,
+) -> None:
+    """Export entries as JSON lines (the log's own lines, a verifiable chain if unfiltered)
+    or as RFC 5424 syslog messages."""
+    from qnix.audit import query
+
+    log = _log_path(state_root, log_file)
+    host = hostname or socket.gethostname()
+    text = "".join(
+        query.export_line(line, entry, fmt, host) + "\n"
+        for line, entry in _selection(log, events, compartments, since, limit)
+    )
+    if output is None:
+        sys.stdout.write(text)
+        return
+    from qnix.runtime.files import atomic_write
+
+    atomic_write(output, text.encode("ascii"), mode=0o600)
+    click.echo(f"wrote {output}", err=True)

@@ -1,0 +1,148 @@
+"""rsyslog configuration that forwards qnix's audit log to the spec's remote syslog server.
+
+`rsyslog_config(ws, audit_log_path)` is RainerScript for the host's rsyslogd (on NixOS it goes
+into `services.rsyslogd.extraConfig`; the build also writes it as `rsyslog/qnix.conf`):
+
+* imfile follows the audit log. Its state file (the read position, in rsyslog's work
+  directory) is written after every line and after every batch handed on
+  (`PersistStateInterval="1"`, `persistStateAfterSubmission="on"`), so a restart carries on
+  where the last run stopped: nothing sent twice after an orderly stop, nothing skipped; a first
+  start sends the whole log.
+* Lines go to a ruleset of their own (not to the host's other log rules), whose one action is
+  omfwd, retried without end. The ruleset has a disk queue, each message synced before imfile
+  moves its state on: a server that is down delays events, a restart or a crash of rsyslogd
+  loses none (after a crash, messages sent but not yet marked done are sent again: the
+  server may see an entry twice; `qnix audit verify --format rfc5424` skips exact repeats).
+* Each line leaves as an RFC 5424 message, the same shape `qnix audit export --format rfc5424`
+  writes: `<109>1 TIMESTAMP HOSTNAME qnix - audit - {entry JSON}` — facility 13 (log audit),
+  severity 5 (notice); TIMESTAMP is when rsyslog read the line (the entry's own time is in the
+  JSON). The JSON is the log's line unchanged, so the server's copy is itself a verifiable
+  chain (`qnix audit verify --format rfc5424 --log FILE`). qnix keeps lines under 7.5 KiB so
+  they fit rsyslog's default 8 KiB message size.
+* TCP uses octet-counted framing (RFC 6587, what RFC 5425 asks for over TLS). With `tls = true`
+  the connection is TLS (gtls, StreamDriverMode 1) and the server's certificate must chain to
+  the system's CA bundle and name the configured host (auth mode x509/name); give a DNS name,
+  not an address, as the host for TLS. UDP (tls = false only) sends one datagram a message, and
+  cannot tell when one is lost.
+
+Every string goes through `_quoted`, the one RainerScript string writer: it refuses anything but
+printable ASCII and escapes backslash, double quote and dollar (a `$` in a double-quoted
+RainerScript string is otherwise a syntax error).
+
+Pure: no file is read or written here.
+"""
+
+from __future__ import annotations
+
+from qnix.audit.rfc5424 import APP_NAME, MSGID, PRI
+from qnix.compile.nix.compartments import STATE_ROOT
+from qnix.spec.model import RemoteSyslog, Workstation
+
+# Where the runtime keeps the audit log on a host built from the flake (qnix.runtime.paths).
+AUDIT_LOG = f"{STATE_ROOT}/audit/events.jsonl"
+
+TEMPLATE = "qnix_audit_rfc5424"
+RULESET = "qnix_audit_forward"
+QUEUE_FILE = "qnix_audit_forward"
+CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+QUEUE_MAX_DISK = "1g"
+RETRY_INTERVAL_SECONDS = 10
+
+
+def _quoted(value: str) -> str:
+    """A double-quoted RainerScript string constant holding exactly `value`."""
+    if not value or any(not 0x20 <= ord(char) < 0x7F for char in value):
+        raise ValueError(f"not a printable ASCII string for rsyslog: {value!r}")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    return f'"{escaped}"'
+
+
+def _parameters(pairs: list[tuple[str, str]], indent: str) -> str:
+    return "\n".join(f"{indent}{name}={_quoted(value)}" for name, value in pairs)
+
+
+def _action(remote: RemoteSyslog) -> list[tuple[str, str]]:
+    pairs = [
+        ("type", "omfwd"),
+        ("target", remote.host),
+        ("port", str(remote.port)),
+        ("protocol", remote.protocol),
+        ("template", TEMPLATE),
+    ]
+    if remote.protocol == "tcp":
+        pairs.append(("TCP_Framing", "octet-counted"))
+    if remote.tls:
+        pairs += [
+            ("StreamDriver", "gtls"),
+            ("StreamDriverMode", "1"),
+            ("StreamDriverAuthMode", "x509/name"),
+            ("StreamDriverPermittedPeers", remote.host),
+            ("StreamDriver.CAFile", CA_FILE),
+        ]
+    pairs += [
+        ("action.resumeRetryCount", "-1"),
+        ("action.resumeInterval", str(RETRY_INTERVAL_SECONDS)),
+    ]
+    return pairs
+
+
+# The ruleset's own queue is on disk, each message synced before imfile moves its state on:
+# what imfile has read survives a crash of rsyslogd, not only an orderly stop.
+RULESET_QUEUE = [
+    ("queue.type", "Disk"),
+    ("queue.filename", QUEUE_FILE),
+    ("queue.syncQueueFiles", "on"),
+    ("queue.maxDiskSpace", QUEUE_MAX_DISK),
+    ("queue.saveOnShutdown", "on"),
+]
+
+
+def rsyslog_config(ws: Workstation, audit_log_path: str) -> str:
+    """The configuration text, or "" when the spec has no `audit.remote_syslog`."""
+    remote = ws.audit.remote_syslog
+    if remote is None:
+        return ""
+    if not audit_log_path.startswith("/"):
+        raise ValueError(f"the audit log path must be absolute: {audit_log_path!r}")
+    transport = f"{remote.protocol}, TLS" if remote.tls else remote.protocol
+    header = (
+        f"# qnix: forward the audit log to {remote.host} port {remote.port} ({transport}) as "
+        "RFC 5424. Generated from the spec."
+    )
+    input_pairs = [
+        ("type", "imfile"),
+        ("File", audit_log_path),
+        ("Tag", APP_NAME),
+        ("Ruleset", RULESET),
+        ("PersistStateInterval", "1"),
+        ("persistStateAfterSubmission", "on"),
+        ("freshStartTail", "off"),
+    ]
+    return "\n".join(
+        [
+            header,
+            'module(load="imfile" mode="inotify")',
+            "",
+            f'template(name={_quoted(TEMPLATE)} type="list") {{',
+            f"  constant(value={_quoted(f'<{PRI}>1 ')})",
+            '  property(name="timereported" dateFormat="rfc3339")',
+            '  constant(value=" ")',
+            '  property(name="hostname")',
+            f"  constant(value={_quoted(f' {APP_NAME} - {MSGID} - ')})",
+            '  property(name="msg")',
+            "}",
+            "",
+            "ruleset(",
+            _parameters([("name", RULESET), *RULESET_QUEUE], "  "),
+            ") {",
+            "  action(",
+            _parameters(_action(remote), "    "),
+            "  )",
+            "}",
+            "",
+            "input(",
+            _parameters(input_pairs, "  "),
+            ")",
+            "",
+        ]
+    )
