@@ -15,6 +15,10 @@ go on the container's unit, `container@<name>.service`: NixOS starts systemd-nsp
 Namespace compartments are started by the qnix runtime with bubblewrap; NixOS provides their
 state directories, bubblewrap, user namespaces, and a profile holding their packages
 (`/etc/qnix/profiles/<name>`, also one per disposable template).
+
+Secrets. A container or VM listing age secrets finds them at /run/secrets: the secrets module's
+unit decrypts them into `/run/qnix-secrets/<name>` before the compartment starts, and that folder
+is bound read-only into the container (here) or shared read-only into the VM (vms.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from qnix.spec.model import NETWORK_NONE, Compartment, CompartmentBase, Workstat
 STATE_ROOT = "/var/lib/qnix"
 COMPARTMENTS_ROOT = f"{STATE_ROOT}/compartments"
 PROFILES_ETC = "qnix/profiles"  # below /etc
+# Where the secrets units decrypt a container's or VM's age secrets, a folder each: not under
+# the qnix runtime's /run/qnix, which `qnix down` removes whole.
+SECRETS_RUNTIME_DIR = "/run/qnix-secrets"
+# Where a compartment finds its secrets (qnix.runtime.secrets.SECRETS_INSIDE says the same).
+SECRETS_INSIDE = "/run/secrets"
 
 # What a tmpfiles path may hold: qnix builds these from names and hashes only.
 _TMPFILES_PATH = re.compile(r"/[A-Za-z0-9_./-]+")
@@ -45,6 +54,27 @@ def home_dir(name: str) -> str:
 def persistent_dir(name: str, path: str) -> str:
     """Where the host keeps a persistent path of a compartment."""
     return f"{state_dir(name)}/paths/{hashlib.sha256(path.encode()).hexdigest()[:16]}"
+
+
+def secrets_dir(name: str) -> str:
+    """Where the host holds a container's or VM's decrypted age secrets while it runs."""
+    return f"{SECRETS_RUNTIME_DIR}/{name}"
+
+
+def lists_age_secrets(ws: Workstation, compartment: CompartmentBase) -> bool:
+    """Whether the NixOS output decrypts secrets for it (pass secrets are the runtime's)."""
+    return any(ws.secrets[name].source == "age" for name in compartment.secrets)
+
+
+def secrets_mount(ws: Workstation, compartment: Compartment) -> str | None:
+    """The host folder to show read-only at /run/secrets inside a container or VM, if any."""
+    if not lists_age_secrets(ws, compartment):
+        return None
+    for path in persistent_mounts(compartment):
+        # A persistent path there would hide the secrets or sit inside a read-only mount.
+        if path == SECRETS_INSIDE or path.startswith(f"{SECRETS_INSIDE}/"):
+            raise ValueError(f"persistent path {path!r} overlaps {SECRETS_INSIDE}")
+    return secrets_dir(compartment.name)
 
 
 def home_inside(compartment: CompartmentBase) -> str:
@@ -114,12 +144,19 @@ def _container(ws: Workstation, compartment: Compartment, link: Link) -> dict[st
         container["extraVeths"] = {
             ifname: {"hostAddress": link.gateway, "localAddress": link.address}
         }
-    mounts = persistent_mounts(compartment)
-    if mounts:
-        container["bindMounts"] = {
-            mount_point: {"hostPath": source, "isReadOnly": False, "mountPoint": mount_point}
-            for mount_point, source in mounts.items()
+    bind_mounts: dict[str, NixValue] = {
+        mount_point: {"hostPath": source, "isReadOnly": False, "mountPoint": mount_point}
+        for mount_point, source in persistent_mounts(compartment).items()
+    }
+    secrets = secrets_mount(ws, compartment)
+    if secrets is not None:
+        bind_mounts[SECRETS_INSIDE] = {
+            "hostPath": secrets,
+            "isReadOnly": True,
+            "mountPoint": SECRETS_INSIDE,
         }
+    if bind_mounts:
+        container["bindMounts"] = dict(sorted(bind_mounts.items()))
     return container
 
 

@@ -4,7 +4,9 @@ The VM's tap device on the host is `names.host_ifname(name)`, the same name a ve
 the `inet qnix` table judges a VM's traffic exactly like any other compartment's. Its MAC address
 is derived from the name (locally administered, unicast), and the guest configures its end of the
 /31 by that MAC with systemd-networkd. A persistent VM keeps its home and persistent paths on the
-host, shared over virtiofs from the same state directories a container would use.
+host, shared over virtiofs from the same state directories a container would use. A VM listing
+age secrets gets the folder the secrets unit decrypts them into as a read-only virtiofs share at
+/run/secrets (virtiofsd `--readonly`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from __future__ import annotations
 import hashlib
 
 from qnix.compile.names import Link, host_ifname
-from qnix.compile.nix.compartments import links, package_list, persistent_mounts
+from qnix.compile.nix.compartments import (
+    SECRETS_INSIDE,
+    links,
+    package_list,
+    persistent_mounts,
+    secrets_mount,
+)
 from qnix.compile.nix.printer import Function, NixValue
 from qnix.spec.model import NETWORK_NONE, Compartment, Workstation
 
@@ -51,6 +59,17 @@ def _guest(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, N
         }
         for mount_point, source in persistent_mounts(compartment).items()
     ]
+    secrets = secrets_mount(ws, compartment)
+    if secrets is not None:
+        shares.append(
+            {
+                "mountPoint": SECRETS_INSIDE,
+                "proto": "virtiofs",
+                "readOnly": True,
+                "source": secrets,
+                "tag": share_tag(SECRETS_INSIDE),
+            }
+        )
     guest: dict[str, NixValue] = {
         "environment": {"systemPackages": package_list(compartment)},
         "microvm": {
