@@ -1,0 +1,172 @@
+"""`qnix state ls|snapshot|restore|diff NAME`: a persistent compartment's encrypted, versioned
+state (qnix.runtime.state)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from qnix.errors import QnixError
+
+if TYPE_CHECKING:
+    from qnix.runtime.paths import RuntimePaths
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+NAME_ARG = click.argument("name")
+
+
+def _runtime_options(command: _F) -> _F:
+    """--state-root and --run-root, as every command acting on the host has them."""
+    command = click.option(
+        "--run-root",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Runtime folder (default /run/qnix; environment QNIX_RUN_ROOT).",
+    )(command)
+    return click.option(
+        "--state-root",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
+    )(command)
+
+
+def _identity_option(command: _F) -> _F:
+    return click.option(
+        "--identity",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="The host's age identity (default: QNIX_AGE_IDENTITY, else /etc/qnix/host.agekey).",
+    )(command)
+
+
+def _paths(state_root: Path | None, run_root: Path | None) -> RuntimePaths:
+    from qnix.runtime.paths import PathError, RuntimePaths
+
+    try:
+        return RuntimePaths.from_options(state_root, run_root)
+    except PathError as exc:
+        raise QnixError(str(exc)) from exc
+
+
+def _size(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    scaled = count / 1024
+    unit = "KiB"
+    for bigger in ("MiB", "GiB"):
+        if scaled < 1024:
+            break
+        scaled, unit = scaled / 1024, bigger
+    return f"{scaled:.1f} {unit}"
+
+
+@click.group()
+def state() -> None:
+    """A persistent compartment's state: encrypted snapshots (one at each stop), restore, diff."""
+
+
+@state.command(name="ls")
+@NAME_ARG
+@_runtime_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON list, for scripts.")
+def ls(name: str, state_root: Path | None, run_root: Path | None, as_json: bool) -> None:
+    """List the snapshots of NAME: id, time, reason, size and sha256 of the ciphertext, and
+    whether it is the latest and within the spec's retention (else: removed at the next)."""
+    from qnix.runtime import state as snapshots
+
+    found = snapshots.listing(_paths(state_root, run_root), name)
+    if as_json:
+        click.echo(json.dumps([row.to_json() for row in found], indent=2))
+        return
+    if not found:
+        click.echo(f"{name}: no snapshots")
+        return
+    table = [("ID", "TIME", "REASON", "SIZE", "SHA256", "STATUS")]
+    for row in found:
+        status = "latest" if row.latest else ("kept" if row.kept else "expires")
+        table.append((str(row.id), row.time, row.reason, _size(row.size), row.sha256, status))
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
+    for cells in table:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+        )
+
+
+@state.command()
+@NAME_ARG
+@_runtime_options
+@_identity_option
+@click.option(
+    "--force", is_flag=True, help="Take it while NAME runs (files may be caught mid-write)."
+)
+def snapshot(
+    name: str, state_root: Path | None, run_root: Path | None, identity: Path | None, force: bool
+) -> None:
+    """Take a snapshot of NAME's state now. NAME must be stopped unless --force."""
+    from qnix.runtime import state as snapshots
+
+    taken = snapshots.snapshot(_paths(state_root, run_root), name, identity=identity, force=force)
+    click.echo(f"{name}: snapshot {taken.id} ({_size(taken.size)}, {taken.time})")
+
+
+@state.command()
+@NAME_ARG
+@click.argument("snapshot_id", metavar="[ID]", type=int, required=False)
+@_runtime_options
+@_identity_option
+def restore(
+    name: str,
+    snapshot_id: int | None,
+    state_root: Path | None,
+    run_root: Path | None,
+    identity: Path | None,
+) -> None:
+    """Make NAME's state snapshot ID (default: the latest). NAME must be stopped; its state
+    before is kept as a snapshot first."""
+    from qnix.runtime import state as snapshots
+
+    done = snapshots.restore(_paths(state_root, run_root), name, snapshot_id, identity=identity)
+    kept = f"; the state before is snapshot {done.previous.id}" if done.previous else ""
+    click.echo(f"{name}: restored snapshot {done.restored.id} ({done.entries} entries){kept}")
+
+
+@state.command()
+@NAME_ARG
+@click.argument("first", metavar="[ID]", type=int, required=False)
+@click.argument("second", metavar="[ID2]", type=int, required=False)
+@click.option("--live", is_flag=True, help="Compare with the live folder (the default).")
+@_runtime_options
+@_identity_option
+@click.option("--json", "as_json", is_flag=True, help="{added, removed, changed}, for scripts.")
+def diff(
+    name: str,
+    first: int | None,
+    second: int | None,
+    live: bool,
+    state_root: Path | None,
+    run_root: Path | None,
+    identity: Path | None,
+    as_json: bool,
+) -> None:
+    """What was added, removed and changed from snapshot ID (default: the latest) to
+    snapshot ID2, or to the live folder. Changed: another kind, permissions, content or
+    link target."""
+    from qnix.runtime import state as snapshots
+
+    if live and second is not None:
+        raise QnixError("give a second snapshot or --live, not both")
+    found = snapshots.diff(_paths(state_root, run_root), name, first, second, identity=identity)
+    if as_json:
+        click.echo(json.dumps(found.to_json(), indent=2))
+        return
+    for word, names in (
+        ("added", found.added),
+        ("removed", found.removed),
+        ("changed", found.changed),
+    ):
+        for changed_name in names:
+            click.echo(f"{word:<8}{snapshots.shown(changed_name)}")
+    if not (found.added or found.removed or found.changed):
+        click.echo("no differences")
