@@ -6,16 +6,24 @@ option path against the NixOS and microvm.nix option references.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 
-from qnix.compile.names import allocate_links, host_id, unix_user
-from qnix.compile.nix.compartments import STATE_ROOT, compartments_module, state_dir
+from qnix.compile.aide import aide_config
+from qnix.compile.names import HOST_ID_BASE, allocate_links, host_id, unix_user
+from qnix.compile.nix.compartments import (
+    SECRETS_RUNTIME_DIR,
+    STATE_ROOT,
+    compartments_module,
+    state_dir,
+)
 from qnix.compile.nix.disk import disk_module
 from qnix.compile.nix.hardening import hardening_module
-from qnix.compile.nix.printer import Call, NixValue, Raw, attr_path
+from qnix.compile.nix.printer import Call, NixValue, Raw, attr_path, string
 from qnix.compile.nix.vms import vms_module
-from qnix.spec.model import NETWORK_NONE, Workstation
+from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
+from qnix.spec.model import NETWORK_NONE, Compartment, Workstation
 
 CONCERNS = (
     "compartments",
@@ -29,16 +37,10 @@ CONCERNS = (
     "disk",
 )
 
-SECRETS_RUNTIME_DIR = "/run/qnix/secrets"
 NFT_TABLE = "qnix"
 NETWORK_KERNEL_MODULES = ("veth",)
 # A system user's login shell: none.
 NOLOGIN = Raw('"${pkgs.shadow}/bin/nologin"')
-AUDIT_RULES = (
-    "-w /etc -p wa -k qnix-etc",
-    f"-w {STATE_ROOT} -p wa -k qnix-state",
-    "-a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k modules",
-)
 # Characters a desktop entry's Exec line may hold unquoted (the spec's names only ever have these).
 _EXEC_SAFE = re.compile(r"[A-Za-z0-9_.+-]+")
 
@@ -85,31 +87,271 @@ def users_module(ws: Workstation) -> dict[str, NixValue]:
     return {"users": {"groups": groups, "users": users}}
 
 
+# ---- audit: auditd rules, an osquery pack, AIDE and its timer --------------------------------
+
+# Where the qnix runtime keeps its live generation and the table it loaded on a NixOS host
+# (qnix.runtime.paths defaults).
+RUN_ROOT = "/run/qnix"
+GENERATION_DIR = f"{RUN_ROOT}/generation"
+NFT_TRANSACTION_FILE = f"{RUN_ROOT}/qnix.nft"
+# /etc/aide.conf is where NixOS's AIDE looks by default; its database lives beside systemd's
+# state directory of the check unit.
+AIDE_ETC = "aide.conf"
+AIDE_DATABASE_DIR = "/var/lib/aide"
+AIDE_UNIT = "qnix-aide-check"
+OSQUERY_PACK = "qnix"
+# Setuid programs: NixOS puts real (copied) files for them in /run/wrappers/bin.
+AUDITED_WRAPPERS = ("sudo", "su", "mount", "umount")
+# Other privileged programs run from the Nix store (/run/current-system/sw/bin only links
+# there), and the kernel records the file an exec reached, not the links on the way: a rule
+# must name the store path, so it is written as Nix code. (package attribute, program)
+AUDITED_PROGRAMS = (
+    ("util-linux", "mount"),
+    ("util-linux", "umount"),
+    ("nftables", "nft"),
+    ("iproute2", "ip"),
+    ("bubblewrap", "bwrap"),
+    ("systemd", "systemd-nspawn"),
+)
+AUDIT_KEY_PRIVILEGED = "qnix-privileged"
+# The osquery pack's queries; what follows WHERE is numbers and paths qnix computes.
+_PROCESSES = "SELECT pid, parent, uid, gid, name, path, cmdline FROM processes"
+_LISTENING = (
+    "SELECT p.uid, l.pid, p.name, l.protocol, l.family, l.address, l.port, l.net_namespace"
+    " FROM listening_ports AS l JOIN processes AS p USING (pid)"
+)
+_HASH = "SELECT path, sha256 FROM hash"
+_MODULE_SYSCALLS = "init_module,finit_module,delete_module"
+
+
+def _audit_arches(ws: Workstation) -> tuple[str, ...]:
+    """The system call tables a process can use: x86_64 also runs 32-bit (i386) programs."""
+    return ("b64", "b32") if ws.host.system == "x86_64-linux" else ("b64",)
+
+
+def audit_rules(ws: Workstation) -> list[NixValue]:
+    """auditctl rules: writes to /etc and to qnix's state, kernel modules loaded or removed,
+    every execution of the privileged programs, and any program run as root on behalf of a
+    logged-in user (so a copy of nft or qnix elsewhere is seen too)."""
+    rules: list[NixValue] = ["-w /etc -p wa -k qnix-etc", f"-w {STATE_ROOT} -p wa -k qnix-state"]
+    for arch in _audit_arches(ws):
+        rules.append(f"-a always,exit -F arch={arch} -S {_MODULE_SYSCALLS} -k qnix-modules")
+    rules += [
+        f"-a always,exit -F path=/run/wrappers/bin/{name} -F perm=x -k {AUDIT_KEY_PRIVILEGED}"
+        for name in AUDITED_WRAPPERS
+    ]
+    rules += [
+        Raw(
+            f'"-a always,exit -F path=${{pkgs.{package}}}/bin/{program} -F perm=x'
+            f' -k {AUDIT_KEY_PRIVILEGED}"'
+        )
+        for package, program in AUDITED_PROGRAMS
+    ]
+    for arch in _audit_arches(ws):
+        rules.append(
+            f"-a always,exit -F arch={arch} -S execve,execveat -F euid=0 -F auid>=1000"
+            " -F auid!=unset -k qnix-root-exec"
+        )
+    return rules
+
+
+def compartment_uid_range(ws: Workstation) -> tuple[int, int]:
+    """The host uids any compartment or disposable of `ws` can run as: HOST_ID_BASE plus a
+    link slot of the subnet (slot 0 is the network's own address)."""
+    slots = ipaddress.IPv4Network(ws.host.subnet).num_addresses // 2
+    return HOST_ID_BASE + 1, HOST_ID_BASE + slots - 1
+
+
+def osquery_pack(ws: Workstation) -> dict[str, NixValue]:
+    """Scheduled osquery queries about the compartments. Only numbers qnix computes enter
+    the SQL. osquery has no nftables table: the pack hashes the ruleset file the runtime
+    loaded (`qnix drift` compares the live table) and lists legacy iptables rules, which
+    would filter beside nftables."""
+    low, high = compartment_uid_range(ws)
+    in_compartment = f"BETWEEN {low} AND {high}"
+    queries: dict[str, NixValue] = {
+        "qnix_compartment_processes": {
+            "description": "Processes running as a compartment's host uid.",
+            "interval": 300,
+            "query": f"{_PROCESSES} WHERE uid {in_compartment};",
+        },
+        "qnix_compartment_listening_ports": {
+            "description": "Sockets a compartment's processes listen on.",
+            "interval": 300,
+            "query": f"{_LISTENING} WHERE p.uid {in_compartment};",
+        },
+        "qnix_kernel_modules": {
+            "description": "Kernel modules loaded (a new row is a module loaded).",
+            "interval": 600,
+            "query": "SELECT name, size, used_by, status FROM kernel_modules;",
+        },
+        "qnix_iptables_rules": {
+            "description": "Legacy iptables rules, which would filter beside qnix's nftables.",
+            "interval": 600,
+            "query": "SELECT filter_name, chain, policy, target, protocol, src_ip, dst_ip,"
+            " iniface, outiface FROM iptables;",
+        },
+        "qnix_nft_ruleset_file": {
+            "description": "The nftables transaction the qnix runtime last loaded.",
+            "interval": 600,
+            "query": f"{_HASH} WHERE path = '{NFT_TRANSACTION_FILE}';",
+        },
+    }
+    return {"platform": "linux", "queries": queries}
+
+
+def _aide_units() -> dict[str, NixValue]:
+    """A daily `aide --check` against the baseline; differences fail the unit (AIDE's exit
+    code), so they show in `systemctl --failed` and the journal holds the report."""
+    return {
+        "services": {
+            AIDE_UNIT: {
+                "documentation": ["man:aide(1)", "man:aide.conf(5)"],
+                "path": [attr_path("pkgs", "aide")],
+                "script": f"aide --config=/etc/{AIDE_ETC} --check",
+                "serviceConfig": {
+                    "IOSchedulingClass": "idle",
+                    "Nice": 19,
+                    "StateDirectory": AIDE_DATABASE_DIR.removeprefix("/var/lib/"),
+                    "StateDirectoryMode": "0700",
+                    "Type": "oneshot",
+                },
+            }
+        },
+        "timers": {
+            AIDE_UNIT: {
+                "documentation": ["man:aide(1)"],
+                "timerConfig": {
+                    "OnCalendar": "daily",
+                    "Persistent": True,
+                    "RandomizedDelaySec": "1h",
+                },
+                "wantedBy": ["timers.target"],
+            }
+        },
+    }
+
+
 def audit_module(ws: Workstation) -> dict[str, NixValue]:
     # "lock": the rules cannot be changed until the next boot.
     enable: NixValue = "lock" if ws.host.hardening == "paranoid" else True
-    return {
-        "security": {
-            "audit": {"enable": enable, "rules": list(AUDIT_RULES)},
-            "auditd": {"enable": True},
+    aide_conf = aide_config(
+        ws, database_dir=AIDE_DATABASE_DIR, generation_dir=GENERATION_DIR, state_root=STATE_ROOT
+    )
+    services: dict[str, NixValue] = {
+        "osquery": {
+            "enable": True,
+            # auditd owns the kernel's audit socket; osquery only runs the scheduled pack.
+            "flags": {"disable_audit": "true", "disable_events": "true"},
+            "settings": {"packs": {OSQUERY_PACK: osquery_pack(ws)}},
         }
+    }
+    if ws.audit.remote_syslog is not None:
+        services["rsyslogd"] = {"enable": True, "extraConfig": rsyslog_config(ws, AUDIT_LOG)}
+    return {
+        "environment": {
+            # Copied (not linked to the store) and root-only: it lists what is watched.
+            "etc": {AIDE_ETC: {"mode": "0600", "text": aide_conf}},
+            "systemPackages": [attr_path("pkgs", "aide")],
+        },
+        "security": {
+            "audit": {"enable": enable, "rules": audit_rules(ws)},
+            "auditd": {"enable": True},
+        },
+        "services": services,
+        "systemd": _aide_units(),
+    }
+
+
+# Where the build keeps the age ciphertexts, beside flake.nix (and the runtime in its live
+# generation).
+SECRETS_DIR = "secrets"
+# The host's age identity: the NixOS services get it as a systemd credential; the qnix runtime
+# reads the same file unless told otherwise (qnix.runtime.secrets.DEFAULT_IDENTITY).
+HOST_IDENTITY = "/etc/qnix/host.agekey"
+_IDENTITY_CREDENTIAL = "qnix-host.agekey"
+# What a unit name or a systemd command line may hold unquoted; the spec's compartment and
+# secret names only ever have these.
+_SYSTEMD_SAFE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_COMPARTMENT_UNITS = {"container": "container@{}.service", "vm": "microvm@{}.service"}
+
+
+def secret_file(name: str) -> str:
+    """Where an age secret's ciphertext sits in the build, relative to flake.nix."""
+    return f"{SECRETS_DIR}/{name}.age"
+
+
+def _interpolated(*parts: str | Raw) -> Raw:
+    """A Nix string of text (escaped by the printer) and `${...}` of code qnix writes."""
+    return Raw(
+        '"'
+        + "".join(string(p)[1:-1] if isinstance(p, str) else "${" + p.code + "}" for p in parts)
+        + '"'
+    )
+
+
+def _secrets_service(ws: Workstation, compartment: Compartment) -> dict[str, NixValue]:
+    """A oneshot unit, bound to the compartment's own, that decrypts its age secrets into a
+    folder of its own in /run (a tmpfs) before it starts, as the compartment's user, and
+    removes them when it stops (RuntimeDirectory goes with the unit)."""
+    names = [n for n in compartment.secrets if ws.secrets[n].source == "age"]
+    for name in (compartment.name, *names):
+        if not _SYSTEMD_SAFE.fullmatch(name):
+            raise ValueError(f"not a name for a systemd unit or command line: {name!r}")
+    unit = _COMPARTMENT_UNITS[compartment.isolation].format(compartment.name)
+    folder = f"{SECRETS_RUNTIME_DIR}/{compartment.name}"
+    user = unix_user(compartment.name)
+    decrypt = [
+        _interpolated(
+            attr_path("pkgs", "age"),
+            f"/bin/age --decrypt --identity %d/{_IDENTITY_CREDENTIAL} --output {folder}/{name} ",
+            # The ciphertext, copied into the store from the build: never a plaintext.
+            Raw(f"../{secret_file(name)}"),
+        )
+        for name in names
+    ]
+    # A VM's folder is shared by its virtiofsd, which must not start before the folder exists.
+    share = (
+        [f"microvm-virtiofsd@{compartment.name}.service"] if compartment.isolation == "vm" else []
+    )
+    return {
+        "before": [unit, *share],
+        "partOf": [unit],
+        "requiredBy": [unit, *share],
+        "serviceConfig": {
+            "ExecStart": decrypt,
+            "Group": user,
+            # systemd hands the root-only key to this unit alone, readable by its user.
+            "LoadCredential": f"{_IDENTITY_CREDENTIAL}:{HOST_IDENTITY}",
+            "RemainAfterExit": True,
+            "RuntimeDirectory": folder.removeprefix("/run/"),
+            "RuntimeDirectoryMode": "0700",
+            "Type": "oneshot",
+            "UMask": "0277",  # every secret file 0400
+            "User": user,
+        },
+        "unitConfig": {
+            "Description": f"qnix: the secrets of compartment {compartment.name}, in {folder}"
+        },
     }
 
 
 def secrets_module(ws: Workstation) -> dict[str, NixValue]:
-    """Only the tmpfs directory secrets are decrypted into at run time; never a secret."""
-    if not ws.secrets:
+    """age on the host, and for each container or VM listing age secrets a unit that decrypts
+    them at its start. A namespace compartment gets its secrets from the qnix runtime when it
+    starts; a pass secret never reaches a container or VM (the loader refuses it)."""
+    if not any(secret.source == "age" for secret in ws.secrets.values()):
         return {}
-    return {
-        "systemd": {
-            "tmpfiles": {
-                "rules": [
-                    "d /run/qnix 0755 root root -",
-                    f"d {SECRETS_RUNTIME_DIR} 0700 root root -",
-                ]
-            }
-        }
+    services = {
+        f"qnix-secrets-{c.name}": _secrets_service(ws, c)
+        for c in ws.compartments.values()
+        if c.isolation in _COMPARTMENT_UNITS
+        and any(ws.secrets[n].source == "age" for n in c.secrets)
     }
+    config: dict[str, NixValue] = {"environment": {"systemPackages": [attr_path("pkgs", "age")]}}
+    if services:
+        config["systemd"] = {"services": services}
+    return config
 
 
 def desktop_items(ws: Workstation) -> list[dict[str, str]]:

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw
 from tests.conftest import DATA
 
 OPTIONS_TSV = DATA / "nixos-25.11-options.tsv"
 MICROVM_JSON = DATA / "microvm-options.json"
+# The options of the audit module's namespaces, for the tests that check those namespaces.
+AUDIT_OPTIONS_TSV = DATA / "nixos-25.11-audit-options.tsv"
 
 # Namespaces whose every emitted path must be a declared option (a string prefix, like a glob
 # `boot.kernel*`). Paths outside them are NixOS options the references do not cover.
@@ -40,6 +43,8 @@ CHECKED = (
 # Functions that only change a definition's priority: the checker looks through them.
 PRIORITY_WRAPPERS = frozenset({"lib.mkForce", "lib.mkDefault"})
 INT64 = (-(2**63), 2**63 - 1)
+# A Nix string literal (qnix writes some as code, to interpolate a store path).
+_STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 # ---- the reference ---------------------------------------------------------------------------
@@ -59,27 +64,39 @@ def split_option_name(name: str) -> list[str]:
     return [json.loads(part) if part.startswith('"') else part for part in parts]
 
 
-def reference_lines() -> list[tuple[str, str]]:
-    """(name, type) of every option in both references."""
+def tsv_lines(path: Path) -> list[tuple[str, str]]:
+    """(name, type) of every option of a `name<TAB>type<TAB>readOnly` file."""
     lines = []
-    for line in OPTIONS_TSV.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("#") or not line.strip():
             continue
         name, type_text, _read_only = line.split("\t")
         lines.append((name, type_text))
+    return lines
+
+
+def reference_lines() -> list[tuple[str, str]]:
+    """(name, type) of every option in both references."""
+    lines = tsv_lines(OPTIONS_TSV)
     lines += [(entry["name"], entry["type"]) for entry in json.loads(MICROVM_JSON.read_text())]
     return lines
 
 
-@cache
-def reference() -> Node:
+def tree_of(lines: Iterable[tuple[str, str]]) -> Node:
+    """The option tree of (name, type) lines; a name given twice must have one type."""
     root = Node()
-    for name, type_text in reference_lines():
+    for name, type_text in lines:
         node = root
         for part in split_option_name(name):
             node = node.children.setdefault(part, Node())
+        assert node.type in (None, type_text), f"{name}: {node.type} and {type_text}"
         node.type = type_text
     return root
+
+
+@cache
+def reference() -> Node:
+    return tree_of(reference_lines())
 
 
 # ---- types -----------------------------------------------------------------------------------
@@ -305,6 +322,8 @@ class Checker:
             if not isinstance(value, Mapping):
                 return [f"{at}: {_describe(value)} is not a NixOS config"]
             return self._walk(value, self.root, [], [], f"{at}/", strict=False)
+        if kind == "str" and isinstance(value, Raw) and _STRING_LITERAL.fullmatch(value.code):
+            return []  # its text is qnix's own; only its type is checked here
         wrong = [f"{at}: {_describe(value)} is not a {type_.text}"]
         if isinstance(value, Raw | Call | Function):
             return wrong

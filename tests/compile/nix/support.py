@@ -4,8 +4,10 @@ Nothing here evaluates NixOS (there is no nixpkgs in a test): a module is a func
 `{ config, lib, pkgs, ... }`, so it is called with stand-ins. `pkgs.<name>` is
 `{ outPath = "pkg:<name>"; }` (JSON shows a set with an `outPath` as that string), and the few
 functions qnix calls (`lib.mkForce`, `pkgs.makeDesktopItem`, `pkgs.buildEnv`) return their
-argument. The evaluated module must then equal, as JSON, the value tree it was rendered from:
-that proves the printed Nix means exactly what the emitter built.
+argument. A string interpolating an age ciphertext of the build (`${../secrets/NAME.age}`) gets
+a stand-in file there, which Nix copies to the store: it evaluates to its store path. The
+evaluated module must then equal, as JSON, the value tree it was rendered from: that proves the
+printed Nix means exactly what the emitter built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,31 @@ IDENTITY_CALLS = {
     "pkgs.makeDesktopItem": ("pkgs", "makeDesktopItem"),
     "pkgs.buildEnv": ("pkgs", "buildEnv"),
 }
-QNIX_PACKAGES = ("bubblewrap", "shadow")
+QNIX_PACKAGES = (
+    "age",
+    "aide",
+    "bubblewrap",
+    "iproute2",
+    "nftables",
+    "shadow",
+    "systemd",
+    "util-linux",
+)
 _ATTR = r'(?:[A-Za-z_][A-Za-z0-9_\'-]*|"[^"\\]*")'
 _PKGS_PATH = re.compile(rf"pkgs((?:\.{_ATTR})+)")
-_PKGS_IN_STRING = re.compile(r'"\$\{pkgs\.([A-Za-z0-9_-]+)\}(/[A-Za-z0-9_/.-]*)"')
+# The code qnix writes inside `${...}` of a string: a package (its store path) or an age
+# ciphertext of the build, relative to the modules/ folder (copied to the store).
+_PKGS_INTERPOLATION = re.compile(r"\$\{pkgs\.([A-Za-z0-9_-]+)\}")
+_SECRET_INTERPOLATION = re.compile(r"\$\{\.\./(secrets/([A-Za-z0-9._+-]+\.age))\}")
+# A string literal qnix writes whose only code is such an interpolation; no escapes.
+_CODE_STRING = re.compile(
+    r'"(?:[^"\\$]|\$\{pkgs\.[A-Za-z0-9_-]+\}|\$\{\.\./secrets/[A-Za-z0-9._+-]+\.age\})*"'
+)
+_INTERPOLATION = re.compile(f"{_PKGS_INTERPOLATION.pattern}|{_SECRET_INTERPOLATION.pattern}")
+# A store path's hash: 32 characters of Nix's base-32 alphabet (no e, o, u, t).
+_STORE_HASH = "[0-9a-df-np-sv-z]{32}"
+# What write_files puts where a module interpolates a ciphertext: the start of an age file.
+STAND_IN_CIPHERTEXT = b"age-encryption.org/v1\n"
 
 
 # ---- workstations ----------------------------------------------------------------------------
@@ -169,12 +193,18 @@ def trees(ws: Workstation) -> dict[str, dict[str, NixValue]]:
 
 
 def write_files(root: Path, files: Mapping[str, str]) -> list[Path]:
+    """Write the files; a module interpolating `${../secrets/NAME.age}` gets a stand-in
+    ciphertext there, so that Nix can evaluate it. Returns the paths of `files` only."""
     paths = []
     for relative, text in files.items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         paths.append(path)
+        for match in _SECRET_INTERPOLATION.finditer(text):
+            ciphertext = path.parent.parent / match.group(1)
+            ciphertext.parent.mkdir(parents=True, exist_ok=True)
+            ciphertext.write_bytes(STAND_IN_CIPHERTEXT)
     return paths
 
 
@@ -244,6 +274,31 @@ def module_evaluation(
     )
 
 
+@dataclass(frozen=True)
+class Matching:
+    """An expected string known by its shape only: one holding a store path Nix computes."""
+
+    pattern: str
+
+
+def _code_string(code: str) -> str | Matching:
+    """What a string literal qnix writes (`_CODE_STRING`) evaluates to with the stand-ins."""
+    text = code[1:-1]
+    if not _SECRET_INTERPOLATION.search(text):
+        return _PKGS_INTERPOLATION.sub(lambda m: f"pkg:{m.group(1)}", text)
+    pattern, start = "", 0
+    for match in _INTERPOLATION.finditer(text):
+        pattern += re.escape(text[start : match.start()])
+        package, stored_name = match.group(1), match.group(3)
+        if package:
+            pattern += re.escape(f"pkg:{package}")
+        else:
+            # A file copied to the store keeps its base name after the hash.
+            pattern += f"/nix/store/{_STORE_HASH}-{re.escape(stored_name)}"
+        start = match.end()
+    return Matching(pattern + re.escape(text[start:]))
+
+
 def expected_json(value: NixValue) -> Any:
     """What a value tree evaluates to with the stand-ins, as JSON would show it."""
     if isinstance(value, Call):
@@ -257,9 +312,8 @@ def expected_json(value: NixValue) -> Any:
         if path:
             parts = re.findall(_ATTR, path.group(1))
             return "pkg:" + ".".join(json.loads(p) if p.startswith('"') else p for p in parts)
-        interpolated = _PKGS_IN_STRING.fullmatch(value.code)
-        if interpolated:
-            return f"pkg:{interpolated.group(1)}{interpolated.group(2)}"
+        if _CODE_STRING.fullmatch(value.code):
+            return _code_string(value.code)
         raise AssertionError(f"no stand-in for code {value.code!r}")
     if isinstance(value, Mapping):
         return {key: expected_json(item) for key, item in value.items()}
@@ -269,7 +323,12 @@ def expected_json(value: NixValue) -> Any:
 
 
 def same(actual: Any, expected: Any, at: str = "") -> None:
-    """Equal as JSON values, types included (Python's `True == 1` would hide a wrong type)."""
+    """Equal as JSON values, types included (Python's `True == 1` would hide a wrong type); a
+    `Matching` expects a string matching its pattern whole."""
+    if isinstance(expected, Matching):
+        assert isinstance(actual, str), f"{at}: {actual!r} is not a string"
+        assert re.fullmatch(expected.pattern, actual), f"{at}: {actual!r} !~ {expected.pattern}"
+        return
     assert type(actual) is type(expected), f"{at}: {actual!r} is not {expected!r}"
     if isinstance(expected, dict):
         assert sorted(actual) == sorted(expected), (
