@@ -13,11 +13,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from qnix import __version__
-from qnix.compile import nft
+from qnix.compile import nft, openings
 from qnix.compile.nix.flake import render_nix_files
+from qnix.compile.nix.modules import secret_file
 from qnix.compile.policy import policy_files
+from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
 from qnix.spec.load import LoadedSpec
 from qnix.spec.model import Workstation
+
+# The host's rsyslog drop-in that forwards the audit log (when the spec names a server).
+RSYSLOG_CONF = "rsyslog/qnix.conf"
 
 MANIFEST = "manifest.json"
 SPEC_COPY = "spec.json"
@@ -50,10 +55,17 @@ def sha256(data: bytes) -> str:
 def compile_spec(loaded: LoadedSpec) -> Artifacts:
     ws = loaded.workstation
     texts: dict[str, str] = {}
-    texts.update(render_nix_files(ws, nft.render_table_body(ws)))
-    texts[RULESET] = nft.render_ruleset(ws)
+    # The policy's qnix.Net openings go into the one table both outputs share.
+    opened = openings.for_spec(loaded).openings
+    texts.update(render_nix_files(ws, nft.render_table_body(ws, opened)))
+    texts[RULESET] = nft.render_ruleset(ws, opened)
     texts.update(policy_files(ws.policy.rules, loaded.policy_files))
+    forwarding = rsyslog_config(ws, AUDIT_LOG)
+    if forwarding:
+        texts[RSYSLOG_CONF] = forwarding
     files = {path: text.encode() for path, text in texts.items()}
+    # The age ciphertexts, unchanged: the flake's secrets module and the runtime decrypt them.
+    files.update({secret_file(name): data for name, data in loaded.secret_files})
     spec = canonical_spec(ws)
     files[SPEC_COPY] = spec
     hashes = {path: sha256(data) for path, data in sorted(files.items())}

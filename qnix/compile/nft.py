@@ -22,9 +22,10 @@ How a packet from a compartment is judged (hook forward):
    qnix interface finds no element and is dropped. IPv6 from a compartment is dropped here too:
    the links are IPv4 only.
 4. The compartment's chain first jumps to `admitted`: established and related traffic is
-   accepted; then the `openings` set (source, destination, protocol, port), which the policy
-   (`qnix.Net`) fills later; then any destination in `compartment_addrs` is dropped. So no allow
-   rule below can reach another compartment, whatever it says.
+   accepted; then the `openings` set (source, destination, protocol, port), compiled from the
+   policy's `qnix.Net` lines (qnix.compile.openings), accepts what the policy opens; then any
+   destination in `compartment_addrs` is dropped. So no allow rule below can reach another
+   compartment, whatever it says.
 5. A guard pins the way out: an uplink compartment may not leave through any qnix interface,
    a compartment behind a net compartment only through that net compartment's interface.
 6. One rule per allowed destination and family, from the firewall allow-list, in spec order.
@@ -56,7 +57,8 @@ Size. O(1) base rules, plus per compartment (and disposable template) with a net
 constant two rules and the rules of its allow-list (one per family it names), and per
 compartment one `egress` element and one `compartment_addrs` element (and one `net_clients`
 element if it sits behind a net compartment). Nothing is pairwise, so the table grows linearly
-with the number of compartments.
+with the number of compartments; only the `openings` set holds one element per (source,
+target, port) the policy opens, which is as many as its `qnix.Net` lines ask for.
 
 No spec text reaches the output except through `quote` (comments): chain and set names come from
 the hashed interface name, addresses and ports are re-rendered from their parsed values.
@@ -72,6 +74,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qnix.compile import names
+from qnix.compile.openings import Opening
 from qnix.spec.model import (
     NETWORK_NONE,
     NETWORK_UPLINK,
@@ -289,8 +292,25 @@ def _elements(items: Sequence[str]) -> list[str]:
 # ---- the table ------------------------------------------------------------------------------
 
 
-def render_table_body(ws: Workstation) -> str:
-    """The lines inside `table inet qnix { ... }`."""
+def opening_elements(ws: Workstation, openings: Sequence[Opening]) -> list[str]:
+    """The `openings` set's elements: source address . target address . protocol . port, in
+    the order given. Both ends must be compartments of `ws` with a network."""
+    links = names.allocate_links(ws.compartments, ws.host.subnet)
+    found = []
+    for opening in openings:
+        for end in (opening.source, opening.target):
+            compartment = ws.compartments.get(end)
+            if compartment is None or compartment.network == NETWORK_NONE:
+                raise ValueError(f"opening names {end!r}, which is no compartment with a network")
+        if opening.proto not in ("tcp", "udp") or not 1 <= opening.port <= 65535:
+            raise ValueError(f"not an opening: {opening.proto} port {opening.port}")
+        source, target = links[opening.source].address, links[opening.target].address
+        found.append(f"{source} . {target} . {opening.proto} . {opening.port:d}")
+    return found
+
+
+def render_table_body(ws: Workstation, openings: Sequence[Opening] = ()) -> str:
+    """The lines inside `table inet qnix { ... }`; `openings` fill the `openings` set."""
     links = names.allocate_links(ws.compartments, ws.host.subnet)
     networked = _networked(ws)
 
@@ -310,8 +330,14 @@ def render_table_body(ws: Workstation) -> str:
     blocks = [
         _block("set compartment_addrs", ["type ipv4_addr", *_elements(addresses)]),
         _block("set net_clients", ["type ifname . ipv4_addr", *_elements(net_clients)]),
-        # Filled from the policy (qnix.Net): who may open what on whom.
-        _block("set openings", ["type ipv4_addr . ipv4_addr . inet_proto . inet_service"]),
+        # From the policy (qnix.Net): who may open what on whom.
+        _block(
+            "set openings",
+            [
+                "type ipv4_addr . ipv4_addr . inet_proto . inet_service",
+                *_elements(opening_elements(ws, openings)),
+            ],
+        ),
         _block("map egress", ["type ifname . ipv4_addr : verdict", *_elements(egress)]),
     ]
     for hostname_set in hostname_sets(ws):
@@ -393,6 +419,6 @@ def disposable_elements(
     return found
 
 
-def render_ruleset(ws: Workstation) -> str:
+def render_ruleset(ws: Workstation, openings: Sequence[Opening] = ()) -> str:
     """A complete file for `nft -f`."""
-    return f"table {TABLE} {{\n" + render_table_body(ws) + "}\n"
+    return f"table {TABLE} {{\n" + render_table_body(ws, openings) + "}\n"

@@ -20,6 +20,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel
 
+from qnix.compile import openings
 from qnix.compile.names import allocate_links
 from qnix.errors import Problem, QnixError, SpecError
 from qnix.policy.parse import (
@@ -59,6 +60,11 @@ PATTERN_NAMES = {
         "recipient",
         "an age public key (age1...) or an ssh-ed25519 / ssh-rsa public key",
     ),
+    model.PASS_ENTRY_RE: (
+        "password-store entry",
+        "a pass entry such as work/vpn: letters, digits, '.', '_', '@', '+' and '-' in "
+        "'/'-separated parts, none starting with '.' or '-'",
+    ),
 }
 TYPE_MESSAGES = {
     "int_type": "must be a whole number",
@@ -75,6 +81,7 @@ TYPE_MESSAGES = {
 }
 AGE_HEADERS = (b"age-encryption.org/v1\n", b"-----BEGIN AGE ENCRYPTED FILE-----")
 MAX_SPEC_BYTES = 16 * 1024 * 1024
+MAX_SECRET_BYTES = 16 * 1024 * 1024
 MAX_SHOWN = 80
 POLICY_FILE_RE = r"[0-9a-z_.-]{1,64}\.policy"
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -88,14 +95,20 @@ class LoadedSpec:
     raw: bytes
     workstation: Workstation
     policy_files: tuple[tuple[str, str], ...]  # (file name, text) from the policy.d folder, sorted
+    # (secret name, ciphertext) of each age secret, by name: the build carries them.
+    secret_files: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
 
 
-def load(path: Path) -> LoadedSpec:
-    """Load and validate a spec; raise SpecError naming every problem."""
+def load(path: Path, *, missing_secrets_ok: bool = False) -> LoadedSpec:
+    """Load and validate a spec; raise SpecError naming every problem.
+
+    `missing_secrets_ok`: an age secret whose file does not exist yet is no problem (for
+    `qnix secret add`, which writes it); it is left out of `secret_files`.
+    """
     file = str(path)
     try:
         raw = path.read_bytes()
@@ -111,10 +124,13 @@ def load(path: Path) -> LoadedSpec:
     policy_files, problems = _read_policy_dir(path.parent, file, workstation)
     problems += check_references(file, workstation, policy_files)
     problems += _check_subnet(file, workstation)
-    problems += _check_secret_files(path.parent, file, workstation)
+    secret_files, secret_problems = _read_secret_files(
+        path.parent, file, workstation, missing_secrets_ok
+    )
+    problems += secret_problems
     if problems:
         raise SpecError(problems)
-    return LoadedSpec(path, raw, workstation, policy_files)
+    return LoadedSpec(path, raw, workstation, policy_files, secret_files)
 
 
 def parse_document(path: Path, raw: bytes) -> Any:
@@ -660,17 +676,30 @@ def check_references(
 
     problems += _network_cycles(file, workstation)
 
-    for name, compartment in compartments.items():
-        for index, secret in enumerate(compartment.secrets):
-            if secret not in workstation.secrets:
+    for where, unit in networked:
+        for index, secret_name in enumerate(unit.secrets):
+            secret = workstation.secrets.get(secret_name)
+            if secret is None:
                 problems.append(
                     Problem(
                         file,
-                        f"compartments.{name}.secrets[{index}]",
+                        f"{where}.secrets[{index}]",
                         "names no secret",
-                        show(secret),
-                        _did_you_mean(secret, list(workstation.secrets))
+                        show(secret_name),
+                        _did_you_mean(secret_name, list(workstation.secrets))
                         or "declare it under [secrets]",
+                    )
+                )
+            elif secret.source == "pass" and unit.isolation != "namespace":
+                # NixOS starts containers and VMs itself, at boot: no password store is open.
+                problems.append(
+                    Problem(
+                        file,
+                        f"{where}.secrets[{index}]",
+                        f"a pass secret cannot reach a {unit.isolation} compartment",
+                        show(secret_name),
+                        "NixOS decrypts a container's or VM's secrets at boot with the host's "
+                        'key: make it an age secret, or use isolation = "namespace"',
                     )
                 )
 
@@ -693,6 +722,12 @@ def check_references(
     problems += policy_problems
     for placed in rules:
         rule = placed.rule
+        # A qnix.Net line's argument becomes nft elements: its shape is checked here already.
+        argument_problem = openings.argument_problem(rule)
+        if argument_problem:
+            problems.append(
+                Problem(file, placed.path, placed.prefix + argument_problem, show(placed.text))
+            )
         for role, token in (("source", rule.source), ("target", rule.target)):
             problem = _check_token(file, placed, role, token, workstation)
             if problem is not None:
@@ -759,27 +794,36 @@ def _check_subnet(file: str, workstation: Workstation) -> list[Problem]:
     return []
 
 
-def _check_secret_files(base: Path, file: str, workstation: Workstation) -> list[Problem]:
+def _read_secret_files(
+    base: Path, file: str, workstation: Workstation, missing_ok: bool
+) -> tuple[tuple[tuple[str, bytes], ...], list[Problem]]:
+    """The ciphertext of every age secret, and what is wrong with any of them."""
+    found: list[tuple[str, bytes]] = []
     problems = []
     for name, secret in workstation.secrets.items():
+        if secret.file is None:  # a pass secret: its ciphertext is in the password store
+            continue
         where = f"secrets.{name}.file"
         target = base / secret.file
         try:
             with target.open("rb") as handle:
-                head = handle.read(64)
+                data = handle.read(MAX_SECRET_BYTES + 1)
         except OSError as exc:
             missing = isinstance(exc, FileNotFoundError | IsADirectoryError)
+            if missing and missing_ok:
+                continue
             problems.append(
                 Problem(
                     file,
                     where,
                     "file not found" if missing else f"cannot read: {exc.strerror}",
                     show(secret.file),
-                    "encrypt it with: age -r RECIPIENT -o FILE PLAINTEXT",
+                    f"encrypt it with: qnix secret add {name} --spec {Path(file).name} "
+                    "(or age -r RECIPIENT -o FILE)",
                 )
             )
             continue
-        if not head.startswith(AGE_HEADERS):
+        if not data.startswith(AGE_HEADERS):
             problems.append(
                 Problem(
                     file,
@@ -789,4 +833,10 @@ def _check_secret_files(base: Path, file: str, workstation: Workstation) -> list
                     "a plaintext secret must never sit in the repo; encrypt it with age",
                 )
             )
-    return problems
+        elif len(data) > MAX_SECRET_BYTES:
+            problems.append(
+                Problem(file, where, f"is larger than {MAX_SECRET_BYTES} bytes", show(secret.file))
+            )
+        else:
+            found.append((name, data))
+    return tuple(found), problems

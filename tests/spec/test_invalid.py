@@ -21,7 +21,8 @@ SECRET = f'[secrets.work-vpn]\nfile = "vpn.age"\nrecipients = ["{AGE_KEY}"]\n'
 UPLINK = '[compartments.a]\nnetwork = "uplink"\n'
 FIELDS = (
     "apps, autostart, cpus, devices, firewall, isolation, label, memory_mb, name, network, "
-    "packages, persistence, persistent_paths, pids, provides_network, secrets, tags, user"
+    "packages, persistence, persistent_paths, pids, provides_network, secrets, snapshots, tags, "
+    "user"
 )
 
 
@@ -499,6 +500,13 @@ CASES = [
         "target 'wrok' names no compartment",
         '"qnix.Filecopy * work wrok ask"',
         "did you mean 'work'?",
+    ),
+    Bad(
+        "policy-net-port-out-of-range",
+        policy("qnix.Net +tcp+99999 work @anyvm allow"),
+        "policy.rules[0]",
+        "bad qnix.Net argument '+tcp+99999': use +tcp+PORT or +udp+PORT",
+        '"qnix.Net +tcp+99999 work @anyvm allow"',
     ),
     Bad(
         "policy-unknown-tag",
