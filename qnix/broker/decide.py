@@ -15,8 +15,15 @@ from dataclasses import dataclass
 
 from qnix.audit import events
 from qnix.errors import QnixError
-from qnix.policy.evaluate import Decision, answer_ask, evaluate, system_from_workstation
+from qnix.policy.evaluate import (
+    Decision,
+    System,
+    answer_ask,
+    evaluate,
+    system_from_workstation,
+)
 from qnix.policy.load import load_policy_dir
+from qnix.policy.parse import Policy, Rule
 from qnix.runtime import lifecycle
 from qnix.runtime.paths import RuntimePaths
 
@@ -73,6 +80,15 @@ class TerminalAsker:
         return answer or default or None
 
 
+def _live_policy(paths: RuntimePaths) -> tuple[Policy, System]:
+    ws = lifecycle.live_workstation(paths)
+    if ws is None:
+        raise QnixError("no live generation on this host", hint="run `qnix apply SPEC` first")
+    policy = load_policy_dir(paths.generation_dir / "policy")
+    running = {status.name for status in lifecycle.statuses(paths) if status.state == "running"}
+    return policy, system_from_workstation(ws, running=running)
+
+
 def live_policy_decision(
     paths: RuntimePaths,
     *,
@@ -82,12 +98,7 @@ def live_policy_decision(
     untrusted_target: str,
 ) -> Decision:
     """The live policy's decision (pure evaluation; no ask answered, nothing recorded)."""
-    ws = lifecycle.live_workstation(paths)
-    if ws is None:
-        raise QnixError("no live generation on this host", hint="run `qnix apply SPEC` first")
-    policy = load_policy_dir(paths.generation_dir / "policy")
-    running = {status.name for status in lifecycle.statuses(paths) if status.state == "running"}
-    system = system_from_workstation(ws, running=running)
+    policy, system = _live_policy(paths)
     return evaluate(
         policy,
         system,
@@ -98,6 +109,10 @@ def live_policy_decision(
     )
 
 
+def _rule_at(policy: Policy, where: str | None) -> Rule | None:
+    return next((rule for rule in policy.rules if rule.where == where), None)
+
+
 def decide(
     paths: RuntimePaths,
     *,
@@ -106,15 +121,33 @@ def decide(
     source: str,
     untrusted_target: str,
     asker: Asker = refuse,
+    explicit_argument: bool = False,
 ) -> Decision:
-    """Decide, answer an ask through `asker`, record the outcome; never raises for a deny."""
-    decision = live_policy_decision(
-        paths,
+    """Decide, answer an ask through `asker`, record the outcome; never raises for a deny.
+
+    `explicit_argument`: allow only if the deciding line names the argument itself; a line
+    with `*` as its argument then denies (for what a policy must opt into, such as binary
+    clipboard data)."""
+    policy, system = _live_policy(paths)
+    decision = evaluate(
+        policy,
+        system,
         untrusted_service=untrusted_service,
         untrusted_argument=untrusted_argument,
         source=source,
         untrusted_target=untrusted_target,
     )
+    if explicit_argument and decision.action != "deny":
+        rule = _rule_at(policy, decision.rule)
+        if rule is None or rule.argument != untrusted_argument:
+            decision = Decision(
+                "deny",
+                None,
+                decision.rule,
+                None,
+                reason=f"{decision.rule} does not name {untrusted_argument[:64]} itself, and "
+                "a line with * does not allow it",
+            )
     asked = decision.action == "ask"
     if asked:
         service = untrusted_service + (f"+{untrusted_argument}" if untrusted_argument else "")
