@@ -5,7 +5,8 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 QNIX      := $(VENV)/bin/qnix
 STAMP     := $(VENV)/.installed
-SYSTEM_PACKAGES := bubblewrap nftables nix-bin age graphviz iproute2 systemd-container python3-venv
+SYSTEM_PACKAGES := bubblewrap nftables nix-bin age graphviz iproute2 systemd-container python3-venv \
+                   gnupg openssh-client pass rsyslog rsyslog-gnutls
 PYTHON    ?= python3
 
 .PHONY: demo test lint deps system-deps bench clean
@@ -38,6 +39,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/build_scaling.py
 	$(PY) bench/runtime.py
+	$(PY) bench/broker.py
+	$(PY) bench/audit.py
 
 system-deps:
 	@if [ -n "$(IN_NIX_SHELL)" ]; then exit 0; fi; \

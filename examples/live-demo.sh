@@ -5,6 +5,9 @@
 set -euo pipefail
 qnix=${1:-qnix}
 spec=examples/smb-office.toml
+# The example secrets are encrypted to this throw-away key; a real host keeps its own key in
+# /etc/qnix/host.agekey. Never encrypt anything real to the demo key.
+export QNIX_AGE_IDENTITY=${QNIX_AGE_IDENTITY:-$PWD/examples/keys/demo-only.agekey}
 
 trap '"$qnix" down' EXIT
 "$qnix" apply "$spec"
@@ -31,4 +34,6 @@ echo "== the vault has no network but loopback"
 
 echo "== a disposable, gone when its command ends"
 "$qnix" dispose --template offline-dvm -- sh -c 'echo "in $(hostname), home on $(df --output=fstype ~ | tail -1)"'
+echo "== a preloaded disposable (default-dvm keeps one waiting), another started behind it"
+"$qnix" dispose -- sh -c 'echo "in $(hostname), started before it was asked for"'
 "$qnix" ls

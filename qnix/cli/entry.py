@@ -1,5 +1,6 @@
-"""The `qnix` console script. `qnix run` on a running compartment takes a path that loads no
-CLI framework (see qnix.runtime.quickrun); everything else goes to the click commands."""
+"""The `qnix` console script. `qnix run` on a running compartment and `qnix dispose` with a
+preloaded disposable take a path that loads no CLI framework (see qnix.runtime.quickrun);
+everything else goes to the click commands."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import sys
 
 
 def main() -> None:
-    from qnix.runtime.quickrun import run_fast
+    from qnix.runtime.quickrun import dispose_fast, run_fast
 
     code = run_fast(sys.argv[1:])
+    if code is None:
+        code = dispose_fast(sys.argv[1:])
     if code is not None:
         sys.exit(code)
     from qnix.cli.main import cli

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from qnix import __version__
+from qnix.cli.audit import audit
+from qnix.cli.broker import clip, copy, move, open_in_dvm
+from qnix.cli.drift import drift
+from qnix.cli.integrity import integrity
 from qnix.cli.policy import policy
+from qnix.cli.secret import secret
+from qnix.cli.state import state
 from qnix.errors import QnixError
 
 if TYPE_CHECKING:
@@ -319,6 +325,15 @@ def gc(state_root: Path | None, run_root: Path | None) -> None:
 
 
 cli.add_command(policy)
+cli.add_command(secret)
+cli.add_command(state)
+cli.add_command(copy)
+cli.add_command(move)
+cli.add_command(clip)
+cli.add_command(open_in_dvm)
+cli.add_command(audit)
+cli.add_command(drift)
+cli.add_command(integrity)
 
 
 if __name__ == "__main__":

@@ -16,22 +16,25 @@ everything the host reads back comes from a compartment: both sides validate eac
 
 from __future__ import annotations
 
-import array
-import contextlib
+# The C module: the `socket` wrapper (with its enums and selectors), `signal`, `struct`,
+# `array`, `contextlib` and `typing` together cost `qnix run` more than the rest of its work.
+import _socket
 import json
 import os
-import signal
-import socket
-import struct
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Mapping, Sequence
+    from typing import Any
 
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 3
 MAX_ARGS = 4096
-HEADER = struct.Struct(">I")
-PEERCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+MAX_TERMINAL_SIDE = 10000
+HEADER_SIZE = 4  # a big-endian unsigned length
+UCRED_SIZE = 12  # struct ucred: pid, uid, gid (32 bits each)
 
 
 class ProtocolError(Exception):
@@ -41,30 +44,39 @@ class ProtocolError(Exception):
 # ---- framing -------------------------------------------------------------------------------
 
 
-def send_message(sock: socket.socket, message: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+def _fd_bytes(fds: Sequence[int]) -> bytes:
+    return b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+
+
+def _fds_of(payload: bytes) -> list[int]:
+    whole = len(payload) - len(payload) % 4
+    return [
+        int.from_bytes(payload[i : i + 4], sys.byteorder, signed=True) for i in range(0, whole, 4)
+    ]
+
+
+def send_message(sock: _socket.socket, message: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
     body = json.dumps(message, separators=(",", ":")).encode()
     if len(body) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
-    data = HEADER.pack(len(body)) + body
+    data = len(body).to_bytes(HEADER_SIZE, "big") + body
     if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _fd_bytes(fds))]
         sent = sock.sendmsg([data], ancillary)
         data = data[sent:]
     if data:
         sock.sendall(data)
 
 
-def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
+def _recv_exact(sock: _socket.socket, size: int, fds: list[int]) -> bytes:
     chunks: list[bytes] = []
     remaining = size
     while remaining:
-        data, ancdata, flags, _ = sock.recvmsg(remaining, socket.CMSG_SPACE(MAX_FDS * 4))
+        data, ancdata, flags, _ = sock.recvmsg(remaining, _socket.CMSG_SPACE(MAX_FDS * 4))
         for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                received = array.array("i")
-                received.frombytes(payload[: len(payload) - len(payload) % 4])
-                fds.extend(received)
-        if flags & socket.MSG_CTRUNC:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds.extend(_fds_of(payload))
+        if flags & _socket.MSG_CTRUNC:
             _close_all(fds)
             raise ProtocolError("too many file descriptors")
         if not data:
@@ -75,10 +87,10 @@ def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
     return b"".join(chunks)
 
 
-def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+def recv_message(sock: _socket.socket) -> tuple[dict[str, Any], list[int]]:
     """One message and the descriptors that came with it; ProtocolError if malformed."""
     fds: list[int] = []
-    (size,) = HEADER.unpack(_recv_exact(sock, HEADER.size, fds))
+    size = int.from_bytes(_recv_exact(sock, HEADER_SIZE, fds), "big")
     if size > MAX_MESSAGE:
         _close_all(fds)
         raise ProtocolError(f"message of {size} bytes exceeds {MAX_MESSAGE}")
@@ -99,8 +111,10 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
 
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib stays off the fast path
             os.close(fd)
+        except OSError:
+            pass
 
 
 # ---- validation of requests (agent side) -----------------------------------------------------
@@ -115,9 +129,21 @@ def _string_list(value: Any, what: str, *, min_items: int = 0) -> list[str]:
     return value
 
 
+def _terminal_size(untrusted: Any) -> tuple[int, int] | None:
+    """`tty`: None (the caller's stdio is passed) or {"rows": R, "cols": C}."""
+    if untrusted is None:
+        return None
+    if not isinstance(untrusted, dict) or set(untrusted) != {"rows", "cols"}:
+        raise ProtocolError("tty must be an object with rows and cols")
+    size = untrusted["rows"], untrusted["cols"]
+    if not all(type(n) is int and 0 <= n <= MAX_TERMINAL_SIDE for n in size):
+        raise ProtocolError(f"terminal rows and cols must be 0 to {MAX_TERMINAL_SIDE}")
+    return size
+
+
 def validate_exec(untrusted: Mapping[str, Any], untrusted_fds: Sequence[int]) -> dict[str, Any]:
     """An exec request checked field by field; unknown fields are refused."""
-    allowed = {"op", "argv", "env", "cwd"}
+    allowed = {"op", "argv", "env", "cwd", "tty"}
     if set(untrusted) - allowed:
         raise ProtocolError(f"unknown fields: {sorted(set(untrusted) - allowed)}")
     argv = _string_list(untrusted.get("argv"), "argv", min_items=1)
@@ -132,9 +158,12 @@ def validate_exec(untrusted: Mapping[str, Any], untrusted_fds: Sequence[int]) ->
     cwd = untrusted.get("cwd")
     if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/") or "\x00" in cwd):
         raise ProtocolError("cwd must be an absolute path")
-    if len(untrusted_fds) != 3:
+    tty = _terminal_size(untrusted.get("tty"))
+    if tty is not None and untrusted_fds:
+        raise ProtocolError("an exec on a terminal of the compartment takes no descriptors")
+    if tty is None and len(untrusted_fds) != 3:
         raise ProtocolError("exec needs exactly three descriptors: stdin, stdout, stderr")
-    return {"argv": argv, "env": env, "cwd": cwd}
+    return {"argv": argv, "env": env, "cwd": cwd, "tty": tty}
 
 
 # ---- the agent -------------------------------------------------------------------------------
@@ -146,16 +175,36 @@ def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
+def _open_terminal(rows: int, cols: int) -> tuple[int, int]:
+    """A pseudo-terminal of the compartment's own (its /dev/pts), of the caller's size."""
+    import fcntl
+    import termios
+
+    master, slave = os.openpty()
+    size = rows.to_bytes(2, sys.byteorder) + cols.to_bytes(2, sys.byteorder) + bytes(4)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
+    return master, slave
+
+
 def _spawn(request: Mapping[str, Any], fds: Sequence[int]) -> int:
+    """Fork the command with `fds` as its stdio; on a terminal (fds = (slave,)*3) it also
+    becomes the terminal's controlling process, so job control and ^C work inside."""
     pid = os.fork()
     if pid == 0:  # the child: becomes the command
         try:
             os.setsid()
+            if request["tty"] is not None:
+                import fcntl
+                import termios
+
+                fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
             os.closerange(3, 65536)
             if request["cwd"]:
                 os.chdir(request["cwd"])
+            import signal
+
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             os.execvpe(request["argv"][0], request["argv"], request["env"])
         except FileNotFoundError:
@@ -177,17 +226,27 @@ def _handle(conn: socket.socket) -> None:
             send_message(conn, {"op": "pong", "pid": os.getpid()})
         elif op == "exec":
             request = validate_exec(untrusted, fds)
+            master = None
+            if request["tty"] is not None:
+                master, slave = _open_terminal(*request["tty"])
+                fds = [slave, slave, slave]
             pid = _spawn(request, fds)
             _close_all(fds)
             fds = []
-            send_message(conn, {"op": "started", "pid": pid})
+            # On a terminal the host gets its master side: the host's own terminal never
+            # enters the compartment.
+            send_message(conn, {"op": "started", "pid": pid}, () if master is None else (master,))
+            if master is not None:
+                os.close(master)
             _, status = os.waitpid(pid, 0)
             send_message(conn, {"op": "exited", "code": _exit_code(status)})
         else:
             raise ProtocolError(f"unknown op {op!r}")
     except (ProtocolError, OSError) as exc:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib stays off the fast path
             send_message(conn, {"op": "error", "message": str(exc)[:512]})
+        except OSError:
+            pass
     finally:
         _close_all(fds)
         conn.close()
@@ -195,9 +254,15 @@ def _handle(conn: socket.socket) -> None:
 
 def serve(socket_path: str) -> None:
     """Listen on `socket_path` and answer each connection in a child process."""
+    import signal
+    import socket
+    import warnings  # noqa: F401 - os.execvpe imports it: once here, not in every command
+
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    with contextlib.suppress(FileNotFoundError):
+    try:  # noqa: SIM105 - contextlib stays off the fast path
         os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
     os.chmod(socket_path, 0o600)
@@ -233,18 +298,24 @@ class AgentError(Exception):
     pass
 
 
+def uid_of_peer(sock: _socket.socket) -> int:
+    """The uid of the process at the other end of a connected unix socket (SO_PEERCRED)."""
+    credentials = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, UCRED_SIZE)
+    return int.from_bytes(credentials[4:8], sys.byteorder)
+
+
 def connect(
     socket_path: str, timeout: float = 10.0, *, peer_uid: int | None = None
-) -> socket.socket:
-    """A connection to the agent at `socket_path`; with `peer_uid`, only if the process
-    listening there runs as that (host) uid, whatever the socket file claims."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+) -> _socket.socket:
+    """A connection to the agent at `socket_path` (the caller closes it); with `peer_uid`,
+    only if the process listening there runs as that (host) uid, whatever the socket file
+    claims."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         sock.connect(socket_path)
         if peer_uid is not None:
-            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
-            _, uid, _ = PEERCRED.unpack(credentials)
+            uid = uid_of_peer(sock)
             if uid != peer_uid:
                 raise AgentError(
                     f"the socket at {socket_path} belongs to uid {uid}, not the compartment's"
@@ -259,10 +330,13 @@ def connect(
 
 
 def ping(socket_path: str, timeout: float = 5.0) -> int:
-    with connect(socket_path, timeout) as sock:
+    sock = connect(socket_path, timeout)
+    try:
         send_message(sock, {"op": "ping"})
         untrusted, fds = recv_message(sock)
         _close_all(fds)
+    finally:
+        sock.close()
     if untrusted.get("op") != "pong" or not isinstance(untrusted.get("pid"), int):
         raise AgentError(f"unexpected answer to ping: {untrusted.get('op')!r}")
     return int(untrusted["pid"])
@@ -276,16 +350,36 @@ def execute(
     cwd: str | None = None,
     stdio: Sequence[int] = (0, 1, 2),
     peer_uid: int | None = None,
+    terminal: bool = False,
 ) -> int:
     """Run argv in the compartment with our stdio; return its exit code (128+N for signal N).
-    `peer_uid`: refuse unless the agent runs as this host uid (see connect)."""
-    with connect(socket_path, peer_uid=peer_uid) as sock:
-        send_message(sock, {"op": "exec", "argv": list(argv), "env": dict(env), "cwd": cwd}, stdio)
+    `peer_uid`: refuse unless the agent runs as this host uid (see connect).
+
+    `terminal` (stdin and stdout are our terminal): the command gets a terminal of the
+    compartment's own, and we relay between it and ours in raw mode, with its size; our
+    terminal's descriptor is never passed in."""
+    sock = connect(socket_path, peer_uid=peer_uid)
+    try:
+        request = {"op": "exec", "argv": list(argv), "env": dict(env), "cwd": cwd}
+        if terminal:
+            from qnix.runtime import terminal as relay
+
+            rows, cols = relay.size(stdio[1])
+            send_message(sock, {**request, "tty": {"rows": rows, "cols": cols}})
+        else:
+            send_message(sock, request, stdio)
         sock.settimeout(None)  # the command may run for as long as it likes
         while True:
             untrusted, fds = recv_message(sock)
-            _close_all(fds)
             op = untrusted.get("op")
+            if op == "started" and terminal:
+                master = relay.checked_master(fds)
+                try:
+                    relay.relay(sock, master, stdio[0], stdio[1])
+                finally:
+                    os.close(master)
+                continue
+            _close_all(fds)
             if op == "started":
                 continue
             if op == "exited":
@@ -297,6 +391,8 @@ def execute(
                 message = str(untrusted.get("message", ""))[:512]
                 raise AgentError(f"the agent refused: {message}")
             raise AgentError(f"unexpected message from the agent: {op!r}")
+    finally:
+        sock.close()
 
 
 if __name__ == "__main__":

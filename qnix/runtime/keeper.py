@@ -28,6 +28,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,8 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
+from qnix.broker import calls
 from qnix.errors import QnixError
-from qnix.runtime import cgroups
+from qnix.runtime import cgroups, secrets
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.files import atomic_write
 from qnix.runtime.net import HostNetwork
@@ -84,6 +86,16 @@ class KeeperConfig:
     address: str | None = None
     gateway: str | None = None
     elements: tuple[tuple[str, str], ...] = ()  # (nft set or map, element)
+    # A preloaded disposable waits, owned by nobody, until a `qnix dispose` connects here;
+    # it then belongs to that connection and ends when the connection closes.
+    claim_socket: str | None = None
+    # The state root of the qnix that started the keeper (audit log, homes), for the calls
+    # the compartment makes (qnix.broker.calls); None: derived from `home` or the environment.
+    state_root: str | None = None
+    # The secrets to put at /run/secrets (qnix.runtime.secrets.Delivery: name, source, where)
+    # and the host's age identity they are decrypted with.
+    secrets: tuple[tuple[str, str, str], ...] = ()
+    age_identity: str | None = None
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
@@ -94,6 +106,7 @@ class KeeperConfig:
         if not isinstance(fields, dict):
             raise ValueError("a keeper configuration is a JSON object")
         fields["elements"] = tuple((str(k), str(v)) for k, v in fields.get("elements", ()))
+        fields["secrets"] = tuple((str(n), str(s), str(w)) for n, s, w in fields.get("secrets", ()))
         return cls(**fields)
 
     @property
@@ -174,6 +187,8 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
         home=Path(config.home) if config.home is not None else None,
         user=config.user,
         extra_binds=((str(agent_dir), AGENT_DIR_INSIDE),),
+        # The call socket's folder is root's and read-only inside: not replaceable from there.
+        extra_ro_binds=((str(calls.call_dir(config.run_dir)), calls.CALL_DIR_INSIDE),),
     )
     agent_fd = ns.sealed_memfd(AGENT_SOURCE.read_bytes(), "qnix-agent")
     resolv_fd = ns.sealed_memfd(config.resolv_conf.encode(), "qnix-resolv.conf")
@@ -181,12 +196,19 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
         f"{INSIDE_DIR}/{source.name}": ns.sealed_memfd(source.read_bytes(), f"qnix-{source.stem}")
         for source in sorted(INSIDE_PROGRAMS_DIR.glob("[!_]*.py"))
     }
+    secret_fds: dict[str, int] = {}
     try:
+        # Decrypted into sealed memfds; bubblewrap copies each into the sandbox's tmpfs.
+        secret_fds = secrets.decrypt_all(config.secrets, config.age_identity)
         system = (
             *ns.host_system_binds(interpreter_prefix=config.interpreter_prefix),
             ns.RoData(agent_fd, AGENT_CODE_INSIDE),
             *(ns.RoData(fd, inside) for inside, fd in programs.items()),
             ns.RoData(resolv_fd, "/etc/resolv.conf"),
+            *(
+                ns.RoData(fd, secrets.inside_path(name), secrets.SECRET_MODE)
+                for name, fd in secret_fds.items()
+            ),
         )
         socket_inside = f"{AGENT_DIR_INSIDE}/{AGENT_SOCKET_NAME}"
         command = [config.interpreter, "-I", "-S", AGENT_CODE_INSIDE, "serve", socket_inside]
@@ -195,14 +217,20 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
                 prepared.argv,
                 netns_path=config.netns_path,
                 cgroup=cgroup,
-                pass_fds=(*prepared.fds, agent_fd, resolv_fd, *programs.values()),
+                pass_fds=(
+                    *prepared.fds,
+                    agent_fd,
+                    resolv_fd,
+                    *programs.values(),
+                    *secret_fds.values(),
+                ),
                 run_as=ns.HostIdentity(config.host_uid, config.host_gid),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=None,  # the keeper's own stderr: its log file
             )
     finally:
-        for fd in (agent_fd, resolv_fd, *programs.values()):
+        for fd in (agent_fd, resolv_fd, *programs.values(), *secret_fds.values()):
             os.close(fd)
     try:
         _wait_ready(process, stop, READY_TIMEOUT)
@@ -244,18 +272,67 @@ def teardown(config: KeeperConfig, cgroup: cgroups.Cgroup | None) -> None:
     if cgroup is not None:
         cgroups.kill(cgroup)
         cgroups.remove(cgroup)
+    if config.claim_socket is not None:  # a preloaded disposable nobody claimed
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.claim_socket)
     try:
         teardown_network(config)
     finally:
         shutil.rmtree(config.run_dir, ignore_errors=True)
 
 
-def _wait(process: subprocess.Popen[bytes], stop: _Stop, owner: int | None) -> None:
-    """Until the sandbox exits, a stop signal arrives or the owner (a pidfd) exits."""
+def listen_for_claim(path: str) -> socket.socket:
+    """The claim socket of a preloaded disposable: only root may connect (0600 in a root
+    folder), and the first connection takes it."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(8)
+    return listener
+
+
+def _claimed(listener: socket.socket, path: str) -> socket.socket | None:
+    """Take the first claim; later ones in the backlog are dropped unanswered (their
+    `qnix dispose` tries the next preloaded disposable)."""
+    try:
+        connection, _ = listener.accept()
+    except OSError:
+        connection = None
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener.close()
+    if connection is None:
+        return None
+    try:
+        connection.sendall(b"yours\n")
+    except OSError:
+        connection.close()
+        return None
+    return connection
+
+
+def _wait(
+    process: subprocess.Popen[bytes],
+    stop: _Stop,
+    owner: int | None,
+    claim: tuple[socket.socket, str] | None = None,
+) -> None:
+    """Until the sandbox exits, a stop signal arrives, the owner (a pidfd) exits, or — for a
+    preloaded disposable — the `qnix dispose` that claimed it closes its connection."""
     pidfd = os.pidfd_open(process.pid)
-    watched = [pidfd, stop.wakeup_read] + ([owner] if owner is not None else [])
+    listener = claim[0] if claim is not None else None
+    connection: socket.socket | None = None
     try:
         while not stop.requested:
+            watched = [pidfd, stop.wakeup_read]
+            watched += [owner] if owner is not None else []
+            watched += [listener.fileno()] if listener is not None else []
+            watched += [connection.fileno()] if connection is not None else []
             readable, _, _ = select.select(watched, [], [])
             if stop.wakeup_read in readable:
                 os.read(stop.wakeup_read, 64)
@@ -263,8 +340,19 @@ def _wait(process: subprocess.Popen[bytes], stop: _Stop, owner: int | None) -> N
                 return
             if owner is not None and owner in readable:
                 stop.requested = True
+            if connection is not None and connection.fileno() in readable:
+                stop.requested = True  # closed (or spoke out of turn): the owner is done
+            if listener is not None and claim is not None and listener.fileno() in readable:
+                connection = _claimed(listener, claim[1])
+                listener = None
+                if connection is None:  # the claimer went away at once: nobody owns it now
+                    stop.requested = True
     finally:
         os.close(pidfd)
+        if listener is not None:
+            listener.close()
+        if connection is not None:
+            connection.close()
 
 
 def keep(config: KeeperConfig, notify: int) -> int:
@@ -277,7 +365,16 @@ def keep(config: KeeperConfig, notify: int) -> int:
             owner = os.pidfd_open(config.owner_pid)
         limits = cgroups.CgroupLimits(memory_bytes=config.memory_bytes, pids=config.pids)
         cgroup = cgroups.create(config.cgroup, limits)
+        # The call socket exists before the sandbox binds its folder; calls are answered
+        # once the compartment runs.
+        call_listener = calls.listen(calls.call_dir(config.run_dir), config.host_gid)
         process = _start(config, cgroup, stop)
+        calls.serve_in_background(
+            call_listener, calls.keeper_paths(config), config.name, config.host_uid
+        )
+        claim = None
+        if config.claim_socket is not None:
+            claim = (listen_for_claim(config.claim_socket), config.claim_socket)
     except BaseException as exc:
         message = exc.message if isinstance(exc, QnixError) else f"{type(exc).__name__}: {exc}"
         print(f"keeper: {message}", file=sys.stderr, flush=True)
@@ -289,7 +386,7 @@ def keep(config: KeeperConfig, notify: int) -> int:
         os.write(notify, b"ready\n")
     os.close(notify)
     try:
-        _wait(process, stop, owner)
+        _wait(process, stop, owner, claim)
     finally:
         _end(process, cgroup, grace=config.stop_grace if stop.requested else 0)
         teardown(config, cgroup)

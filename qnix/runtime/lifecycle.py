@@ -45,17 +45,17 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from qnix.audit import events
-from qnix.compile import names
-from qnix.compile.artifacts import MANIFEST, RULESET, SPEC_COPY, compile_spec
+from qnix.compile import names, openings
+from qnix.compile.artifacts import RULESET, SPEC_COPY, compile_spec
 from qnix.compile.nft import TABLE, disposable_elements, hostname_sets
 from qnix.errors import QnixError
-from qnix.runtime import cgroups
+from qnix.runtime import cgroups, secrets
 from qnix.runtime.agent import AgentError, ProtocolError
 from qnix.runtime.backends.namespace import HostIdentity
 from qnix.runtime.files import atomic_write, replace_tree
@@ -354,6 +354,8 @@ def _keeper_config(
         interpreter=interpreter,
         interpreter_prefix=prefix,
         resolv_conf=resolv_conf(ws, compartment),
+        state_root=str(paths.state_root),
+        **secrets.keeper_fields(paths, ws, compartment),
         **disposable,
     )
 
@@ -404,6 +406,7 @@ def _spawn_keeper(paths: RuntimePaths, config: KeeperConfig) -> None:
     finally:
         os.close(ready_read)
     if answer == "ready":
+        secrets.record_delivered(paths, name, config.secrets)
         return
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
@@ -444,6 +447,7 @@ def _start(paths: RuntimePaths, ws: Workstation, name: str) -> bool:
     try:
         _spawn_keeper(paths, _keeper_config(paths, ws, compartment, identity))
     except QnixError as exc:
+        _cleanup_run(paths, name)  # refused before any keeper (e.g. no age identity): no trace
         events.record(paths, "start", compartment=name, result=f"error: {exc.message}")
         raise
     events.record(paths, "start", compartment=name, result="ok")
@@ -480,6 +484,9 @@ def _stop(
     _cleanup_run(paths, name)
     if audit:
         events.record(paths, "stop", compartment=name, result="ok")
+    from qnix.runtime.state import snapshot_after_stop  # here: qnix.runtime.state imports us
+
+    snapshot_after_stop(paths, name)  # never raises: a failure is an audit event and a warning
     return True
 
 
@@ -579,10 +586,11 @@ def _free_slot(ws: Workstation, name: str, taken_by_disposables: set[int]) -> in
 
 
 def _create_disposable(
-    paths: RuntimePaths, ws: Workstation, template_name: str | None
+    paths: RuntimePaths, ws: Workstation, template_name: str | None, *, preload: bool = False
 ) -> KeeperConfig:
     """A fresh disposable from a template, running: namespace, link, nft elements, keeper
-    (which ends it, and removes all of it, when this process exits)."""
+    (which ends it, and removes all of it, when this process exits — or, preloaded, when the
+    `qnix dispose` that claims it exits)."""
     chosen = template_name or ws.default_disposable
     if chosen is None:
         raise QnixError(
@@ -601,7 +609,11 @@ def _create_disposable(
     running = _running_disposables(paths)
     name = _free_disposable_name(paths, ws)
     compartment = Compartment.model_validate(
-        {**dict(template), "name": name, "persistence": "disposable"}
+        {
+            **{key: value for key, value in template if key != "preload"},
+            "name": name,
+            "persistence": "disposable",
+        }
     )
     taken = {
         names.link_slot(c.gateway, ws.host.subnet)
@@ -613,9 +625,10 @@ def _create_disposable(
     uplink = uplink_of(ws, compartment, link)
     extra: dict[str, Any] = {
         "template": chosen,
-        "owner_pid": os.getpid(),
+        "owner_pid": None if preload else os.getpid(),
         "netns_prefix": paths.netns_prefix,
         "host_netns": paths.host_netns,
+        "claim_socket": str(paths.pool_dir(chosen) / f"{name}.sock") if preload else None,
     }
     if uplink is not None:
         elements = disposable_elements(ws, chosen, uplink.host_ifname, link.address)
@@ -636,6 +649,9 @@ def _create_disposable(
         _ensure_root(paths.run_root)
         _ensure_dir(paths.compartments_run, 0o711)
         _ensure_dir(paths.run_dir(name), 0o711)
+        if preload:
+            _ensure_dir(paths.pool_root, 0o700)
+            _ensure_dir(paths.pool_dir(chosen), 0o700)
         _spawn_keeper(paths, config)
     except BaseException:
         teardown_network(config)
@@ -644,8 +660,93 @@ def _create_disposable(
     return config
 
 
+def preloaded(paths: RuntimePaths) -> dict[str, KeeperConfig]:
+    """Running disposables that wait to be claimed (their claim socket is still there)."""
+    return {
+        name: config
+        for name, config in _running_disposables(paths).items()
+        if config.claim_socket is not None and os.path.exists(config.claim_socket)
+    }
+
+
+def write_pool_file(paths: RuntimePaths, ws: Workstation) -> None:
+    """What `qnix dispose`'s fast path needs to know without reading the spec."""
+    pool = {
+        "default": ws.default_disposable,
+        "preload": {name: t.preload for name, t in sorted(ws.disposable_templates.items())},
+    }
+    _ensure_dir(paths.pool_root, 0o700)
+    data = (json.dumps(pool, indent=2, sort_keys=True) + "\n").encode()
+    if not paths.pool_file.exists() or paths.pool_file.read_bytes() != data:
+        atomic_write(paths.pool_file, data, 0o600)
+
+
+def fill_pools(paths: RuntimePaths, ws: Workstation) -> list[str]:
+    """Start preloaded disposables until each template has its `preload`; stop the ones a
+    template no longer wants. The caller holds the lock."""
+    changes = []
+    waiting: dict[str, list[str]] = {}
+    for name, config in sorted(preloaded(paths).items()):
+        waiting.setdefault(config.template or "", []).append(name)
+    for template_name, template in sorted(ws.disposable_templates.items()):
+        have = waiting.pop(template_name, [])
+        for name in have[template.preload :]:
+            _stop(paths, name, audit=False)
+            changes.append(f"{name}: stopped (more preloaded {template_name} than wanted)")
+        if template.isolation not in IMPLEMENTED_ISOLATION:
+            continue
+        for _ in range(template.preload - len(have)):
+            config = _create_disposable(paths, ws, template_name, preload=True)
+            events.record(
+                paths,
+                "start",
+                compartment=config.name,
+                template=template_name,
+                result="ok",
+                preloaded=True,
+            )
+            changes.append(f"{config.name}: preloaded disposable of {template_name}")
+    for names_left in waiting.values():
+        for name in names_left:
+            _stop(paths, name, audit=False)
+            changes.append(f"{name}: stopped (its template is gone)")
+    return changes
+
+
+def refill_pools(paths: RuntimePaths) -> list[str]:
+    """Top up the preloaded disposables of the live generation (after one was claimed)."""
+    require_root()
+    if not paths.generation_dir.exists():
+        return []  # `qnix down` came first: recreate nothing of the run root
+    with locked(paths):
+        ws = live_workstation(paths)
+        return [] if ws is None else fill_pools(paths, ws)
+
+
 def _exit_on_signal(number: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + number)
+
+
+@contextlib.contextmanager
+def new_disposable(
+    paths: RuntimePaths, template: str | None = None
+) -> Iterator[tuple[KeeperConfig, dict[str, Any]]]:
+    """A fresh disposable (its keeper configuration and running state) for several commands
+    (qnix.broker's open-in-disposable); gone when the block ends, however it ends."""
+    require_root()
+    with locked(paths):
+        config = _create_disposable(paths, _require_live(paths), template)
+    previous = {number: signal.signal(number, _exit_on_signal) for number in DISPOSE_SIGNALS}
+    try:
+        state = running_state(paths, config.name)
+        if state is None:
+            raise QnixError(f"disposable {config.name} ended before it could be used")
+        yield config, state
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _stop(paths, config.name, audit=False)
+        teardown_network(config)
 
 
 def dispose(paths: RuntimePaths, argv: Sequence[str], template: str | None = None) -> int:
@@ -734,6 +835,7 @@ def statuses(paths: RuntimePaths) -> list[Status]:
                 pid=pid,
             )
         )
+    waiting = preloaded(paths)
     for name, config in sorted(_running_disposables(paths).items()):
         state = read_state(paths, name)
         template = ws.disposable_templates.get(config.template or "")
@@ -742,7 +844,7 @@ def statuses(paths: RuntimePaths) -> list[Status]:
                 name=name,
                 label=template.label if template is not None else "red",
                 isolation=template.isolation if template is not None else "namespace",
-                state="running",
+                state="preloaded" if name in waiting else "running",
                 network=template.network if template is not None else NETWORK_NONE,
                 address=config.address,
                 gateway=config.gateway,
@@ -779,21 +881,46 @@ def table_transaction(
     ws: Workstation, ruleset: str, net: HostNetwork
 ) -> tuple[str, dict[str, Any]]:
     """The compiled table plus its host-name sets filled with what the names resolve to now."""
-    lines = [ruleset]
-    resolved: dict[str, list[str]] = {}
     named_sets = hostname_sets(ws)
     answers = net.resolve(sorted({(named.hostname, named.family) for named in named_sets}))
-    for named in named_sets:
-        addresses = answers[(named.hostname, named.family)]
-        resolved[named.set_name] = list(addresses)
+    resolved = {n.set_name: list(answers[(n.hostname, n.family)]) for n in named_sets}
+    return filled_transaction(ruleset, resolved), resolved
+
+
+def filled_transaction(ruleset: str, resolved: dict[str, list[str]]) -> str:
+    """The table followed by the addresses of its host-name sets (`qnix drift` rebuilds what
+    apply loaded from the resolved addresses apply recorded)."""
+    lines = [ruleset]
+    for set_name, addresses in resolved.items():
         if addresses:
-            lines.append(f"add element {TABLE} {named.set_name} {{ {', '.join(addresses)} }}\n")
-    return "".join(lines), resolved
+            lines.append(f"add element {TABLE} {set_name} {{ {', '.join(addresses)} }}\n")
+    return "".join(lines)
+
+
+def _table_drifted(net: HostNetwork, wanted: str) -> bool:
+    """Whether the loaded table differs from `wanted` in anything, elements included (such as
+    an opening deleted by hand), which the shape and hashes above do not see."""
+    from qnix.runtime.drift import table_differences  # drift builds on this module
+
+    return bool(table_differences(net, wanted))
+
+
+def _holds_exactly(folder: Path, files: Mapping[str, bytes]) -> bool:
+    """Whether `folder` holds these files and no others, byte for byte: a generation file
+    changed by hand is put back."""
+    found = (
+        {str(path.relative_to(folder)) for path in folder.rglob("*") if not path.is_dir()}
+        if folder.is_dir()
+        else set()
+    )
+    if found != set(files):
+        return False
+    return all((folder / name).read_bytes() == data for name, data in files.items())
 
 
 def _table_shape(listing: str) -> str:
-    """A table listing without the elements of its sets and maps: what `apply` owns. Elements
-    come and go at run time (disposables, openings from the policy) without being drift."""
+    """A table listing without the elements of its sets and maps: running disposables add and
+    remove theirs at any time (`_table_drifted` compares the elements, theirs included)."""
     return re.sub(r"\n\s*elements = \{[^}]*\}", "", listing)
 
 
@@ -836,7 +963,7 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
     artifacts = compile_spec(loaded)
     net = network_for(paths)
     changes: list[str] = []
-    notes: list[str] = []
+    notes = [f"policy {warning.render()}" for warning in openings.for_spec(loaded).warnings]
     _ensure_root(paths.state_root)
     with locked(paths):
         previous = live_workstation(paths)
@@ -862,6 +989,7 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
             listing is None
             or applied.get("nft_sha256") != _sha256(transaction)
             or applied.get("nft_listing_sha256") != _sha256(_table_shape(listing))
+            or _table_drifted(net, transaction + _disposables_statements(disposables))
         ):
             # Running disposables keep their elements across the reload.
             net.load_table(transaction + _disposables_statements(disposables))
@@ -916,8 +1044,7 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
                     f"(owner {identity.uid})"
                 )
 
-        live = _read_json(paths.generation_dir / MANIFEST).get("generation")
-        if live != artifacts.generation:
+        if not _holds_exactly(paths.generation_dir, artifacts.files):
             replace_tree(paths.generation_dir, artifacts.files)
             changes.append(f"live generation {artifacts.generation[:16]}")
         record = {
@@ -940,6 +1067,8 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
                 )
             elif _start(paths, ws, compartment.name):
                 changes.append(f"{compartment.name}: started")
+        write_pool_file(paths, ws)
+        changes += fill_pools(paths, ws)
     return ApplyResult(artifacts.generation, tuple(changes), tuple(notes))
 
 
@@ -1027,6 +1156,13 @@ def gc(paths: RuntimePaths) -> list[str]:
         for interface in sorted(set(net.list_rule_interfaces()) - existing):
             net.remove_link(interface)
             changes.append(f"removed the routing rule of {interface}")
+        for claim in sorted(paths.pool_root.glob("*/*.sock")):
+            if claim.stem not in running:
+                claim.unlink(missing_ok=True)
+                changes.append(f"removed the claim socket of {claim.stem}")
+        from qnix.runtime.state import remove_leftovers
+
+        changes += remove_leftovers(paths)  # unfinished snapshots and restores
         if ws is None and net.delete_table():
             changes.append(f"removed nft table {TABLE} (no live generation)")
         listing = net.table_listing() if ws is not None else None

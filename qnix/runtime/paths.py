@@ -12,16 +12,18 @@ It is a testing aid: tests give a namespace they made, so they never touch the r
 routes, links or nftables ruleset. Each field can come from the environment (QNIX_STATE_ROOT,
 QNIX_RUN_ROOT, QNIX_NETNS_PREFIX, QNIX_HOST_NETNS) so that a command run as a subprocess gets it.
 
-Standard library only: `qnix run` reads these paths on its fast path.
+Standard library only, and cheap to import: `qnix run` reads these paths on its fast path, so
+neither `re` nor `typing` is imported here (each costs milliseconds of every `qnix run`).
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 DEFAULT_STATE_ROOT = Path("/var/lib/qnix")
 DEFAULT_RUN_ROOT = Path("/run/qnix")
@@ -32,12 +34,34 @@ ENV_RUN_ROOT = "QNIX_RUN_ROOT"
 ENV_NETNS_PREFIX = "QNIX_NETNS_PREFIX"
 ENV_HOST_NETNS = "QNIX_HOST_NETNS"
 
-# A prefix plus a compartment name (31 at most) must still be a valid cgroup name (63).
-PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
-NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-# Compartment names as the spec allows them (qnix.spec.model.COMPARTMENT_NAME_RE), checked here
-# again because a name from the command line becomes a path.
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+_DIGITS = "0123456789"
+_LETTERS = _LOWER + _LOWER.upper()
+
+
+def _is_word(text: str, first: str, rest: str, max_length: int) -> bool:
+    """`text` is one character of `first` then at most max_length - 1 of `rest`."""
+    return (
+        0 < len(text) <= max_length
+        and text[0] in first
+        and all(character in rest for character in text[1:])
+    )
+
+
+def is_prefix(text: str) -> bool:
+    # A prefix plus a compartment name (31 at most) must still be a valid cgroup name (63).
+    return _is_word(text, _LOWER, _LOWER + _DIGITS + "-", 24)
+
+
+def is_netns_name(text: str) -> bool:
+    return _is_word(text, _LETTERS + _DIGITS, _LETTERS + _DIGITS + "_.-", 63)
+
+
+def is_name(text: str) -> bool:
+    """Compartment names as the spec allows them (qnix.spec.model.COMPARTMENT_NAME_RE),
+    checked here again because a name from the command line becomes a path."""
+    return _is_word(text, _LOWER, _LOWER + _DIGITS + "-", 31)
+
 
 # Where the agent's socket folder appears inside a compartment.
 AGENT_DIR_INSIDE = "/run/qnix-agent"
@@ -49,7 +73,7 @@ class PathError(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not is_name(name):
         raise PathError(
             f"{name!r} is not a compartment name (lower-case letters, digits and '-', "
             "starting with a letter, at most 31)"
@@ -57,26 +81,56 @@ def check_name(name: str) -> str:
     return name
 
 
-class RuntimePaths(NamedTuple):
-    """Immutable. A NamedTuple rather than a frozen dataclass: importing dataclasses costs
-    `qnix run` more than everything else it imports. `from_options` validates; code that
-    builds one directly calls `checked()`."""
+class RuntimePaths:
+    """Immutable. A plain class rather than a frozen dataclass or NamedTuple: importing
+    dataclasses or typing costs `qnix run` more than everything else it imports.
+    `from_options` validates; code that builds one directly calls `checked()`."""
 
-    state_root: Path = DEFAULT_STATE_ROOT
-    run_root: Path = DEFAULT_RUN_ROOT
-    netns_prefix: str = DEFAULT_NETNS_PREFIX
-    host_netns: str | None = None
+    __slots__ = ("host_netns", "netns_prefix", "run_root", "state_root")
+    _FIELDS = ("state_root", "run_root", "netns_prefix", "host_netns")
+    state_root: Path
+    run_root: Path
+    netns_prefix: str
+    host_netns: str | None
+
+    def __init__(
+        self,
+        state_root: Path = DEFAULT_STATE_ROOT,
+        run_root: Path = DEFAULT_RUN_ROOT,
+        netns_prefix: str = DEFAULT_NETNS_PREFIX,
+        host_netns: str | None = None,
+    ) -> None:
+        for field, value in zip(
+            self._FIELDS, (state_root, run_root, netns_prefix, host_netns), strict=True
+        ):
+            object.__setattr__(self, field, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"RuntimePaths is immutable: cannot set {name}")
+
+    def _fields(self) -> tuple[Path, Path, str, str | None]:
+        return (self.state_root, self.run_root, self.netns_prefix, self.host_netns)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RuntimePaths) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f}={v!r}" for f, v in zip(self._FIELDS, self._fields(), strict=True))
+        return f"RuntimePaths({shown})"
 
     def checked(self) -> RuntimePaths:
         for root in (self.state_root, self.run_root):
             if not root.is_absolute():
                 raise PathError(f"{root} must be an absolute path")
-        if not PREFIX_RE.match(self.netns_prefix):
+        if not is_prefix(self.netns_prefix):
             raise PathError(
                 f"namespace prefix {self.netns_prefix!r} must be lower-case letters, digits "
                 "and '-', starting with a letter, at most 24"
             )
-        if self.host_netns is not None and not NETNS_NAME_RE.match(self.host_netns):
+        if self.host_netns is not None and not is_netns_name(self.host_netns):
             raise PathError(f"{self.host_netns!r} is not a network namespace name")
         return self
 
@@ -118,6 +172,20 @@ class RuntimePaths(NamedTuple):
     @property
     def lock_file(self) -> Path:
         return self.run_root / "lock"
+
+    @property
+    def pool_root(self) -> Path:
+        """Preloaded disposables wait here: `<template>/<name>.sock`, their keepers' claim
+        sockets (root only), removed once claimed."""
+        return self.run_root / "pool"
+
+    def pool_dir(self, template: str) -> Path:
+        return self.pool_root / check_name(template)
+
+    @property
+    def pool_file(self) -> Path:
+        """The default template and each template's preload, for `qnix dispose`'s fast path."""
+        return self.pool_root / "pool.json"
 
     @property
     def compartments_run(self) -> Path:

@@ -11,17 +11,20 @@ line interface takes over (qnix.cli.entry).
 
 from __future__ import annotations
 
-import contextlib
+import _socket
 import json
 import os
 import stat
 import sys
-from collections.abc import Sequence
-from typing import Any, NamedTuple
 
 from qnix.audit import events
 from qnix.runtime import agent
 from qnix.runtime.paths import PathError, RuntimePaths, check_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds to import: only the type checker reads these
+    from collections.abc import Sequence
+    from typing import Any
 
 # The state.json fields the fast path relies on, with their types.
 STATE_FIELDS: dict[str, type] = {
@@ -35,6 +38,8 @@ STATE_FIELDS: dict[str, type] = {
 }
 # Passed from the caller's environment when its stdin is a terminal.
 TERMINAL_ENV = ("TERM", "COLORTERM")
+# How long a preloaded disposable's keeper may take to answer a claim.
+CLAIM_TIMEOUT = 2.0
 
 
 def process_start_time(pid: int) -> int | None:
@@ -99,8 +104,10 @@ def pin_socket(paths: RuntimePaths, name: str, host_uid: int) -> str:
     agent, a system daemon) and hand it our stdio. link() does not follow symlinks, and the
     link cannot be swapped once it is in a folder the compartment cannot reach."""
     pinned = paths.run_dir(name) / f"connect-{os.getpid()}.sock"
-    with contextlib.suppress(FileNotFoundError):
+    try:  # noqa: SIM105 - contextlib stays off the fast path
         os.unlink(pinned)
+    except FileNotFoundError:
+        pass
     try:
         os.link(paths.agent_socket(name), pinned, follow_symlinks=False)
     except OSError as exc:
@@ -124,6 +131,7 @@ def execute(
 ) -> int:
     """Run argv in the running compartment with our stdio; its exit code. Audited as `event`
     (`run`, or `dispose` with the template) once the command has ended."""
+    terminal = os.isatty(stdio[0]) and os.isatty(stdio[1])
     env = command_env(state, os.isatty(stdio[0]))
     fields: dict[str, events.FieldValue] = {"compartment": name, **audit, "argv": list(argv)}
     try:
@@ -136,6 +144,7 @@ def execute(
                 cwd=state["cwd"],
                 stdio=stdio,
                 peer_uid=state["host_uid"],
+                terminal=terminal,
             )
         finally:
             os.unlink(socket_path)
@@ -146,12 +155,42 @@ def execute(
     return code
 
 
-class RunRequest(NamedTuple):
-    name: str
-    command: tuple[str, ...]
-    user: str | None = None
-    state_root: str | None = None
-    run_root: str | None = None
+class _Request:
+    """A parsed command line: equal by its fields (a NamedTuple would import typing)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, field) for field in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Request)
+            and type(other) is type(self)
+            and (self._fields() == other._fields())
+        )
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f}={v!r}" for f, v in zip(self.__slots__, self._fields(), strict=True))
+        return f"{type(self).__name__}({shown})"
+
+
+class RunRequest(_Request):
+    __slots__ = ("command", "name", "run_root", "state_root", "user")
+
+    def __init__(
+        self,
+        name: str,
+        command: tuple[str, ...],
+        user: str | None = None,
+        state_root: str | None = None,
+        run_root: str | None = None,
+    ) -> None:
+        self.name, self.command, self.user = name, command, user
+        self.state_root, self.run_root = state_root, run_root
 
 
 _VALUE_OPTIONS = {
@@ -167,30 +206,153 @@ def parse_run(argv: Sequence[str]) -> RunRequest | None:
     if len(argv) < 4 or argv[0] != "run" or "--" not in argv:
         return None
     split = list(argv).index("--")
-    head, command = list(argv[1:split]), tuple(argv[split + 1 :])
-    if not command:
+    command = tuple(argv[split + 1 :])
+    parsed = _options(argv[1:split], _VALUE_OPTIONS)
+    if not command or parsed is None or len(parsed[1]) != 1:
         return None
+    return RunRequest(parsed[1][0], command, **parsed[0])
+
+
+class DisposeRequest(_Request):
+    __slots__ = ("command", "run_root", "state_root", "template")
+
+    def __init__(
+        self,
+        command: tuple[str, ...],
+        template: str | None = None,
+        state_root: str | None = None,
+        run_root: str | None = None,
+    ) -> None:
+        self.command, self.template = command, template
+        self.state_root, self.run_root = state_root, run_root
+
+
+_DISPOSE_OPTIONS = {
+    "--template": "template",
+    "-t": "template",
+    "--state-root": "state_root",
+    "--run-root": "run_root",
+}
+
+
+def _options(head: Sequence[str], known: dict[str, str]) -> tuple[dict[str, str], list[str]] | None:
+    """`--option VALUE`, `--option=VALUE` (each once) and positionals; None for anything else."""
     values: dict[str, str] = {}
     positional: list[str] = []
     index = 0
     while index < len(head):
         token = head[index]
         option, equals, value = token.partition("=")
-        if option in _VALUE_OPTIONS and _VALUE_OPTIONS[option] not in values:
+        if option in known and known[option] not in values:
             if not equals:
                 index += 1
                 if index >= len(head):
                     return None
                 value = head[index]
-            values[_VALUE_OPTIONS[option]] = value
+            values[known[option]] = value
         elif token.startswith("-"):
             return None
         else:
             positional.append(token)
         index += 1
-    if len(positional) != 1:
+    return values, positional
+
+
+def parse_dispose(argv: Sequence[str]) -> DisposeRequest | None:
+    """`dispose [OPTIONS] -- CMD...`; None for anything else."""
+    if len(argv) < 3 or argv[0] != "dispose" or "--" not in argv:
         return None
-    return RunRequest(positional[0], command, **values)
+    split = list(argv).index("--")
+    command = tuple(argv[split + 1 :])
+    parsed = _options(argv[1:split], _DISPOSE_OPTIONS)
+    if not command or parsed is None or parsed[1]:
+        return None
+    return DisposeRequest(command, **parsed[0])
+
+
+def claim_preloaded(paths: RuntimePaths, template: str) -> tuple[str, _socket.socket] | None:
+    """Take one preloaded disposable of `template`: its name and the connection that owns it
+    (the disposable ends when the connection closes — also when this process is killed)."""
+    folder = paths.pool_dir(template)
+    try:
+        candidates = sorted(entry for entry in os.listdir(folder) if entry.endswith(".sock"))
+    except OSError:
+        return None
+    for entry in candidates:
+        connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        connection.settimeout(CLAIM_TIMEOUT)
+        try:
+            connection.connect(str(folder / entry))
+            answer = connection.recv(16)
+        except OSError:
+            answer = b""
+        if answer == b"yours\n":
+            connection.settimeout(None)
+            return entry.removesuffix(".sock"), connection
+        connection.close()  # taken by another `qnix dispose`, or its keeper is gone
+    return None
+
+
+def _refill_in_background(paths: RuntimePaths) -> None:
+    """Start a new preloaded disposable behind the one just used, detached from us."""
+    if os.fork() != 0:
+        return
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        argv = [sys.executable, "-I", "-m", "qnix.runtime.refill"]
+        os.execv(sys.executable, [*argv, str(paths.state_root), str(paths.run_root)])
+    finally:
+        os._exit(127)
+
+
+def _exit_on_signal(number: int, frame: object) -> None:
+    raise SystemExit(128 + number)
+
+
+def dispose_fast(argv: Sequence[str]) -> int | None:
+    """`qnix dispose` with a preloaded disposable; None when the full command line must handle
+    it (no pool, or every preloaded disposable taken: it then builds a fresh one)."""
+    request = parse_dispose(argv)
+    if request is None or os.geteuid() != 0:
+        return None
+    try:
+        paths = RuntimePaths.from_options(request.state_root, request.run_root)
+        with open(paths.pool_file, encoding="utf-8") as handle:
+            pool = json.load(handle)
+        template = request.template or pool["default"]
+        check_name(template)
+    except (OSError, ValueError, KeyError, TypeError, PathError):
+        return None
+    import signal  # here, not at the top: `qnix run` does without it
+
+    dispose_signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, _exit_on_signal) for number in dispose_signals}
+    try:
+        claimed = claim_preloaded(paths, template)
+        if claimed is None:
+            return None
+        name, connection = claimed
+        try:
+            state = running_state(paths, name)
+            if state is None:
+                sys.stderr.write(f"error: preloaded disposable {name} ended before its command\n")
+                return 1
+            try:
+                return execute(
+                    paths, name, state, request.command, event="dispose", template=template
+                )
+            except (agent.AgentError, agent.ProtocolError) as exc:
+                sys.stderr.write(f"error: cannot run in disposable {name}: {exc}\n")
+                return 1
+        finally:
+            _refill_in_background(paths)
+            connection.close()  # the keeper ends the disposable and removes all of it
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def run_fast(argv: Sequence[str]) -> int | None:

@@ -39,6 +39,10 @@ APP_MAX_LENGTH = 64
 TAG_RE = r"^[a-z][a-z0-9_-]{0,30}$"
 SECRET_NAME_RE = r"^[a-z][a-z0-9_-]{0,62}$"
 AGE_RECIPIENT_RE = r"^(age1[02-9ac-hj-np-z]{58}|ssh-(ed25519|rsa) [A-Za-z0-9+/=]{16,1024})$"
+# An entry of a password store (`pass`), such as work/vpn: no part starts with '.' or '-', so an
+# entry is never a hidden file, never '..' and never read as an option of `pass show`.
+_PASS_PART = r"[A-Za-z0-9_@+][A-Za-z0-9._@+-]{0,99}"
+PASS_ENTRY_RE = rf"^{_PASS_PART}(/{_PASS_PART}){{0,15}}$"
 
 # Words `network` and the policy give a meaning of their own, so no compartment may bear them.
 RESERVED_NAMES = ("none", "uplink", "dom0")
@@ -76,6 +80,7 @@ AppName = Annotated[str, StringConstraints(pattern=APP_RE, max_length=APP_MAX_LE
 TagName = Annotated[str, StringConstraints(pattern=TAG_RE)]
 SecretName = Annotated[str, StringConstraints(pattern=SECRET_NAME_RE)]
 AgeRecipient = Annotated[str, StringConstraints(pattern=AGE_RECIPIENT_RE)]
+PassEntry = Annotated[str, StringConstraints(pattern=PASS_ENTRY_RE)]
 
 Label = Literal["red", "orange", "yellow", "green", "gray", "blue", "purple", "black"]
 Isolation = Literal["namespace", "container", "vm"]
@@ -106,12 +111,6 @@ def _no_duplicates(items: tuple[_T, ...]) -> tuple[_T, ...]:
                 "is listed twice", index, hint=f"drop it; it is already at [{first_at[item]}]"
             )
         first_at[item] = index
-    return items
-
-
-def _not_empty(items: tuple[_T, ...]) -> tuple[_T, ...]:
-    if not items:
-        raise SpecRuleError("must not be empty")
     return items
 
 
@@ -368,6 +367,8 @@ class CompartmentBase(Model):
     apps: Annotated[tuple[AppName, ...], _LIST, AfterValidator(_no_duplicates)] = ()
     tags: Annotated[tuple[TagName, ...], _LIST, AfterValidator(_no_duplicates)] = ()
     user: UnixUser = "user"
+    # Delivered at /run/secrets/<name> while it runs (a disposable gets its template's).
+    secrets: Annotated[tuple[SecretName, ...], _LIST, AfterValidator(_no_duplicates)] = ()
 
     @field_validator("network")
     @classmethod
@@ -395,7 +396,9 @@ class Compartment(CompartmentBase):
     persistent_paths: Annotated[tuple[AbsPath, ...], _LIST, AfterValidator(_no_duplicates)] = ()
     provides_network: bool = False
     autostart: bool = False
-    secrets: Annotated[tuple[SecretName, ...], _LIST, AfterValidator(_no_duplicates)] = ()
+    # Encrypted snapshots of the state kept: one is taken at each stop and the latest N are
+    # kept (qnix.runtime.state); 0 takes none at stop and removes none. A disposable has none.
+    snapshots: int = Field(default=5, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _disposable_keeps_nothing(self) -> Self:
@@ -417,6 +420,10 @@ class Compartment(CompartmentBase):
 class DisposableTemplate(CompartmentBase):
     """What a fresh disposable is made from (Qubes' disposable template)."""
 
+    # Disposables kept started and waiting (Qubes' preloaded disposables): `qnix dispose`
+    # takes one instead of building a sandbox, and a new one is started behind it.
+    preload: int = Field(default=0, ge=0, le=16)
+
 
 # ---- policy, secrets, audit ----------------------------------------------------------------
 
@@ -429,11 +436,55 @@ class Policy(Model):
 
 
 class Secret(Model):
-    # The age-encrypted file, relative to the spec file.
-    file: RelPath
-    recipients: Annotated[
-        tuple[AgeRecipient, ...], _LIST, AfterValidator(_not_empty), AfterValidator(_no_duplicates)
-    ]
+    """What a compartment listing it finds at /run/secrets/<name> while it runs.
+
+    `source = "age"` (the default): `file` is age-encrypted to `recipients` and sits beside the
+    spec; the host decrypts it with its own key. `source = "pass"`: `path` is an entry of the
+    password store of whoever starts the compartment (gpg-encrypted, read with `pass show`).
+    """
+
+    source: Literal["age", "pass"] = "age"
+    # age: the encrypted file, relative to the spec file, and the public keys it is encrypted to.
+    file: RelPath | None = None
+    recipients: Annotated[tuple[AgeRecipient, ...], _LIST, AfterValidator(_no_duplicates)] = ()
+    # pass: the entry, such as work/vpn.
+    path: PassEntry | None = None
+
+    @model_validator(mode="after")
+    def _fits_its_source(self) -> Self:
+        if self.source == "age":
+            if self.path is not None:
+                raise SpecRuleError(
+                    "an age secret has no path", "path", hint='drop path, or set source = "pass"'
+                )
+            if self.file is None:
+                raise SpecRuleError(
+                    "an age secret needs its file",
+                    "file",
+                    hint='add file = "secrets/NAME.age" (qnix secret add NAME writes it)',
+                )
+            if not self.recipients:
+                if "recipients" in self.model_fields_set:
+                    raise SpecRuleError("must not be empty", "recipients")
+                raise SpecRuleError(
+                    "an age secret needs recipients",
+                    "recipients",
+                    hint='add recipients = ["age1..."]: the public keys that may decrypt it, '
+                    "the host's among them",
+                )
+            return self
+        for key in ("file", "recipients"):
+            if getattr(self, key):
+                raise SpecRuleError(
+                    f"a pass secret has no {key}",
+                    key,
+                    hint=f'drop {key} (pass encrypts to its own gpg keys), or set source = "age"',
+                )
+        if self.path is None:
+            raise SpecRuleError(
+                "a pass secret needs the path of its entry", "path", hint='add path = "work/vpn"'
+            )
+        return self
 
 
 class RemoteSyslog(Model):

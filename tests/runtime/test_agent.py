@@ -131,6 +131,13 @@ BAD_EXEC = {
     "env key with =": {"argv": ["true"], "env": {"A=B": "c"}},
     "relative cwd": {"argv": ["true"], "cwd": "tmp"},
     "extra field": {"argv": ["true"], "uid": 0},
+    "tty with descriptors": {"argv": ["true"], "tty": {"rows": 24, "cols": 80}},
+    "tty not an object": {"argv": ["true"], "tty": True},
+    "tty without cols": {"argv": ["true"], "tty": {"rows": 24}},
+    "tty too large": {"argv": ["true"], "tty": {"rows": 24, "cols": 10**6}},
+    "tty negative": {"argv": ["true"], "tty": {"rows": -1, "cols": 80}},
+    "tty bool size": {"argv": ["true"], "tty": {"rows": True, "cols": 80}},
+    "tty extra key": {"argv": ["true"], "tty": {"rows": 1, "cols": 1, "fd": 0}},
 }
 
 
@@ -174,3 +181,36 @@ def test_an_agent_running_as_another_uid_is_refused(agent_socket: str, tmp_path:
     )
     assert code == 0
     assert marker.exists()
+
+
+def test_on_a_terminal_the_command_gets_one_of_the_agents_own(agent_socket: str) -> None:
+    """The host sends no descriptor; the agent answers with a pty master whose slave is the
+    command's controlling terminal, of the size asked for."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(agent_socket)
+        request = {
+            "op": "exec",
+            "argv": ["sh", "-c", "stty size; tty >/dev/null && echo controlling; exit 4"],
+            "env": {"PATH": "/usr/bin:/bin"},
+            "tty": {"rows": 33, "cols": 99},
+        }
+        agent.send_message(sock, request)
+        started, fds = agent.recv_message(sock)
+        assert started["op"] == "started" and len(fds) == 1
+        master = fds[0]
+        output = b""
+        try:
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the command closed its terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        finally:
+            os.close(master)
+        exited, _ = agent.recv_message(sock)
+    assert exited == {"op": "exited", "code": 4}
+    assert output.replace(b"\r", b"") == b"33 99\ncontrolling\n"
