@@ -10,6 +10,7 @@ Each figure is the median of several runs of a fresh process (after one warm-up 
   * a bare `bwrap` sandbox running /bin/true,
   * `unshare` of the user, pid, ipc, uts, net and mount namespaces running /bin/true,
   * `systemd-nspawn` running /bin/true in a minimal tree (when it can run on this host),
+  * `qnix run box -- true` (`box`, a container compartment under systemd-nspawn, running),
   * the interpreter's own start (`python -c pass`, the floor of any Python CLI).
 It then prints the issue's targets: dispose within the interpreter's start plus 3 bare bwraps,
 run within the interpreter's start plus 10 ms.
@@ -51,6 +52,12 @@ memory_mb = 128
 firewall = [{ cidr = "0.0.0.0/0" }]
 
 [compartments.work]
+network = "sys-net"
+autostart = true
+memory_mb = 128
+
+[compartments.box]
+isolation = "container"
 network = "sys-net"
 autostart = true
 memory_mb = 128
@@ -254,6 +261,9 @@ def main() -> int:
             figures[nspawn_label] = median_ms(nspawn_argv(root, ["/bin/true"]))
         else:
             figures[nspawn_label] = f"unavailable: {reason}"
+        figures["qnix run box -- true (container)"] = median_ms(
+            [QNIX, "run", "box", "--", "true"], host.env
+        )
         figures["python -c pass"] = median_ms([sys.executable, "-c", "pass"])
     finally:
         problems = host.close()

@@ -33,6 +33,7 @@ MAX_MESSAGE = 64 * 1024
 MAX_FDS = 3
 MAX_ARGS = 4096
 MAX_TERMINAL_SIDE = 10000
+REQUEST_TIMEOUT = 10.0
 HEADER_SIZE = 4  # a big-endian unsigned length
 UCRED_SIZE = 12  # struct ucred: pid, uid, gid (32 bits each)
 
@@ -186,9 +187,35 @@ def _open_terminal(rows: int, cols: int) -> tuple[int, int]:
     return master, slave
 
 
+def _spawn_plain(request: Mapping[str, Any], fds: Sequence[int]) -> int:
+    """posix_spawn (a vfork) the command with `fds` as its stdio, in a session of its own:
+    cheaper than forking the agent. The agent is one thread, so it may step into the
+    command's folder for the spawn. Every descriptor of the agent but these is close-on-exec
+    (serve closes what it inherited; Python opens the rest so)."""
+    import signal
+
+    argv = request["argv"]
+    actions: list[tuple[int, ...]] = [
+        (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)
+    ]
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in set(fds)]
+    os.chdir(request["cwd"] or "/")
+    try:
+        return os.posix_spawnp(
+            argv[0],
+            argv,
+            request["env"],
+            file_actions=actions,
+            setsid=True,
+            setsigdef=(signal.SIGPIPE,),
+        )
+    finally:
+        os.chdir("/")
+
+
 def _spawn(request: Mapping[str, Any], fds: Sequence[int]) -> int:
-    """Fork the command with `fds` as its stdio; on a terminal (fds = (slave,)*3) it also
-    becomes the terminal's controlling process, so job control and ^C work inside."""
+    """Fork the command; on a terminal (fds = (slave,)*3) it becomes the terminal's
+    controlling process, so job control and ^C work inside."""
     pid = os.fork()
     if pid == 0:  # the child: becomes the command
         try:
@@ -216,49 +243,73 @@ def _spawn(request: Mapping[str, Any], fds: Sequence[int]) -> int:
     return pid
 
 
-def _handle(conn: socket.socket) -> None:
-    """One connection: one request. Runs in a forked child of the agent."""
+def _start_request(conn: socket.socket) -> int | None:
+    """Read one request and act on it: the pid of the command it started (whose end the
+    caller reports on `conn`), or None when it has been answered already."""
     fds: list[int] = []
     try:
+        conn.settimeout(REQUEST_TIMEOUT)  # a silent client must not hold up the others long
         untrusted, fds = recv_message(conn)
         op = untrusted["op"]
         if op == "ping":
             send_message(conn, {"op": "pong", "pid": os.getpid()})
-        elif op == "exec":
-            request = validate_exec(untrusted, fds)
-            master = None
-            if request["tty"] is not None:
-                master, slave = _open_terminal(*request["tty"])
-                fds = [slave, slave, slave]
-            pid = _spawn(request, fds)
+            return None
+        if op != "exec":
+            raise ProtocolError(f"unknown op {op!r}")
+        request = validate_exec(untrusted, fds)
+        master = None
+        if request["tty"] is not None:
+            master, slave = _open_terminal(*request["tty"])
             _close_all(fds)
-            fds = []
-            # On a terminal the host gets its master side: the host's own terminal never
-            # enters the compartment.
+            fds = [slave, slave, slave]
+        if master is None and min(fds) > 2:  # (the agent's own stdio holds 0 to 2)
+            try:
+                pid = _spawn_plain(request, fds)
+            except OSError as exc:  # as a shell would: 127 not found, 126 not runnable
+                code = 127 if isinstance(exc, FileNotFoundError) else 126
+                reason = "command not found" if code == 127 else f"cannot run: {exc.strerror}"
+                os.write(fds[2], f"qnix-agent: {reason}: {request['argv'][0]}\n".encode())
+                send_message(conn, {"op": "exited", "code": code})
+                return None
+        else:
+            pid = _spawn(request, fds)
+        # On a terminal the host gets its master side: the host's own terminal never
+        # enters the compartment.
+        try:
             send_message(conn, {"op": "started", "pid": pid}, () if master is None else (master,))
+        finally:
             if master is not None:
                 os.close(master)
-            _, status = os.waitpid(pid, 0)
-            send_message(conn, {"op": "exited", "code": _exit_code(status)})
-        else:
-            raise ProtocolError(f"unknown op {op!r}")
-    except (ProtocolError, OSError) as exc:
+        return pid
+    except Exception as exc:  # whatever a malformed request provokes, the agent goes on
         try:  # noqa: SIM105 - contextlib stays off the fast path
             send_message(conn, {"op": "error", "message": str(exc)[:512]})
         except OSError:
             pass
+        return None
     finally:
         _close_all(fds)
-        conn.close()
+
+
+def _report_end(pid: int, conn: socket.socket) -> None:
+    _, status = os.waitpid(pid, 0)
+    try:  # noqa: SIM105 - contextlib stays off the fast path
+        send_message(conn, {"op": "exited", "code": _exit_code(status)})
+    except OSError:
+        pass  # the host went away; the command's end is all there was to tell
+    conn.close()
 
 
 def serve(socket_path: str) -> None:
-    """Listen on `socket_path` and answer each connection in a child process."""
+    """Listen on `socket_path`; start each request's command and report its end. One
+    process: no fork per connection, only the command's own (each request costs one fork)."""
+    import select
     import signal
     import socket
     import warnings  # noqa: F401 - os.execvpe imports it: once here, not in every command
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.closerange(3, 65536)  # whatever the sandbox's setup left open: commands inherit nothing
     try:  # noqa: SIM105 - contextlib stays off the fast path
         os.unlink(socket_path)
     except FileNotFoundError:
@@ -270,25 +321,23 @@ def serve(socket_path: str) -> None:
     # The host waits for this line before it reports the compartment as running.
     sys.stdout.write("ready\n")
     sys.stdout.flush()
+    running: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
+    listening = server.fileno()
     while True:
-        conn, _ = server.accept()
-        child = os.fork()
-        if child == 0:
-            server.close()
-            _handle(conn)
-            os._exit(0)
-        conn.close()
-        _reap()
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+        readable, _, _ = select.select([listening, *running], [], [])
+        for pidfd in readable:
+            if pidfd in running:
+                ended, finished = running.pop(pidfd)
+                os.close(pidfd)
+                _report_end(ended, finished)
+        if listening in readable:
+            conn, _ = server.accept()
+            started = _start_request(conn)
+            if started is None:
+                conn.close()
+            else:
+                conn.settimeout(None)
+                running[os.pidfd_open(started)] = (started, conn)
 
 
 # ---- the host-side client --------------------------------------------------------------------

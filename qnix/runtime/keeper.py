@@ -4,10 +4,11 @@
 `python -I -m qnix.runtime.keeper <that file>` in a session of its own. The keeper
 
 1. creates the compartment's cgroup (memory and process limits),
-2. starts bubblewrap in the compartment's network namespace and cgroup, as the compartment's
-   own unprivileged host user, with the agent as the first program: the agent's code and
-   /etc/resolv.conf come in as sealed memfds (read-only inside), the agent's socket folder is
-   bound read-write at /run/qnix-agent,
+2. starts bubblewrap (for `isolation = "container"`: systemd-nspawn, see
+   qnix.runtime.backends.container) in the compartment's network namespace and cgroup, as the
+   compartment's own unprivileged host user, with the agent as the first program: the agent's
+   code and /etc/resolv.conf come in as sealed memfds (read-only inside), the agent's socket
+   folder is bound read-write at /run/qnix-agent,
 3. waits for the agent's "ready", writes `state.json` atomically (its own pid and start time,
    the socket, the environment for commands) and tells the starting command on its stdout
    ("ready", or "error: ..." and exit code 1),
@@ -16,8 +17,9 @@
    of the compartment, SIGKILL after a grace period, removes the cgroup and the compartment's
    run folder (for a disposable also its nft elements, link and namespace), and exits.
 
-bubblewrap runs with --die-with-parent: if the keeper is killed outright (SIGKILL), the
-compartment dies with it, and `qnix gc` removes the cgroup and files it leaves behind.
+bubblewrap runs with --die-with-parent (systemd-nspawn and a container's first process with a
+parent-death signal): if the keeper is killed outright (SIGKILL), the compartment dies with it,
+and `qnix gc` removes the cgroup and files it leaves behind.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from types import FrameType
 from qnix.broker import calls
 from qnix.errors import QnixError
 from qnix.runtime import cgroups, secrets
+from qnix.runtime.backends import container
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.files import atomic_write
 from qnix.runtime.net import HostNetwork
@@ -76,6 +79,8 @@ class KeeperConfig:
     interpreter_prefix: str | None  # bound read-only when outside /usr and /nix/store
     resolv_conf: str
     stop_grace: float = STOP_GRACE
+    # "namespace" (bubblewrap) or "container" (systemd-nspawn)
+    isolation: str = "namespace"
     # A disposable: what it is made from, and what of the network is its alone, removed by
     # the keeper when it ends. It also ends when `owner_pid` (the `qnix dispose`) exits.
     template: str | None = None
@@ -212,28 +217,50 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
         )
         socket_inside = f"{AGENT_DIR_INSIDE}/{AGENT_SOCKET_NAME}"
         command = [config.interpreter, "-I", "-S", AGENT_CODE_INSIDE, "serve", socket_inside]
-        with ns.prepare(plan, command, system=system) as prepared:
-            process = ns.launch(
-                prepared.argv,
+        if config.isolation == container.ISOLATION:
+            # nspawn takes no descriptors: its launcher copies these into a private tmpfs.
+            prepared_container = container.prepare(
+                plan,
+                command,
+                staging=Path(config.run_dir) / container.STAGING_NAME,
+                host_uid=config.host_uid,
+                machine=config.cgroup,
+                system=ns.host_system_binds(interpreter_prefix=config.interpreter_prefix),
+                files={AGENT_CODE_INSIDE: agent_fd, "/etc/resolv.conf": resolv_fd, **programs},
+                secret_files=secret_fds,
+                init_interpreter=config.interpreter,
+            )
+            process = container.launch(
+                prepared_container,
                 netns_path=config.netns_path,
                 cgroup=cgroup,
-                pass_fds=(
-                    *prepared.fds,
-                    agent_fd,
-                    resolv_fd,
-                    *programs.values(),
-                    *secret_fds.values(),
-                ),
-                run_as=ns.HostIdentity(config.host_uid, config.host_gid),
-                stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=None,  # the keeper's own stderr: its log file
             )
+        else:
+            with ns.prepare(plan, command, system=system) as prepared:
+                process = ns.launch(
+                    prepared.argv,
+                    netns_path=config.netns_path,
+                    cgroup=cgroup,
+                    pass_fds=(
+                        *prepared.fds,
+                        agent_fd,
+                        resolv_fd,
+                        *programs.values(),
+                        *secret_fds.values(),
+                    ),
+                    run_as=ns.HostIdentity(config.host_uid, config.host_gid),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=None,  # the keeper's own stderr: its log file
+                )
     finally:
         for fd in (agent_fd, resolv_fd, *programs.values(), *secret_fds.values()):
             os.close(fd)
     try:
         _wait_ready(process, stop, READY_TIMEOUT)
+        if config.isolation == container.ISOLATION:
+            container.forbid_user_namespaces(process.pid)  # before any command can run
     except BaseException:
         _end(process, cgroup, grace=0)
         raise
@@ -256,13 +283,14 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
 
 def _end(process: subprocess.Popen[bytes], cgroup: cgroups.Cgroup, grace: float) -> None:
     """SIGTERM to every process of the compartment, SIGKILL to what is left after `grace`."""
+    everything = container.cgroup_tree(cgroup)  # with nspawn's sub-cgroups, if any
     if grace > 0 and process.poll() is None:
-        for pid in cgroups.processes(cgroup):
+        for pid in cgroups.processes(everything):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
-    cgroups.kill(cgroup)
+    cgroups.kill(everything)
     process.wait()
 
 
@@ -270,8 +298,9 @@ def teardown(config: KeeperConfig, cgroup: cgroups.Cgroup | None) -> None:
     """What is per run: the cgroup and the run folder (state, socket, configuration, log);
     for a disposable also its network."""
     if cgroup is not None:
-        cgroups.kill(cgroup)
-        cgroups.remove(cgroup)
+        everything = container.cgroup_tree(cgroup)  # with nspawn's sub-cgroups, if any
+        cgroups.kill(everything)
+        cgroups.remove(everything)
     if config.claim_socket is not None:  # a preloaded disposable nobody claimed
         with contextlib.suppress(FileNotFoundError):
             os.unlink(config.claim_socket)

@@ -24,8 +24,8 @@ send it to its template's chain (qnix.compile.nft). Its keeper removes all of it
 command ends, or when the `qnix dispose` that owns it exits, however it exits; `apply` keeps a
 running disposable's elements when it reloads the table.
 
-Only the namespace isolation level can start today: a `container` or `vm` compartment gets its
-network and state, and `start` refuses it with a clear error.
+The namespace (bubblewrap) and container (systemd-nspawn) isolation levels start; a `vm`
+compartment gets its network and state, and `start` refuses it with a clear error.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from qnix.compile.nft import TABLE, disposable_elements, hostname_sets
 from qnix.errors import QnixError
 from qnix.runtime import cgroups, secrets
 from qnix.runtime.agent import AgentError, ProtocolError
+from qnix.runtime.backends import container
 from qnix.runtime.backends.namespace import HostIdentity
 from qnix.runtime.files import atomic_write, replace_tree
 from qnix.runtime.keeper import READY_TIMEOUT, KeeperConfig, teardown_network
@@ -74,7 +75,7 @@ from qnix.spec.load import LoadedSpec
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Compartment, Workstation
 
 STOP_TIMEOUT = 15.0
-IMPLEMENTED_ISOLATION = ("namespace",)
+IMPLEMENTED_ISOLATION = ("namespace", container.ISOLATION)
 # `qnix dispose` turns these into an orderly exit, so that its disposable is removed.
 DISPOSE_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _SYSTEM_PREFIXES = ("/usr/", "/nix/store/")
@@ -318,7 +319,8 @@ def _cleanup_run(paths: RuntimePaths, name: str) -> bool:
         teardown_network(config)
         changed = True
     host = cgroups.detect()
-    cgroup = cgroups.cgroup_of(paths.cgroup_name(name), host)
+    # With the sub-cgroups a container's systemd-nspawn makes.
+    cgroup = container.cgroup_tree(cgroups.cgroup_of(paths.cgroup_name(name), host))
     if any(path.exists() for path in cgroup.paths):
         cgroups.kill(cgroup)
         cgroups.remove(cgroup)
@@ -355,6 +357,7 @@ def _keeper_config(
         interpreter_prefix=prefix,
         resolv_conf=resolv_conf(ws, compartment),
         state_root=str(paths.state_root),
+        isolation=compartment.isolation,
         **secrets.keeper_fields(paths, ws, compartment),
         **disposable,
     )

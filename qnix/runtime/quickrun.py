@@ -294,22 +294,19 @@ def claim_preloaded(paths: RuntimePaths, template: str) -> tuple[str, _socket.so
 
 
 def _refill_in_background(paths: RuntimePaths) -> None:
-    """Start a new preloaded disposable behind the one just used, detached from us."""
-    if os.fork() != 0:
-        return
+    """Start a new preloaded disposable behind the one just used, detached from us (spawned,
+    not forked: copying this process would cost the command's caller a millisecond)."""
+    argv = [sys.executable, "-I", "-m", "qnix.runtime.refill"]
     try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        argv = [sys.executable, "-I", "-m", "qnix.runtime.refill"]
-        os.execv(sys.executable, [*argv, str(paths.state_root), str(paths.run_root)])
-    finally:
-        os._exit(127)
-
-
-def _exit_on_signal(number: int, frame: object) -> None:
-    raise SystemExit(128 + number)
+        os.posix_spawn(
+            sys.executable,
+            [*argv, str(paths.state_root), str(paths.run_root)],
+            dict(os.environ),
+            file_actions=[(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)],
+            setsid=True,
+        )
+    except OSError as exc:  # the next `qnix dispose` builds a fresh disposable instead
+        sys.stderr.write(f"warning: could not start preloading another disposable: {exc}\n")
 
 
 def dispose_fast(argv: Sequence[str]) -> int | None:
@@ -326,33 +323,25 @@ def dispose_fast(argv: Sequence[str]) -> int | None:
         check_name(template)
     except (OSError, ValueError, KeyError, TypeError, PathError):
         return None
-    import signal  # here, not at the top: `qnix run` does without it
-
-    dispose_signals = (signal.SIGTERM, signal.SIGHUP)
-    previous = {number: signal.signal(number, _exit_on_signal) for number in dispose_signals}
+    # No signal handlers: killed by any signal, this process's claim connection is closed by
+    # the kernel, and the keeper ends the disposable and removes all of it.
+    claimed = claim_preloaded(paths, template)
+    if claimed is None:
+        return None
+    name, connection = claimed
     try:
-        claimed = claim_preloaded(paths, template)
-        if claimed is None:
-            return None
-        name, connection = claimed
+        state = running_state(paths, name)
+        if state is None:
+            sys.stderr.write(f"error: preloaded disposable {name} ended before its command\n")
+            return 1
         try:
-            state = running_state(paths, name)
-            if state is None:
-                sys.stderr.write(f"error: preloaded disposable {name} ended before its command\n")
-                return 1
-            try:
-                return execute(
-                    paths, name, state, request.command, event="dispose", template=template
-                )
-            except (agent.AgentError, agent.ProtocolError) as exc:
-                sys.stderr.write(f"error: cannot run in disposable {name}: {exc}\n")
-                return 1
-        finally:
-            _refill_in_background(paths)
-            connection.close()  # the keeper ends the disposable and removes all of it
+            return execute(paths, name, state, request.command, event="dispose", template=template)
+        except (agent.AgentError, agent.ProtocolError) as exc:
+            sys.stderr.write(f"error: cannot run in disposable {name}: {exc}\n")
+            return 1
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        _refill_in_background(paths)
+        connection.close()  # the keeper ends the disposable and removes all of it
 
 
 def run_fast(argv: Sequence[str]) -> int | None:

@@ -202,6 +202,9 @@ def test_directives_refuse_bad_values(make: object) -> None:
         {"extra_ro_binds": (("/host", "/etc/passwd"),)},
         {"extra_ro_binds": (("host", "/opt/x"),)},
         {"env": (("A B", "v"),)},
+        {"env": (("A\n", "v"),)},  # `$` of a pattern also matches before a final newline
+        {"name": "work\n"},
+        {"user": "alice\n"},
     ],
 )
 def test_plan_refuses_bad_values(changes: dict[str, object]) -> None:
@@ -213,7 +216,7 @@ def test_plan_refuses_bad_values(changes: dict[str, object]) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=40), st.text(max_size=40))
 def test_plan_names_are_validated(name: str, user: str) -> None:
-    valid = bool(re.match(COMPARTMENT_NAME_RE, name) and re.match(UNIX_USER_RE, user))
+    valid = bool(re.fullmatch(COMPARTMENT_NAME_RE, name) and re.fullmatch(UNIX_USER_RE, user))
     if not valid or user == "root":
         with pytest.raises(ValueError):
             SandboxPlan(name=name, home=None, user=user)

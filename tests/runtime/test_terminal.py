@@ -89,11 +89,12 @@ def test_the_command_gets_a_terminal_of_our_size(host: LiveHost, terminal: Termi
 
 
 def test_control_c_interrupts_the_command_inside(host: LiveHost, terminal: Terminal) -> None:
-    process = terminal.run(host, "sh", "-c", "echo ready; sleep 60; echo survived")
+    # `exec`: a ^C that lands while dash forks a foreground command can be lost in dash
+    # itself; what is tested here is that the compartment's terminal turns ^C into SIGINT.
+    process = terminal.run(host, "sh", "-c", "echo ready; exec sleep 60")
     terminal.read_until(b"ready")
     os.write(terminal.master, b"\x03")  # ^C, delivered by the compartment's terminal
     assert process.wait(timeout=TIMEOUT) == 130
-    assert b"survived" not in terminal.output
 
 
 def test_an_interactive_shell_has_job_control(host: LiveHost, terminal: Terminal) -> None:

@@ -3,7 +3,8 @@
 The same inputs as the namespace backend (a SandboxPlan, the host's system binds, the agent's
 code, the programs and resolv.conf as sealed memfds, the secrets) become one systemd-nspawn
 command line, built from small directives as bubblewrap's is, and a root tree that the launcher
-writes into a tmpfs of its own. Decisions, each checked by tests/isolation/test_container_escapes.py:
+writes into a tmpfs of its own. The decisions (tests/isolation/test_container_escapes.py checks
+what each one protects):
 
 * **The root tree lives in a tmpfs only the container sees.** nspawn cannot read files from
   inherited descriptors (bubblewrap's --ro-bind-data), and it hands every descriptor it inherits
@@ -19,8 +20,8 @@ writes into a tmpfs of its own. Decisions, each checked by tests/isolation/test_
   the compartment's own host uid (names.host_id, as for the namespace backend): the user inside
   (uid 1000) is H, so its home, agent socket and call socket keep the owner they have for a
   namespace compartment, and qnix checks the same uid at the agent socket. Only nspawn's setup
-  runs as the container's root (H-1000): the agent is the container's first process (no
-  --as-pid2 stub init), so once the agent runs, every process of the container is H.
+  runs as the container's root (H-1000): the first process is qnix's own init, as the user (no
+  --as-pid2 stub init, which would stay root), so once it runs every process inside is H.
   `--private-users-ownership=off`: nothing is chowned; the tree is root's, which inside is the
   unmapped `nobody`, read-only for the user.
 * **No nested user namespaces:** once the agent is up, the keeper sets user.max_user_namespaces
@@ -39,10 +40,10 @@ writes into a tmpfs of its own. Decisions, each checked by tests/isolation/test_
 * **No systemd as PID 1, no machined:** --register=no and --keep-unit (no machine registration,
   no scope unit, no bus); --console=pipe hands the agent the launcher's stdout, where it prints
   "ready".
-* **The agent is PID 1** (no --as-pid2): it reaps the orphans the kernel gives it each time it
-  accepts a connection. It runs under `setpriv --pdeathsig KILL`, so that when nspawn dies
-  (and nspawn dies with the keeper: PR_SET_PDEATHSIG) the container dies with it, as bubblewrap's
-  --die-with-parent does.
+* **PID 1** is container_init.py (standard library only, copied into the tree): it starts the
+  agent, reaps every orphan, passes SIGTERM on and ends with the agent. It runs under
+  `setpriv --pdeathsig KILL`, so that when nspawn dies (and nspawn dies with the keeper:
+  PR_SET_PDEATHSIG) the container dies with it, as bubblewrap's --die-with-parent does.
 * **Privileges:** --user (uid 1000), --no-new-privileges, --drop-capability=all, a read-only
   root, and a system call filter refusing at least what qnix.runtime.seccomp refuses plus
   ptrace and process_vm_readv/writev (nspawn's own allow-list, which depends on the capabilities
@@ -62,7 +63,6 @@ import os
 import re
 import shlex
 import signal
-import stat
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from qnix.errors import QnixError
-from qnix.runtime import cgroups, seccomp
+from qnix.runtime import cgroups, seccomp, secrets
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.runner import require_tool
 from qnix.spec.model import COMPARTMENT_NAME_RE, UNIX_USER_RE
@@ -88,6 +88,9 @@ STAGING_NAME = "container"
 NSPAWN_RUN_DIR = "/run/systemd/nspawn"
 # nspawn's --user looks the user up by running getent inside the container, from one of these.
 GETENT_PATHS = ("/usr/bin/getent", "/bin/getent")
+# PID 1 inside: qnix's init (a lone file, standard library only) and where it is put.
+INIT_SOURCE = Path(__file__).with_name("container_init.py")
+INIT_INSIDE = "/opt/qnix-container/init.py"
 # Where the host's os-release may be: nspawn refuses a tree without one.
 OS_RELEASE_PATHS = ("/etc/os-release", "/usr/lib/os-release")
 # Refused on top of qnix.runtime.seccomp's list: no debugging across processes in a container.
@@ -98,6 +101,7 @@ SYSCALL_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 MACHINE_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
 # ---- directives: one systemd-nspawn option each -------------------------------------------------
+# Names are checked with fullmatch: `$` in re.match also accepts a trailing newline.
 
 
 def _check_path(path: str, what: str) -> str:
@@ -168,7 +172,7 @@ class Machine:
     name: str
 
     def __post_init__(self) -> None:
-        if not MACHINE_RE.match(self.name):
+        if not MACHINE_RE.fullmatch(self.name):
             raise ValueError(f"invalid machine name {self.name!r}")
 
     def argv(self) -> list[str]:
@@ -180,7 +184,7 @@ class Hostname:
     name: str
 
     def __post_init__(self) -> None:
-        if not re.match(COMPARTMENT_NAME_RE, self.name):
+        if not re.fullmatch(COMPARTMENT_NAME_RE, self.name):
             raise ValueError(f"invalid hostname {self.name!r}")
 
     def argv(self) -> list[str]:
@@ -208,7 +212,7 @@ class User:
     name: str
 
     def __post_init__(self) -> None:
-        if not re.match(UNIX_USER_RE, self.name) or self.name == "root":
+        if not re.fullmatch(UNIX_USER_RE, self.name) or self.name == "root":
             raise ValueError(f"invalid user name {self.name!r}")
 
     def argv(self) -> list[str]:
@@ -229,7 +233,7 @@ class SetEnv:
     value: str
 
     def __post_init__(self) -> None:
-        if not ns.ENV_KEY_RE.match(self.key) or "\0" in self.value:
+        if not ns.ENV_KEY_RE.fullmatch(self.key) or "\0" in self.value:
             raise ValueError(f"invalid environment variable {self.key!r}")
 
     def argv(self) -> list[str]:
@@ -243,7 +247,7 @@ class SystemCallFilter:
     denied: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not self.denied or not all(SYSCALL_NAME_RE.match(name) for name in self.denied):
+        if not self.denied or not all(SYSCALL_NAME_RE.fullmatch(name) for name in self.denied):
             raise ValueError(f"invalid system call names {self.denied!r}")
 
     def argv(self) -> list[str]:
@@ -341,7 +345,7 @@ class WriteFile:
 Step = MakeDir | MakeLink | WriteFile
 
 # Mount points the container always has: nspawn mounts its API file systems and tmpfs there.
-BASE_DIRS = ("/dev", "/proc", "/sys", "/run", "/tmp", "/var/tmp", "/etc", "/home", "/opt")
+BASE_DIRS = ("/dev", "/proc", "/sys", "/run", "/tmp", "/var/tmp", "/etc", "/home", "/opt")  # noqa: S108
 DIR_MODE = 0o755
 FILE_MODE = 0o444
 
@@ -356,7 +360,7 @@ class _Tree:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.steps: list[Step] = []
-        self.made: set[str] = {layout.root}
+        self.made: set[str] = {layout.staging}  # the tmpfs itself
 
     def dir(self, path: str, mode: int = DIR_MODE, owner: int = 0) -> None:
         """A directory at host path `path` (under the staging tmpfs)."""
@@ -377,6 +381,8 @@ class _Tree:
         self.made.add(path)
 
     def mount_point(self, inside: str, directory: bool) -> None:
+        if inside.startswith("/run/"):
+            return  # nspawn mounts a fresh tmpfs on /run and makes these in it
         path = _inside(self.layout, inside)
         if directory:
             self.dir(path)
@@ -419,22 +425,17 @@ def tree_steps(
         tree.file(_inside(layout, path), source)
     for src, dst in (*plan.extra_ro_binds, *plan.extra_binds):
         tree.mount_point(dst, is_dir(src))
-    tree.mount_point(plan.runtime_dir, True)
     tree.dir(layout.runtime_dir, 0o700, host_uid)
     if plan.home is None:
         tree.dir(layout.home, 0o700, host_uid)
     if secret_files:
         tree.dir(layout.secrets, 0o500, host_uid)
-        tree.mount_point(ns.SECRETS_INSIDE if hasattr(ns, "SECRETS_INSIDE") else "/run/secrets", True)
         for name, fd in sorted(secret_files.items()):
-            tree.file(f"{layout.secrets}/{_secret_name(name)}", fd, 0o400, host_uid)
+            inside = secrets.inside_path(name)  # refuses anything but a secret's name
+            tree.file(
+                f"{layout.secrets}/{os.path.basename(inside)}", fd, secrets.SECRET_MODE, host_uid
+            )
     return tuple(tree.steps)
-
-
-def _secret_name(name: str) -> str:
-    from qnix.runtime import secrets  # here: secrets imports the runner, the keeper imports us
-
-    return os.path.basename(secrets.inside_path(name))
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -482,7 +483,7 @@ def nspawn_argv(
         *(Bind(src, dst) for src, dst in plan.extra_binds),
     ]
     if with_secrets:
-        mounts.append(RoBind(layout.secrets, "/run/secrets"))
+        mounts.append(RoBind(layout.secrets, secrets.SECRETS_INSIDE))
     directives: list[Directive] = [
         Directory(layout.root),
         Machine(machine),
@@ -511,20 +512,17 @@ def _host_os_release(root: Path) -> bytes:
 
 
 def require_getent(system: Sequence[ns.Directive], root: Path = Path("/")) -> None:
-    """nspawn's --user runs /usr/bin/getent or /bin/getent inside: one must be visible."""
-    bound = {d.dst for d in system if isinstance(d, ns.RoBind)}
-    linked = {d.link: d.target for d in system if isinstance(d, ns.Symlink)}
+    """nspawn's --user runs /usr/bin/getent or /bin/getent inside: one must be visible there."""
+    visible = {d.dst for d in system if isinstance(d, ns.RoBind)}
+    visible |= {d.link for d in system if isinstance(d, ns.Symlink)}
     for path in GETENT_PATHS:
-        top, _, rest = path.lstrip("/").partition("/")
-        via_link = linked.get("/" + top)
-        if via_link is not None and not via_link.startswith("/"):
-            top = via_link  # /bin -> usr/bin
-        if "/" + top.split("/")[0] in bound and (root / top / rest).exists():
+        top = "/" + path.split("/")[1]
+        if top in visible and (root / path.lstrip("/")).exists():
             return
     raise QnixError(
         "systemd-nspawn looks a container's user up with /usr/bin/getent or /bin/getent, and "
         "this host has neither",
-        hint="install the C library's tools (libc-bin), or use isolation = \"namespace\"",
+        hint='install the C library\'s tools (libc-bin), or use isolation = "namespace"',
     )
 
 
@@ -560,22 +558,27 @@ def prepare(
     files: Mapping[str, bytes | int] | None = None,
     secret_files: Mapping[str, int] | None = None,
     nspawn: str | None = None,
-    pdeathsig: bool = True,
+    init_interpreter: str | None = None,
 ) -> PreparedContainer:
-    """nspawn_argv and tree_steps for `plan` on this host. `command` runs as the container's
-    first process, under `setpriv --pdeathsig KILL` unless `pdeathsig` is False."""
+    """nspawn_argv and tree_steps for `plan` on this host, `host_uid` its uid and gid. The
+    container's first process is `setpriv --pdeathsig KILL`, then qnix's init run by
+    `init_interpreter`, which starts `command` (without an interpreter, `command` is PID 1
+    itself: tests show what the init is for)."""
     nspawn = nspawn if nspawn is not None else require_tool("systemd-nspawn", "systemd-container")
     system = ns.host_system_binds() if system is None else system
     require_getent(system)
     layout = Layout(str(staging))
-    if pdeathsig:
-        command = [require_setpriv(), "--pdeathsig", "KILL", "--", *command]
+    files = dict(files or {})
+    if init_interpreter is not None:
+        files[INIT_INSIDE] = INIT_SOURCE.read_bytes()
+        command = [init_interpreter, "-I", "-S", INIT_INSIDE, *command]
+    command = [require_setpriv(), "--pdeathsig", "KILL", "--", *command]
     steps = tree_steps(
         plan,
         layout,
         host_uid=host_uid,
         system=system,
-        files=files or {},
+        files=files,
         secret_files=secret_files or {},
         os_release=_host_os_release(Path("/")),
     )
@@ -604,9 +607,9 @@ def systemd_hierarchies(mounts: Path = cgroups.MOUNTS) -> tuple[Path, ...]:
         if len(fields) < 4:
             continue
         mountpoint = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
-        if fields[2] == "cgroup2" or (fields[2] == "cgroup" and "name=systemd" in fields[3]):
-            if mountpoint not in found:
-                found.append(mountpoint)
+        systemd = fields[2] == "cgroup2" or (fields[2] == "cgroup" and "name=systemd" in fields[3])
+        if systemd and mountpoint not in found:
+            found.append(mountpoint)
     return tuple(found)
 
 
@@ -655,8 +658,13 @@ def _descendants(top: Path) -> list[Path]:
 
 # ---- launching -----------------------------------------------------------------------------------
 
+# nspawn's whole environment, never the caller's: nspawn obeys SYSTEMD_* variables that turn
+# protections off (SYSTEMD_SECCOMP=0 drops its filter, SYSTEMD_NSPAWN_API_VFS_WRITABLE=1 makes
+# /sys writable) and passes LISTEN_FDS descriptors on into the container.
+NSPAWN_ENV: Mapping[str, str] = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p] * 4 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
@@ -748,7 +756,9 @@ _Stream = int | IO[Any] | None
 
 
 @contextlib.contextmanager
-def _opened(netns_path: str | None, cgroup: cgroups.Cgroup) -> Iterator[tuple[int | None, list[int]]]:
+def _opened(
+    netns_path: str | None, cgroup: cgroups.Cgroup
+) -> Iterator[tuple[int | None, list[int]]]:
     opened: list[int] = []
     try:
         netns = None
@@ -778,13 +788,15 @@ def launch(
     *,
     netns_path: str | None,
     cgroup: cgroups.Cgroup,
+    env: Mapping[str, str] = NSPAWN_ENV,
     stdin: _Stream = subprocess.DEVNULL,
     stdout: _Stream = None,
     stderr: _Stream = None,
 ) -> subprocess.Popen[bytes]:
     """Start `prepared` in the network namespace at `netns_path` and in `cgroup` (extended by
     `placement`), with its tree in a private tmpfs on its staging folder (made here, root's,
-    0700). Only stdio is inherited: nspawn would pass any other descriptor into the container.
+    0700). Only stdio is inherited: nspawn would pass any other descriptor into the container;
+    `env` is nspawn's whole environment (its SYSTEMD_* variables weaken it: tests only).
     Like namespace.launch, one of the few places qnix starts a long-running process itself."""
     staging = Path(prepared.layout.staging)
     staging.mkdir(mode=0o700, exist_ok=True)
@@ -798,6 +810,7 @@ def launch(
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
+                env=dict(env),
                 close_fds=True,
                 preexec_fn=_in_child(netns, procs, prepared.layout, prepared.steps),
             )
@@ -814,7 +827,7 @@ def launch(
             ) from exc
 
 
-# ---- after the start -------------------------------------------------------------------------------
+# ---- after the start ----------------------------------------------------------------------------
 
 
 def _parent_of(pid: str) -> int | None:
@@ -861,14 +874,3 @@ def forbid_user_namespaces(nspawn_pid: int) -> None:
         os.close(userns)
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         raise QnixError("could not forbid user namespaces inside the container")
-
-
-def is_tmpfs_mounted(path: str) -> bool:
-    """Whether a tmpfs is mounted at `path` in this mount namespace (the host's, for the
-    keeper): never, for a staging folder, if the launcher kept its mounts to itself."""
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        for line in handle:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == path:
-                return True
-    return stat.S_ISDIR(os.lstat(path).st_mode) and False

@@ -163,7 +163,7 @@ class SetEnv:
     value: str
 
     def __post_init__(self) -> None:
-        if not ENV_KEY_RE.match(self.key) or "\0" in self.value:
+        if not ENV_KEY_RE.fullmatch(self.key) or "\0" in self.value:
             raise ValueError(f"invalid environment variable {self.key!r}")
 
     def argv(self) -> list[str]:
@@ -175,7 +175,7 @@ class Hostname:
     name: str
 
     def __post_init__(self) -> None:
-        if not re.match(COMPARTMENT_NAME_RE, self.name):
+        if not re.fullmatch(COMPARTMENT_NAME_RE, self.name):
             raise ValueError(f"invalid hostname {self.name!r}")
 
     def argv(self) -> list[str]:
@@ -308,9 +308,9 @@ class SandboxPlan:
     env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not re.match(COMPARTMENT_NAME_RE, self.name):
+        if not re.fullmatch(COMPARTMENT_NAME_RE, self.name):
             raise ValueError(f"invalid compartment name {self.name!r}")
-        if not re.match(UNIX_USER_RE, self.user) or self.user == "root":
+        if not re.fullmatch(UNIX_USER_RE, self.user) or self.user == "root":
             raise ValueError(f"invalid user name {self.user!r}")
         for number in (self.uid, self.gid):
             # 0 would be root inside; 65534 is the kernel's overflow id for unmapped owners.
