@@ -6,7 +6,7 @@ PY        := $(VENV)/bin/python
 QNIX      := $(VENV)/bin/qnix
 STAMP     := $(VENV)/.installed
 SYSTEM_PACKAGES := bubblewrap nftables nix-bin age graphviz iproute2 systemd-container python3-venv \
-                   gnupg openssh-client pass rsyslog rsyslog-gnutls
+                   gnupg openssh-client pass rsyslog rsyslog-gnutls aide
 PYTHON    ?= python3
 
 .PHONY: demo test lint deps system-deps bench clean
@@ -49,7 +49,7 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "please install:$$missing" >&2; exit 1; fi; \
 	fi
 

@@ -11,5 +11,11 @@ pkgs.mkShell {
     graphviz
     iproute2
     procps
+    util-linux
+    gnupg
+    openssh
+    pass
+    rsyslog
+    aide
   ];
 }
