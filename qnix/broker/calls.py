@@ -17,8 +17,9 @@ descriptors as its stdio, starting the target first when it is stopped and the p
 allows autostart; the handler's exit code goes back to the caller. Every call is audited
 ("call": source, service, target, decision, exit code) besides the policy decision itself.
 
-Nobody sits at a terminal for a call from a compartment: an `ask` line denies (decide with
-`refuse`). At most MAX_CALLS calls per compartment run at once; a request must arrive within
+Nobody sits at a terminal for a call from a compartment: an `ask` line leaves a question for
+`qnix policy asks` / `qnix policy answer ID TARGET|no` (QNIX_ASK_TIMEOUT seconds, default 60);
+no answer denies. At most MAX_CALLS calls per compartment run at once; a request must arrive within
 REQUEST_TIMEOUT seconds.
 
 This module is imported by the keeper before its compartment starts, so the policy machinery
@@ -377,7 +378,7 @@ class CallServer:
         self._reply(conn, answer)
 
     def _decide(self, request: CallRequest) -> Decision:
-        from qnix.broker.decide import decide, refuse
+        from qnix.broker.decide import PendingAsker, ask_timeout, decide
 
         try:
             return decide(
@@ -386,7 +387,7 @@ class CallServer:
                 untrusted_argument=request.argument,
                 source=self.source,
                 untrusted_target=request.target,
-                asker=refuse,
+                asker=PendingAsker(self.paths, ask_timeout()),
             )
         except Exception as exc:  # no decision is a deny
             raise CallRefused("denied by policy", "deny", f"no decision: {exc}") from None

@@ -2,16 +2,21 @@
 
 The policy is the one the host was last brought to (`<run root>/generation/policy/`, written
 by `qnix apply`), evaluated against the live compartments. An `ask` is put to an `Asker` (the
-admin's terminal, or a fixed `--yes`/`--no` for scripts); no answer denies. Every decision is
+admin's terminal, a fixed `--yes`/`--no` for scripts, or for calls from compartments a
+question that waits for `qnix policy answer`); no answer denies. Every decision is
 recorded through the audit hook: who asked, for what, the outcome and the deciding line.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import select
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from qnix.audit import events
 from qnix.errors import QnixError
@@ -25,6 +30,7 @@ from qnix.policy.evaluate import (
 from qnix.policy.load import load_policy_dir
 from qnix.policy.parse import Policy, Rule
 from qnix.runtime import lifecycle
+from qnix.runtime.files import atomic_write
 from qnix.runtime.paths import RuntimePaths
 
 ASK_TIMEOUT = 60.0
@@ -78,6 +84,100 @@ class TerminalAsker:
         if answer.lower() in {"n", "no"}:
             return None
         return answer or default or None
+
+
+# Questions from calls of compartments wait here for `qnix policy answer`.
+ASKS_DIR = "asks"
+ENV_ASK_TIMEOUT = "QNIX_ASK_TIMEOUT"
+
+
+def asks_dir(paths: RuntimePaths) -> Path:
+    return paths.run_root / ASKS_DIR
+
+
+def ask_timeout() -> float:
+    """How long a call's question waits (QNIX_ASK_TIMEOUT seconds, default ASK_TIMEOUT)."""
+    try:
+        return max(0.0, float(os.environ.get(ENV_ASK_TIMEOUT, ASK_TIMEOUT)))
+    except ValueError:
+        return ASK_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAsker:
+    """For calls from a compartment, where no terminal is at hand (Qubes shows a dom0 dialog):
+    the question is written to `<run root>/asks/ID.json` (root only) and waits for
+    `qnix policy answer ID TARGET|no`; no answer within `timeout` seconds denies. The answer
+    must still be one of the offered targets (answer_ask checks it)."""
+
+    paths: RuntimePaths
+    timeout: float = ASK_TIMEOUT
+    poll: float = 0.1
+
+    def __call__(self, decision: Decision, source: str, service: str) -> str | None:
+        folder = asks_dir(self.paths)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ask_id = secrets.token_hex(6)
+        question = folder / f"{ask_id}.json"
+        answer = folder / f"{ask_id}.answer"
+        asked = time.time()
+        record = {
+            "id": ask_id,
+            "source": source,
+            "service": service,
+            "targets": list(decision.targets_for_ask),
+            "default": decision.default_target or decision.target,
+            "rule": decision.rule,
+            "asked": asked,
+            "expires": asked + self.timeout,
+        }
+        atomic_write(question, (json.dumps(record, indent=2) + "\n").encode(), 0o600)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    untrusted_choice = answer.read_text(errors="replace").strip()
+                except FileNotFoundError:
+                    time.sleep(self.poll)
+                    continue
+                return None if untrusted_choice in ("", "no") else untrusted_choice
+            return None
+        finally:
+            question.unlink(missing_ok=True)
+            answer.unlink(missing_ok=True)
+
+
+def pending_questions(paths: RuntimePaths) -> list[dict[str, object]]:
+    """The questions waiting for an answer, oldest first."""
+    found = []
+    for path in sorted(asks_dir(paths).glob("*.json")):
+        try:
+            question = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(question, dict) and float(question.get("expires", 0)) > time.time():
+            found.append(question)
+    return sorted(found, key=lambda q: float(str(q.get("asked", 0))))
+
+
+def answer_question(paths: RuntimePaths, ask_id: str, choice: str) -> dict[str, object]:
+    """Answer a waiting question with one of its targets, or "no"; the question answered."""
+    waiting = {str(q["id"]): q for q in pending_questions(paths)}
+    question = waiting.get(ask_id)
+    if question is None:
+        raise QnixError(
+            f"no question {ask_id!r} is waiting (answered, expired, or never asked)",
+            hint="qnix policy asks lists the waiting ones",
+        )
+    offered = question.get("targets")
+    targets = [str(t) for t in offered] if isinstance(offered, list) else []
+    if choice != "no" and choice not in targets:
+        raise QnixError(
+            f"{choice!r} is not a target offered by question {ask_id}",
+            hint=f"answer one of: {', '.join(targets) or 'none'}, or no",
+        )
+    atomic_write(asks_dir(paths) / f"{ask_id}.answer", (choice + "\n").encode(), 0o600)
+    return question
 
 
 def _live_policy(paths: RuntimePaths) -> tuple[Policy, System]:

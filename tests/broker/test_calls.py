@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,14 +98,20 @@ print(json.dumps(results))
 """
 
 
+ASK_TIMEOUT = 3.0  # how long a call's question waits here (60 s by default)
+
+
 @pytest.fixture(scope="module")
 def host() -> Iterator[LiveHost]:
+    # The keepers (which serve the calls) inherit the environment of `qnix apply`.
+    os.environ["QNIX_ASK_TIMEOUT"] = str(ASK_TIMEOUT)
     made = LiveHost()
     try:
         made.ok("apply", str(made.spec(SPEC)))
         yield made
     finally:
         made.close()
+        del os.environ["QNIX_ASK_TIMEOUT"]
 
 
 def call(
@@ -447,3 +454,59 @@ def test_call_py_refuses_a_malformed_command_line_before_connecting() -> None:
         )
         assert result.returncode == calls.REFUSED
         assert result.stderr.startswith(message)
+
+
+# ---- ask: a question the admin answers with qnix policy answer ---------------------------------
+
+
+def waiting_question(host: LiveHost) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        waiting = json.loads(host.ok("policy", "asks", "--json"))
+        if waiting:
+            (question,) = waiting
+            return dict(question)
+        time.sleep(0.1)
+    raise AssertionError("no question appeared")
+
+
+@pytest.mark.parametrize("choice", ["vault", "no"])
+def test_an_ask_waits_for_the_admins_answer(host: LiveHost, choice: str) -> None:
+    file = f"marker-asked-{choice}"
+    with subprocess.Popen(
+        [QNIX, "run", "other", "--", *CALL, "vault", "qnix.VMShell"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=host.env,
+    ) as caller:
+        question = waiting_question(host)
+        assert (question["source"], question["service"], question["targets"]) == (
+            "other",
+            "qnix.VMShell",
+            ["vault"],
+        )
+        assert question["default"] == "vault"
+        # Only an offered target (or no) is taken.
+        refused = host.qnix("policy", "answer", str(question["id"]), "work")
+        assert refused.returncode == 1
+        assert f"'work' is not a target offered by question {question['id']}" in refused.stderr
+        host.ok("policy", "answer", str(question["id"]), choice)
+        out, err = caller.communicate(f"echo ran > ~/{file}; echo done\n", timeout=60)
+    if choice == "vault":
+        assert (caller.returncode, out, err) == (0, "done\n", "")
+        assert marker(host, "vault", file).read_text() == "ran\n"
+    else:
+        assert (caller.returncode, out, err) == (calls.REFUSED, "", DENIED)
+        assert not marker(host, "vault", file).exists()
+    assert json.loads(host.ok("policy", "asks", "--json")) == []
+
+
+def test_an_unanswered_ask_denies_after_the_timeout(host: LiveHost) -> None:
+    started = time.monotonic()
+    result = call(host, "other", "vault", "qnix.VMShell", "echo ran > ~/marker-unanswered\n")
+    assert (result.returncode, result.stderr) == (calls.REFUSED, DENIED)
+    assert time.monotonic() - started >= ASK_TIMEOUT
+    assert not marker(host, "vault", "marker-unanswered").exists()
+    assert json.loads(host.ok("policy", "asks", "--json")) == []
