@@ -375,6 +375,40 @@ def load_policy_dir(path: Path, *, inline_rules: Sequence[str] | None = None) ->
     return _load(FolderTree(path), inline_rules)
 
 
+class _RecordingTree:
+    """A tree that keeps a copy of every file the loader reads from it."""
+
+    def __init__(self, inner: PolicyTree) -> None:
+        self.inner = inner
+        self.read_files: dict[str, str] = {}
+
+    def kind(self, path: PurePosixPath) -> Kind:
+        return self.inner.kind(path)
+
+    def names(self, path: PurePosixPath) -> list[str]:
+        return self.inner.names(path)
+
+    def read(self, path: PurePosixPath, limit: int) -> str:
+        text = self.inner.read(path, limit)
+        self.read_files[str(path)] = text
+        return text
+
+    def identity(self, path: PurePosixPath) -> str:
+        return self.inner.identity(path)
+
+
+def read_policy_tree(
+    path: Path, *, inline_rules: Sequence[str] | None = None
+) -> tuple[dict[str, str], Policy]:
+    """Every file the policy of folder `path` reads — its `*.policy` files and whatever they
+    include — by relative path, and the policy. `load_policy_files` of those files gives the
+    same policy: what a build copies, so that includes still resolve in the generation."""
+    if not path.is_dir():
+        return {}, Policy((), (PolicyError(str(path), 0, "is not a folder"),))
+    recording = _RecordingTree(FolderTree(path))
+    return recording.read_files, _load(recording, inline_rules)
+
+
 def load_policy_files(
     files: Mapping[str, str], *, inline_rules: Sequence[str] | None = None
 ) -> Policy:

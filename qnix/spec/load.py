@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from qnix.compile import openings
 from qnix.compile.names import allocate_links
 from qnix.errors import Problem, QnixError, SpecError
+from qnix.policy.load import read_policy_tree
 from qnix.policy.parse import (
     INLINE_POLICY_FILE,
     PolicySyntaxError,
@@ -557,6 +558,22 @@ def _read_policy_dir(
             problems.append(
                 Problem(file, "policy.dir", f"cannot read {entry.name}: {exc.strerror}")
             )
+    # What the files include (!include, !include-dir, !include-service) goes along with them,
+    # by relative path; the top-level files are checked line by line above and below, the
+    # included ones by the policy loader itself.
+    read, policy = read_policy_tree(directory, inline_rules=workstation.policy.rules)
+    directives = {
+        (name, number)
+        for name, text in files
+        for number, line in enumerate(split_lines(text), start=1)
+        if line.strip().startswith("!")
+    }
+    files += sorted((name, text) for name, text in read.items() if "/" in name)
+    problems += [
+        Problem(file, "policy.dir", error.render())
+        for error in policy.errors
+        if "/" in error.file or (error.file, error.line) in directives
+    ]
     return tuple(files), problems
 
 
@@ -581,11 +598,16 @@ def _policy_rules(
         for index, text in enumerate(workstation.policy.rules)
     ]
     for name, body in policy_files:
+        if "/" in name:
+            continue  # an included file: the policy loader checks it (a service file has
+            # lines of another shape)
         sources += [
             ("policy.dir", name, number, line)
             for number, line in enumerate(split_lines(body), start=1)
         ]
     for path, where, number, text in sources:
+        if path == "policy.dir" and text.strip().startswith("!"):
+            continue  # an include directive: the policy loader follows and checks it
         prefix = "" if path != "policy.dir" else f"{where}:{number}: "
         try:
             rule = parse_line(text, file=where, line=number)

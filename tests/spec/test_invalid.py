@@ -613,6 +613,23 @@ CASES = [
         files={"policy.d/10-a.policy": "qnix.Filecopy * wokr @anyvm ask\n"},
     ),
     Bad(
+        "policy-dir-error-in-an-included-file",
+        toml('[compartments.work]\n[policy]\ndir = "policy.d"\n'),
+        "policy.dir",
+        "include/office:1: expected: service argument source target action",
+        files={
+            "policy.d/30-a.policy": "!include include/office\n",
+            "policy.d/include/office": "qnix.Filecopy work\n",
+        },
+    ),
+    Bad(
+        "policy-dir-include-of-a-missing-file",
+        toml('[compartments.work]\n[policy]\ndir = "policy.d"\n'),
+        "policy.dir",
+        "30-a.policy:2: 'include/none' is not a file",
+        files={"policy.d/30-a.policy": "# office\n!include include/none\n"},
+    ),
+    Bad(
         "policy-dir-missing",
         toml('[policy]\ndir = "policy.d"\n'),
         "policy.dir",
