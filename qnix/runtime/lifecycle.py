@@ -900,6 +900,13 @@ def filled_transaction(ruleset: str, resolved: dict[str, list[str]]) -> str:
     return "".join(lines)
 
 
+def _net_tables_drifted(net: HostNetwork, ws: Workstation) -> list[str]:
+    """Net compartments whose masquerade table was changed by hand since it was loaded."""
+    from qnix.runtime.drift import net_table_differences  # drift builds on this module
+
+    return sorted({d.subject.split(":", 1)[0] for d in net_table_differences(net, ws)})
+
+
 def _table_drifted(net: HostNetwork, wanted: str) -> bool:
     """Whether the loaded table differs from `wanted` in anything, elements included (such as
     an opening deleted by hand), which the shape and hashes above do not see."""
@@ -1036,6 +1043,9 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
                 name, uplink.host_ifname
             ):
                 changes.append(f"{name}: forwards and masquerades for its clients")
+        for name in _net_tables_drifted(net, ws):
+            net.replace_net_compartment_table(name)
+            changes.append(f"{name}: its masquerade table put back as the generation has it")
 
         for compartment in ws.compartments.values():
             if compartment.persistence == "disposable":

@@ -342,6 +342,10 @@ class HostNetwork:
             changed = True
         return changed
 
+    def replace_net_compartment_table(self, compartment: str) -> None:
+        """Load the masquerade table into a net compartment again, in one transaction."""
+        self._replace_table(self.netns(compartment), NET_COMPARTMENT_TABLE, NET_COMPARTMENT_RULESET)
+
     # ---- nftables ------------------------------------------------------------------------
 
     def nft(self, netns: str | None, args: list[str], *, input: str | None = None) -> str:

@@ -194,6 +194,29 @@ def test_an_opening_deleted_by_hand(host: LiveHost) -> None:
     reapplied_clean(host)
 
 
+def test_a_net_compartments_masquerade_table_changed_by_hand(host: LiveHost) -> None:
+    gate = host.net.netns("gate")
+    subprocess.run(
+        [
+            host.ip,
+            "netns",
+            "exec",
+            gate,
+            need("nft"),
+            "flush",
+            "chain",
+            "ip",
+            "qnix_net",
+            "postrouting",
+        ],
+        check=True,
+    )
+    code, found = drift(host)
+    assert code == 1
+    assert [(d["kind"], d["subject"]) for d in found] == [("nft-rule", "gate: chain postrouting")]
+    reapplied_clean(host)
+
+
 def test_a_deleted_veth(host: LiveHost) -> None:
     server_end = names.host_ifname("server")
     in_host(host, host.ip, "link", "del", server_end)
