@@ -17,15 +17,26 @@ echo "== a command in two compartments"
 "$qnix" run work -- sh -c 'echo "in $(hostname) as $(id -un), home $HOME"'
 "$qnix" run personal -- sh -c 'echo "in $(hostname): $(ls /proc | grep -c "^[0-9]") processes visible, all its own"'
 
-echo "== work cannot reach banking"
+echo "== work cannot reach banking (a container, started for this, with a server listening)"
 banking=$("$qnix" ls --json | python3 -c \
   'import json, sys; print(next(c["address"] for c in json.load(sys.stdin) if c["name"] == "banking"))')
-probe="import socket; socket.create_connection(('$banking', 443), timeout=3)"
+"$qnix" run banking -- sh -c 'python3 -m http.server 8443 >/dev/null 2>&1 &'
+# The control: inside banking its server answers (once it has started).
+"$qnix" run banking -- python3 -c "import socket, time
+for _ in range(100):
+    try:
+        socket.create_connection(('$banking', 8443), timeout=3); break
+    except ConnectionRefusedError:
+        time.sleep(0.1)
+else:
+    raise SystemExit('the server in banking did not start')"
+echo "ok: banking's own server answers on $banking:8443"
+probe="import socket; socket.create_connection(('$banking', 8443), timeout=3)"
 code=0
 "$qnix" run work -- python3 -c "$probe" 2>/dev/null || code=$?
 case $code in
   0) echo "FAILED: work reached banking at $banking" >&2; exit 1 ;;
-  1) echo "ok: work cannot open a connection to banking ($banking)" ;;
+  1) echo "ok: work cannot open a connection to banking ($banking:8443)" ;;
   *) echo "could not probe (exit code $code): is python3 under /usr on this host?" >&2; exit 1 ;;
 esac
 
