@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from qnix.cli.options import STATE_ROOT, runtime_paths
 from qnix.errors import QnixError
 
 if TYPE_CHECKING:
@@ -32,11 +33,7 @@ def log_options(command: _F) -> _F:
         type=click.Path(path_type=Path, dir_okay=False),
         help="Audit log file to read (default: <state root>/audit/events.jsonl).",
     )(command)
-    return click.option(
-        "--state-root",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
-    )(command)
+    return STATE_ROOT(command)
 
 
 def filter_options(command: _F) -> _F:
@@ -64,12 +61,7 @@ def _log_path(state_root: Path | None, log_file: Path | None) -> Path:
         if not log_file.is_file():
             raise QnixError(f"{log_file}: no such audit log")
         return log_file
-    from qnix.runtime.paths import PathError, RuntimePaths
-
-    try:
-        return RuntimePaths.from_options(state_root, None).audit_log
-    except PathError as exc:
-        raise QnixError(str(exc)) from exc
+    return runtime_paths(state_root, None).audit_log
 
 
 def _unreadable(log: Path, exc: OSError) -> QnixError:

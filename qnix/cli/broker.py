@@ -14,22 +14,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from qnix.errors import QnixError
+from qnix.cli.options import RUN_ROOT, STATE_ROOT, runtime_paths
 
 if TYPE_CHECKING:
     from qnix.broker.decide import Asker
-    from qnix.runtime.paths import RuntimePaths
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _paths(state_root: Path | None, run_root: Path | None) -> RuntimePaths:
-    from qnix.runtime.paths import PathError, RuntimePaths
-
-    try:
-        return RuntimePaths.from_options(state_root, run_root)
-    except PathError as exc:
-        raise QnixError(str(exc)) from exc
 
 
 def _common(command: _F) -> _F:
@@ -45,16 +35,8 @@ def _common(command: _F) -> _F:
                 show_default=True,
                 help="Seconds to wait for an answer on this terminal before denying.",
             ),
-            click.option(
-                "--state-root",
-                type=click.Path(path_type=Path, file_okay=False),
-                help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
-            ),
-            click.option(
-                "--run-root",
-                type=click.Path(path_type=Path, file_okay=False),
-                help="Runtime folder (default /run/qnix; environment QNIX_RUN_ROOT).",
-            ),
+            STATE_ROOT,
+            RUN_ROOT,
         )
     ):
         command = decorator(command)
@@ -126,7 +108,7 @@ def _transfer(move: bool, specs: tuple[str, ...], target: str, **options: Any) -
 
     source, files = _split_sources(specs)
     done = transfer(
-        _paths(options["state_root"], options["run_root"]),
+        runtime_paths(options["state_root"], options["run_root"]),
         source=source,
         untrusted_paths=files,
         target=target,
@@ -184,7 +166,7 @@ def clip_copy(source: str, max_bytes: int, **options: Any) -> None:
     from qnix.broker import clipboard
 
     taken = clipboard.copy(
-        _paths(options["state_root"], options["run_root"]), source, max_bytes=max_bytes
+        runtime_paths(options["state_root"], options["run_root"]), source, max_bytes=max_bytes
     )
     click.echo(f"copied {taken.size} bytes ({taken.kind}) from {source}")
 
@@ -205,7 +187,7 @@ def clip_paste(target: str, max_bytes: int, **options: Any) -> None:
     from qnix.broker import clipboard
 
     taken, destination = clipboard.paste(
-        _paths(options["state_root"], options["run_root"]),
+        runtime_paths(options["state_root"], options["run_root"]),
         target,
         asker=_asker(options["answer"], options["timeout"]),
         max_bytes=max_bytes,
@@ -220,7 +202,7 @@ def clip_show(state_root: Path | None, run_root: Path | None) -> None:
     """Who the clipboard's content came from, and its size (never the content)."""
     from qnix.broker import clipboard
 
-    held = clipboard.read(_paths(state_root, run_root))
+    held = clipboard.read(runtime_paths(state_root, run_root))
     if held is None:
         click.echo("the clipboard is empty")
         return
@@ -237,7 +219,7 @@ def clip_clear(state_root: Path | None, run_root: Path | None) -> None:
     """Empty the host's clipboard."""
     from qnix.broker import clipboard
 
-    held = clipboard.clear(_paths(state_root, run_root))
+    held = clipboard.clear(runtime_paths(state_root, run_root))
     click.echo("cleared the clipboard" if held else "the clipboard was empty")
 
 
@@ -290,7 +272,7 @@ def open_in_dvm(
     if argv is not None and not argv:
         raise click.BadParameter("name a program", param_hint="--with")
     opened = open_in_disposable(
-        _paths(options["state_root"], options["run_root"]),
+        runtime_paths(options["state_root"], options["run_root"]),
         source=source,
         untrusted_file=file,
         target=target,

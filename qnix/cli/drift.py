@@ -7,21 +7,12 @@ from pathlib import Path
 
 import click
 
-from qnix.errors import QnixError
+from qnix.cli.options import runtime_options, runtime_paths
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON list, for scripts.")
-@click.option(
-    "--state-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
-)
-@click.option(
-    "--run-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Runtime folder (default /run/qnix; environment QNIX_RUN_ROOT).",
-)
+@runtime_options
 @click.pass_context
 def drift(
     ctx: click.Context, as_json: bool, state_root: Path | None, run_root: Path | None
@@ -30,13 +21,8 @@ def drift(
     kernel parameters, running compartments and the generation's files. Exit code 1 if
     anything differs; `qnix apply` puts it back."""
     from qnix.runtime import drift as drift_module
-    from qnix.runtime.paths import PathError, RuntimePaths
 
-    try:
-        paths = RuntimePaths.from_options(state_root, run_root)
-    except PathError as exc:
-        raise QnixError(str(exc)) from exc
-    found = drift_module.drift(paths)
+    found = drift_module.drift(runtime_paths(state_root, run_root))
     if as_json:
         click.echo(json.dumps([difference.to_json() for difference in found], indent=2))
     else:

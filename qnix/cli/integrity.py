@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from qnix.errors import QnixError
+from qnix.cli.options import STATE_ROOT, runtime_paths
 
-if TYPE_CHECKING:
-    from qnix.runtime.paths import RuntimePaths
-
-STATE_ROOT = click.option(
-    "--state-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
-)
-RUN_ROOT = click.option(
+# Not qnix.cli.options.RUN_ROOT: its help says what init reads from the run root.
+GENERATION_RUN_ROOT = click.option(
     "--run-root",
     type=click.Path(path_type=Path, file_okay=False),
     help="Runtime folder holding the live generation (default /run/qnix; QNIX_RUN_ROOT).",
@@ -36,15 +28,6 @@ CONFIG = click.option(
 )
 
 
-def _paths(state_root: Path | None, run_root: Path | None) -> RuntimePaths:
-    from qnix.runtime.paths import PathError, RuntimePaths
-
-    try:
-        return RuntimePaths.from_options(state_root, run_root)
-    except PathError as exc:
-        raise QnixError(str(exc)) from exc
-
-
 @click.group()
 def integrity() -> None:
     """AIDE integrity baseline of /etc, the live generation and the compartments' state."""
@@ -52,7 +35,7 @@ def integrity() -> None:
 
 @integrity.command()
 @STATE_ROOT
-@RUN_ROOT
+@GENERATION_RUN_ROOT
 @CONFIG
 @click.option(
     "--host-path",
@@ -77,7 +60,7 @@ def init(
             "--host-path shapes qnix's own aide.conf; it has no effect on --config"
         )
     chosen = tuple(os.path.abspath(path) for path in host_paths) or DEFAULT_HOST_PATHS
-    baseline = runtime.init(_paths(state_root, run_root), host_paths=chosen, config=config)
+    baseline = runtime.init(runtime_paths(state_root, run_root), host_paths=chosen, config=config)
     click.echo(
         f"integrity baseline of {baseline.entries} entries in {baseline.files.database}\n"
         f"  config: {baseline.files.config}\n"
@@ -94,7 +77,7 @@ def check(ctx: click.Context, state_root: Path | None, config: Path | None) -> N
     code 1), or say that nothing changed (exit code 0)."""
     from qnix.runtime import integrity as runtime
 
-    findings = runtime.check(_paths(state_root, None), config=config)
+    findings = runtime.check(runtime_paths(state_root, None), config=config)
     for kind, names in (
         ("added", findings.added),
         ("removed", findings.removed),

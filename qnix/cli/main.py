@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +18,7 @@ from qnix.cli.audit import audit
 from qnix.cli.broker import clip, copy, move, open_in_dvm
 from qnix.cli.drift import drift
 from qnix.cli.integrity import integrity
+from qnix.cli.options import runtime_options, runtime_paths
 from qnix.cli.policy import policy
 from qnix.cli.secret import secret
 from qnix.cli.state import state
@@ -25,7 +26,6 @@ from qnix.errors import QnixError
 
 if TYPE_CHECKING:
     from qnix.runtime.lifecycle import Status
-    from qnix.runtime.paths import RuntimePaths
     from qnix.spec.load import LoadedSpec
 
 SPEC_ARG = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False, exists=False))
@@ -143,31 +143,7 @@ def graph(spec: Path, output: Path) -> None:
 
 # ---- the host's compartments ------------------------------------------------------------
 
-_F = TypeVar("_F", bound=Callable[..., Any])
 NAME_ARG = click.argument("name")
-
-
-def runtime_options(command: _F) -> _F:
-    """--state-root and --run-root, shared by every command that acts on the host."""
-    command = click.option(
-        "--run-root",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="Runtime folder (default /run/qnix; environment QNIX_RUN_ROOT).",
-    )(command)
-    return click.option(
-        "--state-root",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
-    )(command)
-
-
-def _paths(state_root: Path | None, run_root: Path | None) -> RuntimePaths:
-    from qnix.runtime.paths import PathError, RuntimePaths
-
-    try:
-        return RuntimePaths.from_options(state_root, run_root)
-    except PathError as exc:
-        raise QnixError(str(exc)) from exc
 
 
 def _echo_changes(changes: Sequence[str], nothing: str = "no changes") -> None:
@@ -185,7 +161,7 @@ def apply(spec: Path, state_root: Path | None, run_root: Path | None, purge: boo
     """Bring this host to SPEC: namespaces, links, the nft table, state, autostart."""
     from qnix.runtime import lifecycle
 
-    result = lifecycle.apply(_paths(state_root, run_root), _load(spec), purge=purge)
+    result = lifecycle.apply(runtime_paths(state_root, run_root), _load(spec), purge=purge)
     _echo_changes(result.changes)
     for note in result.notes:
         click.echo(f"note: {note}")
@@ -206,7 +182,7 @@ def ls(state_root: Path | None, run_root: Path | None, as_json: bool) -> None:
 
     from qnix.runtime import lifecycle
 
-    found = lifecycle.statuses(_paths(state_root, run_root))
+    found = lifecycle.statuses(runtime_paths(state_root, run_root))
     if as_json:
         click.echo(json.dumps([status.to_json() for status in found], indent=2))
         return
@@ -238,7 +214,7 @@ def start(name: str, state_root: Path | None, run_root: Path | None) -> None:
     """Start compartment NAME."""
     from qnix.runtime import lifecycle
 
-    started = lifecycle.start(_paths(state_root, run_root), name)
+    started = lifecycle.start(runtime_paths(state_root, run_root), name)
     click.echo(f"{name}: started" if started else f"{name}: already running")
 
 
@@ -249,7 +225,7 @@ def stop(name: str, state_root: Path | None, run_root: Path | None) -> None:
     """Stop compartment NAME (SIGTERM to its processes, SIGKILL after a grace period)."""
     from qnix.runtime import lifecycle
 
-    stopped = lifecycle.stop(_paths(state_root, run_root), name)
+    stopped = lifecycle.stop(runtime_paths(state_root, run_root), name)
     click.echo(f"{name}: stopped" if stopped else f"{name}: not running")
 
 
@@ -260,7 +236,7 @@ def restart(name: str, state_root: Path | None, run_root: Path | None) -> None:
     """Stop compartment NAME if it runs, then start it."""
     from qnix.runtime import lifecycle
 
-    lifecycle.restart(_paths(state_root, run_root), name)
+    lifecycle.restart(runtime_paths(state_root, run_root), name)
     click.echo(f"{name}: restarted")
 
 
@@ -282,7 +258,7 @@ def run(
     exit code. NAME is started first if it is not running. Put `--` before COMMAND."""
     from qnix.runtime import lifecycle
 
-    ctx.exit(lifecycle.run(_paths(state_root, run_root), name, command, user))
+    ctx.exit(lifecycle.run(runtime_paths(state_root, run_root), name, command, user))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -303,7 +279,7 @@ def dispose(
     when it ends, nothing of the disposable is left. Put `--` before COMMAND."""
     from qnix.runtime import lifecycle
 
-    ctx.exit(lifecycle.dispose(_paths(state_root, run_root), command, template))
+    ctx.exit(lifecycle.dispose(runtime_paths(state_root, run_root), command, template))
 
 
 @cli.command()
@@ -312,7 +288,7 @@ def down(state_root: Path | None, run_root: Path | None) -> None:
     """Stop every compartment and remove qnix's runtime from this host; keep the state."""
     from qnix.runtime import lifecycle
 
-    _echo_changes(lifecycle.down(_paths(state_root, run_root)), "nothing to remove")
+    _echo_changes(lifecycle.down(runtime_paths(state_root, run_root)), "nothing to remove")
 
 
 @cli.command()
@@ -321,7 +297,7 @@ def gc(state_root: Path | None, run_root: Path | None) -> None:
     """Remove what a crash left behind: namespaces, links, cgroups, files, nft leftovers."""
     from qnix.runtime import lifecycle
 
-    _echo_changes(lifecycle.gc(_paths(state_root, run_root)), "nothing to remove")
+    _echo_changes(lifecycle.gc(runtime_paths(state_root, run_root)), "nothing to remove")
 
 
 cli.add_command(policy)

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import click
 
+from qnix.cli.options import runtime_options, runtime_paths
 from qnix.errors import QnixError
 
 if TYPE_CHECKING:
     from qnix.policy.evaluate import Decision
-    from qnix.runtime.paths import RuntimePaths
     from qnix.spec.load import LoadedSpec
 
 EXIT_CODES = {"allow": 0, "deny": 1, "ask": 3}
@@ -142,37 +142,15 @@ def lint(ctx: click.Context, directory: Path) -> None:
     click.echo(f"{directory}: ok, {len(found.rules)} rules")
 
 
-_STATE_ROOT = click.option(
-    "--state-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
-)
-_RUN_ROOT = click.option(
-    "--run-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Runtime folder (default /run/qnix; environment QNIX_RUN_ROOT).",
-)
-
-
-def _runtime_paths(state_root: Path | None, run_root: Path | None) -> RuntimePaths:
-    from qnix.runtime.paths import PathError, RuntimePaths
-
-    try:
-        return RuntimePaths.from_options(state_root, run_root)
-    except PathError as exc:
-        raise QnixError(str(exc)) from exc
-
-
 @policy.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON list, for scripts.")
-@_STATE_ROOT
-@_RUN_ROOT
+@runtime_options
 def asks(as_json: bool, state_root: Path | None, run_root: Path | None) -> None:
     """The questions of `ask` lines that calls from compartments wait on (Qubes' dom0
     confirmation dialog): answer each with `qnix policy answer ID TARGET|no`."""
     from qnix.broker.decide import pending_questions
 
-    waiting = pending_questions(_runtime_paths(state_root, run_root))
+    waiting = pending_questions(runtime_paths(state_root, run_root))
     if as_json:
         click.echo(json.dumps(waiting, indent=2))
         return
@@ -190,12 +168,11 @@ def asks(as_json: bool, state_root: Path | None, run_root: Path | None) -> None:
 @policy.command()
 @click.argument("ask_id", metavar="ID")
 @click.argument("choice", metavar="TARGET|no")
-@_STATE_ROOT
-@_RUN_ROOT
+@runtime_options
 def answer(ask_id: str, choice: str, state_root: Path | None, run_root: Path | None) -> None:
     """Answer waiting question ID: allow the call to TARGET (one of those offered), or no."""
     from qnix.broker.decide import answer_question
 
-    question = answer_question(_runtime_paths(state_root, run_root), ask_id, choice)
+    question = answer_question(runtime_paths(state_root, run_root), ask_id, choice)
     verdict = "denied" if choice == "no" else f"allowed to {choice}"
     click.echo(f"{ask_id}: {question['source']} {question['service']}: {verdict}")

@@ -6,31 +6,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 
+from qnix.cli.options import runtime_options, runtime_paths
 from qnix.errors import QnixError
-
-if TYPE_CHECKING:
-    from qnix.runtime.paths import RuntimePaths
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 NAME_ARG = click.argument("name")
-
-
-def _runtime_options(command: _F) -> _F:
-    """--state-root and --run-root, as every command acting on the host has them."""
-    command = click.option(
-        "--run-root",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="Runtime folder (default /run/qnix; environment QNIX_RUN_ROOT).",
-    )(command)
-    return click.option(
-        "--state-root",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="State folder (default /var/lib/qnix; environment QNIX_STATE_ROOT).",
-    )(command)
 
 
 def _identity_option(command: _F) -> _F:
@@ -39,15 +23,6 @@ def _identity_option(command: _F) -> _F:
         type=click.Path(path_type=Path, dir_okay=False),
         help="The host's age identity (default: QNIX_AGE_IDENTITY, else /etc/qnix/host.agekey).",
     )(command)
-
-
-def _paths(state_root: Path | None, run_root: Path | None) -> RuntimePaths:
-    from qnix.runtime.paths import PathError, RuntimePaths
-
-    try:
-        return RuntimePaths.from_options(state_root, run_root)
-    except PathError as exc:
-        raise QnixError(str(exc)) from exc
 
 
 def _size(count: int) -> str:
@@ -69,14 +44,14 @@ def state() -> None:
 
 @state.command(name="ls")
 @NAME_ARG
-@_runtime_options
+@runtime_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON list, for scripts.")
 def ls(name: str, state_root: Path | None, run_root: Path | None, as_json: bool) -> None:
     """List the snapshots of NAME: id, time, reason, size and sha256 of the ciphertext, and
     whether it is the latest and within the spec's retention (else: removed at the next)."""
     from qnix.runtime import state as snapshots
 
-    found = snapshots.listing(_paths(state_root, run_root), name)
+    found = snapshots.listing(runtime_paths(state_root, run_root), name)
     if as_json:
         click.echo(json.dumps([row.to_json() for row in found], indent=2))
         return
@@ -96,7 +71,7 @@ def ls(name: str, state_root: Path | None, run_root: Path | None, as_json: bool)
 
 @state.command()
 @NAME_ARG
-@_runtime_options
+@runtime_options
 @_identity_option
 @click.option(
     "--force", is_flag=True, help="Take it while NAME runs (files may be caught mid-write)."
@@ -107,14 +82,16 @@ def snapshot(
     """Take a snapshot of NAME's state now. NAME must be stopped unless --force."""
     from qnix.runtime import state as snapshots
 
-    taken = snapshots.snapshot(_paths(state_root, run_root), name, identity=identity, force=force)
+    taken = snapshots.snapshot(
+        runtime_paths(state_root, run_root), name, identity=identity, force=force
+    )
     click.echo(f"{name}: snapshot {taken.id} ({_size(taken.size)}, {taken.time})")
 
 
 @state.command()
 @NAME_ARG
 @click.argument("snapshot_id", metavar="[ID]", type=int, required=False)
-@_runtime_options
+@runtime_options
 @_identity_option
 def restore(
     name: str,
@@ -127,7 +104,9 @@ def restore(
     before is kept as a snapshot first."""
     from qnix.runtime import state as snapshots
 
-    done = snapshots.restore(_paths(state_root, run_root), name, snapshot_id, identity=identity)
+    done = snapshots.restore(
+        runtime_paths(state_root, run_root), name, snapshot_id, identity=identity
+    )
     kept = f"; the state before is snapshot {done.previous.id}" if done.previous else ""
     click.echo(f"{name}: restored snapshot {done.restored.id} ({done.entries} entries){kept}")
 
@@ -137,7 +116,7 @@ def restore(
 @click.argument("first", metavar="[ID]", type=int, required=False)
 @click.argument("second", metavar="[ID2]", type=int, required=False)
 @click.option("--live", is_flag=True, help="Compare with the live folder (the default).")
-@_runtime_options
+@runtime_options
 @_identity_option
 @click.option("--json", "as_json", is_flag=True, help="{added, removed, changed}, for scripts.")
 def diff(
@@ -157,7 +136,9 @@ def diff(
 
     if live and second is not None:
         raise QnixError("give a second snapshot or --live, not both")
-    found = snapshots.diff(_paths(state_root, run_root), name, first, second, identity=identity)
+    found = snapshots.diff(
+        runtime_paths(state_root, run_root), name, first, second, identity=identity
+    )
     if as_json:
         click.echo(json.dumps(found.to_json(), indent=2))
         return

@@ -69,7 +69,7 @@ from qnix.runtime.net import (
     require_root,
     route_table,
 )
-from qnix.runtime.paths import RuntimePaths
+from qnix.runtime.paths import RUN_ROOT_ENTRIES, RuntimePaths
 from qnix.runtime.quickrun import execute, keeper_alive, read_state, running_state
 from qnix.spec.load import LoadedSpec
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Compartment, Workstation
@@ -1126,9 +1126,20 @@ def down(paths: RuntimePaths) -> list[str]:
         for name in _stray_cgroups(paths, set()):
             _cleanup_run(paths, name)
             changes.append(f"{name}: removed its cgroup")
-        shutil.rmtree(paths.run_root)
+        # Only what qnix puts there: a run root named by mistake (`--run-root /tmp`) keeps
+        # everything else, and is removed itself only when nothing else is left in it.
+        for entry in RUN_ROOT_ENTRIES:
+            path = paths.run_root / entry
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         if had_run_root:
-            changes.append(f"removed {paths.run_root}")
+            try:
+                paths.run_root.rmdir()
+                changes.append(f"removed {paths.run_root}")
+            except OSError:
+                changes.append(f"kept {paths.run_root}: it holds files qnix did not put there")
     return changes
 
 

@@ -63,6 +63,19 @@ def is_name(text: str) -> bool:
     return _is_word(text, _LOWER, _LOWER + _DIGITS + "-", 31)
 
 
+# Everything qnix puts in a run root (what `qnix down` removes, and nothing else).
+RUN_ROOT_ENTRIES = (
+    "generation",
+    "applied.json",
+    "qnix.nft",
+    "compartments",
+    "pool",
+    "asks",
+    "clipboard",
+    "clipboard.lock",
+    "lock",
+)
+
 # Where the agent's socket folder appears inside a compartment.
 AGENT_DIR_INSIDE = "/run/qnix-agent"
 AGENT_SOCKET_NAME = "agent.sock"
@@ -125,6 +138,8 @@ class RuntimePaths:
         for root in (self.state_root, self.run_root):
             if not root.is_absolute():
                 raise PathError(f"{root} must be an absolute path")
+            if root == root.parent:
+                raise PathError(f"{root} cannot be a state or run root: name a folder of its own")
         if not is_prefix(self.netns_prefix):
             raise PathError(
                 f"namespace prefix {self.netns_prefix!r} must be lower-case letters, digits "

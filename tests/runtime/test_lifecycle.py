@@ -22,7 +22,7 @@ from qnix.audit import events
 from qnix.compile import names, nft
 from qnix.compile.artifacts import RULESET, compile_spec
 from qnix.runtime import cgroups, lifecycle, quickrun
-from qnix.runtime.paths import RuntimePaths
+from qnix.runtime.paths import PathError, RuntimePaths
 from qnix.spec.load import LoadedSpec, load
 from qnix.spec.model import Workstation
 from tests.runtime.livehost import LiveHost
@@ -346,3 +346,28 @@ def test_a_live_workstation_round_trips_through_its_spec_copy(tmp_path: Path) ->
     loaded = small(tmp_path)
     copy = compile_spec(loaded).files["spec.json"]
     assert Workstation.model_validate_json(copy) == loaded.workstation
+
+
+@pytest.mark.parametrize("root", ["/", "//"])
+def test_the_file_system_root_is_no_state_or_run_root(root: str) -> None:
+    for options in ((root, None), (None, root)):
+        with pytest.raises(PathError, match="cannot be a state or run root"):
+            RuntimePaths.from_options(*options, environ={})
+
+
+def test_down_removes_only_what_qnix_put_in_the_run_root() -> None:
+    """A run root named by mistake (say /tmp) keeps everything qnix did not put there."""
+    host = LiveHost()
+    foreign = host.paths.run_root / "someone-elses.txt"
+    try:
+        spec = host.spec('[host]\nhostname = "lab"\n[compartments.solo]\nnetwork = "none"\n')
+        host.ok("apply", str(spec))
+        host.ok("start", "solo")
+        foreign.write_text("not qnix's\n")
+        changes = host.ok("down")
+        assert f"kept {host.paths.run_root}: it holds files qnix did not put there" in changes
+        assert sorted(p.name for p in host.paths.run_root.iterdir()) == ["someone-elses.txt"]
+        assert foreign.read_text() == "not qnix's\n"
+    finally:
+        foreign.unlink(missing_ok=True)
+        host.close()
