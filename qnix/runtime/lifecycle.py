@@ -1134,12 +1134,12 @@ def down(paths: RuntimePaths) -> list[str]:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-        if had_run_root:
-            try:
-                paths.run_root.rmdir()
+        try:
+            paths.run_root.rmdir()  # (the lock above made it, if it was not there)
+            if had_run_root:
                 changes.append(f"removed {paths.run_root}")
-            except OSError:
-                changes.append(f"kept {paths.run_root}: it holds files qnix did not put there")
+        except OSError:
+            changes.append(f"kept {paths.run_root}: it holds files qnix did not put there")
     return changes
 
 
