@@ -41,9 +41,11 @@ def start_writer(log: Path, name: str, count: int) -> subprocess.Popen[str]:
 
 
 def output(process: subprocess.Popen[str]) -> list[str]:
+    """The writer's complete lines: one killed while printing leaves a part of a line, which
+    acknowledges nothing."""
     assert process.stdout is not None
     with process.stdout:
-        return process.stdout.read().splitlines()
+        return process.stdout.read().split("\n")[:-1]
 
 
 def logged(log: Path) -> list[events.Entry]:
