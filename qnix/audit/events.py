@@ -43,6 +43,8 @@ import json
 import os
 import time
 
+from qnix.fastpath import DIGITS, LOWER, Record, is_word
+
 try:
     from _sha256 import sha256  # type: ignore[import-not-found]  # hashlib loads OpenSSL
 except ImportError:  # pragma: no cover - Python 3.12 and later call it _sha2
@@ -52,15 +54,13 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
-    from typing import Any, Self
+    from typing import Any
 
     from qnix.runtime.paths import RuntimePaths
 
 FieldValue = str | int | float | bool | None | list[str]
 
 GENESIS = "0" * 64
-_LOWER = "abcdefghijklmnopqrstuvwxyz"
-_DIGITS = "0123456789"
 RESERVED_KEYS = frozenset({"seq", "time", "event", "prev"})
 MAX_FIELDS = 32
 # A line, forwarded as an RFC 5424 message, still fits rsyslog's default 8 KiB message size.
@@ -78,22 +78,14 @@ LOG_SHORTER = "log-shorter"
 UNEXPECTED_TAIL = "unexpected-tail"
 
 
-def _is_word(text: str, first: str, rest: str, max_length: int) -> bool:
-    return (
-        0 < len(text) <= max_length
-        and text[0] in first
-        and all(character in rest for character in text[1:])
-    )
-
-
 def is_event_name(text: str) -> bool:
     """[a-z][a-z0-9.-]{0,63}"""
-    return _is_word(text, _LOWER, _LOWER + _DIGITS + ".-", 64)
+    return is_word(text, LOWER, LOWER + DIGITS + ".-", 64)
 
 
 def is_field_key(text: str) -> bool:
     """[a-z][a-z0-9_]{0,31}"""
-    return _is_word(text, _LOWER, _LOWER + _DIGITS + "_", 32)
+    return is_word(text, LOWER, LOWER + DIGITS + "_", 32)
 
 
 def is_hash(text: str) -> bool:
@@ -104,50 +96,12 @@ def is_hash(text: str) -> bool:
 def is_time(text: str) -> bool:
     """A UTC time such as 2025-06-01T10:00:00.000000Z (what `now` writes)."""
     return len(text) == len(_TIME_SHAPE) and all(
-        (character in _DIGITS) if shape == "9" else character == shape
+        (character in DIGITS) if shape == "9" else character == shape
         for character, shape in zip(text, _TIME_SHAPE, strict=True)
     )
 
 
-class _Record:
-    """Equal by its fields, immutable, positional like a tuple: a NamedTuple would import
-    typing on the fast path."""
-
-    __slots__: tuple[str, ...] = ()
-    _FIELDS: tuple[str, ...] = ()
-
-    def __init__(self, *values: object) -> None:
-        for field, value in zip(self._FIELDS, values, strict=True):
-            object.__setattr__(self, field, value)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, field) for field in self._FIELDS)
-
-    def _asdict(self) -> dict[str, object]:
-        return dict(zip(self._FIELDS, self._values(), strict=True))
-
-    def _replace(self, **changes: object) -> Self:
-        return type(self)(*(changes.get(f, v) for f, v in self._asdict().items()))
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _Record)
-            and type(other) is type(self)
-            and (self._values() == other._values())
-        )
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{f}={v!r}" for f, v in zip(self._FIELDS, self._values(), strict=True))
-        return f"{type(self).__name__}({shown})"
-
-
-class Head(_Record):
+class Head(Record):
     """The last entry's seq and hash, and the log's size in bytes after it."""
 
     __slots__ = ("hash", "seq", "size")
@@ -272,7 +226,7 @@ def fit(seq: int, when: str, event: str, fields: Mapping[str, FieldValue], prev:
     return line
 
 
-class Entry(_Record):
+class Entry(Record):
     __slots__ = ("event", "fields", "prev", "seq", "time")
     _FIELDS = ("seq", "time", "event", "fields", "prev")
     seq: int

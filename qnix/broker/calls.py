@@ -31,13 +31,11 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
-import itertools
 import json
 import os
 import re
 import socket
 import stat
-import struct
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -71,7 +69,6 @@ TARGET_RE = re.compile(
 )
 REQUEST_FIELDS = frozenset({"op", "target", "service", "argument"})
 HOST_TARGET = "@adminvm"
-PEERCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 HEADER_SIZE = 4  # the agent's framing: a big-endian length, then JSON
 MAX_REQUEST_FDS = 3
 DISPVM_PREFIX = "@dispvm:"
@@ -208,8 +205,8 @@ def _recv_exact(conn: socket.socket, size: int, fds: list[int]) -> bytes:
 
 def recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """One framed request (agent framing) and its descriptors; CallRefused, with every
-    descriptor received closed, for anything malformed. (Not agent.recv_message: JSON that
-    nests too deep or holds a huge number raises there, and the descriptors would leak.)"""
+    descriptor received closed, for anything malformed. (Not agent.recv_message: a call
+    request has no `op`, and its refusals tell the caller which limit it crossed.)"""
     fds: list[int] = []
     try:
         size = int.from_bytes(_recv_exact(conn, HEADER_SIZE, fds), "big")
@@ -228,32 +225,6 @@ def recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
         _close_all(fds)
         raise CallRefused("malformed request", "malformed", str(exc)[:200]) from None
     return untrusted, fds
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
-    _, uid, _ = PEERCRED.unpack(credentials)
-    return int(uid)
-
-
-_pin_numbers = itertools.count()
-
-
-def _pin_agent_socket(paths: RuntimePaths, name: str, host_uid: int) -> str:
-    """quickrun.pin_socket with a name of its own per call: one keeper makes several calls at
-    once (see there for why the agent's socket is reached through a hard link)."""
-    pinned = paths.run_dir(name) / f"call-{os.getpid()}-{next(_pin_numbers)}.sock"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(pinned)
-    try:
-        os.link(paths.agent_socket(name), pinned, follow_symlinks=False)
-    except OSError as exc:
-        raise CallRefused("the target is not reachable", reason=f"pin: {exc.strerror}") from None
-    info = os.lstat(pinned)
-    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != host_uid:
-        os.unlink(pinned)
-        raise CallRefused("the target is not reachable", reason="agent socket not the agent's")
-    return str(pinned)
 
 
 def _interpreter_of(paths: RuntimePaths, name: str) -> str:
@@ -349,7 +320,7 @@ class CallServer:
         fds: list[int] = []
         answer: dict[str, Any]
         try:
-            uid = _peer_uid(conn)
+            uid = agent.uid_of_peer(conn)
             if uid != self.host_uid:
                 raise CallRefused("not this compartment's caller", reason=f"peer uid {uid}")
             conn.settimeout(REQUEST_TIMEOUT)
@@ -439,7 +410,10 @@ class CallServer:
             "QNIX_SERVICE_ARGUMENT": request.argument,
         }
         self._reply(conn, {"op": "started"})
-        socket_path = _pin_agent_socket(self.paths, target, state["host_uid"])
+        try:
+            socket_path = quickrun.pin_socket(self.paths, target, state["host_uid"])
+        except agent.AgentError as exc:
+            raise CallRefused("the target is not reachable", reason=str(exc)) from None
         try:
             return agent.execute(
                 socket_path,

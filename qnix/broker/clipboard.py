@@ -21,7 +21,6 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from qnix.audit import events
 from qnix.broker.decide import Asker, decide, refuse
@@ -70,16 +69,12 @@ class Clip:
         return (json.dumps(meta, sort_keys=True) + "\n").encode()
 
 
-def clipboard_file(paths: RuntimePaths) -> Path:
-    return paths.run_root / "clipboard"
-
-
 @contextlib.contextmanager
 def _locked(paths: RuntimePaths) -> Iterator[None]:
     """One clipboard change at a time (a paste reads, delivers and clears as one step)."""
     if not paths.run_root.is_dir():
         raise QnixError("no live generation on this host", hint="run `qnix apply SPEC` first")
-    fd = os.open(paths.run_root / "clipboard.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(paths.clipboard_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -90,7 +85,7 @@ def _locked(paths: RuntimePaths) -> Iterator[None]:
 def read(paths: RuntimePaths) -> Clip | None:
     """The global clipboard, or None when it is empty."""
     try:
-        content = clipboard_file(paths).read_bytes()
+        content = paths.clipboard_file.read_bytes()
     except FileNotFoundError:
         return None
     header, newline, data = content.partition(b"\n")
@@ -102,7 +97,7 @@ def read(paths: RuntimePaths) -> Clip | None:
             raise ValueError("inconsistent")
     except (ValueError, KeyError, TypeError, QnixError):
         raise QnixError(
-            f"the clipboard file {clipboard_file(paths)} is damaged",
+            f"the clipboard file {paths.clipboard_file} is damaged",
             hint="qnix clip clear, then copy again",
         ) from None
     return Clip(owner, copied_at, data)
@@ -131,7 +126,7 @@ def copy(paths: RuntimePaths, source: str, *, max_bytes: int = DEFAULT_MAX_BYTES
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         clip = Clip(source, stamp, got.stdout)
         with _locked(paths):
-            atomic_write(clipboard_file(paths), clip.header() + clip.data, 0o600)
+            atomic_write(paths.clipboard_file, clip.header() + clip.data, 0o600)
     except QnixError as exc:
         events.record(paths, "clipboard", **fields, result=f"error: {exc.message}"[:1024])
         raise
@@ -201,7 +196,7 @@ def paste(
             )
             if delivered.code != 0:
                 raise QnixError(delivered.error(f"cannot deliver to {destination}"))
-            clipboard_file(paths).unlink(missing_ok=True)
+            paths.clipboard_file.unlink(missing_ok=True)
         except QnixError as exc:
             events.record(paths, "clipboard", **fields, result=f"error: {exc.message}"[:1024])
             raise
@@ -213,7 +208,7 @@ def clear(paths: RuntimePaths) -> bool:
     """Empty the global clipboard; whether it held anything."""
     with _locked(paths):
         try:
-            clipboard_file(paths).unlink()
+            paths.clipboard_file.unlink()
         except FileNotFoundError:
             return False
     events.record(paths, "clipboard", action="clear", result="ok")

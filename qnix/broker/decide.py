@@ -16,7 +16,6 @@ import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from qnix.audit import events
 from qnix.errors import QnixError
@@ -86,13 +85,8 @@ class TerminalAsker:
         return answer or default or None
 
 
-# Questions from calls of compartments wait here for `qnix policy answer`.
-ASKS_DIR = "asks"
+# How long questions from calls of compartments wait for `qnix policy answer`.
 ENV_ASK_TIMEOUT = "QNIX_ASK_TIMEOUT"
-
-
-def asks_dir(paths: RuntimePaths) -> Path:
-    return paths.run_root / ASKS_DIR
 
 
 def ask_timeout() -> float:
@@ -115,7 +109,7 @@ class PendingAsker:
     poll: float = 0.1
 
     def __call__(self, decision: Decision, source: str, service: str) -> str | None:
-        folder = asks_dir(self.paths)
+        folder = self.paths.asks_dir
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         ask_id = secrets.token_hex(6)
         question = folder / f"{ask_id}.json"
@@ -150,7 +144,7 @@ class PendingAsker:
 def pending_questions(paths: RuntimePaths) -> list[dict[str, object]]:
     """The questions waiting for an answer, oldest first."""
     found = []
-    for path in sorted(asks_dir(paths).glob("*.json")):
+    for path in sorted(paths.asks_dir.glob("*.json")):
         try:
             question = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -176,7 +170,7 @@ def answer_question(paths: RuntimePaths, ask_id: str, choice: str) -> dict[str, 
             f"{choice!r} is not a target offered by question {ask_id}",
             hint=f"answer one of: {', '.join(targets) or 'none'}, or no",
         )
-    atomic_write(asks_dir(paths) / f"{ask_id}.answer", (choice + "\n").encode(), 0o600)
+    atomic_write(paths.asks_dir / f"{ask_id}.answer", (choice + "\n").encode(), 0o600)
     return question
 
 

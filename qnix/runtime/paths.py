@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qnix.fastpath import DIGITS, LETTERS, LOWER, Record, is_word
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -34,36 +36,24 @@ ENV_RUN_ROOT = "QNIX_RUN_ROOT"
 ENV_NETNS_PREFIX = "QNIX_NETNS_PREFIX"
 ENV_HOST_NETNS = "QNIX_HOST_NETNS"
 
-_LOWER = "abcdefghijklmnopqrstuvwxyz"
-_DIGITS = "0123456789"
-_LETTERS = _LOWER + _LOWER.upper()
-
-
-def _is_word(text: str, first: str, rest: str, max_length: int) -> bool:
-    """`text` is one character of `first` then at most max_length - 1 of `rest`."""
-    return (
-        0 < len(text) <= max_length
-        and text[0] in first
-        and all(character in rest for character in text[1:])
-    )
-
 
 def is_prefix(text: str) -> bool:
     # A prefix plus a compartment name (31 at most) must still be a valid cgroup name (63).
-    return _is_word(text, _LOWER, _LOWER + _DIGITS + "-", 24)
+    return is_word(text, LOWER, LOWER + DIGITS + "-", 24)
 
 
 def is_netns_name(text: str) -> bool:
-    return _is_word(text, _LETTERS + _DIGITS, _LETTERS + _DIGITS + "_.-", 63)
+    return is_word(text, LETTERS + DIGITS, LETTERS + DIGITS + "_.-", 63)
 
 
 def is_name(text: str) -> bool:
     """Compartment names as the spec allows them (qnix.spec.model.COMPARTMENT_NAME_RE),
     checked here again because a name from the command line becomes a path."""
-    return _is_word(text, _LOWER, _LOWER + _DIGITS + "-", 31)
+    return is_word(text, LOWER, LOWER + DIGITS + "-", 31)
 
 
-# Everything qnix puts in a run root (what `qnix down` removes, and nothing else).
+# Everything qnix puts in a run root (what `qnix down` removes, and nothing else): the names
+# of the run-root paths below.
 RUN_ROOT_ENTRIES = (
     "generation",
     "applied.json",
@@ -94,8 +84,8 @@ def check_name(name: str) -> str:
     return name
 
 
-class RuntimePaths:
-    """Immutable. A plain class rather than a frozen dataclass or NamedTuple: importing
+class RuntimePaths(Record):
+    """Immutable. A Record rather than a frozen dataclass or NamedTuple: importing
     dataclasses or typing costs `qnix run` more than everything else it imports.
     `from_options` validates; code that builds one directly calls `checked()`."""
 
@@ -113,26 +103,7 @@ class RuntimePaths:
         netns_prefix: str = DEFAULT_NETNS_PREFIX,
         host_netns: str | None = None,
     ) -> None:
-        for field, value in zip(
-            self._FIELDS, (state_root, run_root, netns_prefix, host_netns), strict=True
-        ):
-            object.__setattr__(self, field, value)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"RuntimePaths is immutable: cannot set {name}")
-
-    def _fields(self) -> tuple[Path, Path, str, str | None]:
-        return (self.state_root, self.run_root, self.netns_prefix, self.host_netns)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RuntimePaths) and self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{f}={v!r}" for f, v in zip(self._FIELDS, self._fields(), strict=True))
-        return f"RuntimePaths({shown})"
+        super().__init__(state_root, run_root, netns_prefix, host_netns)
 
     def checked(self) -> RuntimePaths:
         for root in (self.state_root, self.run_root):
@@ -187,6 +158,20 @@ class RuntimePaths:
     @property
     def lock_file(self) -> Path:
         return self.run_root / "lock"
+
+    @property
+    def asks_dir(self) -> Path:
+        """Questions of `ask` lines that calls from compartments wait on."""
+        return self.run_root / "asks"
+
+    @property
+    def clipboard_file(self) -> Path:
+        """The host's one global clipboard (qnix.broker.clipboard)."""
+        return self.run_root / "clipboard"
+
+    @property
+    def clipboard_lock(self) -> Path:
+        return self.run_root / "clipboard.lock"
 
     @property
     def pool_root(self) -> Path:

@@ -12,12 +12,14 @@ line interface takes over (qnix.cli.entry).
 from __future__ import annotations
 
 import _socket
+import itertools
 import json
 import os
 import stat
 import sys
 
 from qnix.audit import events
+from qnix.fastpath import Record
 from qnix.runtime import agent
 from qnix.runtime.paths import PathError, RuntimePaths, check_name
 
@@ -95,6 +97,9 @@ def command_env(state: dict[str, Any], stdin_is_tty: bool) -> dict[str, str]:
     return env
 
 
+_pin_numbers = itertools.count()
+
+
 def pin_socket(paths: RuntimePaths, name: str, host_uid: int) -> str:
     """A hard link to the agent's socket in the compartment's run folder, which only root can
     write, once it is checked to be a socket owned by the compartment's host user.
@@ -102,8 +107,10 @@ def pin_socket(paths: RuntimePaths, name: str, host_uid: int) -> str:
     The compartment can write the folder its socket lives in: connecting to that path directly
     would follow a symlink it put there to any socket on the host (another compartment's
     agent, a system daemon) and hand it our stdio. link() does not follow symlinks, and the
-    link cannot be swapped once it is in a folder the compartment cannot reach."""
-    pinned = paths.run_dir(name) / f"connect-{os.getpid()}.sock"
+    link cannot be swapped once it is in a folder the compartment cannot reach. Each pin has
+    a name of its own (process and count), so one process may hold several at once, as the
+    keeper serving calls and the broker do."""
+    pinned = paths.run_dir(name) / f"connect-{os.getpid()}-{next(_pin_numbers)}.sock"
     try:  # noqa: SIM105 - contextlib stays off the fast path
         os.unlink(pinned)
     except FileNotFoundError:
@@ -155,31 +162,16 @@ def execute(
     return code
 
 
-class _Request:
-    """A parsed command line: equal by its fields (a NamedTuple would import typing)."""
+class RunRequest(Record):
+    """A parsed `qnix run` command line."""
 
-    __slots__: tuple[str, ...] = ()
-
-    def _fields(self) -> tuple[object, ...]:
-        return tuple(getattr(self, field) for field in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _Request)
-            and type(other) is type(self)
-            and (self._fields() == other._fields())
-        )
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{f}={v!r}" for f, v in zip(self.__slots__, self._fields(), strict=True))
-        return f"{type(self).__name__}({shown})"
-
-
-class RunRequest(_Request):
     __slots__ = ("command", "name", "run_root", "state_root", "user")
+    _FIELDS = ("name", "command", "user", "state_root", "run_root")
+    name: str
+    command: tuple[str, ...]
+    user: str | None
+    state_root: str | None
+    run_root: str | None
 
     def __init__(
         self,
@@ -189,8 +181,7 @@ class RunRequest(_Request):
         state_root: str | None = None,
         run_root: str | None = None,
     ) -> None:
-        self.name, self.command, self.user = name, command, user
-        self.state_root, self.run_root = state_root, run_root
+        super().__init__(name, command, user, state_root, run_root)
 
 
 _VALUE_OPTIONS = {
@@ -213,8 +204,15 @@ def parse_run(argv: Sequence[str]) -> RunRequest | None:
     return RunRequest(parsed[1][0], command, **parsed[0])
 
 
-class DisposeRequest(_Request):
+class DisposeRequest(Record):
+    """A parsed `qnix dispose` command line."""
+
     __slots__ = ("command", "run_root", "state_root", "template")
+    _FIELDS = ("command", "template", "state_root", "run_root")
+    command: tuple[str, ...]
+    template: str | None
+    state_root: str | None
+    run_root: str | None
 
     def __init__(
         self,
@@ -223,8 +221,7 @@ class DisposeRequest(_Request):
         state_root: str | None = None,
         run_root: str | None = None,
     ) -> None:
-        self.command, self.template = command, template
-        self.state_root, self.run_root = state_root, run_root
+        super().__init__(command, template, state_root, run_root)
 
 
 _DISPOSE_OPTIONS = {

@@ -104,12 +104,6 @@ MACHINE_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 # Names are checked with fullmatch: `$` in re.match also accepts a trailing newline.
 
 
-def _check_path(path: str, what: str) -> str:
-    if not path.startswith("/") or "\0" in path or os.path.normpath(path) != path:
-        raise ValueError(f"{what} must be an absolute, normalized path: {path!r}")
-    return path
-
-
 def escape_path(path: str) -> str:
     """A path as one field of nspawn's `SRC:DST[:OPTIONS]`: nspawn splits on ':' and takes a
     backslash as escaping the next character, so both are escaped and nothing in a path can
@@ -123,8 +117,8 @@ class RoBind:
     dst: str
 
     def __post_init__(self) -> None:
-        _check_path(self.src, "bind source")
-        _check_path(self.dst, "bind destination")
+        ns.check_path(self.src, "bind source")
+        ns.check_path(self.dst, "bind destination")
 
     def argv(self) -> list[str]:
         return [f"--bind-ro={escape_path(self.src)}:{escape_path(self.dst)}"]
@@ -136,8 +130,8 @@ class Bind:
     dst: str
 
     def __post_init__(self) -> None:
-        _check_path(self.src, "bind source")
-        _check_path(self.dst, "bind destination")
+        ns.check_path(self.src, "bind source")
+        ns.check_path(self.dst, "bind destination")
 
     def argv(self) -> list[str]:
         return [f"--bind={escape_path(self.src)}:{escape_path(self.dst)}"]
@@ -149,7 +143,7 @@ class Tmpfs:
     mode: int
 
     def __post_init__(self) -> None:
-        _check_path(self.dst, "tmpfs mount point")
+        ns.check_path(self.dst, "tmpfs mount point")
         if not 0 <= self.mode <= 0o7777:
             raise ValueError(f"invalid mode {self.mode:o}")
 
@@ -164,7 +158,7 @@ class Directory:
     path: str
 
     def argv(self) -> list[str]:
-        return [f"--directory={_check_path(self.path, 'root directory')}"]
+        return [f"--directory={ns.check_path(self.path, 'root directory')}"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +218,7 @@ class Chdir:
     path: str
 
     def argv(self) -> list[str]:
-        return [f"--chdir={_check_path(self.path, 'working directory')}"]
+        return [f"--chdir={ns.check_path(self.path, 'working directory')}"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +291,7 @@ class Layout:
     staging: str
 
     def __post_init__(self) -> None:
-        _check_path(self.staging, "staging directory")
+        ns.check_path(self.staging, "staging directory")
 
     @property
     def root(self) -> str:
@@ -351,7 +345,7 @@ FILE_MODE = 0o444
 
 
 def _inside(layout: Layout, path: str) -> str:
-    return layout.root + _check_path(path, "path inside")
+    return layout.root + ns.check_path(path, "path inside")
 
 
 class _Tree:

@@ -39,7 +39,8 @@ log = logging.getLogger("qnix.run")
 # ---- directives: one bubblewrap option each ---------------------------------------------------
 
 
-def _check_path(path: str, what: str) -> str:
+def check_path(path: str, what: str) -> str:
+    """`path` if it is absolute and normalized (the backends' directives take no other)."""
     if not path.startswith("/") or "\0" in path or os.path.normpath(path) != path:
         raise ValueError(f"{what} must be an absolute, normalized path: {path!r}")
     return path
@@ -55,8 +56,8 @@ class RoBind:
     dst: str
 
     def __post_init__(self) -> None:
-        _check_path(self.src, "bind source")
-        _check_path(self.dst, "bind destination")
+        check_path(self.src, "bind source")
+        check_path(self.dst, "bind destination")
 
     def argv(self) -> list[str]:
         return ["--ro-bind", self.src, self.dst]
@@ -68,8 +69,8 @@ class Bind:
     dst: str
 
     def __post_init__(self) -> None:
-        _check_path(self.src, "bind source")
-        _check_path(self.dst, "bind destination")
+        check_path(self.src, "bind source")
+        check_path(self.dst, "bind destination")
 
     def argv(self) -> list[str]:
         return ["--bind", self.src, self.dst]
@@ -82,7 +83,7 @@ class Tmpfs:
     size: int | None = None
 
     def __post_init__(self) -> None:
-        _check_path(self.dst, "tmpfs mount point")
+        check_path(self.dst, "tmpfs mount point")
 
     def argv(self) -> list[str]:
         size = [] if self.size is None else ["--size", str(self.size)]
@@ -94,7 +95,7 @@ class Proc:
     dst: str = "/proc"
 
     def argv(self) -> list[str]:
-        return ["--proc", _check_path(self.dst, "proc mount point")]
+        return ["--proc", check_path(self.dst, "proc mount point")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class Dev:
     dst: str = "/dev"
 
     def argv(self) -> list[str]:
-        return ["--dev", _check_path(self.dst, "dev mount point")]
+        return ["--dev", check_path(self.dst, "dev mount point")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,7 @@ class Dir:
     mode: int | None = None
 
     def __post_init__(self) -> None:
-        _check_path(self.dst, "directory")
+        check_path(self.dst, "directory")
 
     def argv(self) -> list[str]:
         return [*_perms(self.mode), "--dir", self.dst]
@@ -123,7 +124,7 @@ class Symlink:
     link: str
 
     def __post_init__(self) -> None:
-        _check_path(self.link, "symlink")
+        check_path(self.link, "symlink")
         if not self.target or "\0" in self.target:
             raise ValueError(f"invalid symlink target {self.target!r}")
 
@@ -140,7 +141,7 @@ class RoData:
     mode: int | None = 0o444
 
     def __post_init__(self) -> None:
-        _check_path(self.dst, "file")
+        check_path(self.dst, "file")
 
     def argv(self) -> list[str]:
         return [*_perms(self.mode), "--ro-bind-data", str(self.fd), self.dst]
@@ -151,7 +152,7 @@ class RemountRo:
     dst: str
 
     def argv(self) -> list[str]:
-        return ["--remount-ro", _check_path(self.dst, "mount point")]
+        return ["--remount-ro", check_path(self.dst, "mount point")]
 
 
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -187,7 +188,7 @@ class Chdir:
     path: str
 
     def argv(self) -> list[str]:
-        return ["--chdir", _check_path(self.path, "working directory")]
+        return ["--chdir", check_path(self.path, "working directory")]
 
 
 Directive = (
@@ -289,7 +290,7 @@ _RESERVED_DESTINATIONS = (
 
 
 def _check_destination(dst: str) -> None:
-    _check_path(dst, "bind destination")
+    check_path(dst, "bind destination")
     if dst in _RESERVED_DESTINATIONS or dst.startswith(("/proc/", "/dev/")):
         raise ValueError(f"a bind may not cover {dst}")
 
@@ -317,9 +318,9 @@ class SandboxPlan:
             if not 0 < number < 65534:
                 raise ValueError(f"uid/gid {number} must be between 1 and 65533")
         if self.home is not None:
-            _check_path(str(self.home), "home")
+            check_path(str(self.home), "home")
         for src, dst in (*self.extra_ro_binds, *self.extra_binds):
-            _check_path(src, "bind source")
+            check_path(src, "bind source")
             _check_destination(dst)
         for key, value in self.env:
             SetEnv(key, value)
