@@ -6,7 +6,7 @@ PY        := $(VENV)/bin/python
 QNIX      := $(VENV)/bin/qnix
 STAMP     := $(VENV)/.installed
 SYSTEM_PACKAGES := bubblewrap nftables nix-bin age graphviz iproute2 systemd-container python3-venv \
-                   gnupg openssh-client pass rsyslog rsyslog-gnutls aide
+                   gnupg openssh-client pass rsyslog rsyslog-gnutls aide btrfs-progs
 PYTHON    ?= python3
 
 .PHONY: demo test lint deps system-deps bench clean

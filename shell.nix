@@ -17,5 +17,6 @@ pkgs.mkShell {
     pass
     rsyslog
     aide
+    btrfs-progs
   ];
 }

@@ -39,7 +39,7 @@ def _size(count: int) -> str:
 
 @click.group()
 def state() -> None:
-    """A persistent compartment's state: encrypted snapshots (one at each stop), restore, diff."""
+    """A persistent compartment's state: snapshots (one at each stop), restore, diff."""
 
 
 @state.command(name="ls")
@@ -47,7 +47,8 @@ def state() -> None:
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON list, for scripts.")
 def ls(name: str, state_root: Path | None, run_root: Path | None, as_json: bool) -> None:
-    """List the snapshots of NAME: id, time, reason, size and sha256 of the ciphertext, and
+    """List the snapshots of NAME: id, time, reason, kind (age: an encrypted copy; btrfs: a
+    read-only btrfs snapshot), size and sha256 of the ciphertext (a btrfs snapshot's UUID), and
     whether it is the latest and within the spec's retention (else: removed at the next)."""
     from qnix.runtime import state as snapshots
 
@@ -58,10 +59,12 @@ def ls(name: str, state_root: Path | None, run_root: Path | None, as_json: bool)
     if not found:
         click.echo(f"{name}: no snapshots")
         return
-    table = [("ID", "TIME", "REASON", "SIZE", "SHA256", "STATUS")]
+    table = [("ID", "TIME", "REASON", "KIND", "SIZE", "SHA256/UUID", "STATUS")]
     for row in found:
         status = "latest" if row.latest else ("kept" if row.kept else "expires")
-        table.append((str(row.id), row.time, row.reason, _size(row.size), row.sha256, status))
+        size = "-" if row.size is None else _size(row.size)
+        fingerprint = row.sha256 or row.uuid or "-"
+        table.append((str(row.id), row.time, row.reason, row.kind, size, fingerprint, status))
     widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
     for cells in table:
         click.echo(
@@ -85,7 +88,8 @@ def snapshot(
     taken = snapshots.snapshot(
         runtime_paths(state_root, run_root), name, identity=identity, force=force
     )
-    click.echo(f"{name}: snapshot {taken.id} ({_size(taken.size)}, {taken.time})")
+    what = "btrfs snapshot" if taken.size is None else _size(taken.size)
+    click.echo(f"{name}: snapshot {taken.id} ({what}, {taken.time})")
 
 
 @state.command()

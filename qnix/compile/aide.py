@@ -40,6 +40,7 @@ DATABASE = "aide.db"
 NEW_DATABASE = "aide.db.new"
 # The state layout the runtime (qnix.runtime.paths) and the NixOS module share.
 COMPARTMENTS_FOLDER = "compartments"
+SNAPSHOTS_FOLDER = "snapshots"  # beside each home: qnix.runtime.state
 AUDIT_FOLDER = "audit"
 # Beside the generation in the run root: one folder per running compartment.
 RUN_FOLDERS = "compartments"
@@ -139,12 +140,17 @@ def aide_config(
         "# Compartment state: what the programs inside rewrite keeps its bytes, not its inode.",
         f"{STATE_GROUP} = {STATE_ATTRIBUTES}",
         "",
-        "# Volatile: the audit log, the database (new at each init), running compartments.",
+        "# Volatile: the audit log, the database (new at each init), running compartments,",
+        "# state snapshots.",
     ]
     excluded = excluded_paths(
         database_dir=database_dir, generation_dir=generation_dir, state_root=state_root
     )
     lines += ["!" + selection_regex(path) for path in excluded]
+    # Snapshots come with every stop and go with retention; the audit log records the hash
+    # (or btrfs UUID) of each, and age authenticates its content.
+    compartments = escape_path(posixpath.join(state_root, COMPARTMENTS_FOLDER))
+    lines.append(f"!{compartments}/[^/]+/{SNAPSHOTS_FOLDER}(/|\\z)")
     lines += ["", "# Covered: host folders, the live generation, compartment state, aide_paths."]
     lines += [
         f"{selection_regex(path)} {group}"

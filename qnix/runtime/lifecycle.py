@@ -55,7 +55,7 @@ from qnix.compile import names, openings
 from qnix.compile.artifacts import RULESET, SPEC_COPY, compile_spec
 from qnix.compile.nft import TABLE, disposable_elements, hostname_sets
 from qnix.errors import QnixError
-from qnix.runtime import cgroups, secrets
+from qnix.runtime import btrfs, cgroups, secrets
 from qnix.runtime.agent import AgentError, ProtocolError
 from qnix.runtime.backends import container
 from qnix.runtime.backends.namespace import HostIdentity
@@ -876,7 +876,11 @@ def _ensure_state_dirs(paths: RuntimePaths, name: str, identity: HostIdentity) -
     _ensure_root(paths.state_root)
     changed = _ensure_dir(paths.compartments_state, 0o711)
     changed |= _ensure_dir(paths.state_dir(name), 0o711)
-    changed |= _ensure_dir(paths.home(name), 0o700, (identity.uid, identity.gid))
+    home = paths.home(name)
+    if not os.path.lexists(home) and btrfs.on_btrfs(paths.state_dir(name)):
+        btrfs.create(home)  # a subvolume: its snapshots are btrfs snapshots
+        changed = True
+    changed |= _ensure_dir(home, 0o700, (identity.uid, identity.gid))
     return changed
 
 
@@ -961,7 +965,7 @@ def _remove_compartment(paths: RuntimePaths, net: HostNetwork, name: str, purge:
     if net.remove_netns(name):
         changes.append(f"{name}: removed its network namespace {net.netns(name)}")
     if purge and paths.state_dir(name).exists():
-        shutil.rmtree(paths.state_dir(name))
+        btrfs.remove_tree(paths.state_dir(name))
         changes.append(f"{name}: purged its state {paths.state_dir(name)}")
     return changes
 

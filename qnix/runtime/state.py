@@ -1,17 +1,19 @@
-"""A persistent compartment's state at rest: versioned, encrypted snapshots of its home.
+"""A persistent compartment's state at rest: versioned snapshots of its home.
 
 The state folder is the compartment's home under the state root
 (`<state root>/compartments/<name>/home`, owned by its host uid, 0700). Its snapshots live beside
 it in `<state root>/compartments/<name>/snapshots/` (root only, 0700):
 
     000007-20250612T101530Z-stop.tar.age     one snapshot: id 7, taken at a stop
-    latest -> 000007-20250612T101530Z-stop.tar.age
+    000008-20250612T101702Z-manual.snap      a btrfs snapshot
+    latest -> 000008-20250612T101702Z-manual.snap
 
-* A snapshot is a tar stream (PAX) of the folder, encrypted with `age` to the host's recipient
-  (the public key of the host identity: `--identity FILE`, QNIX_AGE_IDENTITY, or
-  /etc/qnix/host.agekey; see qnix.runtime.secrets). The plaintext never touches a disk: the tar
-  goes to `age` through a FIFO in memory. The copy is the method on every file system (a
-  btrfs/bcachefs snapshot would not be encrypted by qnix's key).
+* Where the home is a btrfs subvolume (qnix apply makes it one on btrfs), a snapshot is a
+  read-only btrfs snapshot: instant, copy-on-write, one point in time; it is protected at rest
+  like the home, by the disk's encryption. Anywhere else it is a copy: a tar stream (PAX) of the
+  folder, encrypted with `age` to the host's recipient (the public key of the host identity:
+  `--identity FILE`, QNIX_AGE_IDENTITY, or /etc/qnix/host.agekey; see qnix.runtime.secrets).
+  The plaintext never touches a disk: the tar goes to `age` through a FIFO in memory.
 * The tree is read through file descriptors opened with O_NOFOLLOW relative to their folder, so
   a symlink is stored as a symlink and never followed, even if the compartment swaps a file for
   one while it is read (`--force`). Other file systems mounted inside, FIFOs, sockets and device
@@ -23,10 +25,11 @@ it in `<state root>/compartments/<name>/snapshots/` (root only, 0700):
   final name (never over another), the folder fsynced, then `latest` is replaced by a rename.
   Only names of the final form are snapshots, so a crash never shows a partial one; the next
   snapshot, restore or `qnix gc` removes what a crash left.
-* Restore decrypts and unpacks into `.restore-<random>/` beside the home, refusing any member
-  that could write outside it (absolute names, `..`, a path through a link or a file, a hard
-  link to anything but an earlier file of the archive, device nodes, FIFOs, duplicates), owned
-  by the compartment's host uid, without setuid, setgid or sticky bits; it keeps the current
+* Restore makes a writable snapshot of a btrfs snapshot, or decrypts and unpacks a copy, into
+  `.restore-<random>/` beside the home. Unpacking refuses any member that could write outside
+  it (absolute names, `..`, a path through a link or a file, a hard link to anything but an
+  earlier file of the archive, device nodes, FIFOs, duplicates), and what it writes is owned
+  by the compartment's host uid, without setuid, setgid or sticky bits. Restore keeps the current
   state as a snapshot first and then swaps the two folders with one renameat2(RENAME_EXCHANGE).
   Symlinks are restored as they were stored, whatever they point at (inside the compartment an
   absolute link points into its own view): nothing here ever follows one.
@@ -56,7 +59,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from qnix.audit import events
+from qnix.audit.events import FieldValue
 from qnix.errors import QnixError
+from qnix.runtime import btrfs
 from qnix.runtime.paths import PathError, RuntimePaths, is_name
 from qnix.runtime.runner import require_tool, run
 
@@ -69,14 +74,14 @@ log = logging.getLogger("qnix.state")
 
 SNAPSHOT_DIR = "snapshots"
 LATEST = "latest"
-SUFFIX = ".tar.age"
+SUFFIX = ".tar.age"  # an age-encrypted tar stream of the home
+BTRFS_SUFFIX = ".snap"  # a read-only btrfs snapshot of the home (a folder)
 TEMP_PREFIX = ".tmp-"
 RESTORE_PREFIX = ".restore-"
 REASONS = ("stop", "manual", "pre-restore")
 SNAPSHOT_RE = re.compile(
     r"(?P<id>[0-9]{6,})-(?P<time>[0-9]{8}T[0-9]{6}Z)-(?P<reason>stop|manual|pre-restore)"
-    + re.escape(SUFFIX)
-    + r"\Z"
+    + rf"(?P<suffix>{re.escape(SUFFIX)}|{re.escape(BTRFS_SUFFIX)})\Z"
 )
 # A large home takes a while; a hung age is still cut off eventually.
 AGE_TIMEOUT = 6 * 3600.0
@@ -661,11 +666,19 @@ class Snapshot:
     time: str  # UTC, ISO 8601
     reason: str  # stop, manual, pre-restore
     path: Path
-    size: int  # of the ciphertext
+    kind: str  # "age": an encrypted tar file; "btrfs": a read-only subvolume
+    size: int | None  # of the ciphertext; None for a btrfs snapshot (it shares its blocks)
 
-    def sha256(self) -> str:
-        """Of the ciphertext, as the audit event of its making recorded it."""
-        return _sha256_file(self.path)
+    def fingerprint(self) -> str:
+        """What the audit event of its making recorded: the SHA-256 of the ciphertext, or the
+        btrfs snapshot's UUID."""
+        return btrfs.uuid(self.path) if self.kind == "btrfs" else _sha256_file(self.path)
+
+    def recorded(self) -> dict[str, FieldValue]:
+        """Its fields in the `snapshot` audit event."""
+        if self.kind == "btrfs":
+            return {"kind": "btrfs", "uuid": self.fingerprint()}
+        return {"kind": "age", "size": self.size, "sha256": self.fingerprint()}
 
 
 def _parse(path: Path) -> Snapshot | None:
@@ -676,11 +689,24 @@ def _parse(path: Path) -> Snapshot | None:
         info = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    if not stat.S_ISREG(info.st_mode):
-        return None
     stamp = match["time"]
     when = f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
-    return Snapshot(int(match["id"]), when, match["reason"], path, info.st_size)
+    if match["suffix"] == BTRFS_SUFFIX:
+        if info.st_ino != btrfs.SUBVOLUME_ROOT_INODE or not stat.S_ISDIR(info.st_mode):
+            return None
+        return Snapshot(int(match["id"]), when, match["reason"], path, "btrfs", None)
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return Snapshot(int(match["id"]), when, match["reason"], path, "age", info.st_size)
+
+
+def _remove(path: Path) -> None:
+    """Remove what an operation made or left, subvolumes included; a failure is only logged
+    (the next operation or `qnix gc` tries again)."""
+    try:
+        btrfs.remove_tree(path)
+    except (OSError, QnixError) as exc:
+        log.warning("cannot remove %s: %s", path, _message(exc))
 
 
 class SnapshotStore:
@@ -754,14 +780,13 @@ class SnapshotStore:
                 with contextlib.suppress(OSError):
                     if stat.S_ISFIFO(os.stat(pipe, follow_symlinks=False).st_mode):
                         _poke(pipe)
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            _remove(path)
             removed.append(entry)
         return removed
 
     def take(self, source: Path, recipients: Sequence[str], reason: str, keep: int) -> Snapshot:
-        """Snapshot `source` and point `latest` at it; then keep the latest `keep` (0: all)."""
+        """Snapshot `source` and point `latest` at it; then keep the latest `keep` (0: all).
+        A btrfs subvolume gets a read-only btrfs snapshot, any other folder an encrypted copy."""
         if reason not in REASONS:
             raise ValueError(f"unknown snapshot reason {reason!r}")
         self._ensure_folder()
@@ -770,18 +795,26 @@ class SnapshotStore:
         latest = self.latest()
         number = max([s.id for s in existing] + [latest.id if latest else 0]) + 1
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        final = self.folder / f"{number:06d}-{stamp}-{reason}{SUFFIX}"
+        copy_on_write = btrfs.is_subvolume(source)
+        suffix = BTRFS_SUFFIX if copy_on_write else SUFFIX
+        final = self.folder / f"{number:06d}-{stamp}-{reason}{suffix}"
         work = self._workspace()
         try:
             partial = work / "snapshot"
-            with _encrypting(work, partial, recipients) as stream:
-                write_tree(source, stream)
-            _fsync_path(partial)
+            if copy_on_write:
+                # Beside its final name: a read-only subvolume cannot move to another folder.
+                partial = Path(f"{work}{BTRFS_SUFFIX}")
+                btrfs.snapshot(source, partial, readonly=True)  # committed when it returns
+            else:
+                with _encrypting(work, partial, recipients) as stream:
+                    write_tree(source, stream)
+                _fsync_path(partial)
             _rename_noreplace(partial, final)
             _fsync_dir(self.folder)
             self._point_latest(work, final.name)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            _remove(work)
+            _remove(Path(f"{work}{BTRFS_SUFFIX}"))
         taken = _parse(final)
         assert taken is not None
         self.prune(keep)
@@ -802,27 +835,32 @@ class SnapshotStore:
         kept = {s.id for s in found[-keep:]} | ({latest.id} if latest else set())
         removed = [s for s in found if s.id not in kept]
         for snapshot in removed:
-            snapshot.path.unlink(missing_ok=True)
+            _remove(snapshot.path)
         if removed:
             _fsync_dir(self.folder)
         return removed
 
     @contextlib.contextmanager
     def plaintext(self, snapshot: Snapshot, identity: Path) -> Iterator[IO[bytes]]:
-        """The snapshot's tar stream, authenticated by age once the block ends."""
+        """An age snapshot's tar stream, authenticated by age once the block ends."""
+        if snapshot.kind != "age":
+            raise ValueError("only an age snapshot is a stream")
         self._ensure_folder()
         work = self._workspace()
         try:
             with _decrypting(work, snapshot.path, identity) as stream:
                 yield stream
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            _remove(work)
 
     def unpack(self, snapshot: Snapshot, identity: Path, dest: Path, owner: tuple[int, int]) -> int:
+        """Fill the empty folder `dest` with an age snapshot's tree; the number of entries."""
         with self.plaintext(snapshot, identity) as stream:
             return unpack_tree(stream, dest, owner)
 
     def manifest(self, snapshot: Snapshot, identity: Path) -> dict[str, Entry]:
+        if snapshot.kind == "btrfs":
+            return tree_manifest(snapshot.path)
         with self.plaintext(snapshot, identity) as stream:
             return archive_manifest(stream)
 
@@ -878,16 +916,16 @@ def _take(
     home = paths.home(name)
     if not home.is_dir():
         raise QnixError(f"{name} has no state folder {home}", hint="qnix apply makes it")
-    key = _host_key(identity)
-    taken = store_of(paths, name).take(home, recipients_of(key), reason, keep)
+    # A btrfs snapshot is not encrypted by qnix: it needs no host key.
+    recipients = () if btrfs.is_subvolume(home) else recipients_of(_host_key(identity))
+    taken = store_of(paths, name).take(home, recipients, reason, keep)
     events.record(
         paths,
         "snapshot",
         compartment=name,
         reason=reason,
         snapshot=taken.id,
-        size=taken.size,
-        sha256=taken.sha256(),
+        **taken.recorded(),
         result="ok",
     )
     return taken
@@ -973,7 +1011,7 @@ def restore(
         chosen = store.find(snapshot_id, name)
         host = lifecycle.host_identity(ws, name)
         try:
-            done = _restore(paths, name, store, chosen, _host_key(identity), (host.uid, host.gid))
+            done = _restore(paths, name, store, chosen, identity, (host.uid, host.gid))
         except Exception as exc:
             _record_failure(paths, "restore", name, exc)
             raise
@@ -994,7 +1032,7 @@ def _remove_restores(state_dir: Path) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(os.listdir(state_dir)):
             if entry.startswith(RESTORE_PREFIX):
-                shutil.rmtree(state_dir / entry, ignore_errors=True)
+                _remove(state_dir / entry)
                 removed.append(entry)
     return removed
 
@@ -1004,28 +1042,50 @@ def _restore(
     name: str,
     store: SnapshotStore,
     chosen: Snapshot,
-    key: Path,
+    identity: str | Path | None,
     owner: tuple[int, int],
 ) -> Restored:
     state_dir = paths.state_dir(name)
     home = paths.home(name)
     _remove_restores(state_dir)
-    staging = Path(tempfile.mkdtemp(dir=state_dir, prefix=RESTORE_PREFIX))
+    workspace = Path(tempfile.mkdtemp(dir=state_dir, prefix=RESTORE_PREFIX))
+    staging = workspace / "home"
     try:
-        entries = store.unpack(chosen, key, staging, owner)
+        if chosen.kind == "btrfs":
+            btrfs.snapshot(chosen.path, staging, readonly=False)
+            entries = _own_tree(staging, owner)
+        else:
+            if btrfs.on_btrfs(state_dir):
+                btrfs.create(staging)  # so that later snapshots are btrfs snapshots
+            else:
+                staging.mkdir()
+            entries = store.unpack(chosen, _host_key(identity), staging, owner)
         os.chown(staging, *owner)
         staging.chmod(0o700)
         _syncfs(staging)
         previous = None
         if home.is_dir():
-            previous = store.take(home, recipients_of(key), "pre-restore", keep=0)
+            subvolume = btrfs.is_subvolume(home)
+            recipients = () if subvolume else recipients_of(_host_key(identity))
+            previous = store.take(home, recipients, "pre-restore", keep=0)
             _exchange(staging, home)
         else:
             os.rename(staging, home)
         _fsync_dir(state_dir)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # after the swap: the state before
+        _remove(workspace)  # after the swap: the state before
     return Restored(chosen, previous, entries)
+
+
+def _own_tree(folder: Path, owner: tuple[int, int]) -> int:
+    """Give everything under `folder` to `owner` (a snapshot made under another host uid); the
+    number of entries. Nothing is followed."""
+    entries = 0
+    for found in _walk(folder):
+        entries += 1
+        if (found.info.st_uid, found.info.st_gid) != owner:
+            os.chown(folder / found.name, *owner, follow_symlinks=False)
+    return entries
 
 
 def diff(
@@ -1044,15 +1104,20 @@ def diff(
     require_root()
     with lifecycle.locked(paths):
         store = store_of(paths, name)
-        key = _host_key(identity)
-        before = store.manifest(store.find(first, name), key)
+
+        def manifest(snapshot: Snapshot) -> dict[str, Entry]:
+            if snapshot.kind == "btrfs":
+                return tree_manifest(snapshot.path)
+            return store.manifest(snapshot, _host_key(identity))
+
+        before = manifest(store.find(first, name))
         if second is None:
             home = paths.home(name)
             if not home.is_dir():
                 raise QnixError(f"{name} has no state folder {home}")
             after = tree_manifest(home)
         else:
-            after = store.manifest(store.find(second, name), key)
+            after = manifest(store.find(second, name))
     return compare(before, after)
 
 
@@ -1061,8 +1126,10 @@ class Listed:
     id: int
     time: str
     reason: str
-    size: int
-    sha256: str
+    kind: str  # age or btrfs
+    size: int | None  # of an age snapshot's ciphertext
+    sha256: str | None  # of an age snapshot's ciphertext
+    uuid: str | None  # of a btrfs snapshot
     latest: bool
     kept: bool  # within the spec's retention; False: the next snapshot removes it
 
@@ -1071,7 +1138,8 @@ class Listed:
 
 
 def listing(paths: RuntimePaths, name: str) -> list[Listed]:
-    """Snapshots of `name`, oldest first, with the hash of each ciphertext."""
+    """Snapshots of `name`, oldest first, with the hash of each ciphertext (the UUID of each
+    btrfs snapshot)."""
     from qnix.runtime import lifecycle
     from qnix.runtime.net import require_root
 
@@ -1086,17 +1154,20 @@ def listing(paths: RuntimePaths, name: str) -> list[Listed]:
     rows = []
     for snapshot in found:
         try:
-            digest = snapshot.sha256()
-        except FileNotFoundError:
+            fingerprint = snapshot.fingerprint()
+        except (FileNotFoundError, QnixError):
             continue  # removed meanwhile
         is_latest = latest is not None and latest.id == snapshot.id
+        age = snapshot.kind == "age"
         rows.append(
             Listed(
                 snapshot.id,
                 snapshot.time,
                 snapshot.reason,
+                snapshot.kind,
                 snapshot.size,
-                digest,
+                fingerprint if age else None,
+                None if age else fingerprint,
                 is_latest,
                 snapshot.id in kept or is_latest,
             )

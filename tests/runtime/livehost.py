@@ -45,6 +45,19 @@ class LiveHost:
             host_netns=self.host_netns,
         ).checked()
         self.net = HostNetwork(prefix=self.prefix, host_netns=self.host_netns)
+        self.mounts: list[Path] = []
+
+    def state_on_btrfs(self, size_mb: int = 512) -> None:
+        """Put the state root on a btrfs file system of its own (an image on a loop device)."""
+        image = self.base / "btrfs.img"
+        with image.open("wb") as handle:
+            handle.truncate(size_mb << 20)
+        subprocess.run([need("mkfs.btrfs"), "-q", str(image)], check=True, capture_output=True)
+        self.paths.state_root.mkdir()
+        subprocess.run(
+            [need("mount"), "-o", "loop", str(image), str(self.paths.state_root)], check=True
+        )
+        self.mounts.append(self.paths.state_root)
 
     @property
     def env(self) -> dict[str, str]:
@@ -119,6 +132,8 @@ class LiveHost:
             cgroup = cgroups.cgroup_of(name, cgroups.detect())
             cgroups.kill(cgroup)
             cgroups.remove(cgroup)
+        for mount in reversed(self.mounts):
+            subprocess.run([need("umount"), str(mount)], check=True)
         shutil.rmtree(self.base, ignore_errors=True)
         assert down.returncode == 0, down.stderr
         assert leftovers == {

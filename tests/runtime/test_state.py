@@ -585,7 +585,7 @@ def test_live_state_is_snapshotted_at_stop_encrypted_diffed_and_restored(live: L
     ciphertext = snapshot_file.read_bytes()
     assert marker.encode() not in ciphertext
     assert first["sha256"] == hashlib.sha256(ciphertext).hexdigest()
-    assert first["size"] == len(ciphertext)
+    assert (first["kind"], first["size"], first["uuid"]) == ("age", len(ciphertext), None)
     recorded = live.audit("snapshot")[-1]
     assert {k: recorded[k] for k in ("compartment", "reason", "snapshot", "sha256", "result")} == {
         "compartment": "work",
@@ -652,7 +652,8 @@ def test_live_retention_follows_the_spec(live: Live) -> None:
         (True, True),
     ]
     table = live.ok("state", "ls", "work").splitlines()
-    assert table[0].split() == ["ID", "TIME", "REASON", "SIZE", "SHA256", "STATUS"]
+    assert table[0].split() == ["ID", "TIME", "REASON", "KIND", "SIZE", "SHA256/UUID", "STATUS"]
+    assert [line.split()[3] for line in table[1:]] == ["age"] * 3
     assert [line.split()[-1] for line in table[1:]] == ["expires", "expires", "latest"]
     live.ok("state", "snapshot", "work")
     assert [r["id"] for r in live.listed()] == [ids[-1] + 1]
