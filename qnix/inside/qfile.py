@@ -506,9 +506,12 @@ class Unpacker:
             raise QfileError(f"more than {self.limits.max_entries} entries")
         *parents, name = entry.components
         relative = "/".join(entry.components)
+        if name.startswith((STAGING_PREFIX, TEMP_PREFIX)):
+            # qnix's own working names, at any depth: what arrives is never mistaken for them.
+            raise QfileError(f"refused {shown(name)}: a name reserved for qnix's own files")
         if not parents:
-            if name.startswith(STAGING_PREFIX) or name in self.top:
-                raise QfileError(f"refused {shown(name)}: a reserved or repeated name")
+            if name in self.top:
+                raise QfileError(f"refused {shown(name)}: a repeated name")
             try:
                 os.lstat(name, dir_fd=self.incoming_fd)
             except FileNotFoundError:
