@@ -15,6 +15,14 @@ USER_PREFIX = "qx-"
 # A compartment's host uid and gid: this base plus its link slot (unique within a spec, stable
 # under edits elsewhere), so the runtime and the NixOS users agree without /etc/passwd edits.
 HOST_ID_BASE = 0x70000000
+# A NixOS container runs a whole system, so its user namespace maps a range of 65536 uids of its
+# own (containers.<name>.privateUsers): inside systemd's area for container ranges, below
+# HOST_ID_BASE, so no range ever holds a compartment's host uid or another container's.
+CONTAINER_RANGE_SIZE = 0x10000
+CONTAINER_RANGE_FIRST = 0x10000000
+CONTAINER_RANGES = (HOST_ID_BASE - CONTAINER_RANGE_FIRST) // CONTAINER_RANGE_SIZE
+# The uid of the compartment's user inside a NixOS container (the first normal user).
+CONTAINER_USER_ID = 1000
 # Every host-side interface qnix creates starts with this; the nft table matches on it.
 IFNAME_PREFIX = "qx"
 MAX_USER = 32
@@ -79,3 +87,17 @@ def link_slot(gateway: str, subnet: str) -> int:
 def host_id(link: Link, subnet: str) -> int:
     """The unprivileged host uid (and gid) a compartment's processes and state belong to."""
     return HOST_ID_BASE + link_slot(link.gateway, subnet)
+
+
+def allocate_container_ranges(names: Iterable[str]) -> dict[str, int]:
+    """The first host uid of each NixOS container's 65536-uid range, by a hash of its name
+    (the next free range on a clash): stable under edits elsewhere in the spec."""
+    taken: set[int] = set()
+    ranges: dict[str, int] = {}
+    for name in sorted(names):
+        index = int(_digest(f"uid-range:{name}", 12), 16) % CONTAINER_RANGES
+        while index in taken:
+            index = (index + 1) % CONTAINER_RANGES
+        taken.add(index)
+        ranges[name] = CONTAINER_RANGE_FIRST + index * CONTAINER_RANGE_SIZE
+    return ranges

@@ -6,7 +6,10 @@ a persistent one keeps its home in `home/` and each persistent path in `paths/<h
 a hash of the path so that no spec text reaches a tmpfiles line or a file name. A disposable keeps
 nothing there.
 
-Containers (`isolation = "container"`) are NixOS containers. The veth to the host is an extra veth
+Containers (`isolation = "container"`) are NixOS containers, each with a user namespace of its
+own: 65536 host uids from names.allocate_container_ranges, the user inside is uid 1000 of it, and
+the compartment's host account is that same host uid, so the folders bound in (state, secrets)
+are the user's own inside. The veth to the host is an extra veth
 named `names.host_ifname(name)`, not NixOS' own `ve-<name>`: the `inet qnix` table matches the
 `qx*` interfaces only, so a `ve-*` link would bypass the compartment's firewall. Resource limits
 go on the container's unit, `container@<name>.service`: NixOS starts systemd-nspawn with
@@ -26,7 +29,15 @@ from __future__ import annotations
 import hashlib
 import re
 
-from qnix.compile.names import Link, allocate_links, host_ifname, unix_user
+from qnix.compile.names import (
+    CONTAINER_USER_ID,
+    Link,
+    allocate_container_ranges,
+    allocate_links,
+    host_id,
+    host_ifname,
+    unix_user,
+)
 from qnix.compile.nix.printer import Call, Function, NixValue, attr_path
 from qnix.spec.model import NETWORK_NONE, Compartment, CompartmentBase, Workstation
 
@@ -124,20 +135,41 @@ def links(ws: Workstation) -> dict[str, Link]:
     return allocate_links(ws.compartments, ws.host.subnet)
 
 
-def _container(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, NixValue]:
+def container_ranges(ws: Workstation) -> dict[str, int]:
+    """The first host uid of each container's user namespace (its privateUsers)."""
+    return allocate_container_ranges(
+        c.name for c in ws.compartments.values() if c.isolation == "container"
+    )
+
+
+def host_uids(ws: Workstation) -> dict[str, int]:
+    """The uid of each compartment's host account, which owns its state and secrets. A
+    container's is the host side of its user inside (uid 1000 in its range), so the folders
+    bound into it are that user's own; any other's is the qnix runtime's (names.host_id)."""
+    ranges = container_ranges(ws)
+    return {
+        name: ranges[name] + CONTAINER_USER_ID if name in ranges else host_id(link, ws.host.subnet)
+        for name, link in links(ws).items()
+    }
+
+
+def _container(
+    ws: Workstation, compartment: Compartment, link: Link, uid_range: int
+) -> dict[str, NixValue]:
     ifname = host_ifname(compartment.name)
     networked = compartment.network != NETWORK_NONE
     config: dict[str, NixValue] = {
         "environment": {"systemPackages": package_list(compartment)},
         "system": {"stateVersion": ws.host.state_version},
-        "users": {"users": {compartment.user: {"isNormalUser": True}}},
+        "users": {"users": {compartment.user: {"isNormalUser": True, "uid": CONTAINER_USER_ID}}},
     }
     container: dict[str, NixValue] = {
         "autoStart": compartment.autostart,
         "config": Function(("pkgs",), config),
         "ephemeral": compartment.persistence == "disposable",
         "privateNetwork": True,
-        "privateUsers": "pick",
+        # Not "pick": the bound state and secrets belong to the host side of the user inside.
+        "privateUsers": uid_range,
     }
     if networked:
         config["networking"] = {"defaultGateway": {"address": link.gateway, "interface": ifname}}
@@ -189,7 +221,10 @@ def compartments_module(ws: Workstation) -> dict[str, NixValue]:
     systemd: dict[str, NixValue] = {"tmpfiles": {"rules": state_rules(ws)}}
     if containers:
         all_links = links(ws)
-        config["containers"] = {c.name: _container(ws, c, all_links[c.name]) for c in containers}
+        ranges = container_ranges(ws)
+        config["containers"] = {
+            c.name: _container(ws, c, all_links[c.name], ranges[c.name]) for c in containers
+        }
         systemd["services"] = {
             f"container@{c.name}": {"serviceConfig": resource_limits(c)} for c in containers
         }
@@ -201,7 +236,7 @@ def compartments_module(ws: Workstation) -> dict[str, NixValue]:
             "systemPackages": [attr_path("pkgs", "bubblewrap")],
         }
     if containers or run_by_qnix:
-        # bubblewrap and `privateUsers = "pick"` both need user namespaces.
+        # bubblewrap and a container's privateUsers both need user namespaces.
         config["security"] = {"allowUserNamespaces": True}
     config["systemd"] = systemd
     return config

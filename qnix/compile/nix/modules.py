@@ -11,11 +11,13 @@ import re
 from collections.abc import Callable
 
 from qnix.compile.aide import aide_config
-from qnix.compile.names import HOST_ID_BASE, allocate_links, host_id, unix_user
+from qnix.compile.names import CONTAINER_RANGE_SIZE, HOST_ID_BASE, unix_user
 from qnix.compile.nix.compartments import (
     SECRETS_RUNTIME_DIR,
     STATE_ROOT,
     compartments_module,
+    container_ranges,
+    host_uids,
     state_dir,
 )
 from qnix.compile.nix.disk import disk_module
@@ -67,11 +69,12 @@ def network_module(ws: Workstation, nft_table_body: str) -> dict[str, NixValue]:
 def users_module(ws: Workstation) -> dict[str, NixValue]:
     users: dict[str, NixValue] = {}
     groups: dict[str, NixValue] = {}
-    links = allocate_links(ws.compartments, ws.host.subnet)
+    uids = host_uids(ws)
     for compartment in ws.compartments.values():
         name = unix_user(compartment.name)
-        # The same number the qnix runtime runs the compartment as, so its state agrees.
-        uid = host_id(links[compartment.name], ws.host.subnet)
+        # The uid the qnix runtime runs the compartment as, or the host side of the user
+        # inside a container, so its state agrees.
+        uid = uids[compartment.name]
         users[name] = {
             "uid": uid,
             "createHome": False,  # systemd.tmpfiles makes it, mode 0700
@@ -155,11 +158,15 @@ def audit_rules(ws: Workstation) -> list[NixValue]:
     return rules
 
 
-def compartment_uid_range(ws: Workstation) -> tuple[int, int]:
-    """The host uids any compartment or disposable of `ws` can run as: HOST_ID_BASE plus a
-    link slot of the subnet (slot 0 is the network's own address)."""
+def compartment_uid_ranges(ws: Workstation) -> list[tuple[int, int]]:
+    """The host uids (first, last) any compartment or disposable of `ws` can run as:
+    HOST_ID_BASE plus a link slot of the subnet (slot 0 is the network's own address), and
+    the range of each NixOS container's user namespace."""
     slots = ipaddress.IPv4Network(ws.host.subnet).num_addresses // 2
-    return HOST_ID_BASE + 1, HOST_ID_BASE + slots - 1
+    ranges = [(HOST_ID_BASE + 1, HOST_ID_BASE + slots - 1)]
+    for first in sorted(container_ranges(ws).values()):
+        ranges.append((first, first + CONTAINER_RANGE_SIZE - 1))
+    return ranges
 
 
 def osquery_pack(ws: Workstation) -> dict[str, NixValue]:
@@ -167,18 +174,23 @@ def osquery_pack(ws: Workstation) -> dict[str, NixValue]:
     the SQL. osquery has no nftables table: the pack hashes the ruleset file the runtime
     loaded (`qnix drift` compares the live table) and lists legacy iptables rules, which
     would filter beside nftables."""
-    low, high = compartment_uid_range(ws)
-    in_compartment = f"BETWEEN {low} AND {high}"
+
+    def in_compartment(column: str) -> str:
+        either = " OR ".join(
+            f"{column} BETWEEN {low} AND {high}" for low, high in compartment_uid_ranges(ws)
+        )
+        return f"({either})"
+
     queries: dict[str, NixValue] = {
         "qnix_compartment_processes": {
             "description": "Processes running as a compartment's host uid.",
             "interval": 300,
-            "query": f"{_PROCESSES} WHERE uid {in_compartment};",
+            "query": f"{_PROCESSES} WHERE {in_compartment('uid')};",
         },
         "qnix_compartment_listening_ports": {
             "description": "Sockets a compartment's processes listen on.",
             "interval": 300,
-            "query": f"{_LISTENING} WHERE p.uid {in_compartment};",
+            "query": f"{_LISTENING} WHERE {in_compartment('p.uid')};",
         },
         "qnix_kernel_modules": {
             "description": "Kernel modules loaded (a new row is a module loaded).",

@@ -4,7 +4,8 @@ The VM's tap device on the host is `names.host_ifname(name)`, the same name a ve
 the `inet qnix` table judges a VM's traffic exactly like any other compartment's. Its MAC address
 is derived from the name (locally administered, unicast), and the guest configures its end of the
 /31 by that MAC with systemd-networkd. A persistent VM keeps its home and persistent paths on the
-host, shared over virtiofs from the same state directories a container would use. A VM listing
+host, shared over virtiofs from the same state directories a container would use; the user in
+the guest has the compartment's host uid, the owner of those directories. A VM listing
 age secrets gets the folder the secrets unit decrypts them into as a read-only virtiofs share at
 /run/secrets (virtiofsd `--readonly`).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 
-from qnix.compile.names import Link, host_ifname
+from qnix.compile.names import Link, host_id, host_ifname
 from qnix.compile.nix.compartments import (
     SECRETS_INSIDE,
     links,
@@ -94,7 +95,10 @@ def _guest(ws: Workstation, compartment: Compartment, link: Link) -> dict[str, N
             }
         }
     guest["system"] = {"stateVersion": ws.host.state_version}
-    guest["users"] = {"users": {compartment.user: {"isNormalUser": True}}}
+    # A guest's uids are its own: the user inside has the host uid that owns the shared state
+    # and secrets (virtiofsd passes owners through unchanged), so they are the user's own.
+    owner = host_id(link, ws.host.subnet)
+    guest["users"] = {"users": {compartment.user: {"isNormalUser": True, "uid": owner}}}
     return guest
 
 

@@ -26,7 +26,7 @@ from qnix.compile.nix.modules import (
     AUDITED_WRAPPERS,
     audit_module,
     audit_rules,
-    compartment_uid_range,
+    compartment_uid_ranges,
     osquery_pack,
 )
 from qnix.compile.nix.printer import NixValue, Raw, render
@@ -347,15 +347,21 @@ def test_the_audit_log_goes_to_the_remote_syslog_only_when_the_spec_names_one() 
     assert isinstance(silent, Mapping) and sorted(silent) == ["osquery"]
 
 
-def test_the_uid_range_holds_every_compartment_and_nothing_below() -> None:
+def test_the_uid_ranges_hold_every_compartment_and_each_container() -> None:
     ws = workstation(None, MIXED_COMPARTMENTS)
-    low, high = compartment_uid_range(ws)
+    ranges = compartment_uid_ranges(ws)
+    low, high = ranges[0]
     assert (low, high) == (names.HOST_ID_BASE + 1, names.HOST_ID_BASE + 32767)  # a /16
     links = names.allocate_links(ws.compartments, ws.host.subnet)
     for link in links.values():
         assert low <= names.host_id(link, ws.host.subnet) <= high
+    containers = names.allocate_container_ranges(
+        c.name for c in ws.compartments.values() if c.isolation == "container"
+    )
+    assert len(containers) >= 2
+    assert ranges[1:] == sorted((first, first + 0xFFFF) for first in containers.values())
     small = workstation({"subnet": "10.9.0.0/22"})
-    assert compartment_uid_range(small) == (names.HOST_ID_BASE + 1, names.HOST_ID_BASE + 511)
+    assert compartment_uid_ranges(small) == [(names.HOST_ID_BASE + 1, names.HOST_ID_BASE + 511)]
 
 
 # ---- the osquery pack ------------------------------------------------------------------------
@@ -400,13 +406,22 @@ def test_every_query_runs_against_the_osquery_tables() -> None:
 
 def test_the_queries_watch_the_compartment_uids_only() -> None:
     ws = workstation(None, MIXED_COMPARTMENTS)
-    low, high = compartment_uid_range(ws)
+    (low, high), (container_low, container_high), *_ = compartment_uid_ranges(ws)
     queries = osquery_pack(ws)["queries"]
     assert isinstance(queries, Mapping)
     connection = osquery_schema()
     connection.executemany(
         "INSERT INTO processes (pid, uid, name) VALUES (?, ?, ?)",
-        [(1, 0, "init"), (2, low, "first"), (3, high, "last"), (4, high + 1, "after")],
+        [
+            (1, 0, "init"),
+            (2, low, "first"),
+            (3, high, "last"),
+            (4, high + 1, "after"),
+            (5, container_low - 1, "before a container"),
+            (6, container_low, "a container's root"),
+            (7, container_high, "a container's last"),
+            (8, 1000, "a user of the host"),
+        ],
     )
     rows = connection.execute(queries["qnix_compartment_processes"]["query"]).fetchall()
-    assert [row[0] for row in rows] == [2, 3]
+    assert sorted(row[0] for row in rows) == [2, 3, 6, 7]

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 
-from qnix.compile.names import allocate_links, host_ifname, link_slot, unix_user
+from qnix.compile.names import (
+    allocate_container_ranges,
+    allocate_links,
+    host_ifname,
+    link_slot,
+    unix_user,
+)
 from qnix.compile.nix.modules import module_trees
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw
 from qnix.runtime import lifecycle
@@ -183,6 +190,9 @@ def test_hibernating_on_lid_close_keeps_the_kernel_image_replaceable() -> None:
 
 MIXED = workstation({"hardening": "strict"}, MIXED_COMPARTMENTS, disposable_templates=TEMPLATES)
 LINKS = allocate_links(MIXED.compartments, MIXED.host.subnet)
+CONTAINER_RANGES = allocate_container_ranges(
+    c.name for c in MIXED.compartments.values() if c.isolation == "container"
+)
 
 
 def test_containers_are_nixos_containers_with_their_own_veth() -> None:
@@ -217,7 +227,7 @@ def test_containers_are_nixos_containers_with_their_own_veth() -> None:
             ifname: {"hostAddress": LINKS["work"].gateway, "localAddress": LINKS["work"].address}
         },
         "privateNetwork": True,
-        "privateUsers": "pick",
+        "privateUsers": CONTAINER_RANGES["work"],
     }
     config = work["config"]
     assert isinstance(config, Function)
@@ -228,8 +238,34 @@ def test_containers_are_nixos_containers_with_their_own_veth() -> None:
         },
         "networking": {"defaultGateway": {"address": LINKS["work"].gateway, "interface": ifname}},
         "system": {"stateVersion": "25.11"},
-        "users": {"users": {"user": {"isNormalUser": True}}},
+        "users": {"users": {"user": {"isNormalUser": True, "uid": 1000}}},
     }
+
+
+def test_what_is_bound_into_a_container_or_vm_belongs_to_the_user_inside() -> None:
+    """A container's user namespace maps its uid 1000 to the host account that owns its state
+    and secrets; a VM's user has that account's uid. No container's range holds another's, or
+    any host uid a compartment of the spec runs as."""
+    users = get(module(MIXED, "users"), "users", "users")
+    containers = get(module(MIXED, "compartments"), "containers")
+    runtime_uids = {lifecycle.host_identity(MIXED, name).uid for name in MIXED.compartments}
+    spans = []
+    for name, container in containers.items():
+        first = container["privateUsers"]
+        assert isinstance(first, int)
+        inner = container["config"].body["users"]["users"]["user"]["uid"]
+        assert users[unix_user(name)]["uid"] == first + inner == first + 1000
+        assert first >= 0x10000000 and first + 0x10000 <= 0x70000000
+        assert not [uid for uid in runtime_uids if first <= uid < first + 0x10000]
+        spans.append(range(first, first + 0x10000))
+    assert len(spans) == 3
+    for one, other in itertools.combinations(spans, 2):
+        assert one.stop <= other.start or other.stop <= one.start
+    vms = get(module(MIXED, "vms"), "microvm", "vms")
+    for name, vm in vms.items():
+        guest_uid = vm["config"].body["users"]["users"]["user"]["uid"]
+        host_uid = lifecycle.host_identity(MIXED, name).uid
+        assert guest_uid == users[unix_user(name)]["uid"] == host_uid
 
 
 def test_a_disposable_container_is_ephemeral_and_keeps_nothing() -> None:
@@ -414,17 +450,21 @@ def test_one_unprivileged_user_per_compartment_with_its_own_home() -> None:
         "home": "/var/lib/qnix/compartments/work",
         "isSystemUser": True,
         "shell": Raw('"${pkgs.shadow}/bin/nologin"'),
-        "uid": 0x70000000 + link_slot(LINKS["work"].gateway, MIXED.host.subnet),
+        "uid": CONTAINER_RANGES["work"] + 1000,  # a container: the host side of its user
     }
+    assert users[unix_user("build")]["uid"] == (
+        0x70000000 + link_slot(LINKS["build"].gateway, MIXED.host.subnet)
+    )
     groups = get(module(MIXED, "users"), "users", "groups")
-    # The same ids the runtime runs each compartment as.
-    assert groups == {
-        unix_user(name): {"gid": lifecycle.host_identity(MIXED, name).gid}
+    # The same ids the runtime runs each compartment as, but for a container's.
+    expected = {
+        name: CONTAINER_RANGES[name] + 1000
+        if name in CONTAINER_RANGES
+        else lifecycle.host_identity(MIXED, name).uid
         for name in MIXED.compartments
     }
-    assert {user["uid"] for user in users.values()} == {
-        lifecycle.host_identity(MIXED, name).uid for name in MIXED.compartments
-    }
+    assert groups == {unix_user(name): {"gid": uid} for name, uid in expected.items()}
+    assert {name: users[unix_user(name)]["uid"] for name in MIXED.compartments} == expected
 
 
 def test_audit_watches_config_state_and_module_loading() -> None:
