@@ -14,7 +14,9 @@ call with a short reason and nothing runs anywhere. The source of a decision is 
 this server belongs to, never anything the request says. An allowed call runs the service's
 handler (qnix.broker.services) in the target through the target's agent, with the caller's
 descriptors as its stdio, starting the target first when it is stopped and the policy line
-allows autostart; the handler's exit code goes back to the caller. Every call is audited
+allows autostart (a call the policy sends to @dispvm:T runs in a disposable of template T of
+its own, preloaded if T keeps some, which ends with the handler); the handler's exit code goes
+back to the caller. Every call is audited
 ("call": source, service, target, decision, exit code) besides the policy decision itself.
 
 Nobody sits at a terminal for a call from a compartment: an `ask` line leaves a question for
@@ -249,6 +251,7 @@ class CallOutcome:
     argument: str = ""
     target: str = ""
     resolved_target: str | None = None
+    disposable: str | None = None  # the one a call to @dispvm:T ran in
     decision: str = "refused"
     code: int | None = None
     reason: str = ""
@@ -307,6 +310,7 @@ class CallServer:
                 argument=outcome.argument[:66],
                 target=outcome.target[:64],
                 resolved_target=outcome.resolved_target,
+                disposable=outcome.disposable,
                 decision=outcome.decision,
                 code=outcome.code,
                 reason=outcome.reason[:512],
@@ -394,13 +398,46 @@ class CallServer:
             # The reason (policy lines, other compartments' names) stays in the audit log.
             raise CallRefused("denied by policy", "deny", decision.reason)
         target = decision.target
-        if target == HOST_TARGET or target.startswith(DISPVM_PREFIX):
+        if target == HOST_TARGET:
             raise CallRefused(
-                "calls to the host or to a new disposable are not served",
+                "calls to the host are not served",
                 "deny",
                 f"allowed to {target}, which this broker does not serve",
             )
+        if target.startswith(DISPVM_PREFIX):
+            return self._call_disposable(conn, request, fds, outcome, target)
         state = self._running_target(target, decision.autostart)
+        return self._run_service(conn, request, fds, target, state)
+
+    def _call_disposable(
+        self,
+        conn: socket.socket,
+        request: CallRequest,
+        fds: Sequence[int],
+        outcome: CallOutcome,
+        target: str,
+    ) -> int:
+        """The service in a disposable of its own (Qubes' @dispvm:T), gone once it ends."""
+        from qnix.errors import QnixError
+        from qnix.runtime import lifecycle
+
+        template = target.removeprefix(DISPVM_PREFIX)
+        try:
+            with lifecycle.new_disposable(self.paths, template) as (config, state):
+                outcome.disposable = config.name
+                return self._run_service(conn, request, fds, config.name, state)
+        except QnixError as exc:
+            raise CallRefused("the disposable could not be started", reason=exc.message) from None
+
+    def _run_service(
+        self,
+        conn: socket.socket,
+        request: CallRequest,
+        fds: Sequence[int],
+        target: str,
+        state: dict[str, Any],
+    ) -> int:
+        """Run the service's program in running compartment `target` with the caller's stdio."""
         argv = service_argv(request.service, _interpreter_of(self.paths, target))
         assert argv is not None
         env = quickrun.command_env(state, stdin_is_tty=False)

@@ -30,6 +30,7 @@ compartment gets its network and state, and `start` refuses it with a clear erro
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import dataclasses
 import fcntl
@@ -44,6 +45,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -70,7 +72,14 @@ from qnix.runtime.net import (
     route_table,
 )
 from qnix.runtime.paths import RUN_ROOT_ENTRIES, RuntimePaths
-from qnix.runtime.quickrun import execute, keeper_alive, read_state, running_state
+from qnix.runtime.quickrun import (
+    claim_preloaded,
+    execute,
+    keeper_alive,
+    read_state,
+    refill_in_background,
+    running_state,
+)
 from qnix.spec.load import LoadedSpec
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Compartment, Workstation
 
@@ -734,12 +743,28 @@ def _exit_on_signal(number: int, frame: FrameType | None) -> None:
 def new_disposable(
     paths: RuntimePaths, template: str | None = None
 ) -> Iterator[tuple[KeeperConfig, dict[str, Any]]]:
-    """A fresh disposable (its keeper configuration and running state) for several commands
-    (qnix.broker's open-in-disposable); gone when the block ends, however it ends."""
+    """A disposable of `template` (its keeper configuration and running state) for several
+    commands (open-in-disposable, calls to @dispvm): a preloaded one when the template has
+    one ready, else a fresh one. Gone when the block ends, however it ends; usable from any
+    thread (a keeper's call server)."""
     require_root()
     with locked(paths):
+        ws = _require_live(paths)
+    chosen = template or ws.default_disposable
+    claimed = claim_preloaded(paths, chosen) if chosen is not None else None
+    if claimed is not None:
+        with _claimed_disposable(paths, *claimed) as used:
+            yield used
+        return
+    with locked(paths):
         config = _create_disposable(paths, _require_live(paths), template)
-    previous = {number: signal.signal(number, _exit_on_signal) for number in DISPOSE_SIGNALS}
+    # Signals reach the main thread only: there, ending by one still removes the disposable.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = (
+        {number: signal.signal(number, _exit_on_signal) for number in DISPOSE_SIGNALS}
+        if in_main
+        else {}
+    )
     try:
         state = running_state(paths, config.name)
         if state is None:
@@ -750,6 +775,27 @@ def new_disposable(
             signal.signal(number, handler)
         _stop(paths, config.name, audit=False)
         teardown_network(config)
+
+
+@contextlib.contextmanager
+def _claimed_disposable(
+    paths: RuntimePaths, name: str, connection: _socket.socket
+) -> Iterator[tuple[KeeperConfig, dict[str, Any]]]:
+    """A preloaded disposable this process claimed: it ends when `connection` closes (also
+    when this process dies); the block ends once its keeper has removed all of it."""
+    state = running_state(paths, name)
+    try:
+        if state is None:
+            raise QnixError(f"preloaded disposable {name} ended before it could be used")
+        config = KeeperConfig.from_json(paths.keeper_config(name).read_bytes())
+        yield config, state
+    finally:
+        refill_in_background(paths)
+        connection.close()
+        # The keeper exits after it has removed the disposable.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while state is not None and keeper_alive(state) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def dispose(paths: RuntimePaths, argv: Sequence[str], template: str | None = None) -> int:

@@ -290,7 +290,7 @@ def claim_preloaded(paths: RuntimePaths, template: str) -> tuple[str, _socket.so
     return None
 
 
-def _refill_in_background(paths: RuntimePaths) -> None:
+def refill_in_background(paths: RuntimePaths) -> None:
     """Start a new preloaded disposable behind the one just used, detached from us (spawned,
     not forked: copying this process would cost the command's caller a millisecond)."""
     argv = [sys.executable, "-I", "-m", "qnix.runtime.refill"]
@@ -337,7 +337,7 @@ def dispose_fast(argv: Sequence[str]) -> int | None:
             sys.stderr.write(f"error: cannot run in disposable {name}: {exc}\n")
             return 1
     finally:
-        _refill_in_background(paths)
+        refill_in_background(paths)
         connection.close()  # the keeper ends the disposable and removes all of it
 
 

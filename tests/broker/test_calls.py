@@ -16,7 +16,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,12 @@ from qnix.broker import calls
 from qnix.broker.services import SERVICES, service_argv
 from qnix.compile import names
 from qnix.policy.evaluate import REQUEST_ARGUMENT_RE, REQUEST_SERVICE_RE
-from qnix.runtime import agent
+from qnix.runtime import agent, quickrun
 from tests.runtime.livehost import QNIX, LiveHost
 
 SPEC = """\
+default_disposable = "dvm"
+
 [host]
 hostname = "lab"
 subnet = "10.213.0.0/16"
@@ -48,8 +50,15 @@ autostart = true
 memory_mb = 128
 network = "none"
 
+[disposable_templates.dvm]
+memory_mb = 128
+network = "none"
+preload = 1
+
 [policy]
 rules = [
+  "qnix.VMShell * work @dispvm allow",
+  "qnix.VMShell * other @dispvm deny",
   "qnix.VMShell * work vault allow",
   "qnix.VMShell * work other deny",
   "qnix.VMShell * other vault ask default_target=vault",
@@ -185,6 +194,73 @@ def test_an_allowed_call_runs_in_the_target_with_stdio_and_exit_code(host: LiveH
         "decision": "allow",
         "code": 7,
     }
+
+
+def disposables(host: LiveHost) -> set[str]:
+    return {name for name, entry in host.ls().items() if entry.get("template") is not None}
+
+
+def settle(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"not settled: {what}"
+        time.sleep(0.1)
+
+
+def test_a_call_to_dispvm_runs_in_a_disposable_of_its_own_that_is_gone_after(
+    host: LiveHost,
+) -> None:
+    settle(lambda: len(disposables(host)) == 1, "the preloaded disposable")
+    (preloaded,) = disposables(host)
+    waiting_state = quickrun.read_state(host.paths, preloaded)
+    assert waiting_state is not None
+    script = 'echo "in $(hostname) for $QNIX_REMOTE_DOMAIN"\necho x > ~/mark\nexit 5\n'
+    result = call(host, "work", "@dispvm", "qnix.VMShell", script)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        5,
+        f"in {preloaded} for work\n",
+        "",
+    )
+    last = call_events(host)[-1]
+    assert {k: last[k] for k in ("target", "resolved_target", "disposable", "code")} == {
+        "target": "@dispvm",
+        "resolved_target": "@dispvm:dvm",
+        "disposable": preloaded,
+        "code": 5,
+    }
+    # It ended with the call: its keeper is gone (a new one may wait under the same name).
+    assert not quickrun.keeper_alive(waiting_state)
+    settle(lambda: len(disposables(host)) == 1, "the refill")
+
+    # Two at once: each in a disposable of its own (the second a fresh one), neither sees the
+    # other's files.
+    script = "sleep 1; ls ~; echo $(hostname) > ~/mark; hostname\n"
+    both = [
+        subprocess.Popen(
+            [QNIX, "run", "work", "--", *CALL, "@dispvm", "qnix.VMShell"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=host.env,
+        )
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(script, timeout=60)[0] for process in both]
+    assert [process.returncode for process in both] == [0, 0]
+    # `ls ~` printed nothing: each home was empty, the other's mark not in it.
+    assert all(output.count("\n") == 1 for output in outputs), outputs
+    assert len(set(outputs)) == 2, outputs
+    settle(lambda: len(disposables(host)) == 1, "the pool after two calls")
+
+
+def test_a_denied_call_to_dispvm_starts_no_disposable(host: LiveHost) -> None:
+    settle(lambda: len(disposables(host)) == 1, "the preloaded disposable")
+    waiting = disposables(host)
+    result = call(host, "other", "@dispvm", "qnix.VMShell", "echo ran\n")
+    assert (result.returncode, result.stdout, result.stderr) == (calls.REFUSED, "", DENIED)
+    last = call_events(host)[-1]
+    assert (last["decision"], last["disposable"]) == ("deny", None)
+    assert disposables(host) == waiting
 
 
 def test_the_argument_reaches_the_service_environment_only(host: LiveHost) -> None:

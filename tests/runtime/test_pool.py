@@ -5,6 +5,7 @@ ready, a new one is started behind it, and a used one leaves nothing behind — 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,9 @@ firewall = [{{ cidr = "0.0.0.0/0" }}]
 network = "sys-net"
 memory_mb = 128
 preload = {preload}
+
+[policy]
+rules = ["qnix.OpenInDisposable * sys-net @dispvm allow"]
 """
 SETTLE_TIMEOUT = 60.0
 
@@ -179,3 +183,23 @@ def test_dropping_preload_stops_the_waiting_ones_and_gc_removes_stray_claims(
     assert host.ok("dispose", "--", "echo", "cold") == "cold\n"
     assert f"removed the claim socket of {name}" in host.ok("gc")
     assert not stray.exists()
+
+
+def test_open_in_dvm_takes_a_preloaded_disposable(host: LiveHost) -> None:
+    apply(host, preload=1)
+    (waiting_name,) = waiting(host)
+    waiting_state = quickrun.read_state(host.paths, waiting_name)
+    assert waiting_state is not None
+    home = host.paths.home("sys-net")
+    document = home / "doc.txt"
+    document.write_text("draft")
+    os.chown(document, home.stat().st_uid, home.stat().st_gid)
+    opener = 'sh -c \'printf " read in $(hostname)" >> "$1"\' opener'
+    result = host.qnix("open-in-dvm", "--with", opener, "sys-net", "doc.txt")
+    assert result.returncode == 0, result.stderr
+    assert document.read_text() == f"draft read in {waiting_name}"
+    assert not quickrun.keeper_alive(waiting_state)  # gone with the command
+    events = [json.loads(line) for line in host.paths.audit_log.read_text().splitlines()]
+    opened = [e for e in events if e["event"] == "open-in-dvm"][-1]
+    assert (opened["disposable"], opened["result"]) == (waiting_name, "ok")
+    settle(host, lambda: len(waiting(host)) == 1, "refill")
