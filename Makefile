@@ -6,7 +6,13 @@ PY        := $(VENV)/bin/python
 QNIX      := $(VENV)/bin/qnix
 STAMP     := $(VENV)/.installed
 SYSTEM_PACKAGES := bubblewrap nftables nix-bin age graphviz iproute2 systemd-container python3-venv \
-                   gnupg openssh-client pass rsyslog rsyslog-gnutls aide btrfs-progs
+                   gnupg openssh-client pass rsyslog rsyslog-gnutls aide btrfs-progs busybox-static cpio
+# VM compartments: QEMU and a kernel for the guests, for this machine's architecture.
+ifeq ($(shell dpkg --print-architecture 2>/dev/null),arm64)
+SYSTEM_PACKAGES += qemu-system-arm linux-image-arm64
+else
+SYSTEM_PACKAGES += qemu-system-x86 linux-image-amd64
+endif
 PYTHON    ?= python3
 
 .PHONY: demo test lint deps system-deps bench clean

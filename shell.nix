@@ -18,5 +18,7 @@ pkgs.mkShell {
     rsyslog
     aide
     btrfs-progs
+    qemu
+    pkgsStatic.busybox
   ];
 }

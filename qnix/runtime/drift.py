@@ -48,6 +48,7 @@ from qnix.compile.artifacts import MANIFEST, RULESET
 from qnix.compile.nft import TABLE, hostname_sets
 from qnix.errors import QnixError
 from qnix.runtime import lifecycle
+from qnix.runtime.backends import vm
 from qnix.runtime.net import (
     COMPARTMENT_IFNAME,
     NET_COMPARTMENT_RULESET,
@@ -367,6 +368,8 @@ def _link_differences(
     if loopback is None or not _is_up(loopback):
         yield Difference("link", f"{netns}:lo", "up", "down" if loopback else None)
     allowed = {"lo"} | ({COMPARTMENT_IFNAME} if compartment.network != NETWORK_NONE else set())
+    if compartment.isolation == vm.ISOLATION and compartment.network != NETWORK_NONE:
+        allowed.add(vm.TAP_IFNAME)  # a running VM's, joined to the veth's inner end
     for stray in sorted(inside.keys() - allowed):
         yield Difference("link", f"{netns}:{stray}", None, PRESENT)
     if compartment.network == NETWORK_NONE:

@@ -40,11 +40,11 @@ from types import FrameType
 
 from qnix.broker import calls
 from qnix.errors import QnixError
-from qnix.runtime import cgroups, secrets
-from qnix.runtime.backends import container
+from qnix.runtime import cgroups, secrets, vmlink
+from qnix.runtime.backends import container, vm
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.files import atomic_write
-from qnix.runtime.net import HostNetwork
+from qnix.runtime.net import COMPARTMENT_IFNAME, HostNetwork
 from qnix.runtime.paths import AGENT_DIR_INSIDE, AGENT_SOCKET_NAME
 from qnix.runtime.quickrun import process_start_time
 
@@ -54,7 +54,7 @@ AGENT_SOURCE = Path(__file__).with_name("agent.py")
 # The other programs that run inside (qnix/inside/*.py), bound next to the agent.
 INSIDE_PROGRAMS_DIR = Path(__file__).parent.parent / "inside"
 INSIDE_DIR = "/opt/qnix-agent"
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 90.0  # a VM under TCG boots in seconds, not milliseconds
 STOP_GRACE = 3.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -101,6 +101,10 @@ class KeeperConfig:
     # and the host's age identity they are decrypted with.
     secrets: tuple[tuple[str, str, str], ...] = ()
     age_identity: str | None = None
+    # A VM: its processors, and its end of the link (the guest holds the address).
+    cpus: int = 1
+    guest_address: str | None = None
+    guest_gateway: str | None = None
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
@@ -205,6 +209,9 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
     try:
         # Decrypted into sealed memfds; bubblewrap copies each into the sandbox's tmpfs.
         secret_fds = secrets.decrypt_all(config.secrets, config.age_identity)
+        if config.isolation == vm.ISOLATION:
+            process = _start_vm(config, cgroup, stop, plan, agent_dir, secret_fds)
+            return _started(config, plan, process, agent_dir)
         system = (
             *ns.host_system_binds(interpreter_prefix=config.interpreter_prefix),
             ns.RoData(agent_fd, AGENT_CODE_INSIDE),
@@ -264,6 +271,16 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
     except BaseException:
         _end(process, cgroup, grace=0)
         raise
+    return _started(config, plan, process, agent_dir)
+
+
+def _started(
+    config: KeeperConfig,
+    plan: ns.SandboxPlan,
+    process: subprocess.Popen[bytes],
+    agent_dir: Path,
+) -> subprocess.Popen[bytes]:
+    """Record the running compartment in its state.json."""
     state = {
         "name": config.name,
         "keeper_pid": os.getpid(),
@@ -279,6 +296,139 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
     }
     atomic_write(Path(config.state_file), (json.dumps(state, indent=2) + "\n").encode(), 0o600)
     return process
+
+
+def _start_vm(
+    config: KeeperConfig,
+    cgroup: cgroups.Cgroup,
+    stop: _Stop,
+    plan: ns.SandboxPlan,
+    agent_dir: Path,
+    secret_fds: dict[str, int],
+) -> subprocess.Popen[bytes]:
+    """The relay (as the compartment's host uid), then QEMU; both in the compartment's
+    cgroup. Returns QEMU once the guest's agent has said hello."""
+    netns = Path(config.netns_path).name
+    networked = config.guest_address is not None
+    if networked:
+        vm.connect_tap(netns, COMPARTMENT_IFNAME, config.host_uid)
+    port_socket = agent_dir / vm.PORT_SOCKET_NAME
+    relay = ns.launch(
+        [
+            *(sys.executable, "-I", "-m", "qnix.runtime.vmlink", "relay"),
+            *(str(agent_dir / AGENT_SOCKET_NAME), str(port_socket)),
+            *(str(config.host_uid), str(config.host_gid)),  # it drops to them itself
+        ],
+        netns_path=None,
+        cgroup=cgroup,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        _wait_line(relay, stop, b"listening\n", READY_TIMEOUT, "the VM's relay")
+        kernel = vm.find_kernel()
+        guest_config = {
+            "uid": config.host_uid,
+            "user": config.user,
+            "home": plan.home_inside,
+            "home_share": config.home is not None,
+            "hostname": config.name,
+            "address": config.guest_address,
+            "gateway": config.guest_gateway,
+        }
+        files = {
+            vm.CONFIG_INSIDE: json.dumps(guest_config).encode(),
+            vm.INTERPRETER_FILE: (config.interpreter + "\n").encode(),
+            vm.PREFIX_FILE: ((config.interpreter_prefix or "") + "\n").encode(),
+            vm.VMLINK_INSIDE: Path(vmlink.__file__).read_bytes(),
+            "/etc/resolv.conf": config.resolv_conf.encode(),
+            **({vm.NIX_STORE_MARK: b""} if vm.NIX_STORE.is_dir() else {}),
+            **{
+                f"{INSIDE_DIR}/{source.name}": source.read_bytes()
+                for source in sorted(INSIDE_PROGRAMS_DIR.glob("[!_]*.py"))
+            },
+        }
+        secret_files = {secrets.inside_path(name): _read_all(fd) for name, fd in secret_fds.items()}
+        initrd = ns.sealed_memfd(
+            vm.base_initramfs(kernel) + vm.start_initramfs(files, secret_files, config.host_uid),
+            "qnix-initramfs",
+        )
+        try:
+            machine = vm.VmPlan(
+                name=config.name,
+                memory_mb=config.memory_bytes >> 20,
+                cpus=config.cpus,
+                host_uid=config.host_uid,
+                host_gid=config.host_gid,
+                home=config.home,
+                interpreter_prefix=config.interpreter_prefix,
+                port_socket=str(port_socket),
+                console_log=str(Path(config.run_dir) / vm.CONSOLE_LOG),
+                networked=networked,
+                mac=vm.mac_address(config.name),
+            )
+            qemu = ns.launch(
+                vm.qemu_argv(machine, kernel, initrd, vm.accelerator()),
+                netns_path=config.netns_path,
+                cgroup=cgroup,
+                pass_fds=(initrd,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=None,  # the keeper's log
+            )
+        finally:
+            os.close(initrd)
+        try:
+            _wait_line(relay, stop, b"ready\n", READY_TIMEOUT, "the VM's agent", also=qemu)
+        except BaseException:
+            _end(qemu, cgroup, grace=0)
+            raise
+    except BaseException:
+        relay.kill()
+        relay.wait()
+        raise
+    return qemu
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _wait_line(
+    process: subprocess.Popen[bytes],
+    stop: _Stop,
+    expected: bytes,
+    timeout: float,
+    what: str,
+    also: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait for `expected` on `process`'s stdout; fail if it, or `also`, ends first."""
+    assert process.stdout is not None
+    out = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise QnixError(f"{what} did not report ready within {timeout:g}s")
+        if stop.requested:
+            raise QnixError("stopped while starting")
+        if also is not None and also.poll() is not None:
+            raise QnixError(f"QEMU exited with code {also.returncode} before {what} was ready")
+        readable, _, _ = select.select([out, stop.wakeup_read], [], [], min(remaining, 0.2))
+        if stop.wakeup_read in readable:
+            os.read(stop.wakeup_read, 64)
+        if out in readable:
+            chunk = os.read(out, 64)
+            if not chunk:
+                raise QnixError(f"{what} ended before it was ready")
+            line += chunk
+    if line != expected:
+        raise QnixError(f"unexpected first line from {what}: {line[:80]!r}")
 
 
 def _end(process: subprocess.Popen[bytes], cgroup: cgroups.Cgroup, grace: float) -> None:
@@ -305,6 +455,8 @@ def teardown(config: KeeperConfig, cgroup: cgroups.Cgroup | None) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(config.claim_socket)
     try:
+        if config.isolation == vm.ISOLATION and not config.disposable:
+            vm.disconnect_tap(Path(config.netns_path).name, COMPARTMENT_IFNAME)
         teardown_network(config)
     finally:
         shutil.rmtree(config.run_dir, ignore_errors=True)
@@ -392,7 +544,10 @@ def keep(config: KeeperConfig, notify: int) -> int:
     try:
         if config.owner_pid is not None:
             owner = os.pidfd_open(config.owner_pid)
-        limits = cgroups.CgroupLimits(memory_bytes=config.memory_bytes, pids=config.pids)
+        memory = config.memory_bytes
+        if config.isolation == vm.ISOLATION:  # QEMU itself beside the guest's memory
+            memory += vm.QEMU_OVERHEAD_BYTES
+        limits = cgroups.CgroupLimits(memory_bytes=memory, pids=config.pids)
         cgroup = cgroups.create(config.cgroup, limits)
         # The call socket exists before the sandbox binds its folder; calls are answered
         # once the compartment runs.

@@ -24,8 +24,8 @@ send it to its template's chain (qnix.compile.nft). Its keeper removes all of it
 command ends, or when the `qnix dispose` that owns it exits, however it exits; `apply` keeps a
 running disposable's elements when it reloads the table.
 
-The namespace (bubblewrap) and container (systemd-nspawn) isolation levels start; a `vm`
-compartment gets its network and state, and `start` refuses it with a clear error.
+Every isolation level starts: namespace (bubblewrap), container (systemd-nspawn) and vm (QEMU);
+see qnix.runtime.backends.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from qnix.compile.nft import TABLE, disposable_elements, hostname_sets
 from qnix.errors import QnixError
 from qnix.runtime import btrfs, cgroups, secrets
 from qnix.runtime.agent import AgentError, ProtocolError
-from qnix.runtime.backends import container
+from qnix.runtime.backends import container, vm
 from qnix.runtime.backends.namespace import HostIdentity
 from qnix.runtime.files import atomic_write, replace_tree
 from qnix.runtime.keeper import READY_TIMEOUT, KeeperConfig, teardown_network
@@ -84,7 +84,7 @@ from qnix.spec.load import LoadedSpec
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Compartment, Workstation
 
 STOP_TIMEOUT = 15.0
-IMPLEMENTED_ISOLATION = ("namespace", container.ISOLATION)
+IMPLEMENTED_ISOLATION = ("namespace", container.ISOLATION, vm.ISOLATION)
 # `qnix dispose` turns these into an orderly exit, so that its disposable is removed.
 DISPOSE_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _SYSTEM_PREFIXES = ("/usr/", "/nix/store/")
@@ -349,6 +349,15 @@ def _keeper_config(
 ) -> KeeperConfig:
     interpreter, prefix = agent_interpreter()
     name = compartment.name
+    guest: dict[str, Any] = {}
+    if compartment.isolation == vm.ISOLATION:
+        guest["cpus"] = compartment.cpus
+        if compartment.network != NETWORK_NONE:
+            address, gateway = disposable.get("address"), disposable.get("gateway")
+            if address is None:  # not a disposable: the spec's own link
+                link = names.allocate_links(ws.compartments, ws.host.subnet)[name]
+                address, gateway = link.address, link.gateway
+            guest |= {"guest_address": address, "guest_gateway": gateway}
     return KeeperConfig(
         name=name,
         user=compartment.user,
@@ -369,6 +378,7 @@ def _keeper_config(
         isolation=compartment.isolation,
         **secrets.keeper_fields(paths, ws, compartment),
         **disposable,
+        **guest,
     )
 
 

@@ -1,0 +1,413 @@
+"""The VM backend (`isolation = "vm"`): QEMU with a kernel of its own per compartment.
+
+* **Kernel:** the host's installed Linux kernel (/boot/vmlinuz-VERSION with its modules in
+  /lib/modules/VERSION): the running kernel's if it is installed, else the newest. The guest
+  boots from an initramfs only; it has no disk.
+* **Initramfs:** a fixed base (busybox, the virtio modules the guest needs in the order
+  modules.dep gives, and /init), then
+  per start a second archive in a sealed memfd: the guest's configuration, qnix's programs
+  (vmlink.py, the agent's peers in qnix/inside) and the compartment's secrets, which never
+  touch a disk. QEMU reads the two concatenated from one memfd (/dev/fd/N).
+* **Filesystems:** /usr, /nix/store where there is one, and the interpreter's prefix when it
+  lies elsewhere, shared read-only over 9p; the home shared read-write over 9p for a
+  persistent compartment, a tmpfs in the guest for a disposable. QEMU drops to the
+  compartment's host uid (`-runas`) before the guest runs, so its 9p server reaches only what
+  that uid may, and what the guest writes belongs to it; the user in the guest has that uid.
+* **Agent channel:** a virtio-serial port joined to the relay of qnix.runtime.vmlink on the host.
+* **Network:** a tap device in the compartment's own network namespace, owned by its host uid;
+  tc redirects every frame between the tap and the namespace's end of the veth, so the guest
+  holds the compartment's address and the namespace itself never sees its traffic. The host's
+  nft table judges it like any compartment's.
+* **Confinement of QEMU:** it runs in the compartment's cgroup and network namespace, as its
+  host uid once started, with QEMU's own seccomp sandbox (no new privileges, no spawning, no
+  resource control, obsolete syscalls denied).
+* **Acceleration:** KVM when /dev/kvm is usable, else TCG; `QNIX_VM_ACCEL=kvm|tcg` chooses
+  (a host whose nested KVM hangs the guest needs tcg).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import shutil
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from qnix.errors import QnixError
+from qnix.runtime.runner import require_tool, run
+
+ISOLATION = "vm"
+TAP_IFNAME = "qnixtap"  # inside the compartment's network namespace
+ACCEL_ENV = "QNIX_VM_ACCEL"
+CONSOLE_LOG = "console.log"  # in the run folder: the guest's kernel and init messages
+# QEMU's own memory beside the guest's, in the compartment's cgroup.
+QEMU_OVERHEAD_BYTES = 256 << 20
+# What the guest loads, with what they need (modules.dep decides the order).
+GUEST_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "virtio_net")
+MODULES_INSIDE = "/qnix/kmod"
+PREFIX_FILE = "/qnix/prefix"  # the interpreter's prefix to mount, if any (one line)
+INTERPRETER_FILE = "/qnix/interpreter"  # the Python that runs vmlink.py (one line)
+VMLINK_INSIDE = "/qnix/vmlink.py"
+CONFIG_INSIDE = "/qnix/config.json"  # qnix.runtime.vmlink.CONFIG_INSIDE says the same
+PORT_SOCKET_NAME = "vm-port.sock"  # in the agent's folder: the relay listens, QEMU connects
+INSIDE_DIR = "/opt/qnix-agent"  # as in a namespace compartment
+
+# The guest's first process: load the modules, mount what the agent needs, start it. Fixed
+# text: everything that differs per compartment is in files of the per-start archive.
+INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /tmp /run /home
+mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmp /tmp
+while read -r module; do insmod "/qnix/kmod/$module"; done < /qnix/modules
+mount -t 9p -o trans=virtio,version=9p2000.L,ro usr /usr
+if [ -e /qnix/nix-store ]; then
+  mkdir -p /nix/store
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro nixstore /nix/store
+fi
+if [ -s /qnix/prefix ]; then
+  read -r prefix < /qnix/prefix
+  mkdir -p "$prefix"
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro prefix "$prefix"
+fi
+read -r interpreter < /qnix/interpreter
+exec "$interpreter" -I -S /qnix/vmlink.py guest
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    version: str
+    image: Path
+    modules: Path
+
+
+NIXOS_SYSTEM = Path("/run/current-system")
+NIX_STORE = Path("/nix/store")
+NIX_STORE_MARK = "/qnix/nix-store"  # in the per-start archive when the store is shared
+
+
+def find_kernel(boot: Path = Path("/boot"), modules: Path = Path("/lib/modules")) -> Kernel:
+    """The running kernel if it is installed here, else the newest installed one; on NixOS
+    the current system's."""
+    if (NIXOS_SYSTEM / "kernel").exists() and not boot.joinpath("vmlinuz").exists():
+        tree = NIXOS_SYSTEM / "kernel-modules" / "lib" / "modules"
+        versions = (
+            sorted((p.name for p in tree.iterdir()), key=_version_key) if tree.is_dir() else []
+        )
+        if versions:
+            return Kernel(versions[-1], NIXOS_SYSTEM / "kernel", tree / versions[-1])
+    installed = sorted(
+        (
+            entry.name.removeprefix("vmlinuz-")
+            for entry in (boot.iterdir() if boot.is_dir() else ())
+            if entry.name.startswith("vmlinuz-")
+            and (modules / entry.name.removeprefix("vmlinuz-") / "modules.dep").is_file()
+        ),
+        key=_version_key,
+    )
+    if not installed:
+        raise QnixError(
+            f"no kernel for a VM: no {boot}/vmlinuz-VERSION with {modules}/VERSION/modules.dep",
+            hint="install one: apt-get install linux-image-amd64 (Debian)",
+        )
+    running = platform.release()
+    version = running if running in installed else installed[-1]
+    return Kernel(version, boot / f"vmlinuz-{version}", modules / version)
+
+
+def _version_key(version: str) -> list[tuple[int, str]]:
+    return [
+        (int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"[.-]", version)
+    ]
+
+
+def module_order(modules_dir: Path, wanted: Sequence[str] = GUEST_MODULES) -> list[str]:
+    """Paths (relative to `modules_dir`) of `wanted` and what they need, each after its needs."""
+    needs: dict[str, list[str]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        module, _, deps = line.partition(":")
+        needs[module] = deps.split()
+    by_name = {Path(path).name.split(".ko")[0].replace("-", "_"): path for path in needs}
+    ordered: list[str] = []
+
+    def add(path: str) -> None:
+        if path in ordered:
+            return
+        for dependency in reversed(needs.get(path, [])):
+            add(dependency)
+        ordered.append(path)
+
+    for name in wanted:
+        if name not in by_name:
+            raise QnixError(
+                f"the kernel in {modules_dir} has no module {name}",
+                hint="a VM needs virtio and 9p support in the guest kernel",
+            )
+        add(by_name[name])
+    return ordered
+
+
+# ---- initramfs (cpio "newc") ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One member of an initramfs: a folder (data None), a file, or a symlink (target)."""
+
+    path: str  # without a leading /
+    mode: int
+    data: bytes | None = None
+    target: str | None = None
+    uid: int = 0
+
+
+def newc(entries: Sequence[Entry]) -> bytes:
+    """The entries as a cpio archive in the "newc" format the kernel unpacks."""
+    out = bytearray()
+    for number, entry in enumerate([*entries, Entry("TRAILER!!!", 0)], start=1):
+        if entry.target is not None:
+            kind, body = stat.S_IFLNK, entry.target.encode()
+        elif entry.data is None:
+            kind, body = (stat.S_IFDIR if entry.path != "TRAILER!!!" else 0), b""
+        else:
+            kind, body = stat.S_IFREG, entry.data
+        name = entry.path.encode() + b"\0"
+        fields = (number, kind | entry.mode, entry.uid, entry.uid, 1, 0, len(body), 0, 0, 0, 0)
+        header = b"070701" + b"".join(f"{value:08X}".encode() for value in fields)
+        header += f"{len(name):08X}".encode() + b"00000000"
+        out += header + name
+        out += b"\0" * (-len(out) % 4)
+        out += body
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def base_initramfs(kernel: Kernel) -> bytes:
+    """busybox, the guest's modules and /init for `kernel` (a few MiB, read in milliseconds)."""
+    busybox = _static_busybox()
+    modules = module_order(kernel.modules)
+    entries = [
+        Entry("bin", 0o755),
+        Entry("bin/busybox", 0o755, busybox),
+        Entry("init", 0o755, INIT.encode()),
+        *(Entry(name, 0o755) for name in ("dev", "proc", "sys", "usr", "etc", "qnix")),
+        Entry(MODULES_INSIDE.lstrip("/"), 0o755),
+        Entry("lib", 0o777, target="usr/lib"),
+        Entry("lib64", 0o777, target="usr/lib64"),
+        *(
+            Entry(f"{MODULES_INSIDE.lstrip('/')}/{_plain_name(path)}", 0o644, _module(kernel, path))
+            for path in modules
+        ),
+        Entry("qnix/modules", 0o644, "".join(f"{_plain_name(p)}\n" for p in modules).encode()),
+        Entry("etc/passwd", 0o644, b"root:x:0:0::/root:/bin/sh\n"),
+        Entry("etc/group", 0o644, b"root:x:0:\n"),
+    ]
+    return newc(entries)
+
+
+def _static_busybox() -> bytes:
+    """A busybox that needs no library: the guest has none until /usr is mounted."""
+    for candidate in (shutil.which("busybox"), "/bin/busybox", "/usr/bin/busybox"):
+        path = Path(candidate) if candidate else None
+        if path is not None and path.is_file():
+            data = path.read_bytes()
+            if b"ld-linux" not in data[:4096] and b"ld-musl" not in data[:4096]:
+                return data
+    raise QnixError(
+        "no statically linked busybox for the VM's initramfs",
+        hint="install it: apt-get install busybox-static (Debian)",
+    )
+
+
+def start_initramfs(
+    files: dict[str, bytes], secret_files: dict[str, bytes], owner_uid: int
+) -> bytes:
+    """The per-start archive: `files` (world-readable) and the secrets (0400, the
+    compartment's uid), with the folders they need. Appended to the base."""
+    folders: set[str] = set()
+    for path in (*files, *secret_files):
+        parts = path.strip("/").split("/")[:-1]
+        folders |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
+    entries = [Entry(folder, 0o755) for folder in sorted(folders)]
+    entries += [Entry(path.strip("/"), 0o644, data) for path, data in sorted(files.items())]
+    entries += [
+        Entry(path.strip("/"), 0o400, data, uid=owner_uid)
+        for path, data in sorted(secret_files.items())
+    ]
+    return newc(entries)
+
+
+def _plain_name(path: str) -> str:
+    return Path(path).name.split(".ko")[0] + ".ko"
+
+
+def _module(kernel: Kernel, path: str) -> bytes:
+    """The module, uncompressed: busybox's insmod hands the kernel the bytes as they are."""
+    data = (kernel.modules / path).read_bytes()
+    if path.endswith(".ko.xz"):
+        import lzma
+
+        return lzma.decompress(data)
+    if path.endswith(".ko.gz"):
+        import gzip
+
+        return gzip.decompress(data)
+    if not path.endswith(".ko"):
+        raise QnixError(
+            f"{kernel.modules / path}: qnix cannot uncompress this kind of module",
+            hint="use a kernel whose modules are plain, xz or gzip",
+        )
+    return data
+
+
+# ---- QEMU ----------------------------------------------------------------------------------
+
+
+def qemu_binary() -> str:
+    machine = platform.machine()
+    name = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}.get(machine)
+    if name is None:
+        raise QnixError(f"no VM backend for {machine} yet")
+    package = "qemu-system-x86" if machine == "x86_64" else "qemu-system-arm"
+    return require_tool(name, package)
+
+
+def accelerator() -> str:
+    chosen = os.environ.get(ACCEL_ENV, "")
+    if chosen in ("kvm", "tcg"):
+        return chosen
+    if chosen:
+        raise QnixError(f"{ACCEL_ENV}={chosen!r}: say kvm or tcg")
+    return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+
+
+@dataclass(frozen=True, slots=True)
+class VmPlan:
+    """Everything that differs between two VM compartments' QEMU command lines."""
+
+    name: str
+    memory_mb: int
+    cpus: int
+    host_uid: int
+    host_gid: int
+    home: str | None  # host folder shared as the home; None: a tmpfs in the guest
+    interpreter_prefix: str | None  # shared read-only when outside /usr
+    port_socket: str  # the relay's socket for the agent port
+    console_log: str
+    networked: bool
+    mac: str
+
+
+def qemu_argv(plan: VmPlan, kernel: Kernel, initrd_fd: int, accel: str) -> list[str]:
+    machine = "q35" if platform.machine() == "x86_64" else "virt"
+    argv = [
+        qemu_binary(),
+        "-name",
+        f"qnix-{plan.name}",
+        "-machine",
+        machine,
+        "-accel",
+        accel,
+        "-cpu",
+        "host" if accel == "kvm" else "max",
+        "-m",
+        str(plan.memory_mb),
+        "-smp",
+        str(plan.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        f"file:{plan.console_log}",
+        "-no-reboot",
+        "-kernel",
+        str(kernel.image),
+        "-initrd",
+        f"/dev/fd/{initrd_fd}",
+        "-append",
+        "console=ttyS0 quiet panic=-1 rdinit=/init",
+        "-runas",
+        f"{plan.host_uid}:{plan.host_gid}",
+        "-sandbox",
+        "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
+        "-device",
+        "virtio-serial-pci",
+        "-chardev",
+        f"socket,id=agent,path={plan.port_socket},server=off",
+        "-device",
+        "virtserialport,chardev=agent,name=qnix.agent",
+        *_share("usr", "/usr", readonly=True),
+    ]
+    if NIX_STORE.is_dir():
+        argv += _share("nixstore", str(NIX_STORE), readonly=True)
+    if plan.interpreter_prefix is not None:
+        argv += _share("prefix", plan.interpreter_prefix, readonly=True)
+    if plan.home is not None:
+        argv += _share("home", plan.home, readonly=False)
+    if plan.networked:
+        argv += [
+            "-netdev",
+            f"tap,id=net,ifname={TAP_IFNAME},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,netdev=net,mac={plan.mac}",
+        ]
+    for value in argv:
+        # QEMU splits option values at commas: no path of ours may hold one.
+        if "," in value and value.startswith("/"):
+            raise QnixError(f"a VM cannot use the path {value!r}: it holds a comma")
+    return argv
+
+
+def _share(tag: str, path: str, *, readonly: bool) -> list[str]:
+    if "," in path:
+        raise QnixError(f"a VM cannot share {path!r}: QEMU options cannot hold a comma")
+    flags = ",readonly=on" if readonly else ""
+    return ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none{flags}"]
+
+
+def mac_address(name: str) -> str:
+    """Locally administered, unicast, from the name (as the NixOS output's VMs)."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return "02:" + ":".join(f"{byte:02x}" for byte in digest[:5])
+
+
+# ---- the tap in the compartment's namespace ---------------------------------------------------
+
+
+def connect_tap(netns: str, inner_ifname: str, host_uid: int) -> None:
+    """A tap owned by `host_uid` in `netns`, joined to the veth's inner end frame for frame."""
+    ip = require_tool("ip", "iproute2")
+    tc = require_tool("tc", "iproute2")
+    disconnect_tap(netns, inner_ifname)
+    run([ip, "-n", netns, "tuntap", "add", "dev", TAP_IFNAME, "mode", "tap", "user", str(host_uid)])
+    run([ip, "-n", netns, "link", "set", TAP_IFNAME, "up"])
+    for source, dest in ((inner_ifname, TAP_IFNAME), (TAP_IFNAME, inner_ifname)):
+        run([ip, "netns", "exec", netns, tc, "qdisc", "add", "dev", source, "ingress"])
+        run(
+            [
+                *(ip, "netns", "exec", netns, tc, "filter", "add", "dev", source),
+                *("parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0"),
+                *("action", "mirred", "egress", "redirect", "dev", dest),
+            ]
+        )
+
+
+def disconnect_tap(netns: str, inner_ifname: str) -> None:
+    """Undo connect_tap (whatever of it is there)."""
+    ip = require_tool("ip", "iproute2")
+    tc = require_tool("tc", "iproute2")
+    run([ip, "-n", netns, "link", "del", TAP_IFNAME], check=False)
+    run(
+        [ip, "netns", "exec", netns, tc, "qdisc", "del", "dev", inner_ifname, "ingress"],
+        check=False,
+    )

@@ -1,0 +1,426 @@
+"""The agent channel of a VM compartment: a relay on the host and the agent in the guest, joined
+by one virtio-serial port.
+
+File descriptors cannot cross into a VM, so the host end (`relay`, run by the keeper as the
+compartment's host uid) answers the agent protocol of qnix.runtime.agent on the compartment's
+usual agent socket, and carries each command's stdin, stdout and stderr as frames over the port.
+The guest end (`guest`, this file run alone by the guest's init) sets the guest up from its
+configuration, runs each command as the compartment's user and sends its output and exit code
+back. Only the standard library is used, so that the file runs in the guest as it is.
+
+A frame: the channel (4 bytes, one per command), its kind (1 byte), the payload's length
+(4 bytes, at most MAX_PAYLOAD) and the payload, all big-endian. What comes from the guest is
+untrusted: a malformed frame ends the relay, and with it the compartment's agent channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import threading
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+    from typing import Any
+
+HELLO = 1  # guest -> host: the guest is up and serving
+OPEN = 2  # host -> guest: run a command (JSON: argv, env, cwd)
+STDIN = 3  # host -> guest
+STDIN_END = 4  # host -> guest
+STDOUT = 5  # guest -> host
+STDERR = 6  # guest -> host
+EXIT = 7  # guest -> host: JSON {"code": N}; the channel is done
+HEADER_SIZE = 9
+MAX_PAYLOAD = 64 * 1024
+MAX_CHANNELS = 256
+PORT_NAME = "qnix.agent"  # the virtio-serial port's name in the guest
+CONFIG_INSIDE = "/qnix/config.json"  # the guest's configuration, in its initramfs
+
+
+class LinkError(Exception):
+    """A malformed frame, or the other end went away."""
+
+
+def frame(channel: int, kind: int, payload: bytes = b"") -> bytes:
+    return channel.to_bytes(4, "big") + bytes((kind,)) + len(payload).to_bytes(4, "big") + payload
+
+
+class Link:
+    """One end of the port: whole frames out under a lock, frames in from one reader."""
+
+    def __init__(self, reader: io.RawIOBase, writer: io.RawIOBase) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.lock = threading.Lock()
+
+    def send(self, channel: int, kind: int, payload: bytes = b"") -> None:
+        view = memoryview(frame(channel, kind, payload))
+        with self.lock:
+            while view:
+                view = view[self.writer.write(view) or 0 :]
+
+    def _exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.reader.read(size - len(data))
+            if not chunk:
+                raise LinkError("the other end closed the port")
+            data += chunk
+        return data
+
+    def receive(self) -> tuple[int, int, bytes]:
+        header = self._exactly(HEADER_SIZE)
+        channel = int.from_bytes(header[:4], "big")
+        kind = header[4]
+        size = int.from_bytes(header[5:], "big")
+        if size > MAX_PAYLOAD or not HELLO <= kind <= EXIT:
+            raise LinkError(f"malformed frame (kind {kind}, {size} bytes)")
+        return channel, kind, self._exactly(size)
+
+
+def _pump(read: Callable[[], bytes], send: Callable[[bytes], None]) -> None:
+    """Copy chunks from `read` to `send` until `read` returns b""."""
+    while True:
+        chunk = read()
+        if not chunk:
+            return
+        send(chunk)
+
+
+# ---- the guest -----------------------------------------------------------------------------
+
+
+def _port_device() -> str:
+    """/dev/vportNpM of the port named PORT_NAME (no udev in the guest for the by-name link)."""
+    base = "/sys/class/virtio-ports"
+    for entry in sorted(os.listdir(base)):
+        with open(f"{base}/{entry}/name", encoding="utf-8") as handle:
+            if handle.read().strip() == PORT_NAME:
+                return f"/dev/{entry}"
+    raise LinkError(f"no virtio-serial port named {PORT_NAME}")
+
+
+def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[int, int]) -> None:
+    """Run one command as the compartment's user; report its output and exit code."""
+    import queue
+    import subprocess
+
+    try:
+        process = subprocess.Popen(
+            request["argv"],
+            env=request["env"],
+            cwd=request["cwd"] or "/",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            user=user[0],
+            group=user[1],
+            extra_groups=[],
+            start_new_session=True,
+        )
+    except OSError as exc:
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        message = f"qnix-agent: cannot run {request['argv'][0]}: {exc.strerror}\n"
+        link.send(channel, STDERR, message.encode()[:MAX_PAYLOAD])
+        link.send(channel, EXIT, json.dumps({"code": code}).encode())
+        _GUEST_INPUTS.pop(channel, None)
+        return
+    inputs: queue.Queue[bytes | None] = _GUEST_INPUTS[channel]
+    assert process.stdin is not None and process.stdout is not None
+    assert process.stderr is not None
+
+    def feed() -> None:
+        stdin = process.stdin
+        assert stdin is not None
+        try:
+            while (chunk := inputs.get()) is not None:
+                stdin.write(chunk)
+                stdin.flush()
+        except OSError:
+            pass  # the command closed its stdin
+        finally:
+            try:  # noqa: SIM105 - contextlib is not worth importing in the guest
+                stdin.close()
+            except OSError:
+                pass
+
+    def drain(stream: io.BufferedReader, kind: int) -> None:
+        _pump(lambda: stream.read1(MAX_PAYLOAD), lambda chunk: link.send(channel, kind, chunk))
+
+    workers = [
+        threading.Thread(target=feed, daemon=True),
+        threading.Thread(target=drain, args=(process.stdout, STDOUT), daemon=True),
+        threading.Thread(target=drain, args=(process.stderr, STDERR), daemon=True),
+    ]
+    for worker in workers:
+        worker.start()
+    workers[1].join()
+    workers[2].join()
+    status = process.wait()
+    code = status if status >= 0 else 128 - status
+    link.send(channel, EXIT, json.dumps({"code": code & 0xFF}).encode())
+    _GUEST_INPUTS.pop(channel, None)
+    inputs.put(None)
+
+
+_GUEST_INPUTS: dict[int, Any] = {}
+
+
+def _set_up_guest(config: dict[str, Any]) -> tuple[int, int]:
+    """What the guest's init leaves to the agent: its user, home, secrets, name and network."""
+    import subprocess
+
+    uid = gid = int(config["uid"])
+    user, home = str(config["user"]), str(config["home"])
+    with open("/etc/passwd", "a", encoding="utf-8") as handle:
+        handle.write(f"{user}:x:{uid}:{gid}::{home}:/bin/sh\n")
+    with open("/etc/group", "a", encoding="utf-8") as handle:
+        handle.write(f"{user}:x:{gid}:\n")
+    os.makedirs(home, exist_ok=True)
+    if config["home_share"]:
+        subprocess.run(
+            ["mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,msize=262144", "home", home],
+            check=True,
+        )
+    else:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "home", home], check=True)
+        os.chown(home, uid, gid)
+    for folder, _, files in os.walk("/run/secrets"):
+        for name in files:
+            os.chown(os.path.join(folder, name), uid, gid)
+    with open("/proc/sys/kernel/hostname", "w", encoding="utf-8") as handle:
+        handle.write(str(config["hostname"]))
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    address = config.get("address")
+    if address is not None:
+        subprocess.run(["ip", "link", "set", "eth0", "up"], check=True)
+        subprocess.run(["ip", "addr", "add", f"{address}/31", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "route", "add", "default", "via", str(config["gateway"])], check=True)
+    return uid, gid
+
+
+def guest() -> None:
+    """The guest's agent: set the guest up, say hello, then run what the host sends."""
+    import queue
+
+    with open(CONFIG_INSIDE, encoding="utf-8") as handle:
+        config = json.load(handle)
+    user = _set_up_guest(config)
+    device = _port_device()
+    port = io.FileIO(device, "r+")  # a port opens once: one descriptor both ways
+    link = Link(port, port)
+    link.send(0, HELLO)
+    while True:
+        channel, kind, payload = link.receive()
+        if kind == OPEN and channel not in _GUEST_INPUTS:
+            _GUEST_INPUTS[channel] = queue.Queue()
+            request = json.loads(payload)
+            threading.Thread(
+                target=_guest_run, args=(link, channel, request, user), daemon=True
+            ).start()
+        elif kind == STDIN and channel in _GUEST_INPUTS:
+            _GUEST_INPUTS[channel].put(payload)
+        elif kind == STDIN_END and channel in _GUEST_INPUTS:
+            _GUEST_INPUTS[channel].put(None)
+
+
+# ---- the host --------------------------------------------------------------------------------
+
+
+class Relay:
+    """The host end: the agent protocol on the agent socket, frames on the port."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.lock = threading.Lock()
+        self.channels: dict[int, tuple[socket.socket, list[int]]] = {}
+        self.next_channel = 1
+
+    def serve(self, server: socket.socket) -> None:
+        """Accept agent connections, each in a thread of its own."""
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        from qnix.runtime import agent
+
+        fds: list[int] = []
+        closing: list[int] = []  # what this thread closes: stdin; the rest when it failed
+        channel = None
+        try:
+            conn.settimeout(agent.REQUEST_TIMEOUT)
+            untrusted, fds = agent.recv_message(conn)
+            if untrusted["op"] == "ping":
+                agent.send_message(conn, {"op": "pong", "pid": os.getpid()})
+                conn.close()
+                return
+            if untrusted["op"] != "exec":
+                raise agent.ProtocolError(f"unknown op {untrusted['op']!r}")
+            request = agent.validate_exec(untrusted, fds)
+            if request["tty"] is not None:
+                raise agent.ProtocolError("a VM compartment has no terminal for qnix run yet")
+            with self.lock:
+                if len(self.channels) >= MAX_CHANNELS:
+                    raise agent.ProtocolError("too many commands at once")
+                channel = self.next_channel
+                self.next_channel += 1
+                self.channels[channel] = (conn, fds)
+            closing = [fds[0]]  # stdout and stderr: closed when the command has exited
+            opened = {"argv": request["argv"], "env": request["env"], "cwd": request["cwd"]}
+            self.link.send(channel, OPEN, json.dumps(opened).encode())
+            conn.settimeout(None)
+            agent.send_message(conn, {"op": "started", "pid": channel})
+            self._feed(channel, fds[0])
+        except Exception as exc:  # whatever a client sends, the relay goes on
+            with self.lock:
+                mine = channel is None or self.channels.pop(channel, None) is not None
+            closing = list(set(fds)) if mine else closing
+            with contextlib.suppress(OSError):
+                agent.send_message(conn, {"op": "error", "message": str(exc)[:512]})
+            conn.close()
+        finally:
+            for fd in closing:
+                os.close(fd)
+
+    def _feed(self, channel: int, stdin: int) -> None:
+        """The client's stdin to the command, until it ends or the command has exited (a
+        terminal's stdin may never end)."""
+        import select
+
+        while channel in self.channels:
+            ready, _, _ = select.select([stdin], [], [], 0.2)
+            if not ready:
+                continue
+            chunk = os.read(stdin, MAX_PAYLOAD)
+            if not chunk:
+                self.link.send(channel, STDIN_END)
+                return
+            self.link.send(channel, STDIN, chunk)
+
+    def dispatch(self) -> None:
+        """Route the guest's frames to their commands until the port closes."""
+        while True:
+            channel, kind, payload = self.link.receive()
+            with self.lock:
+                found = self.channels.get(channel)
+            if found is None:
+                continue  # a command whose client has gone
+            conn, fds = found
+            if kind in (STDOUT, STDERR):
+                # A reader that went away: the command runs on, as with any agent.
+                with contextlib.suppress(OSError):
+                    _write_all(fds[1 if kind == STDOUT else 2], payload)
+            elif kind == EXIT:
+                self._exited(channel, conn, fds, payload)
+
+    def _exited(self, channel: int, conn: socket.socket, fds: list[int], payload: bytes) -> None:
+        from qnix.runtime import agent
+
+        with self.lock:
+            self.channels.pop(channel, None)
+        try:
+            code = json.loads(payload)["code"]
+            agent.send_message(conn, {"op": "exited", "code": int(code)})
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        finally:
+            conn.close()
+            for fd in set(fds[1:]) - {fds[0]}:  # stdin is its feeder's to close
+                os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _die_with_parent() -> None:
+    """SIGTERM when the keeper dies (also by SIGKILL): see _end_qemu_with_us."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        sys.exit(1)  # the keeper died before the line above
+
+
+def _end_qemu_with_us(port: socket.socket) -> None:
+    """QEMU drops to our uid, which clears any parent-death signal of its own: so when we are
+    told to end, the VM at the other end of the port ends first."""
+    import signal
+    import socket
+
+    credentials = port.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    qemu = int.from_bytes(credentials[:4], sys.byteorder)
+
+    def end(number: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(qemu, signal.SIGKILL)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, end)
+
+
+def relay(agent_socket: str, port_socket: str, uid: int, gid: int) -> None:
+    """The host end, started as root and running as `uid`: it listens on `port_socket` for
+    QEMU's chardev (says "listening"), waits for the guest's hello, then serves `agent_socket`
+    (says "ready") until the port closes."""
+    # Everything it will use is imported now: `uid` may not reach the interpreter's files.
+    import ctypes  # noqa: F401
+    import select  # noqa: F401
+    import signal  # noqa: F401
+    import socket
+
+    from qnix.runtime import agent  # noqa: F401
+
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    _die_with_parent()
+    port_server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    port_server.bind(port_socket)
+    os.chmod(port_socket, 0o600)
+    port_server.listen(1)
+    sys.stdout.write("listening\n")
+    sys.stdout.flush()
+    port, _ = port_server.accept()
+    port_server.close()
+    os.unlink(port_socket)
+    _end_qemu_with_us(port)
+    link = Link(socket.SocketIO(port, "r"), socket.SocketIO(port, "w"))
+    channel, kind, _ = link.receive()
+    if (channel, kind) != (0, HELLO):
+        raise LinkError("the guest did not say hello")
+    try:  # noqa: SIM105
+        os.unlink(agent_socket)
+    except FileNotFoundError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(agent_socket)
+    os.chmod(agent_socket, 0o600)
+    server.listen(64)
+    bridge = Relay(link)
+    threading.Thread(target=bridge.serve, args=(server,), daemon=True).start()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    with contextlib.suppress(LinkError):  # the VM is gone: so is its agent channel
+        bridge.dispatch()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["guest"] and len(sys.argv) == 2:
+        guest()
+    elif sys.argv[1:2] == ["relay"] and len(sys.argv) == 6:
+        relay(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        sys.stderr.write("usage: vmlink.py guest | vmlink.py relay AGENT PORT UID GID\n")
+        sys.exit(2)

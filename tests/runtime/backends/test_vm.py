@@ -1,0 +1,220 @@
+"""The VM backend's pure parts: the initramfs it writes (read back by the real cpio), the order
+of the guest's modules, the kernel it picks, and the exact QEMU command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qnix.errors import QnixError
+from qnix.runtime.backends import vm
+from tests.conftest import need
+
+
+def unpacked(archive: bytes, where: Path) -> dict[str, tuple[str, int, int, bytes | str]]:
+    """What the real cpio makes of `archive`: kind, mode, owner, content or link target."""
+    where.mkdir()
+    subprocess.run(
+        [need("cpio"), "-idm", "--quiet", "--no-absolute-filenames"],
+        input=archive,
+        cwd=where,
+        check=True,
+    )
+    found: dict[str, tuple[str, int, int, bytes | str]] = {}
+    for folder, folders, files in os.walk(where):
+        for name in folders + files:
+            path = Path(folder, name)
+            info = path.lstat()
+            relative = str(path.relative_to(where))
+            mode = info.st_mode & 0o7777
+            if path.is_symlink():
+                found[relative] = ("link", mode, info.st_uid, os.readlink(path))
+            elif path.is_dir():
+                found[relative] = ("folder", mode, info.st_uid, b"")
+            else:
+                found[relative] = ("file", mode, info.st_uid, path.read_bytes())
+    return found
+
+
+def test_the_archive_is_what_cpio_reads(tmp_path: Path) -> None:
+    archive = vm.newc(
+        [
+            vm.Entry("etc", 0o755),
+            vm.Entry("etc/odd name", 0o644, b"x" * 5),  # content not a multiple of 4
+            vm.Entry("etc/empty", 0o600, b""),
+            vm.Entry("lib", 0o777, target="usr/lib"),
+            vm.Entry("run", 0o755),
+            vm.Entry("run/secret", 0o400, b"s3", uid=4242),
+        ]
+    )
+    assert len(archive) % 4 == 0
+    found = unpacked(archive, tmp_path / "out")
+    assert found == {
+        "etc": ("folder", 0o755, 0, b""),
+        "etc/odd name": ("file", 0o644, 0, b"xxxxx"),
+        "etc/empty": ("file", 0o600, 0, b""),
+        "lib": ("link", 0o777, 0, "usr/lib"),
+        "run": ("folder", 0o755, 0, b""),
+        "run/secret": ("file", 0o400, 4242, b"s3"),
+    }
+
+
+def test_the_per_start_archive_makes_its_folders_and_keeps_secrets_private(
+    tmp_path: Path,
+) -> None:
+    archive = vm.start_initramfs(
+        {"/qnix/config.json": b"{}", "/opt/qnix-agent/qfile.py": b"pass\n"},
+        {"/run/secrets/token": b"hunter2"},
+        owner_uid=0x70000005,
+    )
+    found = unpacked(archive, tmp_path / "out")
+    assert found["run/secrets/token"] == ("file", 0o400, 0x70000005, b"hunter2")
+    assert found["qnix/config.json"] == ("file", 0o644, 0, b"{}")
+    assert {name for name, entry in found.items() if entry[0] == "folder"} == {
+        "opt",
+        "opt/qnix-agent",
+        "qnix",
+        "run",
+        "run/secrets",
+    }
+
+
+def modules_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "6.1.0-test"
+    folder.mkdir()
+    (folder / "modules.dep").write_text(
+        "kernel/drivers/virtio/virtio.ko:\n"
+        "kernel/drivers/virtio/virtio_ring.ko:\n"
+        "kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_ring.ko "
+        "kernel/drivers/virtio/virtio.ko\n"
+        "kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko "
+        "kernel/drivers/virtio/virtio.ko\n"
+        "kernel/fs/netfs/netfs.ko:\n"
+        "kernel/net/9p/9pnet.ko:\n"
+        "kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virtio.ko\n"
+        "kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko kernel/fs/netfs/netfs.ko\n"
+        "kernel/drivers/net/virtio_net.ko: kernel/drivers/virtio/virtio.ko\n"
+    )
+    return folder
+
+
+def test_each_module_comes_after_what_it_needs_and_once(tmp_path: Path) -> None:
+    folder = modules_dir(tmp_path)
+    order = vm.module_order(folder)
+    assert len(order) == len(set(order)) == 9  # all of modules.dep, each once
+    needs = {
+        "virtio_pci.ko": ["virtio_ring.ko", "virtio.ko"],
+        "9pnet_virtio.ko": ["9pnet.ko", "virtio.ko"],
+        "9p.ko.xz": ["9pnet.ko", "netfs.ko"],
+    }
+    names = [Path(path).name for path in order]
+    for module, required in needs.items():
+        assert all(names.index(r) < names.index(module) for r in required), names
+    with pytest.raises(QnixError, match="has no module vsock"):
+        vm.module_order(folder, ("vsock",))
+
+
+def test_the_running_kernel_is_chosen_when_installed_else_the_newest(tmp_path: Path) -> None:
+    boot, modules = tmp_path / "boot", tmp_path / "modules"
+    boot.mkdir()
+    modules.mkdir()
+    with pytest.raises(QnixError, match="no kernel for a VM") as refused:
+        vm.find_kernel(boot, modules)
+    assert "apt-get install linux-image-amd64" in (refused.value.hint or "")
+    for version in ("6.1.0-9-amd64", "6.1.0-10-amd64", platform.release()):
+        (boot / f"vmlinuz-{version}").write_bytes(b"")
+    for version in ("6.1.0-9-amd64", "6.1.0-10-amd64"):
+        (modules / version).mkdir()
+        (modules / version / "modules.dep").write_text("")
+    # The running kernel has no modules here: the newest complete one (10 > 9, not as text).
+    assert vm.find_kernel(boot, modules).version == "6.1.0-10-amd64"
+    (modules / platform.release()).mkdir()
+    (modules / platform.release() / "modules.dep").write_text("")
+    chosen = vm.find_kernel(boot, modules)
+    assert (chosen.version, chosen.image) == (
+        platform.release(),
+        boot / f"vmlinuz-{platform.release()}",
+    )
+
+
+PLAN = vm.VmPlan(
+    name="box",
+    memory_mb=256,
+    cpus=2,
+    host_uid=0x70000007,
+    host_gid=0x70000007,
+    home="/var/lib/qnix/compartments/box/home",
+    interpreter_prefix=None,
+    port_socket="/run/qnix/compartments/box/agent/vm-port.sock",
+    console_log="/run/qnix/compartments/box/console.log",
+    networked=True,
+    mac="02:aa:bb:cc:dd:ee",
+)
+KERNEL = vm.Kernel("6.1.0-test", Path("/boot/vmlinuz-6.1.0-test"), Path("/lib/modules/x"))
+
+
+def test_the_qemu_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vm, "qemu_binary", lambda: "/usr/bin/qemu-system-x86_64")
+    monkeypatch.setattr(vm, "NIX_STORE", Path("/nonexistent/nix/store"))
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert vm.qemu_argv(PLAN, KERNEL, 7, "tcg") == [
+        "/usr/bin/qemu-system-x86_64",
+        *("-name", "qnix-box", "-machine", "q35", "-accel", "tcg", "-cpu", "max"),
+        *("-m", "256", "-smp", "2", "-nodefaults", "-no-user-config", "-display", "none"),
+        *("-serial", "file:/run/qnix/compartments/box/console.log", "-no-reboot"),
+        *("-kernel", "/boot/vmlinuz-6.1.0-test", "-initrd", "/dev/fd/7"),
+        *("-append", "console=ttyS0 quiet panic=-1 rdinit=/init"),
+        *("-runas", f"{0x70000007}:{0x70000007}"),
+        *("-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny"),
+        *("-device", "virtio-serial-pci"),
+        "-chardev",
+        "socket,id=agent,path=/run/qnix/compartments/box/agent/vm-port.sock,server=off",
+        *("-device", "virtserialport,chardev=agent,name=qnix.agent"),
+        *("-virtfs", "local,path=/usr,mount_tag=usr,security_model=none,readonly=on"),
+        "-virtfs",
+        "local,path=/var/lib/qnix/compartments/box/home,mount_tag=home,security_model=none",
+        *("-netdev", "tap,id=net,ifname=qnixtap,script=no,downscript=no"),
+        *("-device", "virtio-net-pci,netdev=net,mac=02:aa:bb:cc:dd:ee"),
+    ]
+    kvm = vm.qemu_argv(PLAN, KERNEL, 7, "kvm")
+    assert kvm[kvm.index("-cpu") + 1] == "host"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=40))
+def test_no_path_can_add_an_option_to_qemu(untrusted: str) -> None:
+    """QEMU splits option values at commas: a path holding one is refused, never passed on."""
+    path = "/srv/" + untrusted
+    try:
+        argv = vm.qemu_argv(dataclasses.replace(PLAN, home=path), KERNEL, 3, "tcg")
+    except QnixError as refused:
+        assert "," in path and "comma" in refused.message
+        return
+    assert "," not in path
+    shares = [argv[i + 1] for i, value in enumerate(argv) if value == "-virtfs"]
+    home = next(share for share in shares if "mount_tag=home" in share)
+    assert home == f"local,path={path},mount_tag=home,security_model=none"
+
+
+def test_the_accelerator_is_chosen_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(vm.ACCEL_ENV, "tcg")
+    assert vm.accelerator() == "tcg"
+    monkeypatch.setenv(vm.ACCEL_ENV, "xen")
+    with pytest.raises(QnixError, match="say kvm or tcg"):
+        vm.accelerator()
+    monkeypatch.delenv(vm.ACCEL_ENV)
+    assert vm.accelerator() == ("kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg")
+
+
+def test_the_mac_is_local_unicast_and_stable() -> None:
+    mac = vm.mac_address("box")
+    first = int(mac.split(":")[0], 16)
+    assert first & 0b10 and not first & 0b1
+    assert mac == vm.mac_address("box") != vm.mac_address("bux")

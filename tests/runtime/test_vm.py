@@ -1,0 +1,276 @@
+"""VM compartments (`isolation = "vm"`) under the real QEMU, on a stand-in host.
+
+QEMU runs with TCG here (QNIX_VM_ACCEL=tcg): the tests must not depend on nested KVM. The
+guest kernel is the host's installed one (`make test` installs linux-image-amd64). The
+"upstream" is a network namespace this module makes, with servers on two ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qnix.compile import names
+from qnix.runtime import quickrun
+from qnix.runtime.backends import vm
+from tests.conftest import need
+from tests.netprobes import PROBE, SERVE
+from tests.runtime.livehost import LiveHost
+from tests.runtime.test_secrets import encrypt_to, files_holding, new_key
+
+HOST_UPLINK, UPSTREAM = "203.0.113.8", "203.0.113.9"
+SUBNET = "10.226.0.0/16"
+ALLOWED, DENIED, PEER_PORT = 8101, 8102, 8103
+
+SPEC = f"""\
+[host]
+hostname = "lab"
+subnet = "{SUBNET}"
+
+[compartments.box]
+isolation = "vm"
+autostart = true
+memory_mb = 256
+network = "uplink"
+secrets = ["token"]
+firewall = [
+  {{ proto = "tcp", cidr = "{UPSTREAM}/32", ports = [{ALLOWED}] }},
+  {{ proto = "tcp", cidr = "0.0.0.0/0", ports = [{PEER_PORT}] }},
+]
+
+[compartments.sealed]
+isolation = "vm"
+memory_mb = 192
+
+[compartments.peer]
+network = "uplink"
+autostart = true
+memory_mb = 128
+
+[disposable_templates.vmdvm]
+isolation = "vm"
+memory_mb = 192
+
+[secrets.token]
+file = "secrets/token.age"
+recipients = ["RECIPIENT"]
+"""
+WIDER = SPEC.replace(f"ports = [{ALLOWED}] }}", f"ports = [{ALLOWED}, {DENIED}] }}")
+
+
+@dataclass
+class Lab:
+    host: LiveHost
+    key: Path
+    recipient: str
+    token: str
+    links: dict[str, names.Link]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**self.host.env, "QNIX_AGE_IDENTITY": str(self.key)}
+
+    def qnix(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.host_qnix(), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=180,
+            check=False,
+        )
+
+    @staticmethod
+    def host_qnix() -> str:
+        return str(Path(sys.executable).with_name("qnix"))
+
+    def ok(self, *args: str, input: str | None = None) -> str:
+        result = self.qnix(*args, input=input)
+        assert result.returncode == 0, f"qnix {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def apply(self, spec: str) -> str:
+        return self.ok("apply", str(self.host.spec(spec.replace("RECIPIENT", self.recipient))))
+
+    def probe(self, compartment: str, *targets: tuple[str, int]) -> list[str]:
+        answers: list[str] = json.loads(
+            self.ok("run", compartment, "--", "python3", "-c", PROBE, json.dumps(targets))
+        )
+        return answers
+
+    def qemu_pid(self, name: str) -> int:
+        state = quickrun.running_state(self.host.paths, name)
+        assert state is not None, f"{name} is not running"
+        return int(state["sandbox_pid"])
+
+
+def server(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "ready\n"
+    return process
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    os.environ[vm.ACCEL_ENV] = "tcg"  # the keepers inherit it from `qnix apply`
+    host = LiveHost()
+    ip = host.ip
+    upstream = f"{host.tag}up"
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        key, recipient = new_key(tmp_path_factory.mktemp("key"))
+        token = "vm-secret-" + secrets.token_hex(16)
+        encrypt_to(recipient, token.encode(), host.base / "secrets" / "token.age")
+        subprocess.run([ip, "netns", "add", upstream], check=True)
+        pair = ("type", "veth", "peer", "name", "eth0", "netns", upstream)
+        for command in (
+            ["-n", host.host_netns, "link", "add", "up0", *pair],
+            ["-n", host.host_netns, "addr", "add", f"{HOST_UPLINK}/31", "dev", "up0"],
+            ["-n", host.host_netns, "link", "set", "up0", "up"],
+            ["-n", upstream, "addr", "add", f"{UPSTREAM}/31", "dev", "eth0"],
+            ["-n", upstream, "link", "set", "eth0", "up"],
+            ["-n", host.host_netns, "route", "add", "default", "via", UPSTREAM],
+        ):
+            subprocess.run([ip, *command], check=True)
+        listeners = (f"0.0.0.0:{ALLOWED}", f"0.0.0.0:{DENIED}")
+        servers.append(
+            server([ip, "netns", "exec", upstream, sys.executable, "-c", SERVE, *listeners])
+        )
+        made = Lab(
+            host, key, recipient, token, names.allocate_links(["box", "sealed", "peer"], SUBNET)
+        )
+        made.apply(SPEC)
+        in_peer = [Lab.host_qnix(), "run", "peer", "--", "python3", "-c", SERVE]
+        servers.append(server([*in_peer, f"0.0.0.0:{PEER_PORT}"], env=made.env))
+        yield made
+    finally:
+        for process in servers:
+            if process.stdin is not None:
+                process.stdin.close()
+            process.kill()
+            process.wait(timeout=10)
+        subprocess.run([ip, "netns", "delete", upstream], check=False)
+        host.close()
+        del os.environ[vm.ACCEL_ENV]
+
+
+def test_a_command_runs_in_the_guest_with_stdio_exit_code_and_its_own_kernel(lab: Lab) -> None:
+    script = "cat; id -un; hostname; echo to-stderr >&2; exit 3"
+    result = lab.qnix("run", "box", "--", "sh", "-c", script, input="from-stdin\n")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        3,
+        "from-stdin\nuser\nbox\n",
+        "to-stderr\n",
+    )
+    # Its own kernel, booted by qnix: the guest's command line and first process.
+    inside = lab.ok("run", "box", "--", "sh", "-c", "cat /proc/cmdline; cat /proc/1/comm")
+    assert "rdinit=/init" in inside and "rdinit=/init" not in Path("/proc/cmdline").read_text()
+    assert inside.splitlines()[-1].startswith("python")
+    # Only the guest's processes: none of the host's is there.
+    count = lab.ok("run", "box", "--", "sh", "-c", "ls -d /proc/[0-9]* | wc -l")
+    assert int(count) < 60
+    # QEMU itself runs as the compartment's host uid.
+    qemu = lab.qemu_pid("box")
+    status = Path(f"/proc/{qemu}/status").read_text()
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    assert set(uids) == {str(0x70000000 + names.link_slot(lab.links["box"].gateway, SUBNET))}
+
+
+def test_the_secret_is_in_the_guest_only_and_never_on_disk(lab: Lab) -> None:
+    listed = lab.ok("run", "box", "--", "sh", "-c", "stat -c '%a %U' /run/secrets/token")
+    assert listed == "400 user\n"
+    assert lab.ok("run", "box", "--", "cat", "/run/secrets/token") == lab.token
+    refused = lab.qnix("run", "sealed", "--", "cat", "/run/secrets/token")
+    assert refused.returncode != 0 and lab.token not in refused.stdout
+    found, scanned = files_holding(
+        lab.token.encode(), [lab.host.paths.state_root, lab.host.paths.run_root, Path("/tmp")]
+    )
+    assert found == [] and scanned
+
+
+def test_the_firewall_allows_one_port_and_not_the_other(lab: Lab) -> None:
+    targets = ((UPSTREAM, ALLOWED), (UPSTREAM, DENIED))
+    assert lab.probe("box", *targets) == [f"ok {HOST_UPLINK}", "timeout"]
+    lab.apply(WIDER)  # control: the rule names the second port too
+    try:
+        assert lab.probe("box", *targets) == [f"ok {HOST_UPLINK}", f"ok {HOST_UPLINK}"]
+    finally:
+        lab.apply(SPEC)
+    # Another compartment and the host stay out of reach, whatever port the rule allows.
+    peer = lab.links["peer"].address
+    assert lab.probe("box", (peer, PEER_PORT), (lab.links["box"].gateway, PEER_PORT)) == [
+        "timeout",
+        "timeout",
+    ]
+    assert lab.ok("drift") == "no drift: the host matches the live generation\n"
+
+
+def test_a_vm_without_network_has_only_loopback(lab: Lab) -> None:
+    lab.ok("start", "sealed")
+    try:
+        listing = lab.ok("run", "sealed", "--", "cat", "/proc/net/dev")
+        assert [line.split(":")[0].strip() for line in listing.splitlines()[2:]] == ["lo"]
+    finally:
+        lab.ok("stop", "sealed")
+
+
+def test_the_home_persists_and_a_stop_leaves_nothing_running(lab: Lab) -> None:
+    mark = secrets.token_hex(8)
+    lab.ok("run", "box", "--", "sh", "-c", f"echo {mark} > ~/kept")
+    home_file = lab.host.paths.home("box") / "kept"
+    assert home_file.read_text() == f"{mark}\n"
+    assert home_file.stat().st_uid == os.stat(lab.host.paths.home("box")).st_uid
+    qemu = lab.qemu_pid("box")
+    netns = lab.host.prefix + "box"
+    lab.ok("stop", "box")
+    assert not Path(f"/proc/{qemu}").exists()
+    links = subprocess.run(
+        [lab.host.ip, "-n", netns, "-o", "link"], capture_output=True, text=True, check=True
+    ).stdout
+    assert vm.TAP_IFNAME not in links
+    qdiscs = subprocess.run(
+        [lab.host.ip, "netns", "exec", netns, need("tc"), "qdisc", "show", "dev", "eth0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "ingress" not in qdiscs
+    lab.ok("start", "box")
+    assert lab.ok("run", "box", "--", "cat", "kept") == f"{mark}\n"
+    assert lab.ok("drift") == "no drift: the host matches the live generation\n"
+
+
+def test_a_disposable_vm_leaves_nothing(lab: Lab) -> None:
+    before = lab.host.compartment_netns()
+    out = lab.ok("dispose", "--template", "vmdvm", "--", "sh", "-c", "hostname; ls -A ~")
+    assert out.startswith("disp") and len(out.split()) == 1
+    assert lab.host.compartment_netns() == before
+    assert not [n for n in lab.host.ls() if n.startswith("disp")]
+
+
+def test_a_killed_keeper_takes_its_vm_with_it(lab: Lab) -> None:
+    state = quickrun.running_state(lab.host.paths, "box")
+    assert state is not None
+    qemu = int(state["sandbox_pid"])
+    os.kill(int(state["keeper_pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{qemu}").exists():
+        assert time.monotonic() < deadline, "QEMU outlived its keeper"
+        time.sleep(0.1)
+    assert "box: " in lab.ok("gc")
+    lab.ok("start", "box")
+    assert lab.ok("run", "box", "--", "true") == ""
