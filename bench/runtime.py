@@ -11,7 +11,12 @@ Each figure is the median of several runs of a fresh process (after one warm-up 
   * `unshare` of the user, pid, ipc, uts, net and mount namespaces running /bin/true,
   * `systemd-nspawn` running /bin/true in a minimal tree (when it can run on this host),
   * `qnix run box -- true` (`box`, a container compartment under systemd-nspawn, running),
+  * `qnix run vmbox -- true` (`vmbox`, a VM compartment under QEMU, running),
+  * `qnix restart vmbox` (a VM's stop and boot up to its agent's hello) beside a bare QEMU
+    booting the same kernel with a busybox initramfs whose /init powers off at once,
   * the interpreter's own start (`python -c pass`, the floor of any Python CLI).
+QEMU uses KVM when /dev/kvm is usable, else TCG; QNIX_VM_ACCEL=tcg chooses TCG (for a host
+whose nested KVM hangs guests).
 It then prints the issue's targets: dispose within the interpreter's start plus 3 bare bwraps,
 run within the interpreter's start plus 10 ms.
 
@@ -34,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 RUNS = 15
+VM_BOOTS = 3
 QNIX = str(Path(sys.executable).with_name("qnix"))
 RUN_TARGET_SLACK_MS = 10.0
 DISPOSE_TARGET_BWRAPS = 3
@@ -61,6 +67,11 @@ isolation = "container"
 network = "sys-net"
 autostart = true
 memory_mb = 128
+
+[compartments.vmbox]
+isolation = "vm"
+network = "sys-net"
+memory_mb = 256
 
 [disposable_templates.dvm]
 network = "sys-net"
@@ -224,6 +235,34 @@ def nspawn_unavailable(root: Path) -> str | None:
     return None
 
 
+def bare_qemu_boot_ms(base: Path) -> float:
+    """The same kernel and machine as a VM compartment, with an initramfs of busybox and an
+    /init that powers off: the boot a VM compartment cannot do without."""
+    from qnix.runtime.backends import vm
+
+    kernel = vm.find_kernel()
+    init = b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n"
+    initrd = base / "bare-initramfs.cpio"
+    initrd.write_bytes(
+        vm.newc(
+            [
+                vm.Entry("bin", 0o755),
+                vm.Entry("bin/busybox", 0o755, Path(shutil.which("busybox") or "").read_bytes()),
+                vm.Entry("init", 0o755, init),
+            ]
+        )
+    )
+    accel = vm.accelerator()
+    argv = [
+        vm.qemu_binary(),
+        *("-machine", "q35", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max"),
+        *("-m", "256", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
+        *("-kernel", str(kernel.image), "-initrd", str(initrd)),
+        *("-append", "console=ttyS0 quiet panic=-1 rdinit=/init"),
+    ]
+    return median_ms(argv, runs=VM_BOOTS)
+
+
 def verdict(measured: float, target: float) -> str:
     met = "met" if measured <= target else "NOT met"
     return f"{measured:.1f} ms vs target {target:.1f} ms: {met} (ratio {measured / target:.2f})"
@@ -265,6 +304,16 @@ def main() -> int:
             [QNIX, "run", "box", "--", "true"], host.env
         )
         figures["python -c pass"] = median_ms([sys.executable, "-c", "pass"])
+        # Last: even idle, a running guest takes CPU from the figures above.
+        host.qnix("start", "vmbox")
+        figures["qnix run vmbox -- true (vm)"] = median_ms(
+            [QNIX, "run", "vmbox", "--", "true"], host.env
+        )
+        figures["qnix restart vmbox (vm boot)"] = median_ms(
+            [QNIX, "restart", "vmbox"], host.env, runs=VM_BOOTS
+        )
+        host.qnix("stop", "vmbox")
+        figures["bare qemu boot to poweroff"] = bare_qemu_boot_ms(host.base)
     finally:
         problems = host.close()
     for problem in problems:
@@ -285,6 +334,10 @@ def main() -> int:
     print(f"  dispose <= python start + 3 x bare bwrap: {verdict(dispose_ms, dispose_target)}")
     run_target = python_ms + RUN_TARGET_SLACK_MS
     print(f"  run <= python start + 10 ms:              {verdict(run_ms, run_target)}")
+    boot_ratio = float(figures["qnix restart vmbox (vm boot)"]) / float(
+        figures["bare qemu boot to poweroff"]
+    )
+    print(f"a VM compartment's restart costs {boot_ratio:.2f} x a bare QEMU boot")
     return 1 if problems else 0
 
 
