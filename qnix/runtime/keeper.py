@@ -366,8 +366,9 @@ def _start_vm(
                 networked=networked,
                 mac=vm.mac_address(config.name),
             )
+            accel = vm.accelerator()
             qemu = ns.launch(
-                vm.qemu_argv(machine, kernel, initrd, vm.accelerator()),
+                vm.qemu_argv(machine, kernel, initrd, accel),
                 netns_path=config.netns_path,
                 cgroup=cgroup,
                 pass_fds=(initrd,),
@@ -379,6 +380,17 @@ def _start_vm(
             os.close(initrd)
         try:
             _wait_line(relay, stop, b"ready\n", READY_TIMEOUT, "the VM's agent", also=qemu)
+        except QnixError as exc:
+            _end(qemu, cgroup, grace=0)
+            console = Path(config.run_dir) / vm.CONSOLE_LOG
+            raise QnixError(
+                f"{exc.message} (QEMU with {accel}; the guest's console: {_last_lines(console)})"
+                + (
+                    f"; if this host's KVM hangs guests, set {vm.ACCEL_ENV}=tcg"
+                    if accel == "kvm"
+                    else ""
+                )
+            ) from None
         except BaseException:
             _end(qemu, cgroup, grace=0)
             raise
@@ -387,6 +399,14 @@ def _start_vm(
         relay.wait()
         raise
     return qemu
+
+
+def _last_lines(path: Path, count: int = 5) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "none"
+    return " | ".join(lines[-count:]) or "empty"
 
 
 def _read_all(fd: int) -> bytes:

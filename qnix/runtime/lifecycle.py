@@ -437,11 +437,17 @@ def _spawn_keeper(paths: RuntimePaths, config: KeeperConfig) -> None:
         process.wait()
     log_tail = _tail(paths.keeper_log(name))
     _cleanup_run(paths, name)
+    needs = {
+        vm.ISOLATION: "are QEMU, busybox-static and a kernel (linux-image-amd64) installed?",
+        container.ISOLATION: "is systemd-nspawn (systemd-container) installed?",
+    }.get(
+        config.isolation,
+        "is bubblewrap installed, are user namespaces enabled (user.max_user_namespaces)?",
+    )
     raise QnixError(
         f"compartment {name} did not start: {answer.removeprefix('error: ') or 'no answer'}"
         + (f"\n{log_tail}" if log_tail else ""),
-        hint="qnix --debug start shows each command; is bubblewrap installed, are user "
-        "namespaces enabled (user.max_user_namespaces)?",
+        hint=f"qnix --debug start shows each command; {needs}",
     )
 
 
