@@ -6,7 +6,9 @@ compartment's host uid) answers the agent protocol of qnix.runtime.agent on the 
 usual agent socket, and carries each command's stdin, stdout and stderr as frames over the port.
 The guest end (`guest`, this file run alone by the guest's init) sets the guest up from its
 configuration, runs each command as the compartment's user and sends its output and exit code
-back. Only the standard library is used, so that the file runs in the guest as it is.
+back; on a terminal, the command gets a terminal of the guest's own and the client a raw one on
+the host, whose size the relay passes on. Only the standard library is used, so that the file
+runs in the guest as it is.
 
 A frame: the channel (4 bytes, one per command), its kind (1 byte), the payload's length
 (4 bytes, at most MAX_PAYLOAD) and the payload, all big-endian. What comes from the guest is
@@ -20,6 +22,7 @@ import io
 import json
 import os
 import sys
+import termios
 import threading
 
 TYPE_CHECKING = False
@@ -35,6 +38,7 @@ STDIN_END = 4  # host -> guest
 STDOUT = 5  # guest -> host
 STDERR = 6  # guest -> host
 EXIT = 7  # guest -> host: JSON {"code": N}; the channel is done
+RESIZE = 8  # host -> guest: JSON {"rows": R, "cols": C} of a command's terminal
 HEADER_SIZE = 9
 MAX_PAYLOAD = 64 * 1024
 MAX_CHANNELS = 256
@@ -78,7 +82,7 @@ class Link:
         channel = int.from_bytes(header[:4], "big")
         kind = header[4]
         size = int.from_bytes(header[5:], "big")
-        if size > MAX_PAYLOAD or not HELLO <= kind <= EXIT:
+        if size > MAX_PAYLOAD or not HELLO <= kind <= RESIZE:
             raise LinkError(f"malformed frame (kind {kind}, {size} bytes)")
         return channel, kind, self._exactly(size)
 
@@ -105,11 +109,81 @@ def _port_device() -> str:
     raise LinkError(f"no virtio-serial port named {PORT_NAME}")
 
 
+def _guest_terminal(
+    link: Link, channel: int, request: dict[str, Any], user: tuple[int, int]
+) -> None:
+    """Run one command on a terminal of the guest's own, as the compartment's user: it is the
+    terminal's controlling process (job control, ^C); its output is the terminal's."""
+    import fcntl
+    import subprocess
+    import termios
+
+    master, slave = os.openpty()
+    termios.tcsetwinsize(slave, (request["tty"]["rows"], request["tty"]["cols"]))
+    _GUEST_TERMINALS[channel] = master
+
+    def take_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    try:
+        process = subprocess.Popen(
+            request["argv"],
+            env=request["env"],
+            cwd=request["cwd"] or "/",
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            user=user[0],
+            group=user[1],
+            extra_groups=[],
+            start_new_session=True,
+            preexec_fn=take_terminal,  # the guest agent runs nothing else that forks
+        )
+    except OSError as exc:
+        os.close(slave)
+        _GUEST_TERMINALS.pop(channel, None)
+        os.close(master)
+        message = f"qnix-agent: cannot run {request['argv'][0]}: {exc.strerror}\r\n"
+        link.send(channel, STDOUT, message.encode()[:MAX_PAYLOAD])
+        link.send(channel, EXIT, json.dumps({"code": 127}).encode())
+        _GUEST_INPUTS.pop(channel, None)
+        return
+    os.close(slave)
+    inputs = _GUEST_INPUTS[channel]
+
+    def feed() -> None:
+        try:
+            while (chunk := inputs.get()) is not None:
+                _write_all(master, chunk)
+        except OSError:
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+
+    def read() -> bytes:
+        try:
+            return os.read(master, MAX_PAYLOAD)
+        except OSError:  # EIO: the command and everything it started closed the terminal
+            return b""
+
+    _pump(read, lambda chunk: link.send(channel, STDOUT, chunk))
+    status = process.wait()
+    code = status if status >= 0 else 128 - status
+    _GUEST_TERMINALS.pop(channel, None)
+    os.close(master)
+    link.send(channel, EXIT, json.dumps({"code": code & 0xFF}).encode())
+    _GUEST_INPUTS.pop(channel, None)
+    inputs.put(None)
+
+
 def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[int, int]) -> None:
     """Run one command as the compartment's user; report its output and exit code."""
     import queue
     import subprocess
 
+    if request.get("tty") is not None:
+        _guest_terminal(link, channel, request, user)
+        return
     try:
         process = subprocess.Popen(
             request["argv"],
@@ -169,6 +243,7 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
 
 
 _GUEST_INPUTS: dict[int, Any] = {}
+_GUEST_TERMINALS: dict[int, int] = {}  # channel -> its terminal's master
 
 
 def _set_up_guest(config: dict[str, Any]) -> tuple[int, int]:
@@ -227,6 +302,12 @@ def guest() -> None:
             _GUEST_INPUTS[channel].put(payload)
         elif kind == STDIN_END and channel in _GUEST_INPUTS:
             _GUEST_INPUTS[channel].put(None)
+        elif kind == RESIZE and channel in _GUEST_TERMINALS:
+            import termios
+
+            size = json.loads(payload)
+            with contextlib.suppress(OSError, termios.error):
+                termios.tcsetwinsize(_GUEST_TERMINALS[channel], (size["rows"], size["cols"]))
 
 
 # ---- the host --------------------------------------------------------------------------------
@@ -253,6 +334,7 @@ class Relay:
         fds: list[int] = []
         closing: list[int] = []  # what this thread closes: stdin; the rest when it failed
         channel = None
+        master = None
         try:
             conn.settimeout(agent.REQUEST_TIMEOUT)
             untrusted, fds = agent.recv_message(conn)
@@ -264,7 +346,15 @@ class Relay:
                 raise agent.ProtocolError(f"unknown op {untrusted['op']!r}")
             request = agent.validate_exec(untrusted, fds)
             if request["tty"] is not None:
-                raise agent.ProtocolError("a VM compartment has no terminal for qnix run yet")
+                # The client gets the master of a terminal here, whose other side (raw: the
+                # guest's own terminal does the line discipline) is the command's stdio.
+                import tty
+
+                master, slave = os.openpty()
+                tty.setraw(slave)
+                rows, cols = request["tty"]
+                termios.tcsetwinsize(master, (rows, cols))
+                fds = [slave, slave, slave]
             with self.lock:
                 if len(self.channels) >= MAX_CHANNELS:
                     raise agent.ProtocolError("too many commands at once")
@@ -273,11 +363,18 @@ class Relay:
                 self.channels[channel] = (conn, fds)
             closing = [fds[0]]  # stdout and stderr: closed when the command has exited
             opened = {"argv": request["argv"], "env": request["env"], "cwd": request["cwd"]}
+            if request["tty"] is not None:
+                opened["tty"] = {"rows": request["tty"][0], "cols": request["tty"][1]}
             self.link.send(channel, OPEN, json.dumps(opened).encode())
             conn.settimeout(None)
-            agent.send_message(conn, {"op": "started", "pid": channel})
-            self._feed(channel, fds[0])
+            agent.send_message(conn, {"op": "started", "pid": channel}, [master] if master else [])
+            if master is not None:
+                os.close(master)
+                master = None
+            self._feed(channel, fds[0], terminal=request["tty"] is not None)
         except Exception as exc:  # whatever a client sends, the relay goes on
+            if master is not None:
+                os.close(master)
             with self.lock:
                 mine = channel is None or self.channels.pop(channel, None) is not None
             closing = list(set(fds)) if mine else closing
@@ -288,13 +385,18 @@ class Relay:
             for fd in closing:
                 os.close(fd)
 
-    def _feed(self, channel: int, stdin: int) -> None:
+    def _feed(self, channel: int, stdin: int, *, terminal: bool = False) -> None:
         """The client's stdin to the command, until it ends or the command has exited (a
-        terminal's stdin may never end)."""
+        terminal's stdin may never end); on a terminal also its size when it changes."""
         import select
 
+        size = termios.tcgetwinsize(stdin) if terminal else None
         while channel in self.channels:
             ready, _, _ = select.select([stdin], [], [], 0.2)
+            if terminal and (now := termios.tcgetwinsize(stdin)) != size:
+                size = now
+                resized = {"rows": now[0], "cols": now[1]}
+                self.link.send(channel, RESIZE, json.dumps(resized).encode())
             if not ready:
                 continue
             chunk = os.read(stdin, MAX_PAYLOAD)
@@ -379,6 +481,7 @@ def relay(agent_socket: str, port_socket: str, uid: int, gid: int) -> None:
     import select  # noqa: F401
     import signal  # noqa: F401
     import socket
+    import tty  # noqa: F401
 
     from qnix.runtime import agent  # noqa: F401
 

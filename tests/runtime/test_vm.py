@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -274,3 +276,47 @@ def test_a_killed_keeper_takes_its_vm_with_it(lab: Lab) -> None:
     assert "box: " in lab.ok("gc")
     lab.ok("start", "box")
     assert lab.ok("run", "box", "--", "true") == ""
+
+
+def test_a_command_on_a_terminal_gets_the_guests_own(lab: Lab) -> None:
+    """`qnix run` on a terminal: a terminal in the guest of our size, that follows resizes and
+    turns ^C into SIGINT there."""
+    master, slave = os.openpty()
+    termios.tcsetwinsize(slave, (33, 99))
+    output = b""
+
+    def run(*command: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [Lab.host_qnix(), "run", "box", "--", *command],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env={**lab.env, "TERM": "xterm-qnix"},
+        )
+
+    def read_until(text: bytes) -> bytes:
+        nonlocal output
+        deadline = time.monotonic() + 60
+        while text not in output:
+            assert time.monotonic() < deadline, f"no {text!r} in {output!r}"
+            if select.select([master], [], [], 1)[0]:
+                output += os.read(master, 4096)
+        return output.replace(b"\r", b"")
+
+    try:
+        process = run("sh", "-c", "stty size; tty; read line; stty size; exit 3")
+        shown = read_until(b"/dev/pts/")
+        assert b"33 99\n/dev/pts/" in shown
+        termios.tcsetwinsize(slave, (40, 120))
+        process.send_signal(signal.SIGWINCH)  # what the terminal's driver would send us
+        time.sleep(1)
+        os.write(master, b"go\n")
+        assert process.wait(timeout=60) == 3
+        assert b"40 120" in read_until(b"40 120")
+        process = run("sh", "-c", "echo ready; exec sleep 60")
+        read_until(b"ready")
+        os.write(master, b"\x03")
+        assert process.wait(timeout=60) == 130
+    finally:
+        os.close(master)
+        os.close(slave)
