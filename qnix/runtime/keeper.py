@@ -317,6 +317,7 @@ def _start_vm(
         [
             *(sys.executable, "-I", "-m", "qnix.runtime.vmlink", "relay"),
             *(str(agent_dir / AGENT_SOCKET_NAME), str(port_socket)),
+            str(calls.call_dir(config.run_dir) / calls.CALL_SOCKET_NAME),
             *(str(config.host_uid), str(config.host_gid)),  # it drops to them itself
         ],
         netns_path=None,

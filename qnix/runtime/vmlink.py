@@ -7,8 +7,10 @@ usual agent socket, and carries each command's stdin, stdout and stderr as frame
 The guest end (`guest`, this file run alone by the guest's init) sets the guest up from its
 configuration, runs each command as the compartment's user and sends its output and exit code
 back; on a terminal, the command gets a terminal of the guest's own and the client a raw one on
-the host, whose size the relay passes on. Only the standard library is used, so that the file
-runs in the guest as it is.
+the host, whose size the relay passes on. Calls from inside (qnix/inside/call.py) take the other
+direction: the guest serves the call socket, and the relay makes each call on the compartment's
+call socket on the host, with pipes as its stdio. Only the standard library is used, so that
+the file runs in the guest as it is.
 
 A frame: the channel (4 bytes, one per command), its kind (1 byte), the payload's length
 (4 bytes, at most MAX_PAYLOAD) and the payload, all big-endian. What comes from the guest is
@@ -39,6 +41,16 @@ STDOUT = 5  # guest -> host
 STDERR = 6  # guest -> host
 EXIT = 7  # guest -> host: JSON {"code": N}; the channel is done
 RESIZE = 8  # host -> guest: JSON {"rows": R, "cols": C} of a command's terminal
+# A call from inside (qnix/inside/call.py), on a channel the guest numbers from CALL_CHANNELS:
+CALL_OPEN = 9  # guest -> host: JSON {"target", "service", "argument"}
+CALL_STDIN = 10  # guest -> host
+CALL_STDIN_END = 11  # guest -> host
+CALL_STDOUT = 12  # host -> guest
+CALL_STDERR = 13  # host -> guest
+CALL_ANSWER = 14  # host -> guest: the call server's answer (JSON); exited/refused/error end it
+CALL_CHANNELS = 1 << 31
+FINAL_ANSWERS = ("exited", "refused", "error")
+CALL_SOCKET_INSIDE = "/run/qnix-call/call.sock"  # where qnix/inside/call.py connects
 HEADER_SIZE = 9
 MAX_PAYLOAD = 64 * 1024
 MAX_CHANNELS = 256
@@ -82,9 +94,29 @@ class Link:
         channel = int.from_bytes(header[:4], "big")
         kind = header[4]
         size = int.from_bytes(header[5:], "big")
-        if size > MAX_PAYLOAD or not HELLO <= kind <= RESIZE:
+        if size > MAX_PAYLOAD or not HELLO <= kind <= CALL_ANSWER:
             raise LinkError(f"malformed frame (kind {kind}, {size} bytes)")
         return channel, kind, self._exactly(size)
+
+
+def _feed_while(alive: Callable[[], bool], fd: int, send: Callable[[bytes], None]) -> bool:
+    """Copy what `fd` gives to `send` while `alive()`; True if `fd` ended (a terminal's or a
+    caller's stdin may never end, so this looks up every 0.2 s)."""
+    import select
+
+    while alive():
+        if not select.select([fd], [], [], 0.2)[0]:
+            continue
+        chunk = os.read(fd, MAX_PAYLOAD)
+        if not chunk:
+            return True
+        send(chunk)
+    return False
+
+
+def _message(payload: dict[str, Any]) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return len(body).to_bytes(4, "big") + body
 
 
 def _pump(read: Callable[[], bytes], send: Callable[[bytes], None]) -> None:
@@ -243,6 +275,87 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
 
 
 _GUEST_INPUTS: dict[int, Any] = {}
+_GUEST_CALLS: dict[int, tuple[Any, list[int]]] = {}  # channel -> (caller's connection, stdio)
+
+
+def _serve_calls(link: Link, user: tuple[int, int]) -> None:
+    """The call socket inside the guest: each connection becomes a call on a channel of its
+    own, decided and served on the host (its call server sees the compartment as the caller)."""
+    import socket
+
+    os.makedirs(os.path.dirname(CALL_SOCKET_INSIDE), mode=0o755, exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(CALL_SOCKET_INSIDE)
+    os.chown(CALL_SOCKET_INSIDE, *user)
+    os.chmod(CALL_SOCKET_INSIDE, 0o600)
+    server.listen(16)
+    numbers = iter(range(CALL_CHANNELS, 2 * CALL_CHANNELS))
+
+    def serve() -> None:
+        while True:
+            conn, _ = server.accept()
+            channel = next(numbers)
+            threading.Thread(target=_guest_call, args=(link, conn, channel), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def _guest_call(link: Link, conn: Any, channel: int) -> None:
+    import socket
+
+    fds: list[int] = []
+    try:
+        conn.settimeout(10)
+        size_bytes, fds, _, _ = socket.recv_fds(conn, 4, 3)
+        if len(size_bytes) < 4:
+            size_bytes += conn.recv(4 - len(size_bytes))
+        size = int.from_bytes(size_bytes, "big")
+        body = b""
+        while len(body) < min(size, MAX_PAYLOAD):
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                break
+            body += chunk
+        request = json.loads(body)
+        fields = {key: request.get(key) for key in ("target", "service", "argument")}
+        if len(fds) != 3 or not all(isinstance(value, str) for value in fields.values()):
+            raise ValueError("a call is a request with three descriptors")
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            conn.sendall(_message({"op": "error", "message": "malformed call"}))
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        return
+    conn.settimeout(None)
+    _GUEST_CALLS[channel] = (conn, fds)
+    link.send(channel, CALL_OPEN, json.dumps(fields).encode())
+    if _feed_while(
+        lambda: channel in _GUEST_CALLS, fds[0], lambda chunk: link.send(channel, CALL_STDIN, chunk)
+    ):
+        link.send(channel, CALL_STDIN_END)
+    os.close(fds[0])
+
+
+def _guest_call_frame(channel: int, kind: int, payload: bytes) -> None:
+    found = _GUEST_CALLS.get(channel)
+    if found is None:
+        return
+    conn, fds = found
+    if kind in (CALL_STDOUT, CALL_STDERR):
+        with contextlib.suppress(OSError):
+            _write_all(fds[1 if kind == CALL_STDOUT else 2], payload)
+        return
+    answer = json.loads(payload)
+    with contextlib.suppress(OSError):
+        conn.sendall(_message(answer))
+    if answer.get("op") in FINAL_ANSWERS:
+        _GUEST_CALLS.pop(channel, None)
+        conn.close()
+        for fd in set(fds[1:]) - {fds[0]}:  # stdin is its feeder's to close
+            os.close(fd)
+
+
 _GUEST_TERMINALS: dict[int, int] = {}  # channel -> its terminal's master
 
 
@@ -289,10 +402,13 @@ def guest() -> None:
     device = _port_device()
     port = io.FileIO(device, "r+")  # a port opens once: one descriptor both ways
     link = Link(port, port)
+    _serve_calls(link, user)
     link.send(0, HELLO)
     while True:
         channel, kind, payload = link.receive()
-        if kind == OPEN and channel not in _GUEST_INPUTS:
+        if kind in (CALL_STDOUT, CALL_STDERR, CALL_ANSWER):
+            _guest_call_frame(channel, kind, payload)
+        elif kind == OPEN and channel not in _GUEST_INPUTS:
             _GUEST_INPUTS[channel] = queue.Queue()
             request = json.loads(payload)
             threading.Thread(
@@ -316,11 +432,13 @@ def guest() -> None:
 class Relay:
     """The host end: the agent protocol on the agent socket, frames on the port."""
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, call_socket: str) -> None:
         self.link = link
+        self.call_socket = call_socket
         self.lock = threading.Lock()
         self.channels: dict[int, tuple[socket.socket, list[int]]] = {}
         self.next_channel = 1
+        self.calls: dict[int, Any] = {}  # channel -> the queue of the call's stdin
 
     def serve(self, server: socket.socket) -> None:
         """Accept agent connections, each in a thread of its own."""
@@ -406,9 +524,22 @@ class Relay:
             self.link.send(channel, STDIN, chunk)
 
     def dispatch(self) -> None:
-        """Route the guest's frames to their commands until the port closes."""
+        """Route the guest's frames to their commands and calls until the port closes."""
+        import queue
+
         while True:
             channel, kind, payload = self.link.receive()
+            if kind == CALL_OPEN and channel >= CALL_CHANNELS and channel not in self.calls:
+                if len(self.calls) >= MAX_CHANNELS:
+                    refused = {"op": "refused", "message": "too many calls at once"}
+                    self.link.send(channel, CALL_ANSWER, json.dumps(refused).encode())
+                    continue
+                self.calls[channel] = queue.Queue()
+                threading.Thread(target=self._call, args=(channel, payload), daemon=True).start()
+                continue
+            if kind in (CALL_STDIN, CALL_STDIN_END) and channel in self.calls:
+                self.calls[channel].put(payload if kind == CALL_STDIN else None)
+                continue
             with self.lock:
                 found = self.channels.get(channel)
             if found is None:
@@ -420,6 +551,76 @@ class Relay:
                     _write_all(fds[1 if kind == STDOUT else 2], payload)
             elif kind == EXIT:
                 self._exited(channel, conn, fds, payload)
+
+    def _call(self, channel: int, untrusted_payload: bytes) -> None:
+        """A call from the guest, made on the compartment's call socket with pipes as its
+        stdio; the call server's answers and the service's output go back as frames."""
+        import socket
+
+        from qnix.runtime import agent
+
+        inputs = self.calls[channel]
+        ends: list[int] = []
+        try:
+            untrusted = json.loads(untrusted_payload)
+            request = {"op": "call"}
+            for key in ("target", "service", "argument"):
+                value = untrusted[key] if isinstance(untrusted, dict) else None
+                if not isinstance(value, str):
+                    raise ValueError(f"a call without a {key}")
+                request[key] = value
+            stdin_read, stdin_write = os.pipe()
+            stdout_read, stdout_write = os.pipe()
+            stderr_read, stderr_write = os.pipe()
+            ends = [stdin_read, stdin_write, stdout_read, stdout_write, stderr_read, stderr_write]
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(self.call_socket)
+            agent.send_message(server, request, [stdin_read, stdout_write, stderr_write])
+            for fd in (stdin_read, stdout_write, stderr_write):
+                os.close(fd)
+                ends.remove(fd)
+
+            def feed() -> None:
+                with contextlib.suppress(OSError):
+                    while (chunk := inputs.get()) is not None:
+                        _write_all(stdin_write, chunk)
+                os.close(stdin_write)
+
+            def drain(fd: int, kind: int) -> None:
+                _pump(
+                    lambda: os.read(fd, MAX_PAYLOAD),
+                    lambda chunk: self.link.send(channel, kind, chunk),
+                )
+                os.close(fd)
+
+            ends = []  # each is its thread's to close now
+            threading.Thread(target=feed, daemon=True).start()
+            drains = [
+                threading.Thread(target=drain, args=(stdout_read, CALL_STDOUT), daemon=True),
+                threading.Thread(target=drain, args=(stderr_read, CALL_STDERR), daemon=True),
+            ]
+            for worker in drains:
+                worker.start()
+            with server:
+                while True:
+                    answer, fds = agent.recv_message(server)
+                    for fd in fds:
+                        os.close(fd)
+                    if answer.get("op") in FINAL_ANSWERS:
+                        for worker in drains:  # all output before the end
+                            worker.join(timeout=10)
+                    self.link.send(channel, CALL_ANSWER, json.dumps(answer).encode())
+                    if answer.get("op") in FINAL_ANSWERS:
+                        return
+        except Exception as exc:  # any failure ends the call, refused
+            message = {"op": "error", "message": f"the call failed on the host: {exc}"[:512]}
+            with contextlib.suppress(LinkError, OSError):
+                self.link.send(channel, CALL_ANSWER, json.dumps(message).encode())
+        finally:
+            for fd in ends:
+                os.close(fd)
+            self.calls.pop(channel, None)
+            inputs.put(None)
 
     def _exited(self, channel: int, conn: socket.socket, fds: list[int], payload: bytes) -> None:
         from qnix.runtime import agent
@@ -472,12 +673,13 @@ def _end_qemu_with_us(port: socket.socket) -> None:
     signal.signal(signal.SIGTERM, end)
 
 
-def relay(agent_socket: str, port_socket: str, uid: int, gid: int) -> None:
+def relay(agent_socket: str, port_socket: str, call_socket: str, uid: int, gid: int) -> None:
     """The host end, started as root and running as `uid`: it listens on `port_socket` for
     QEMU's chardev (says "listening"), waits for the guest's hello, then serves `agent_socket`
     (says "ready") until the port closes."""
     # Everything it will use is imported now: `uid` may not reach the interpreter's files.
     import ctypes  # noqa: F401
+    import queue  # noqa: F401
     import select  # noqa: F401
     import signal  # noqa: F401
     import socket
@@ -511,7 +713,7 @@ def relay(agent_socket: str, port_socket: str, uid: int, gid: int) -> None:
     server.bind(agent_socket)
     os.chmod(agent_socket, 0o600)
     server.listen(64)
-    bridge = Relay(link)
+    bridge = Relay(link, call_socket)
     threading.Thread(target=bridge.serve, args=(server,), daemon=True).start()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -522,8 +724,8 @@ def relay(agent_socket: str, port_socket: str, uid: int, gid: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["guest"] and len(sys.argv) == 2:
         guest()
-    elif sys.argv[1:2] == ["relay"] and len(sys.argv) == 6:
-        relay(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1:2] == ["relay"] and len(sys.argv) == 7:
+        relay(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
     else:
-        sys.stderr.write("usage: vmlink.py guest | vmlink.py relay AGENT PORT UID GID\n")
+        sys.stderr.write("usage: vmlink.py guest | vmlink.py relay AGENT PORT CALLS UID GID\n")
         sys.exit(2)

@@ -63,6 +63,12 @@ memory_mb = 128
 isolation = "vm"
 memory_mb = 192
 
+[policy]
+rules = [
+  "qnix.VMShell * box peer allow",
+  "qnix.VMShell * box @anyvm deny",
+]
+
 [secrets.token]
 file = "secrets/token.age"
 recipients = ["RECIPIENT"]
@@ -320,3 +326,28 @@ def test_a_command_on_a_terminal_gets_the_guests_own(lab: Lab) -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+CALL = ["python3", "-I", "-S", "/opt/qnix-agent/call.py"]
+
+
+def test_a_call_from_inside_a_vm_is_decided_and_served_on_the_host(lab: Lab) -> None:
+    script = 'echo "in $(hostname) for $QNIX_REMOTE_DOMAIN"\necho to-stderr >&2\nexit 4\n'
+    result = lab.qnix("run", "box", "--", *CALL, "peer", "qnix.VMShell", input=script)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        4,
+        "in peer for box\n",
+        "to-stderr\n",
+    ), result
+    denied = lab.qnix("run", "box", "--", *CALL, "sealed", "qnix.VMShell", input="echo ran\n")
+    assert (denied.returncode, denied.stdout, denied.stderr) == (
+        126,
+        "",
+        "qnix-call: qnix.VMShell refused: denied by policy\n",
+    )
+    events = [json.loads(line) for line in lab.host.paths.audit_log.read_text().splitlines()]
+    made = [e for e in events if e["event"] == "call"][-2:]
+    assert [(e["source"], e["target"], e["decision"]) for e in made] == [
+        ("box", "peer", "allow"),
+        ("box", "sealed", "deny"),
+    ]
