@@ -545,9 +545,7 @@ def compartment_differences(paths: RuntimePaths, ws: Workstation | None) -> list
             compartment = ws.compartments.get(status.name)
             if compartment is None:
                 continue  # a running disposable
-            should_run = (
-                compartment.autostart and compartment.isolation in lifecycle.IMPLEMENTED_ISOLATION
-            )
+            should_run = compartment.autostart
             wanted = "running" if should_run else "stopped"
             if status.state == "crashed" or (should_run and status.state != "running"):
                 actual = (

@@ -367,7 +367,8 @@ def _start_vm(
                 networked=networked,
                 mac=vm.mac_address(config.name),
             )
-            accel = vm.accelerator()
+            run_root = calls.keeper_paths(config).run_root
+            accel = vm.accelerator(run_root / vm.ACCEL_FILE, kernel)
             qemu = ns.launch(
                 vm.qemu_argv(machine, kernel, initrd, accel),
                 netns_path=config.netns_path,

@@ -84,7 +84,6 @@ from qnix.spec.load import LoadedSpec
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, Compartment, Workstation
 
 STOP_TIMEOUT = 15.0
-IMPLEMENTED_ISOLATION = ("namespace", container.ISOLATION, vm.ISOLATION)
 # `qnix dispose` turns these into an orderly exit, so that its disposable is removed.
 DISPOSE_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _SYSTEM_PREFIXES = ("/usr/", "/nix/store/")
@@ -454,11 +453,6 @@ def _spawn_keeper(paths: RuntimePaths, config: KeeperConfig) -> None:
 def _start(paths: RuntimePaths, ws: Workstation, name: str) -> bool:
     """Start `name` unless it runs; True if it was started. The caller holds the lock."""
     compartment = _compartment(ws, name)
-    if compartment.isolation not in IMPLEMENTED_ISOLATION:
-        raise QnixError(
-            f"cannot start {name}: the {compartment.isolation} backend is not implemented yet",
-            hint='its network and state are set up; use isolation = "namespace" to run it now',
-        )
     if running_state(paths, name) is not None:
         return False
     _cleanup_run(paths, name)  # whatever a crash left
@@ -629,11 +623,6 @@ def _create_disposable(
     if template is None:
         known = ", ".join(ws.disposable_templates) or "none"
         raise QnixError(f"no disposable template {chosen!r}", hint=f"known: {known}")
-    if template.isolation not in IMPLEMENTED_ISOLATION:
-        raise QnixError(
-            f"cannot start a disposable of {chosen}: the {template.isolation} backend is not "
-            "implemented yet"
-        )
     running = _running_disposables(paths)
     name = _free_disposable_name(paths, ws)
     compartment = Compartment.model_validate(
@@ -721,8 +710,6 @@ def fill_pools(paths: RuntimePaths, ws: Workstation) -> list[str]:
         for name in have[template.preload :]:
             _stop(paths, name, audit=False)
             changes.append(f"{name}: stopped (more preloaded {template_name} than wanted)")
-        if template.isolation not in IMPLEMENTED_ISOLATION:
-            continue
         for _ in range(template.preload - len(have)):
             config = _create_disposable(paths, ws, template_name, preload=True)
             events.record(
@@ -1004,7 +991,7 @@ def _disposable_matches(ws: Workstation, config: KeeperConfig) -> bool:
     """Whether a running disposable still fits its template in `ws` (same elements)."""
     template_name = config.template or ""
     template = ws.disposable_templates.get(template_name)
-    if template is None or template.isolation not in IMPLEMENTED_ISOLATION:
+    if template is None:
         return False
     if config.host_ifname is None or config.address is None:
         return template.network == NETWORK_NONE
@@ -1139,12 +1126,7 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
         for compartment in ws.compartments.values():
             if not compartment.autostart:
                 continue
-            if compartment.isolation not in IMPLEMENTED_ISOLATION:
-                notes.append(
-                    f"{compartment.name}: not started: the {compartment.isolation} backend is "
-                    "not implemented yet"
-                )
-            elif _start(paths, ws, compartment.name):
+            if _start(paths, ws, compartment.name):
                 changes.append(f"{compartment.name}: started")
         write_pool_file(paths, ws)
         changes += fill_pools(paths, ws)

@@ -64,6 +64,7 @@ RUN_ROOT_ENTRIES = (
     "clipboard",
     "clipboard.lock",
     "lock",
+    "vm-accel",  # what KVM's probe found this boot (qnix.runtime.backends.vm)
 )
 
 # Where the agent's socket folder appears inside a compartment.

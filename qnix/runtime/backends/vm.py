@@ -21,28 +21,35 @@
 * **Confinement of QEMU:** it runs in the compartment's cgroup and network namespace, as its
   host uid once started, with QEMU's own seccomp sandbox (no new privileges, no spawning, no
   resource control, obsolete syscalls denied).
-* **Acceleration:** KVM when /dev/kvm is usable, else TCG; `QNIX_VM_ACCEL=kvm|tcg` chooses
-  (a host whose nested KVM hangs the guest needs tcg).
+* **Acceleration:** KVM when /dev/kvm is usable and boots a guest (probed once a boot: a nested
+  KVM can open fine and hang guests), else TCG; `QNIX_VM_ACCEL=kvm|tcg` chooses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import platform
 import re
 import shutil
 import stat
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from qnix.errors import QnixError
+from qnix.runtime.files import atomic_write
 from qnix.runtime.runner import require_tool, run
+
+log = logging.getLogger("qnix.vm")
 
 ISOLATION = "vm"
 TAP_IFNAME = "qnixtap"  # inside the compartment's network namespace
 ACCEL_ENV = "QNIX_VM_ACCEL"
+ACCEL_FILE = "vm-accel"  # in the run root: the probe's answer (paths.RUN_ROOT_ENTRIES)
 CONSOLE_LOG = "console.log"  # in the run folder: the guest's kernel and init messages
 # QEMU's own memory beside the guest's, in the compartment's cgroup.
 QEMU_OVERHEAD_BYTES = 256 << 20
@@ -281,13 +288,68 @@ def qemu_binary() -> str:
     return require_tool(name, package)
 
 
-def accelerator() -> str:
+def accelerator(cache: Path | None = None, kernel: Kernel | None = None) -> str:
+    """QNIX_VM_ACCEL if set; TCG without a usable /dev/kvm; else KVM if it boots a guest here
+    (probed once, the answer kept in `cache`): a nested KVM can open fine and hang guests."""
     chosen = os.environ.get(ACCEL_ENV, "")
     if chosen in ("kvm", "tcg"):
         return chosen
     if chosen:
         raise QnixError(f"{ACCEL_ENV}={chosen!r}: say kvm or tcg")
-    return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    if cache is None or kernel is None:
+        return "kvm"
+    with contextlib.suppress(OSError):
+        known = cache.read_text().strip()
+        if known in ("kvm", "tcg"):
+            return known
+    found = "kvm" if probe(kernel, "kvm") else "tcg"
+    if found == "tcg":
+        log.warning(
+            "KVM does not boot a guest on this host: VMs use TCG (%s=kvm insists)", ACCEL_ENV
+        )
+    atomic_write(cache, f"{found}\n".encode(), 0o644)
+    return found
+
+
+PROBE_TIMEOUT = 15.0  # TCG boots the probe in seconds; KVM in well under one
+PROBE_MARK = "qnix-guest-booted"
+
+
+def probe(kernel: Kernel, accel: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether `kernel` boots under `accel` here: an initramfs of busybox whose /init says so
+    on the console and powers off."""
+    init = f"#!/bin/busybox sh\n/bin/busybox echo {PROBE_MARK}\n/bin/busybox poweroff -f\n"
+    archive = newc(
+        [
+            Entry("bin", 0o755),
+            Entry("bin/busybox", 0o755, _static_busybox()),
+            Entry("init", 0o755, init.encode()),
+        ]
+    )
+    with tempfile.NamedTemporaryFile(prefix="qnix-probe-", suffix=".cpio") as initrd:
+        initrd.write(archive)
+        initrd.flush()
+        argv = [
+            qemu_binary(),
+            *("-machine", _machine(), "-accel", accel, "-cpu", _cpu(accel), "-m", "128"),
+            *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
+            *("-serial", "stdio", "-kernel", str(kernel.image), "-initrd", initrd.name),
+            *("-append", "console=ttyS0 quiet panic=-1 rdinit=/init"),
+        ]
+        try:
+            return PROBE_MARK in run(argv, timeout=timeout, check=False).stdout
+        except QnixError:  # timed out: a hung guest
+            return False
+
+
+def _machine() -> str:
+    return "q35" if platform.machine() == "x86_64" else "virt"
+
+
+def _cpu(accel: str) -> str:
+    return "host" if accel == "kvm" else "max"
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,17 +370,16 @@ class VmPlan:
 
 
 def qemu_argv(plan: VmPlan, kernel: Kernel, initrd_fd: int, accel: str) -> list[str]:
-    machine = "q35" if platform.machine() == "x86_64" else "virt"
     argv = [
         qemu_binary(),
         "-name",
         f"qnix-{plan.name}",
         "-machine",
-        machine,
+        _machine(),
         "-accel",
         accel,
         "-cpu",
-        "host" if accel == "kvm" else "max",
+        _cpu(accel),
         "-m",
         str(plan.memory_mb),
         "-smp",

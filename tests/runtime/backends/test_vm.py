@@ -218,3 +218,33 @@ def test_the_mac_is_local_unicast_and_stable() -> None:
     first = int(mac.split(":")[0], 16)
     assert first & 0b10 and not first & 0b1
     assert mac == vm.mac_address("box") != vm.mac_address("bux")
+
+
+def test_the_probe_boots_the_installed_kernel() -> None:
+    """TCG boots everywhere; whether KVM does depends on the host, but the probe answers
+    within its timeout either way instead of hanging."""
+    kernel = vm.find_kernel()
+    assert vm.probe(kernel, "tcg") is True
+    assert vm.probe(kernel, "kvm") in (True, False)
+
+
+def test_the_accelerator_is_probed_once_and_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(vm.ACCEL_ENV, raising=False)
+    kernel = vm.find_kernel()
+    probes: list[str] = []
+    real_probe = vm.probe
+
+    def counted(kernel: vm.Kernel, accel: str, timeout: float = vm.PROBE_TIMEOUT) -> bool:
+        probes.append(accel)
+        return real_probe(kernel, accel, timeout)
+
+    monkeypatch.setattr(vm, "probe", counted)
+    cache = tmp_path / "vm-accel"
+    first = vm.accelerator(cache, kernel)
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        assert (first, probes, cache.exists()) == ("tcg", [], False)
+        return
+    assert probes == ["kvm"] and cache.read_text() == f"{first}\n"
+    assert vm.accelerator(cache, kernel) == first and probes == ["kvm"]  # kept, not probed
