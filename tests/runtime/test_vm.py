@@ -351,3 +351,29 @@ def test_a_call_from_inside_a_vm_is_decided_and_served_on_the_host(lab: Lab) -> 
         ("box", "peer", "allow"),
         ("box", "sealed", "deny"),
     ]
+
+
+def test_the_shares_lead_nowhere_else_on_the_host(lab: Lab) -> None:
+    """9p shares: links in the home lead into the guest's own tree, never to the host's, and
+    /usr is read-only. Control: on the host the same links do reach the marker."""
+    home = lab.host.paths.home("box")
+    marker = home.parent / "outside-marker"
+    marker.write_text("host only\n")
+    owner = (home.stat().st_uid, home.stat().st_gid)
+    try:
+        for name, target in (("up", ".."), ("absolute", str(marker))):
+            os.symlink(target, home / name)
+            os.lchown(home / name, *owner)
+        assert (home / "up" / "outside-marker").read_text() == "host only\n"  # the control
+        assert (home / "absolute").read_text() == "host only\n"
+        script = (
+            "cat ~/up/outside-marker ~/absolute 2>/dev/null; echo cat=$?; "
+            "touch /usr/qnix-was-here 2>/dev/null; echo touch=$?; ls ~/up"
+        )
+        shown = lab.ok("run", "box", "--", "sh", "-c", script)
+        assert shown == "cat=1\ntouch=1\nuser\n"  # ~/up is the guest's /home
+        assert not Path("/usr/qnix-was-here").exists()
+    finally:
+        for name in ("up", "absolute"):
+            (home / name).unlink(missing_ok=True)
+        marker.unlink()
