@@ -1,4 +1,9 @@
-"""Tiny programs the network tests run inside namespaces and compartments (`python3 -c`)."""
+"""Tiny programs the network tests run inside namespaces and compartments (`python3 -c`), and
+the helper that starts a listener."""
+
+from __future__ import annotations
+
+import subprocess
 
 # argv[1]: a JSON list of [host, port] or [source address, host, port]; prints one answer each:
 # "ok <what the server said>", "timeout" or "error <errno>".
@@ -40,3 +45,13 @@ for spec in sys.argv[1:]:
 print("ready", flush=True)
 sys.stdin.read()
 """
+
+
+def server(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """A listener started by `command`; it prints "ready" and runs until its stdin closes."""
+    process = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "ready\n"
+    return process

@@ -300,16 +300,10 @@ def _report_end(pid: int, conn: socket.socket) -> None:
     conn.close()
 
 
-def serve(socket_path: str) -> None:
-    """Listen on `socket_path`; start each request's command and report its end. One
-    process: no fork per connection, only the command's own (each request costs one fork)."""
-    import select
-    import signal
+def listen_at(socket_path: str, backlog: int = 64) -> socket.socket:
+    """A unix socket listening at `socket_path` (0600; a stale one there is replaced)."""
     import socket
-    import warnings  # noqa: F401 - os.execvpe imports it: once here, not in every command
 
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.closerange(3, 65536)  # whatever the sandbox's setup left open: commands inherit nothing
     try:  # noqa: SIM105 - contextlib stays off the fast path
         os.unlink(socket_path)
     except FileNotFoundError:
@@ -317,7 +311,20 @@ def serve(socket_path: str) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
     os.chmod(socket_path, 0o600)
-    server.listen(64)
+    server.listen(backlog)
+    return server
+
+
+def serve(socket_path: str) -> None:
+    """Listen on `socket_path`; start each request's command and report its end. One
+    process: no fork per connection, only the command's own (each request costs one fork)."""
+    import select
+    import signal
+    import warnings  # noqa: F401 - os.execvpe imports it: once here, not in every command
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.closerange(3, 65536)  # whatever the sandbox's setup left open: commands inherit nothing
+    server = listen_at(socket_path)
     # The host waits for this line before it reports the compartment as running.
     sys.stdout.write("ready\n")
     sys.stdout.flush()

@@ -162,31 +162,6 @@ class _Stop:
         self.requested = True
 
 
-def _wait_ready(process: subprocess.Popen[bytes], stop: _Stop, timeout: float) -> None:
-    """Read the agent's first line: "ready"."""
-    assert process.stdout is not None
-    out = process.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    line = b""
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise QnixError(f"the agent did not report ready within {timeout:g}s")
-        if stop.requested:
-            raise QnixError("stopped while starting")
-        readable, _, _ = select.select([out, stop.wakeup_read], [], [], remaining)
-        if stop.wakeup_read in readable:
-            os.read(stop.wakeup_read, 64)
-        if out in readable:
-            chunk = os.read(out, 64)
-            if not chunk:
-                code = process.wait()
-                raise QnixError(f"the sandbox exited with code {code} before its agent was ready")
-            line += chunk
-    if line != b"ready\n":
-        raise QnixError(f"unexpected first line from the agent: {line[:80]!r}")
-
-
 def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subprocess.Popen[bytes]:
     agent_dir = Path(config.agent_dir)
     agent_dir.mkdir(mode=0o700, exist_ok=True)
@@ -265,7 +240,7 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
         for fd in (agent_fd, resolv_fd, *programs.values(), *secret_fds.values()):
             os.close(fd)
     try:
-        _wait_ready(process, stop, READY_TIMEOUT)
+        _wait_line(process, stop, b"ready\n", READY_TIMEOUT, "the agent")
         if config.isolation == container.ISOLATION:
             container.forbid_user_namespaces(process.pid)  # before any command can run
     except BaseException:
@@ -428,7 +403,8 @@ def _wait_line(
     what: str,
     also: subprocess.Popen[bytes] | None = None,
 ) -> None:
-    """Wait for `expected` on `process`'s stdout; fail if it, or `also`, ends first."""
+    """Wait for `expected` as the first line on `process`'s stdout; fail if it, or `also`
+    (a VM's QEMU beside its relay), ends first."""
     assert process.stdout is not None
     out = process.stdout.fileno()
     deadline = time.monotonic() + timeout
@@ -441,13 +417,15 @@ def _wait_line(
             raise QnixError("stopped while starting")
         if also is not None and also.poll() is not None:
             raise QnixError(f"QEMU exited with code {also.returncode} before {what} was ready")
-        readable, _, _ = select.select([out, stop.wakeup_read], [], [], min(remaining, 0.2))
+        tick = remaining if also is None else min(remaining, 0.2)
+        readable, _, _ = select.select([out, stop.wakeup_read], [], [], tick)
         if stop.wakeup_read in readable:
             os.read(stop.wakeup_read, 64)
         if out in readable:
             chunk = os.read(out, 64)
             if not chunk:
-                raise QnixError(f"{what} ended before it was ready")
+                code = process.wait()
+                raise QnixError(f"{what} exited with code {code} before it was ready")
             line += chunk
     if line != expected:
         raise QnixError(f"unexpected first line from {what}: {line[:80]!r}")

@@ -685,16 +685,13 @@ def relay(agent_socket: str, port_socket: str, call_socket: str, uid: int, gid: 
     import socket
     import tty  # noqa: F401
 
-    from qnix.runtime import agent  # noqa: F401
+    from qnix.runtime import agent
 
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
     _die_with_parent()
-    port_server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    port_server.bind(port_socket)
-    os.chmod(port_socket, 0o600)
-    port_server.listen(1)
+    port_server = agent.listen_at(port_socket, backlog=1)
     sys.stdout.write("listening\n")
     sys.stdout.flush()
     port, _ = port_server.accept()
@@ -705,14 +702,7 @@ def relay(agent_socket: str, port_socket: str, call_socket: str, uid: int, gid: 
     channel, kind, _ = link.receive()
     if (channel, kind) != (0, HELLO):
         raise LinkError("the guest did not say hello")
-    try:  # noqa: SIM105
-        os.unlink(agent_socket)
-    except FileNotFoundError:
-        pass
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(agent_socket)
-    os.chmod(agent_socket, 0o600)
-    server.listen(64)
+    server = agent.listen_at(agent_socket)
     bridge = Relay(link, call_socket)
     threading.Thread(target=bridge.serve, args=(server,), daemon=True).start()
     sys.stdout.write("ready\n")

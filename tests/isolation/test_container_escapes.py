@@ -39,7 +39,7 @@ from qnix.spec.load import load
 from tests.conftest import need
 from tests.isolation import probes
 from tests.isolation.conftest import Netns
-from tests.netprobes import PROBE, SERVE
+from tests.netprobes import PROBE, SERVE, server
 from tests.runtime.livehost import QNIX, LiveHost
 
 SUBNET = "10.214.0.0/16"
@@ -231,15 +231,6 @@ class Lab:
 
     def apply(self) -> str:
         return self.host.ok("apply", str(self.host.base / "spec.toml"))
-
-
-def server(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
-    assert process.stdout is not None
-    assert process.stdout.readline() == "ready\n"
-    return process
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,7 +23,7 @@ from qnix.runtime import lifecycle
 from qnix.runtime.net import route_table
 from qnix.spec.load import load
 from tests.isolation.conftest import Sandbox, py
-from tests.netprobes import PROBE, SERVE
+from tests.netprobes import PROBE, SERVE, server
 from tests.runtime.livehost import QNIX, LiveHost
 
 HOST_UPLINK, UPSTREAM = "203.0.113.0", "203.0.113.1"
@@ -98,16 +98,6 @@ class Lab:
 
     def apply(self, spec: str) -> str:
         return self.host.ok("apply", str(self.host.spec(spec)))
-
-
-def server(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """A listener started by `command`; it prints "ready" and runs until its stdin closes."""
-    process = subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
-    assert process.stdout is not None
-    assert process.stdout.readline() == "ready\n"
-    return process
 
 
 @pytest.fixture(scope="module")

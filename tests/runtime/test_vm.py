@@ -26,7 +26,7 @@ from qnix.compile import names
 from qnix.runtime import quickrun
 from qnix.runtime.backends import vm
 from tests.conftest import need
-from tests.netprobes import PROBE, SERVE
+from tests.netprobes import PROBE, SERVE, server
 from tests.runtime.livehost import LiveHost
 from tests.runtime.test_secrets import encrypt_to, files_holding, new_key
 
@@ -121,15 +121,6 @@ class Lab:
         state = quickrun.running_state(self.host.paths, name)
         assert state is not None, f"{name} is not running"
         return int(state["sandbox_pid"])
-
-
-def server(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
-    assert process.stdout is not None
-    assert process.stdout.readline() == "ready\n"
-    return process
 
 
 @pytest.fixture(scope="module")
