@@ -4,6 +4,7 @@ of the guest's modules, the kernel it picks, and the exact QEMU command line."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import platform
 import subprocess
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qnix.errors import QnixError
+from qnix.runtime import vmlink
 from qnix.runtime.backends import vm
 from tests.conftest import need
 
@@ -248,3 +250,29 @@ def test_the_accelerator_is_probed_once_and_kept(
         return
     assert probes == ["kvm"] and cache.read_text() == f"{first}\n"
     assert vm.accelerator(cache, kernel) == first and probes == ["kvm"]  # kept, not probed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_whatever_the_guest_sends_is_a_frame_or_the_end_of_the_link(untrusted: bytes) -> None:
+    link = vmlink.Link(io.BytesIO(untrusted), io.BytesIO())  # type: ignore[arg-type]
+    frames = 0
+    while True:
+        try:
+            channel, kind, payload = link.receive()
+        except vmlink.LinkError:
+            break
+        frames += 1
+        assert vmlink.HELLO <= kind <= vmlink.CALL_ANSWER
+        assert len(payload) <= vmlink.MAX_PAYLOAD and 0 <= channel < 1 << 32
+    assert frames * vmlink.HEADER_SIZE <= len(untrusted)
+
+
+def test_a_frame_says_what_it_carries() -> None:
+    out = io.BytesIO()
+    link = vmlink.Link(io.BytesIO(), out)  # type: ignore[arg-type]
+    link.send(7, vmlink.STDOUT, b"abc")
+    assert out.getvalue() == b"\x00\x00\x00\x07\x05\x00\x00\x00\x03abc"
+    oversized = (1).to_bytes(4, "big") + bytes((vmlink.STDOUT,)) + (1 << 20).to_bytes(4, "big")
+    with pytest.raises(vmlink.LinkError, match="malformed frame"):
+        vmlink.Link(io.BytesIO(oversized), io.BytesIO()).receive()  # type: ignore[arg-type]
