@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 DATA = Path(__file__).resolve().parent / "data"
+
+# The property tests draw the same examples on every run, so that a verdict is about the code,
+# not about the draw. QNIX_EXPLORE=1 draws new ones: do that when a property or the code under
+# it changes, and keep what it finds as a fixed example.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("explore" if os.environ.get("QNIX_EXPLORE") else "repeatable")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

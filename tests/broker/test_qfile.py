@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qnix.inside import qfile
@@ -299,6 +299,8 @@ def hostile_streams(draw: st.DrawFn) -> bytes:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(hostile_streams())
+@example(stream(entry(L, "a", b"a")))  # a link to itself
+@example(stream(entry(D, "d"), entry(F, "d/.qnix-tmp-1", b"x")))  # a working name, inside
 def test_nothing_is_ever_written_outside_the_incoming_folder(data: bytes) -> None:
     with place() as where:
         before = where.everything_but_incoming()

@@ -8,7 +8,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qnix.compile.graph import (
@@ -365,6 +365,7 @@ def test_hostile_labels_keep_the_graph_and_show_as_written(labels: list[str]) ->
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(HOSTILE, min_size=1, max_size=8))
+@example(["*", ""])  # a rule for every service hides the rules behind it
 def test_hostile_rule_text_reaches_the_drawing_only_as_text(services: list[str]) -> None:
     """Rules built without the parser (any service text): still one arrow, still the same boxes."""
     policy = [
@@ -375,5 +376,12 @@ def test_hostile_rule_text_reaches_the_drawing_only_as_text(services: list[str])
     assert len(groups(svg, "node")) == 5  # four boxes and the uplink
     arrows = [g for g in groups(svg, "edge").values() if g.find(f"{SVG}text") is not None]
     assert len(arrows) == 1
-    printable = ["".join(ch for ch in rule.service if ch.isprintable()) for rule in policy]
+    # First match wins: a rule for service "*" decides every request after it, so the rules
+    # behind it are never drawn.
+    drawn = []
+    for rule in policy:
+        drawn.append(rule)
+        if rule.service == "*":
+            break
+    printable = ["".join(ch for ch in rule.service if ch.isprintable()) for rule in drawn]
     assert shown_text(arrows[0]) == "\n".join(f"{text} (ask)" for text in printable)
