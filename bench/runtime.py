@@ -241,25 +241,10 @@ def bare_qemu_boot_ms(base: Path, run_root: Path) -> float:
     from qnix.runtime.backends import vm
 
     kernel = vm.find_kernel()
-    init = b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n"
     initrd = base / "bare-initramfs.cpio"
-    initrd.write_bytes(
-        vm.newc(
-            [
-                vm.Entry("bin", 0o755),
-                vm.Entry("bin/busybox", 0o755, Path(shutil.which("busybox") or "").read_bytes()),
-                vm.Entry("init", 0o755, init),
-            ]
-        )
-    )
+    initrd.write_bytes(vm.poweroff_initramfs())
     accel = vm.accelerator(run_root / vm.ACCEL_FILE, kernel)  # as the VM compartment chose
-    argv = [
-        vm.qemu_binary(),
-        *("-machine", "q35", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max"),
-        *("-m", "256", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
-        *("-kernel", str(kernel.image), "-initrd", str(initrd)),
-        *("-append", "console=ttyS0 quiet panic=-1 rdinit=/init"),
-    ]
+    argv = vm.bare_boot_argv(kernel, accel, str(initrd), memory_mb=256)
     return median_ms(argv, runs=VM_BOOTS)
 
 

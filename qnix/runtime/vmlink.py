@@ -141,6 +141,19 @@ def _port_device() -> str:
     raise LinkError(f"no virtio-serial port named {PORT_NAME}")
 
 
+def _spawn_failure_code(exc: OSError) -> int:
+    """As a shell says it: 127 not found, 126 not runnable."""
+    return 127 if isinstance(exc, FileNotFoundError) else 126
+
+
+def _report_exit(link: Link, channel: int, code: int) -> None:
+    """The command's end: its exit code to the host, and its stdin feeder stopped."""
+    link.send(channel, EXIT, json.dumps({"code": code & 0xFF}).encode())
+    inputs = _GUEST_INPUTS.pop(channel, None)
+    if inputs is not None:
+        inputs.put(None)
+
+
 def _guest_terminal(
     link: Link, channel: int, request: dict[str, Any], user: tuple[int, int]
 ) -> None:
@@ -177,8 +190,7 @@ def _guest_terminal(
         os.close(master)
         message = f"qnix-agent: cannot run {request['argv'][0]}: {exc.strerror}\r\n"
         link.send(channel, STDOUT, message.encode()[:MAX_PAYLOAD])
-        link.send(channel, EXIT, json.dumps({"code": 127}).encode())
-        _GUEST_INPUTS.pop(channel, None)
+        _report_exit(link, channel, _spawn_failure_code(exc))
         return
     os.close(slave)
     inputs = _GUEST_INPUTS[channel]
@@ -200,12 +212,9 @@ def _guest_terminal(
 
     _pump(read, lambda chunk: link.send(channel, STDOUT, chunk))
     status = process.wait()
-    code = status if status >= 0 else 128 - status
     _GUEST_TERMINALS.pop(channel, None)
     os.close(master)
-    link.send(channel, EXIT, json.dumps({"code": code & 0xFF}).encode())
-    _GUEST_INPUTS.pop(channel, None)
-    inputs.put(None)
+    _report_exit(link, channel, status if status >= 0 else 128 - status)
 
 
 def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[int, int]) -> None:
@@ -230,11 +239,9 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
             start_new_session=True,
         )
     except OSError as exc:
-        code = 127 if isinstance(exc, FileNotFoundError) else 126
         message = f"qnix-agent: cannot run {request['argv'][0]}: {exc.strerror}\n"
         link.send(channel, STDERR, message.encode()[:MAX_PAYLOAD])
-        link.send(channel, EXIT, json.dumps({"code": code}).encode())
-        _GUEST_INPUTS.pop(channel, None)
+        _report_exit(link, channel, _spawn_failure_code(exc))
         return
     inputs: queue.Queue[bytes | None] = _GUEST_INPUTS[channel]
     assert process.stdin is not None and process.stdout is not None
@@ -268,10 +275,7 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
     workers[1].join()
     workers[2].join()
     status = process.wait()
-    code = status if status >= 0 else 128 - status
-    link.send(channel, EXIT, json.dumps({"code": code & 0xFF}).encode())
-    _GUEST_INPUTS.pop(channel, None)
-    inputs.put(None)
+    _report_exit(link, channel, status if status >= 0 else 128 - status)
 
 
 _GUEST_INPUTS: dict[int, Any] = {}

@@ -317,27 +317,38 @@ PROBE_TIMEOUT = 15.0  # TCG boots the probe in seconds; KVM in well under one
 PROBE_MARK = "qnix-guest-booted"
 
 
-def probe(kernel: Kernel, accel: str, timeout: float = PROBE_TIMEOUT) -> bool:
-    """Whether `kernel` boots under `accel` here: an initramfs of busybox whose /init says so
-    on the console and powers off."""
-    init = f"#!/bin/busybox sh\n/bin/busybox echo {PROBE_MARK}\n/bin/busybox poweroff -f\n"
-    archive = newc(
+def poweroff_initramfs(say: str = "") -> bytes:
+    """busybox and an /init that prints `say` (a fixed word of qnix's) on the console, if
+    anything, and powers off: the least a guest boot is."""
+    echo = f"/bin/busybox echo {say}\n" if say else ""
+    init = f"#!/bin/busybox sh\n{echo}/bin/busybox poweroff -f\n"
+    return newc(
         [
             Entry("bin", 0o755),
             Entry("bin/busybox", 0o755, _static_busybox()),
             Entry("init", 0o755, init.encode()),
         ]
     )
+
+
+def bare_boot_argv(kernel: Kernel, accel: str, initrd: str, memory_mb: int = 128) -> list[str]:
+    """QEMU booting `kernel` with `initrd` alone (the machine a VM compartment gets, without
+    its devices), the console on stdout."""
+    return [
+        qemu_binary(),
+        *("-machine", _machine(), "-accel", accel, "-cpu", _cpu(accel), "-m", str(memory_mb)),
+        *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
+        *("-serial", "stdio", "-kernel", str(kernel.image), "-initrd", initrd),
+        *("-append", "console=ttyS0 quiet panic=-1 rdinit=/init"),
+    ]
+
+
+def probe(kernel: Kernel, accel: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether `kernel` boots under `accel` here: a poweroff_initramfs that says so."""
     with tempfile.NamedTemporaryFile(prefix="qnix-probe-", suffix=".cpio") as initrd:
-        initrd.write(archive)
+        initrd.write(poweroff_initramfs(PROBE_MARK))
         initrd.flush()
-        argv = [
-            qemu_binary(),
-            *("-machine", _machine(), "-accel", accel, "-cpu", _cpu(accel), "-m", "128"),
-            *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
-            *("-serial", "stdio", "-kernel", str(kernel.image), "-initrd", initrd.name),
-            *("-append", "console=ttyS0 quiet panic=-1 rdinit=/init"),
-        ]
+        argv = bare_boot_argv(kernel, accel, initrd.name)
         try:
             return PROBE_MARK in run(argv, timeout=timeout, check=False).stdout
         except QnixError:  # timed out: a hung guest
