@@ -410,7 +410,8 @@ def close(process: subprocess.Popen[str]) -> None:
         process.stdout.close()
 
 
-def age_processes_of(folder: Path) -> list[int]:
+def tool_processes_of(folder: Path, tool: str = "age") -> list[int]:
+    """Processes of `tool` whose command line names something in `folder`."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -418,7 +419,10 @@ def age_processes_of(folder: Path) -> list[int]:
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if str(folder).encode() in argv and os.path.basename(argv.split(b"\0")[0]) == b"age":
+            if (
+                str(folder).encode() in argv
+                and os.path.basename(argv.split(b"\0")[0]) == tool.encode()
+            ):
                 found.append(int(entry))
     return found
 
@@ -476,7 +480,7 @@ def test_sigkill_at_any_point_never_shows_a_partial_snapshot(
     )
     assert store.latest() == final and len(store.snapshots()) == 3
     deadline = time.monotonic() + 10
-    while age_processes_of(folder):
+    while tool_processes_of(folder):
         assert time.monotonic() < deadline, "an age process of a killed snapshot is left"
         time.sleep(0.05)
 

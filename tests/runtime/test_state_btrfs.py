@@ -22,7 +22,16 @@ from qnix.runtime import btrfs, state
 from qnix.runtime.state import SnapshotStore
 from tests.conftest import need
 from tests.runtime.livehost import LiveHost
-from tests.runtime.test_state import CHANGE, SPEC, WRITE, Live, host_key, make_tree, tree
+from tests.runtime.test_state import (
+    CHANGE,
+    SPEC,
+    WRITE,
+    Live,
+    host_key,
+    make_tree,
+    tool_processes_of,
+    tree,
+)
 
 __all__ = ["host_key"]  # a fixture this module uses
 
@@ -179,6 +188,7 @@ def test_sigkill_during_a_btrfs_snapshot_never_shows_a_partial_one(live: Live) -
             [sys.executable, "-c", TAKER, str(folder), str(source)],
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         assert process.stdout is not None
         assert process.stdout.readline() == "go\n"
@@ -197,10 +207,17 @@ def test_sigkill_during_a_btrfs_snapshot_never_shows_a_partial_one(live: Live) -
         before = [s.id for s in store.snapshots()]
         process = start_taker()
         time.sleep(chance.uniform(0, duration * 1.3))
-        process.send_signal(signal.SIGKILL)
+        if kill % 2:
+            os.killpg(process.pid, signal.SIGKILL)  # the whole snapshot, its btrfs with it
+        else:
+            process.kill()  # qnix alone: the btrfs it started finishes its one step by itself
         process.wait(timeout=60)
         assert process.stdout is not None
         process.stdout.close()
+        deadline = time.monotonic() + 30
+        while tool_processes_of(folder, "btrfs"):
+            assert time.monotonic() < deadline, "a btrfs of a killed snapshot does not end"
+            time.sleep(0.01)
         context = f"seed {seed}, kill {kill}, {sorted(os.listdir(folder))}"
         latest = store.latest()
         listed = store.snapshots()
