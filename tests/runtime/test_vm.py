@@ -211,6 +211,7 @@ def test_the_firewall_allows_one_port_and_not_the_other(lab: Lab) -> None:
         lab.apply(SPEC)
     # Another compartment and the host stay out of reach, whatever port the rule allows.
     peer = lab.links["peer"].address
+    assert lab.probe("peer", (peer, PEER_PORT)) == [f"ok {peer}"]  # control: the peer serves
     assert lab.probe("box", (peer, PEER_PORT), (lab.links["box"].gateway, PEER_PORT)) == [
         "timeout",
         "timeout",
