@@ -15,6 +15,12 @@ the file runs in the guest as it is.
 A frame: the channel (4 bytes, one per command), its kind (1 byte), the payload's length
 (4 bytes, at most MAX_PAYLOAD) and the payload, all big-endian. What comes from the guest is
 untrusted: a malformed frame ends the relay, and with it the compartment's agent channel.
+
+Each channel's data flows under a window (`Window`, `Inbox`): a sender may have WINDOW bytes
+unwritten at the other end, which grants more (CREDIT) as it writes them out. So neither end's
+reading loop ever waits on a slow reader: one command whose output nobody reads holds up that
+command alone, and what it has sent waits in at most WINDOW bytes of the relay's memory. A guest
+that sends beyond its window breaks the protocol, and the relay ends.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 import io
 import json
 import os
+import queue
 import sys
 import termios
 import threading
@@ -48,11 +55,15 @@ CALL_STDIN_END = 11  # guest -> host
 CALL_STDOUT = 12  # host -> guest
 CALL_STDERR = 13  # host -> guest
 CALL_ANSWER = 14  # host -> guest: the call server's answer (JSON); exited/refused/error end it
+CREDIT = 15  # either way: the sender of the channel's data may send this many bytes more
+DATA_KINDS = frozenset({STDIN, STDOUT, STDERR, CALL_STDIN, CALL_STDOUT, CALL_STDERR})
 CALL_CHANNELS = 1 << 31
 FINAL_ANSWERS = ("exited", "refused", "error")
 CALL_SOCKET_INSIDE = "/run/qnix-call/call.sock"  # where qnix/inside/call.py connects
 HEADER_SIZE = 9
 MAX_PAYLOAD = 64 * 1024
+WINDOW = 4 * MAX_PAYLOAD  # a channel's data in flight, each way
+QUIET_END = 10.0  # seconds a call's output may stay quiet after its service has exited
 MAX_CHANNELS = 256
 PORT_NAME = "qnix.agent"  # the virtio-serial port's name in the guest
 CONFIG_INSIDE = "/qnix/config.json"  # the guest's configuration, in its initramfs
@@ -94,9 +105,76 @@ class Link:
         channel = int.from_bytes(header[:4], "big")
         kind = header[4]
         size = int.from_bytes(header[5:], "big")
-        if size > MAX_PAYLOAD or not HELLO <= kind <= CALL_ANSWER:
+        if size > MAX_PAYLOAD or not HELLO <= kind <= CREDIT:
             raise LinkError(f"malformed frame (kind {kind}, {size} bytes)")
         return channel, kind, self._exactly(size)
+
+
+class Window:
+    """How much more of one channel's data this end may send now."""
+
+    def __init__(self) -> None:
+        self.credit = WINDOW
+        self.closed = False
+        self.changed = threading.Condition()
+
+    def take(self, size: int) -> bool:
+        """Wait until `size` bytes may be sent and count them sent; False once closed."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.closed or self.credit >= size)
+            if self.closed:
+                return False
+            self.credit -= size
+            return True
+
+    def grant(self, untrusted_payload: bytes) -> None:
+        with self.changed:
+            self.credit += int.from_bytes(untrusted_payload[:4], "big")
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        """The channel is done: a sender waiting for credit gives up."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+def send_data(link: Link, window: Window, channel: int, kind: int, chunk: bytes) -> None:
+    """One chunk of a channel's data, when its window lets it go (dropped once it is closed)."""
+    if window.take(len(chunk)):
+        link.send(channel, kind, chunk)
+
+
+class Inbox:
+    """One channel's frames at the receiving end, in order: the reading loop puts them here
+    and never waits; the channel's own thread takes them out (`take`) and, for data, grants
+    the sender as much again once it is written out (`written`)."""
+
+    def __init__(self, link: Link, channel: int) -> None:
+        self.link = link
+        self.channel = channel
+        self.frames: queue.SimpleQueue[tuple[int, bytes]] = queue.SimpleQueue()
+        self.room = WINDOW
+        self.lock = threading.Lock()
+
+    def put(self, kind: int, untrusted_payload: bytes) -> None:
+        if kind in DATA_KINDS:
+            with self.lock:
+                if len(untrusted_payload) > self.room:
+                    raise LinkError(f"channel {self.channel} sent beyond its window")
+                self.room -= len(untrusted_payload)
+        self.frames.put((kind, untrusted_payload))
+
+    def take(self) -> tuple[int, bytes]:
+        return self.frames.get()
+
+    def written(self, size: int) -> None:
+        """`size` bytes of data are out (or dropped, their reader gone): the sender may send
+        as much again."""
+        with self.lock:
+            self.room += size
+        with contextlib.suppress(LinkError, OSError):
+            self.link.send(self.channel, CREDIT, size.to_bytes(4, "big"))
 
 
 def _feed_while(alive: Callable[[], bool], fd: int, send: Callable[[bytes], None]) -> bool:
@@ -149,9 +227,27 @@ def _spawn_failure_code(exc: OSError) -> int:
 def _report_exit(link: Link, channel: int, code: int) -> None:
     """The command's end: its exit code to the host, and its stdin feeder stopped."""
     link.send(channel, EXIT, json.dumps({"code": code & 0xFF}).encode())
-    inputs = _GUEST_INPUTS.pop(channel, None)
-    if inputs is not None:
-        inputs.put(None)
+    found = _GUEST_CHANNELS.pop(channel, None)
+    if found is not None:
+        inbox, window = found
+        inbox.put(STDIN_END, b"")
+        window.close()
+
+
+def _feed_input(inbox: Inbox, write: Callable[[bytes], object]) -> None:
+    """A command's stdin from the host until it ends; once the command stops reading it, the
+    rest is dropped (and granted, so the host's feeder does not wait for nothing)."""
+    reading = True
+    while True:
+        kind, chunk = inbox.take()
+        if kind == STDIN_END:
+            return
+        if reading:
+            try:
+                write(chunk)
+            except OSError:
+                reading = False
+        inbox.written(len(chunk))
 
 
 def _guest_terminal(
@@ -193,16 +289,10 @@ def _guest_terminal(
         _report_exit(link, channel, _spawn_failure_code(exc))
         return
     os.close(slave)
-    inputs = _GUEST_INPUTS[channel]
-
-    def feed() -> None:
-        try:
-            while (chunk := inputs.get()) is not None:
-                _write_all(master, chunk)
-        except OSError:
-            pass
-
-    threading.Thread(target=feed, daemon=True).start()
+    inbox, window = _GUEST_CHANNELS[channel]
+    threading.Thread(
+        target=_feed_input, args=(inbox, lambda chunk: _write_all(master, chunk)), daemon=True
+    ).start()
 
     def read() -> bytes:
         try:
@@ -210,7 +300,7 @@ def _guest_terminal(
         except OSError:  # EIO: the command and everything it started closed the terminal
             return b""
 
-    _pump(read, lambda chunk: link.send(channel, STDOUT, chunk))
+    _pump(read, lambda chunk: send_data(link, window, channel, STDOUT, chunk))
     status = process.wait()
     _GUEST_TERMINALS.pop(channel, None)
     os.close(master)
@@ -219,7 +309,6 @@ def _guest_terminal(
 
 def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[int, int]) -> None:
     """Run one command as the compartment's user; report its output and exit code."""
-    import queue
     import subprocess
 
     if request.get("tty") is not None:
@@ -243,27 +332,27 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
         link.send(channel, STDERR, message.encode()[:MAX_PAYLOAD])
         _report_exit(link, channel, _spawn_failure_code(exc))
         return
-    inputs: queue.Queue[bytes | None] = _GUEST_INPUTS[channel]
+    inbox, window = _GUEST_CHANNELS[channel]
     assert process.stdin is not None and process.stdout is not None
     assert process.stderr is not None
 
     def feed() -> None:
         stdin = process.stdin
         assert stdin is not None
-        try:
-            while (chunk := inputs.get()) is not None:
-                stdin.write(chunk)
-                stdin.flush()
-        except OSError:
-            pass  # the command closed its stdin
-        finally:
-            try:  # noqa: SIM105 - contextlib is not worth importing in the guest
-                stdin.close()
-            except OSError:
-                pass
+
+        def write(chunk: bytes) -> None:
+            stdin.write(chunk)
+            stdin.flush()
+
+        _feed_input(inbox, write)
+        with contextlib.suppress(OSError):
+            stdin.close()
 
     def drain(stream: io.BufferedReader, kind: int) -> None:
-        _pump(lambda: stream.read1(MAX_PAYLOAD), lambda chunk: link.send(channel, kind, chunk))
+        _pump(
+            lambda: stream.read1(MAX_PAYLOAD),
+            lambda chunk: send_data(link, window, channel, kind, chunk),
+        )
 
     workers = [
         threading.Thread(target=feed, daemon=True),
@@ -278,8 +367,8 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
     _report_exit(link, channel, status if status >= 0 else 128 - status)
 
 
-_GUEST_INPUTS: dict[int, Any] = {}
-_GUEST_CALLS: dict[int, tuple[Any, list[int]]] = {}  # channel -> (caller's connection, stdio)
+# channel -> what comes in on it and the window of what goes out: commands and calls alike.
+_GUEST_CHANNELS: dict[int, tuple[Inbox, Window]] = {}
 
 
 def _serve_calls(link: Link, user: tuple[int, int]) -> None:
@@ -332,32 +421,38 @@ def _guest_call(link: Link, conn: Any, channel: int) -> None:
             os.close(fd)
         return
     conn.settimeout(None)
-    _GUEST_CALLS[channel] = (conn, fds)
+    inbox, window = Inbox(link, channel), Window()
+    _GUEST_CHANNELS[channel] = (inbox, window)
+    threading.Thread(target=_answer_call, args=(conn, fds, inbox, window), daemon=True).start()
     link.send(channel, CALL_OPEN, json.dumps(fields).encode())
     if _feed_while(
-        lambda: channel in _GUEST_CALLS, fds[0], lambda chunk: link.send(channel, CALL_STDIN, chunk)
+        lambda: channel in _GUEST_CHANNELS,
+        fds[0],
+        lambda chunk: send_data(link, window, channel, CALL_STDIN, chunk),
     ):
         link.send(channel, CALL_STDIN_END)
     os.close(fds[0])
 
 
-def _guest_call_frame(channel: int, kind: int, payload: bytes) -> None:
-    found = _GUEST_CALLS.get(channel)
-    if found is None:
-        return
-    conn, fds = found
-    if kind in (CALL_STDOUT, CALL_STDERR):
+def _answer_call(conn: Any, fds: list[int], inbox: Inbox, window: Window) -> None:
+    """The host's answers and the service's output, to the caller, until the call ends."""
+    while True:
+        kind, payload = inbox.take()
+        if kind in (CALL_STDOUT, CALL_STDERR):
+            with contextlib.suppress(OSError):
+                _write_all(fds[1 if kind == CALL_STDOUT else 2], payload)
+            inbox.written(len(payload))
+            continue
+        answer = json.loads(payload)
         with contextlib.suppress(OSError):
-            _write_all(fds[1 if kind == CALL_STDOUT else 2], payload)
-        return
-    answer = json.loads(payload)
-    with contextlib.suppress(OSError):
-        conn.sendall(_message(answer))
-    if answer.get("op") in FINAL_ANSWERS:
-        _GUEST_CALLS.pop(channel, None)
-        conn.close()
-        for fd in set(fds[1:]) - {fds[0]}:  # stdin is its feeder's to close
-            os.close(fd)
+            conn.sendall(_message(answer))
+        if answer.get("op") in FINAL_ANSWERS:
+            _GUEST_CHANNELS.pop(inbox.channel, None)
+            window.close()
+            conn.close()
+            for fd in set(fds[1:]) - {fds[0]}:  # stdin is its feeder's to close
+                os.close(fd)
+            return
 
 
 _GUEST_TERMINALS: dict[int, int] = {}  # channel -> its terminal's master
@@ -398,8 +493,6 @@ def _set_up_guest(config: dict[str, Any]) -> tuple[int, int]:
 
 def guest() -> None:
     """The guest's agent: set the guest up, say hello, then run what the host sends."""
-    import queue
-
     with open(CONFIG_INSIDE, encoding="utf-8") as handle:
         config = json.load(handle)
     user = _set_up_guest(config)
@@ -410,18 +503,19 @@ def guest() -> None:
     link.send(0, HELLO)
     while True:
         channel, kind, payload = link.receive()
-        if kind in (CALL_STDOUT, CALL_STDERR, CALL_ANSWER):
-            _guest_call_frame(channel, kind, payload)
-        elif kind == OPEN and channel not in _GUEST_INPUTS:
-            _GUEST_INPUTS[channel] = queue.Queue()
+        found = _GUEST_CHANNELS.get(channel)
+        if kind == OPEN and found is None and channel < CALL_CHANNELS:
+            _GUEST_CHANNELS[channel] = (Inbox(link, channel), Window())
             request = json.loads(payload)
             threading.Thread(
                 target=_guest_run, args=(link, channel, request, user), daemon=True
             ).start()
-        elif kind == STDIN and channel in _GUEST_INPUTS:
-            _GUEST_INPUTS[channel].put(payload)
-        elif kind == STDIN_END and channel in _GUEST_INPUTS:
-            _GUEST_INPUTS[channel].put(None)
+        elif kind == CREDIT and found is not None:
+            found[1].grant(payload)
+        elif (
+            kind in (STDIN, STDIN_END, CALL_STDOUT, CALL_STDERR, CALL_ANSWER) and found is not None
+        ):
+            found[0].put(kind, payload)
         elif kind == RESIZE and channel in _GUEST_TERMINALS:
             import termios
 
@@ -433,6 +527,29 @@ def guest() -> None:
 # ---- the host --------------------------------------------------------------------------------
 
 
+class _Command:
+    """A command the relay carries: its client, the stdio it gave, and its channel's flow."""
+
+    incoming = (STDOUT, STDERR, EXIT)
+
+    def __init__(self, link: Link, channel: int, conn: socket.socket, fds: list[int]) -> None:
+        self.channel = channel
+        self.conn = conn
+        self.fds = fds
+        self.inbox = Inbox(link, channel)  # its output and exit, from the guest
+        self.window = Window()  # its stdin, to the guest
+
+
+class _Call:
+    """A call from the guest the relay makes on the host: its stdin in, its output out."""
+
+    incoming = (CALL_STDIN, CALL_STDIN_END)
+
+    def __init__(self, link: Link, channel: int) -> None:
+        self.inbox = Inbox(link, channel)
+        self.window = Window()
+
+
 class Relay:
     """The host end: the agent protocol on the agent socket, frames on the port."""
 
@@ -440,9 +557,9 @@ class Relay:
         self.link = link
         self.call_socket = call_socket
         self.lock = threading.Lock()
-        self.channels: dict[int, tuple[socket.socket, list[int]]] = {}
+        self.commands: dict[int, _Command] = {}
         self.next_channel = 1
-        self.calls: dict[int, Any] = {}  # channel -> the queue of the call's stdin
+        self.calls: dict[int, _Call] = {}
 
     def serve(self, server: socket.socket) -> None:
         """Accept agent connections, each in a thread of its own."""
@@ -454,8 +571,7 @@ class Relay:
         from qnix.runtime import agent
 
         fds: list[int] = []
-        closing: list[int] = []  # what this thread closes: stdin; the rest when it failed
-        channel = None
+        command = None
         master = None
         try:
             conn.settimeout(agent.REQUEST_TIMEOUT)
@@ -478,42 +594,46 @@ class Relay:
                 termios.tcsetwinsize(master, (rows, cols))
                 fds = [slave, slave, slave]
             with self.lock:
-                if len(self.channels) >= MAX_CHANNELS:
+                if len(self.commands) >= MAX_CHANNELS:
                     raise agent.ProtocolError("too many commands at once")
                 channel = self.next_channel
                 self.next_channel += 1
-                self.channels[channel] = (conn, fds)
-            closing = [fds[0]]  # stdout and stderr: closed when the command has exited
+                command = _Command(self.link, channel, conn, fds)
+                self.commands[channel] = command
             opened = {"argv": request["argv"], "env": request["env"], "cwd": request["cwd"]}
             if request["tty"] is not None:
                 opened["tty"] = {"rows": request["tty"][0], "cols": request["tty"][1]}
             self.link.send(channel, OPEN, json.dumps(opened).encode())
             conn.settimeout(None)
             agent.send_message(conn, {"op": "started", "pid": channel}, [master] if master else [])
-            if master is not None:
-                os.close(master)
-                master = None
-            self._feed(channel, fds[0], terminal=request["tty"] is not None)
         except Exception as exc:  # whatever a client sends, the relay goes on
-            if master is not None:
-                os.close(master)
-            with self.lock:
-                mine = channel is None or self.channels.pop(channel, None) is not None
-            closing = list(set(fds)) if mine else closing
             with contextlib.suppress(OSError):
                 agent.send_message(conn, {"op": "error", "message": str(exc)[:512]})
             conn.close()
-        finally:
-            for fd in closing:
+            for fd in set(fds):
                 os.close(fd)
+            if command is None:
+                return
+            # The command may run already: it runs on, its output dropped, as with any agent.
+            command.fds = []
+            with contextlib.suppress(LinkError, OSError):
+                self.link.send(command.channel, STDIN_END)
+        finally:
+            if master is not None:
+                os.close(master)
+        threading.Thread(target=self._deliver, args=(command,), daemon=True).start()
+        if command.fds:
+            self._feed(command, terminal=request["tty"] is not None)
+            os.close(command.fds[0])  # stdout and stderr: closed when the command has exited
 
-    def _feed(self, channel: int, stdin: int, *, terminal: bool = False) -> None:
+    def _feed(self, command: _Command, *, terminal: bool) -> None:
         """The client's stdin to the command, until it ends or the command has exited (a
         terminal's stdin may never end); on a terminal also its size when it changes."""
         import select
 
+        channel, stdin = command.channel, command.fds[0]
         size = termios.tcgetwinsize(stdin) if terminal else None
-        while channel in self.channels:
+        while channel in self.commands:
             ready, _, _ = select.select([stdin], [], [], 0.2)
             if terminal and (now := termios.tcgetwinsize(stdin)) != size:
                 size = now
@@ -525,12 +645,24 @@ class Relay:
             if not chunk:
                 self.link.send(channel, STDIN_END)
                 return
-            self.link.send(channel, STDIN, chunk)
+            send_data(self.link, command.window, channel, STDIN, chunk)
+
+    def _deliver(self, command: _Command) -> None:
+        """The command's output to its client, as fast as the client reads it; then its exit."""
+        while True:
+            kind, payload = command.inbox.take()
+            if kind == EXIT:
+                self._exited(command, payload)
+                return
+            if command.fds:
+                # A reader that went away: the command runs on, as with any agent.
+                with contextlib.suppress(OSError):
+                    _write_all(command.fds[1 if kind == STDOUT else 2], payload)
+            command.inbox.written(len(payload))
 
     def dispatch(self) -> None:
-        """Route the guest's frames to their commands and calls until the port closes."""
-        import queue
-
+        """Route the guest's frames to their commands and calls until the port closes; it
+        never waits on a client or a service, only on the port."""
         while True:
             channel, kind, payload = self.link.receive()
             if kind == CALL_OPEN and channel >= CALL_CHANNELS and channel not in self.calls:
@@ -538,32 +670,29 @@ class Relay:
                     refused = {"op": "refused", "message": "too many calls at once"}
                     self.link.send(channel, CALL_ANSWER, json.dumps(refused).encode())
                     continue
-                self.calls[channel] = queue.Queue()
+                self.calls[channel] = _Call(self.link, channel)
                 threading.Thread(target=self._call, args=(channel, payload), daemon=True).start()
                 continue
-            if kind in (CALL_STDIN, CALL_STDIN_END) and channel in self.calls:
-                self.calls[channel].put(payload if kind == CALL_STDIN else None)
-                continue
             with self.lock:
-                found = self.channels.get(channel)
-            if found is None:
-                continue  # a command whose client has gone
-            conn, fds = found
-            if kind in (STDOUT, STDERR):
-                # A reader that went away: the command runs on, as with any agent.
-                with contextlib.suppress(OSError):
-                    _write_all(fds[1 if kind == STDOUT else 2], payload)
-            elif kind == EXIT:
-                self._exited(channel, conn, fds, payload)
+                flow = self.commands.get(channel) or self.calls.get(channel)
+            if flow is None:
+                continue  # a channel that has ended
+            if kind == CREDIT:
+                flow.window.grant(payload)
+            elif kind in flow.incoming:
+                flow.inbox.put(kind, payload)
 
     def _call(self, channel: int, untrusted_payload: bytes) -> None:
         """A call from the guest, made on the compartment's call socket with pipes as its
         stdio; the call server's answers and the service's output go back as frames."""
+        import select
         import socket
+        import time
 
         from qnix.runtime import agent
 
-        inputs = self.calls[channel]
+        call = self.calls[channel]
+        ended = threading.Event()  # the service has exited: its output ends at a quiet pipe
         ends: list[int] = []
         try:
             untrusted = json.loads(untrusted_payload)
@@ -585,16 +714,32 @@ class Relay:
                 ends.remove(fd)
 
             def feed() -> None:
-                with contextlib.suppress(OSError):
-                    while (chunk := inputs.get()) is not None:
-                        _write_all(stdin_write, chunk)
+                reading = True
+                while (taken := call.inbox.take())[0] != CALL_STDIN_END:
+                    if reading:
+                        try:
+                            _write_all(stdin_write, taken[1])
+                        except OSError:
+                            reading = False  # the service closed its stdin: the rest is dropped
+                    call.inbox.written(len(taken[1]))
                 os.close(stdin_write)
 
             def drain(fd: int, kind: int) -> None:
-                _pump(
-                    lambda: os.read(fd, MAX_PAYLOAD),
-                    lambda chunk: self.link.send(channel, kind, chunk),
-                )
+                # Until the end of the pipe; once the service has exited, also until it has
+                # been quiet a while (something it left running may hold the pipe open).
+                quiet_since = None
+                while True:
+                    if not select.select([fd], [], [], 0.5)[0]:
+                        now = time.monotonic()
+                        quiet_since = quiet_since or now
+                        if ended.is_set() and now - quiet_since > QUIET_END:
+                            break
+                        continue
+                    quiet_since = None
+                    chunk = os.read(fd, MAX_PAYLOAD)
+                    if not chunk:
+                        break
+                    send_data(self.link, call.window, channel, kind, chunk)
                 os.close(fd)
 
             ends = []  # each is its thread's to close now
@@ -611,8 +756,9 @@ class Relay:
                     for fd in fds:
                         os.close(fd)
                     if answer.get("op") in FINAL_ANSWERS:
+                        ended.set()
                         for worker in drains:  # all output before the end
-                            worker.join(timeout=10)
+                            worker.join()
                     self.link.send(channel, CALL_ANSWER, json.dumps(answer).encode())
                     if answer.get("op") in FINAL_ANSWERS:
                         return
@@ -623,22 +769,26 @@ class Relay:
         finally:
             for fd in ends:
                 os.close(fd)
-            self.calls.pop(channel, None)
-            inputs.put(None)
+            with self.lock:
+                self.calls.pop(channel, None)
+            call.inbox.put(CALL_STDIN_END, b"")
+            call.window.close()
 
-    def _exited(self, channel: int, conn: socket.socket, fds: list[int], payload: bytes) -> None:
+    def _exited(self, command: _Command, payload: bytes) -> None:
         from qnix.runtime import agent
 
         with self.lock:
-            self.channels.pop(channel, None)
+            self.commands.pop(command.channel, None)
+        command.window.close()
         try:
             untrusted_code = json.loads(payload)["code"]
-            agent.send_message(conn, {"op": "exited", "code": int(untrusted_code)})
+            agent.send_message(command.conn, {"op": "exited", "code": int(untrusted_code)})
         except Exception:  # noqa: S110 - whatever the guest reported, the channel ends here
             pass
         finally:
-            conn.close()
-            for fd in set(fds[1:]) - {fds[0]}:  # stdin is its feeder's to close
+            command.conn.close()
+            fds = command.fds
+            for fd in set(fds[1:]) - set(fds[:1]):  # stdin is its feeder's to close
                 os.close(fd)
 
 
@@ -683,10 +833,10 @@ def relay(agent_socket: str, port_socket: str, call_socket: str, uid: int, gid: 
     (says "ready") until the port closes."""
     # Everything it will use is imported now: `uid` may not reach the interpreter's files.
     import ctypes  # noqa: F401
-    import queue  # noqa: F401
     import select  # noqa: F401
     import signal  # noqa: F401
     import socket
+    import time  # noqa: F401
     import tty  # noqa: F401
 
     from qnix.runtime import agent

@@ -7,6 +7,7 @@ guest kernel is the host's installed one (`make test` installs linux-image-amd64
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from qnix.compile import names
-from qnix.runtime import quickrun
+from qnix.runtime import quickrun, vmlink
 from qnix.runtime.backends import vm
 from tests.conftest import need
 from tests.netprobes import PROBE, SERVE, server
@@ -320,6 +321,58 @@ def test_a_command_on_a_terminal_gets_the_guests_own(lab: Lab) -> None:
         os.close(slave)
 
 
+def relay_rss(lab: Lab, name: str) -> int:
+    """Resident bytes of the relay of VM compartment `name`."""
+    run_dir = str(lab.host.paths.run_dir(name)).encode()
+    for entry in os.listdir("/proc"):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            status = Path(f"/proc/{entry}/status").read_text()
+        except (OSError, NotADirectoryError):
+            continue
+        if b"qnix.runtime.vmlink" in argv and any(a.startswith(run_dir) for a in argv):
+            line = next(row for row in status.splitlines() if row.startswith("VmRSS:"))
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no relay of {name}")
+
+
+def test_a_reader_that_does_not_read_holds_up_its_own_command_only(lab: Lab) -> None:
+    """One command's output that nobody reads waits in a bounded window; the other commands of
+    the same VM go on, and once read, not a byte of it is lost."""
+    size = 16 << 20
+    before = relay_rss(lab, "box")
+    stalled = subprocess.Popen(
+        [Lab.host_qnix(), "run", "box", "--", "head", "-c", str(size), "/dev/zero"],
+        stdout=subprocess.PIPE,
+        env=lab.env,
+    )
+    assert stalled.stdout is not None
+    try:
+        # Filled: the pipe we do not read (the relay writes it as the client's own stdout).
+        capacity = fcntl.fcntl(stalled.stdout, fcntl.F_GETPIPE_SZ)
+        deadline = time.monotonic() + 60
+        while (
+            int.from_bytes(fcntl.ioctl(stalled.stdout, termios.FIONREAD, b"\0" * 4), "little")
+            < capacity
+        ):
+            assert time.monotonic() < deadline, "the stalled command's output never filled its pipe"
+            time.sleep(0.1)
+        for number in range(3):
+            assert (
+                lab.ok("run", "box", "--", "echo", f"meanwhile {number}") == f"meanwhile {number}\n"
+            )
+        sent = lab.qnix("run", "box", "--", "wc", "-c", input="x" * (2 << 20))
+        assert (sent.returncode, sent.stdout.strip()) == (0, str(2 << 20))
+        # What waits on the host is at most the window (the guest holds the rest back).
+        assert relay_rss(lab, "box") - before < 4 * vmlink.WINDOW
+        assert len(stalled.stdout.read()) == size
+        assert stalled.wait(timeout=60) == 0
+    finally:
+        stalled.kill()
+        stalled.wait()
+        stalled.stdout.close()
+
+
 CALL = ["python3", "-I", "-S", "/opt/qnix-agent/call.py"]
 
 
@@ -331,6 +384,14 @@ def test_a_call_from_inside_a_vm_is_decided_and_served_on_the_host(lab: Lab) -> 
         "in peer for box\n",
         "to-stderr\n",
     ), result
+    # More than a window each way: the call's stdin in, its output out.
+    script = ("#" + "z" * 1000 + "\n") * 3000 + "echo read all of it\n"
+    big = lab.qnix("run", "box", "--", *CALL, "peer", "qnix.VMShell", input=script)
+    assert (big.returncode, big.stdout, big.stderr) == (0, "read all of it\n", "")
+    big = lab.qnix(
+        "run", "box", "--", *CALL, "peer", "qnix.VMShell", input="head -c 3000000 /dev/zero\n"
+    )
+    assert (big.returncode, len(big.stdout), big.stderr) == (0, 3000000, "")
     denied = lab.qnix("run", "box", "--", *CALL, "sealed", "qnix.VMShell", input="echo ran\n")
     assert (denied.returncode, denied.stdout, denied.stderr) == (
         126,

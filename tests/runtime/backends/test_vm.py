@@ -3,11 +3,13 @@ of the guest's modules, the kernel it picks, and the exact QEMU command line."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import platform
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -263,7 +265,7 @@ def test_whatever_the_guest_sends_is_a_frame_or_the_end_of_the_link(untrusted: b
         except vmlink.LinkError:
             break
         frames += 1
-        assert vmlink.HELLO <= kind <= vmlink.CALL_ANSWER
+        assert vmlink.HELLO <= kind <= vmlink.CREDIT
         assert len(payload) <= vmlink.MAX_PAYLOAD and 0 <= channel < 1 << 32
     assert frames * vmlink.HEADER_SIZE <= len(untrusted)
 
@@ -276,3 +278,64 @@ def test_a_frame_says_what_it_carries() -> None:
     oversized = (1).to_bytes(4, "big") + bytes((vmlink.STDOUT,)) + (1 << 20).to_bytes(4, "big")
     with pytest.raises(vmlink.LinkError, match="malformed frame"):
         vmlink.Link(io.BytesIO(oversized), io.BytesIO()).receive()  # type: ignore[arg-type]
+
+
+def sent_frames(out: io.BytesIO) -> list[tuple[int, int, bytes]]:
+    link = vmlink.Link(io.BytesIO(out.getvalue()), io.BytesIO())  # type: ignore[arg-type]
+    frames = []
+    with contextlib.suppress(vmlink.LinkError):
+        while True:
+            frames.append(link.receive())
+    return frames
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, vmlink.MAX_PAYLOAD)), max_size=40))
+def test_an_inbox_holds_at_most_a_window_of_data_and_grants_what_is_written(
+    steps: list[tuple[bool, int]],
+) -> None:
+    """Data beyond what was granted breaks the protocol; what is written out is granted back,
+    as one CREDIT frame each; control frames never count."""
+    out = io.BytesIO()
+    inbox = vmlink.Inbox(vmlink.Link(io.BytesIO(), out), 9)  # type: ignore[arg-type]
+    queued: list[tuple[int, int]] = []  # what the inbox holds, in order
+    granted = []
+    for arrives, size in steps:
+        if arrives:
+            inbox.put(vmlink.EXIT, b"x" * size)  # not data: never refused
+            queued.append((vmlink.EXIT, size))
+            held = sum(n for kind, n in queued if kind == vmlink.STDOUT)
+            if held + size > vmlink.WINDOW:
+                with pytest.raises(vmlink.LinkError, match="beyond its window"):
+                    inbox.put(vmlink.STDOUT, b"o" * size)
+                continue
+            inbox.put(vmlink.STDOUT, b"o" * size)
+            queued.append((vmlink.STDOUT, size))
+        elif queued:
+            kind, payload = inbox.take()
+            assert (kind, len(payload)) == queued.pop(0)
+            if kind == vmlink.STDOUT:
+                inbox.written(len(payload))
+                granted.append(len(payload))
+    assert sent_frames(out) == [(9, vmlink.CREDIT, n.to_bytes(4, "big")) for n in granted]
+
+
+def test_a_window_lets_a_sender_wait_for_credit_and_gives_up_when_closed() -> None:
+    window = vmlink.Window()
+    assert window.take(vmlink.WINDOW)
+    results: list[bool] = []
+    waiting = threading.Thread(target=lambda: results.append(window.take(10)))
+    waiting.start()
+    waiting.join(timeout=0.2)
+    assert waiting.is_alive() and results == []  # no credit: it waits
+    window.grant((9).to_bytes(4, "big"))
+    waiting.join(timeout=0.2)
+    assert waiting.is_alive()  # 9 bytes are not enough for 10
+    window.grant((1).to_bytes(4, "big"))
+    waiting.join(timeout=10)
+    assert results == [True] and window.credit == 0
+    waiting = threading.Thread(target=lambda: results.append(window.take(1)))
+    waiting.start()
+    window.close()
+    waiting.join(timeout=10)
+    assert results == [True, False] and not window.take(0)
