@@ -165,6 +165,8 @@ def apply(spec: Path, state_root: Path | None, run_root: Path | None, purge: boo
     _echo_changes(result.changes)
     for note in result.notes:
         click.echo(f"note: {note}")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _format_memory(status: Status) -> str:

@@ -57,7 +57,7 @@ from qnix.compile import names, openings
 from qnix.compile.artifacts import RULESET, SPEC_COPY, compile_spec
 from qnix.compile.nft import TABLE, disposable_elements, hostname_sets
 from qnix.errors import QnixError
-from qnix.runtime import btrfs, cgroups, secrets
+from qnix.runtime import btrfs, cgroups, secrets, storage
 from qnix.runtime.agent import AgentError, ProtocolError
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends.namespace import HostIdentity
@@ -919,6 +919,7 @@ class ApplyResult:
     generation: str
     changes: tuple[str, ...]
     notes: tuple[str, ...]
+    warnings: tuple[str, ...] = ()  # of the host, not of the spec (on stderr)
 
 
 def _ensure_state_dirs(paths: RuntimePaths, name: str, identity: HostIdentity) -> bool:
@@ -1028,6 +1029,10 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
     changes: list[str] = []
     notes = [f"policy {warning.render()}" for warning in openings.for_spec(loaded).warnings]
     _ensure_root(paths.state_root)
+    warnings = []
+    if any(c.persistence != "disposable" for c in ws.compartments.values()):
+        at_rest = storage.state_root_warning(paths.state_root, btrfs.on_btrfs(paths.state_root))
+        warnings += [at_rest] if at_rest else []
     with locked(paths):
         previous = live_workstation(paths)
         applied = _read_json(paths.applied_file)
@@ -1130,7 +1135,7 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
                 changes.append(f"{compartment.name}: started")
         write_pool_file(paths, ws)
         changes += fill_pools(paths, ws)
-    return ApplyResult(artifacts.generation, tuple(changes), tuple(notes))
+    return ApplyResult(artifacts.generation, tuple(changes), tuple(notes), tuple(warnings))
 
 
 # ---- down and gc ------------------------------------------------------------------------------
