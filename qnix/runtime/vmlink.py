@@ -177,13 +177,20 @@ class Inbox:
             self.link.send(self.channel, CREDIT, size.to_bytes(4, "big"))
 
 
-def _feed_while(alive: Callable[[], bool], fd: int, send: Callable[[bytes], None]) -> bool:
+def _feed_while(
+    alive: Callable[[], bool],
+    fd: int,
+    send: Callable[[bytes], None],
+    every_turn: Callable[[], None] = lambda: None,
+) -> bool:
     """Copy what `fd` gives to `send` while `alive()`; True if `fd` ended (a terminal's or a
-    caller's stdin may never end, so this looks up every 0.2 s)."""
+    caller's stdin may never end, so this looks up every 0.2 s, calling `every_turn`)."""
     import select
 
     while alive():
-        if not select.select([fd], [], [], 0.2)[0]:
+        ready = select.select([fd], [], [], 0.2)[0]
+        every_turn()
+        if not ready:
             continue
         chunk = os.read(fd, MAX_PAYLOAD)
         if not chunk:
@@ -629,23 +636,22 @@ class Relay:
     def _feed(self, command: _Command, *, terminal: bool) -> None:
         """The client's stdin to the command, until it ends or the command has exited (a
         terminal's stdin may never end); on a terminal also its size when it changes."""
-        import select
-
         channel, stdin = command.channel, command.fds[0]
-        size = termios.tcgetwinsize(stdin) if terminal else None
-        while channel in self.commands:
-            ready, _, _ = select.select([stdin], [], [], 0.2)
-            if terminal and (now := termios.tcgetwinsize(stdin)) != size:
-                size = now
+        sizes = [termios.tcgetwinsize(stdin)] if terminal else []
+
+        def follow_size() -> None:
+            if sizes and (now := termios.tcgetwinsize(stdin)) != sizes[0]:
+                sizes[0] = now
                 resized = {"rows": now[0], "cols": now[1]}
                 self.link.send(channel, RESIZE, json.dumps(resized).encode())
-            if not ready:
-                continue
-            chunk = os.read(stdin, MAX_PAYLOAD)
-            if not chunk:
-                self.link.send(channel, STDIN_END)
-                return
-            send_data(self.link, command.window, channel, STDIN, chunk)
+
+        if _feed_while(
+            lambda: channel in self.commands,
+            stdin,
+            lambda chunk: send_data(self.link, command.window, channel, STDIN, chunk),
+            follow_size,
+        ):
+            self.link.send(channel, STDIN_END)
 
     def _deliver(self, command: _Command) -> None:
         """The command's output to its client, as fast as the client reads it; then its exit."""
