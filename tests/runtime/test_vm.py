@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -371,6 +372,33 @@ def test_a_reader_that_does_not_read_holds_up_its_own_command_only(lab: Lab) -> 
         stalled.kill()
         stalled.wait()
         stalled.stdout.close()
+
+
+def test_commands_at_once_each_get_their_own_bytes_back(lab: Lab) -> None:
+    """Several commands stream both ways at once over the one port: each channel's frames
+    reach their own command and client, in order, every byte."""
+    inputs = [os.urandom(1 << 20) for _ in range(6)]
+    commands = [
+        subprocess.Popen(
+            [Lab.host_qnix(), "run", "box", "--", "cat"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=lab.env,
+        )
+        for _ in inputs
+    ]
+    results: list[bytes | None] = [None] * len(inputs)
+
+    def talk(number: int) -> None:
+        results[number] = commands[number].communicate(inputs[number], timeout=120)[0]
+
+    talkers = [threading.Thread(target=talk, args=(n,)) for n in range(len(inputs))]
+    for talker in talkers:
+        talker.start()
+    for talker in talkers:
+        talker.join()
+    assert [c.returncode for c in commands] == [0] * len(inputs)
+    assert [r == i for r, i in zip(results, inputs, strict=True)] == [True] * len(inputs)
 
 
 CALL = ["python3", "-I", "-S", "/opt/qnix-agent/call.py"]
