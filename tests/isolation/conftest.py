@@ -25,6 +25,7 @@ import pytest
 from qnix.runtime import cgroups
 from qnix.runtime.backends import namespace as ns
 from tests.conftest import need
+from tests.runtime.livehost import describe_cgroups
 
 # The interpreter itself, not a virtual environment's link to it: its prefix is what the
 # compartment gets bound (host_system_binds), and probes need nothing but the standard library.
@@ -287,7 +288,7 @@ def no_cgroup_leftovers() -> Iterator[None]:
     before = set(cgroups.names())
     yield
     left = set(cgroups.names()) - before
-    assert not left, f"cgroups left behind under qnix/: {sorted(left)}"
+    assert not left, f"cgroups left behind under qnix/: {describe_cgroups(left)}"
 
 
 class Cgroups:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from qnix.runtime import cgroups
@@ -22,6 +23,24 @@ from tests.conftest import need
 
 QNIX = str(Path(sys.executable).with_name("qnix"))
 TEST_TAG = "qxt"
+
+
+def describe_cgroups(names: set[str] | list[str]) -> dict[str, object]:
+    """Who is in each leftover cgroup and when it was made: what a failure needs to say, so
+    that a leftover seen once in CI can be traced."""
+    host = cgroups.detect()
+    described: dict[str, object] = {}
+    for name in sorted(names):
+        cgroup = cgroups.cgroup_of(name, host)
+        inside = {}
+        for pid in sorted(cgroups.processes(cgroup)):
+            try:
+                inside[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                inside[pid] = b"(gone)"
+        made = [time.ctime(path.stat().st_ctime) for path in cgroup.paths if path.exists()]
+        described[name] = {"made": made, "processes": inside}
+    return described
 
 
 class LiveHost:
@@ -126,6 +145,7 @@ class LiveHost:
     def close(self) -> None:
         down = self.qnix("down")
         leftovers = self.leftovers()
+        cgroups_left = describe_cgroups(self.cgroup_names())
         for name in self.netns_names():
             subprocess.run([self.ip, "netns", "delete", name], check=False)
         for name in self.cgroup_names():
@@ -143,7 +163,7 @@ class LiveHost:
             "table": None,
             "cgroups": [],
             "run_root": False,
-        }
+        }, (leftovers, cgroups_left)
         assert not self.netns_names()
         assert not self.base.exists()
         assert HostNetwork().list_links() == self.links_before
