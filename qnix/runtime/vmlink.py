@@ -171,6 +171,8 @@ class Inbox:
     def written(self, size: int) -> None:
         """`size` bytes of data are out (or dropped, their reader gone): the sender may send
         as much again."""
+        if not size:
+            return
         with self.lock:
             self.room += size
         with contextlib.suppress(LinkError, OSError):
