@@ -112,27 +112,13 @@ def escape_path(path: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class RoBind:
-    src: str
-    dst: str
-
-    def __post_init__(self) -> None:
-        ns.check_path(self.src, "bind source")
-        ns.check_path(self.dst, "bind destination")
-
+class RoBind(ns.BindPaths):
     def argv(self) -> list[str]:
         return [f"--bind-ro={escape_path(self.src)}:{escape_path(self.dst)}"]
 
 
 @dataclass(frozen=True, slots=True)
-class Bind:
-    src: str
-    dst: str
-
-    def __post_init__(self) -> None:
-        ns.check_path(self.src, "bind source")
-        ns.check_path(self.dst, "bind destination")
-
+class Bind(ns.BindPaths):
     def argv(self) -> list[str]:
         return [f"--bind={escape_path(self.src)}:{escape_path(self.dst)}"]
 

@@ -51,7 +51,9 @@ def _perms(mode: int | None) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
-class RoBind:
+class BindPaths:
+    """What every bind directive holds: a source shown at a destination, both checked."""
+
     src: str
     dst: str
 
@@ -59,19 +61,15 @@ class RoBind:
         check_path(self.src, "bind source")
         check_path(self.dst, "bind destination")
 
+
+@dataclass(frozen=True, slots=True)
+class RoBind(BindPaths):
     def argv(self) -> list[str]:
         return ["--ro-bind", self.src, self.dst]
 
 
 @dataclass(frozen=True, slots=True)
-class Bind:
-    src: str
-    dst: str
-
-    def __post_init__(self) -> None:
-        check_path(self.src, "bind source")
-        check_path(self.dst, "bind destination")
-
+class Bind(BindPaths):
     def argv(self) -> list[str]:
         return ["--bind", self.src, self.dst]
 
