@@ -858,9 +858,12 @@ class SnapshotStore:
         with self.plaintext(snapshot, identity) as stream:
             return unpack_tree(stream, dest, owner)
 
-    def manifest(self, snapshot: Snapshot, identity: Path) -> dict[str, Entry]:
+    def manifest(self, snapshot: Snapshot, identity: Path | None) -> dict[str, Entry]:
+        """What the snapshot holds; `identity` opens an age snapshot (a btrfs one needs none)."""
         if snapshot.kind == "btrfs":
             return tree_manifest(snapshot.path)
+        if identity is None:
+            raise ValueError("an age snapshot opens only with the host identity")
         with self.plaintext(snapshot, identity) as stream:
             return archive_manifest(stream)
 
@@ -1106,9 +1109,8 @@ def diff(
         store = store_of(paths, name)
 
         def manifest(snapshot: Snapshot) -> dict[str, Entry]:
-            if snapshot.kind == "btrfs":
-                return tree_manifest(snapshot.path)
-            return store.manifest(snapshot, _host_key(identity))
+            key = _host_key(identity) if snapshot.kind == "age" else None
+            return store.manifest(snapshot, key)
 
         before = manifest(store.find(first, name))
         if second is None:
