@@ -207,6 +207,26 @@ def test_no_path_can_add_an_option_to_qemu(untrusted: str) -> None:
     assert home == f"local,path={path},mount_tag=home,security_model=none"
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=40))
+def test_no_run_root_can_add_an_option_to_qemu(untrusted: str) -> None:
+    """The console log and the agent port lie under the run root, which an option names: a
+    comma there is refused as well, never passed on."""
+    folder = "/run/" + untrusted
+    plan = dataclasses.replace(
+        PLAN, console_log=f"{folder}/console.log", port_socket=f"{folder}/vm-port.sock"
+    )
+    try:
+        argv = vm.qemu_argv(plan, KERNEL, 3, "tcg")
+    except QnixError as refused:
+        assert "," in folder and "comma" in refused.message
+        return
+    assert "," not in folder
+    assert argv[argv.index("-serial") + 1] == f"file:{folder}/console.log"
+    chardev = argv[argv.index("-chardev") + 1]
+    assert chardev == f"socket,id=agent,path={folder}/vm-port.sock,server=off"
+
+
 def test_the_accelerator_is_chosen_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(vm.ACCEL_ENV, "tcg")
     assert vm.accelerator() == "tcg"
