@@ -268,6 +268,7 @@ def _guest_terminal(
     import subprocess
     import termios
 
+    inbox, window = _GUEST_CHANNELS[channel]
     master, slave = os.openpty()
     termios.tcsetwinsize(slave, (request["tty"]["rows"], request["tty"]["cols"]))
     _GUEST_TERMINALS[channel] = master
@@ -294,11 +295,10 @@ def _guest_terminal(
         _GUEST_TERMINALS.pop(channel, None)
         os.close(master)
         message = f"qnix-agent: cannot run {request['argv'][0]}: {exc.strerror}\r\n"
-        link.send(channel, STDOUT, message.encode()[:MAX_PAYLOAD])
+        send_data(link, window, channel, STDOUT, message.encode()[:MAX_PAYLOAD])
         _report_exit(link, channel, _spawn_failure_code(exc))
         return
     os.close(slave)
-    inbox, window = _GUEST_CHANNELS[channel]
     threading.Thread(
         target=_feed_input, args=(inbox, lambda chunk: _write_all(master, chunk)), daemon=True
     ).start()
@@ -323,6 +323,7 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
     if request.get("tty") is not None:
         _guest_terminal(link, channel, request, user)
         return
+    inbox, window = _GUEST_CHANNELS[channel]
     try:
         process = subprocess.Popen(
             request["argv"],
@@ -338,10 +339,9 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
         )
     except OSError as exc:
         message = f"qnix-agent: cannot run {request['argv'][0]}: {exc.strerror}\n"
-        link.send(channel, STDERR, message.encode()[:MAX_PAYLOAD])
+        send_data(link, window, channel, STDERR, message.encode()[:MAX_PAYLOAD])
         _report_exit(link, channel, _spawn_failure_code(exc))
         return
-    inbox, window = _GUEST_CHANNELS[channel]
     assert process.stdin is not None and process.stdout is not None
     assert process.stderr is not None
 
