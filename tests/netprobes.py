@@ -55,3 +55,12 @@ def server(command: list[str], env: dict[str, str] | None = None) -> subprocess.
     assert process.stdout is not None
     assert process.stdout.readline() == "ready\n"
     return process
+
+
+def stop_servers(servers: list[subprocess.Popen[str]]) -> None:
+    """End listeners `server()` started: their stdin closed, then killed and reaped."""
+    for process in servers:
+        if process.stdin is not None:
+            process.stdin.close()
+        process.kill()
+        process.wait(timeout=10)

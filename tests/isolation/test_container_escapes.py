@@ -39,7 +39,7 @@ from qnix.spec.load import load
 from tests.conftest import need
 from tests.isolation import probes
 from tests.isolation.conftest import Netns
-from tests.netprobes import PROBE, SERVE, server
+from tests.netprobes import PROBE, SERVE, server, stop_servers
 from tests.runtime.livehost import QNIX, LiveHost
 
 SUBNET = "10.214.0.0/16"
@@ -270,11 +270,7 @@ def lab() -> Iterator[Lab]:
         servers.append(server(in_peer, env=host.env))
         yield made
     finally:
-        for process in servers:
-            if process.stdin is not None:
-                process.stdin.close()
-            process.kill()
-            process.wait(timeout=10)
+        stop_servers(servers)
         try:
             host.close()
         finally:

@@ -23,7 +23,7 @@ from qnix.runtime import lifecycle
 from qnix.runtime.net import route_table
 from qnix.spec.load import load
 from tests.isolation.conftest import Sandbox, py
-from tests.netprobes import PROBE, SERVE, server
+from tests.netprobes import PROBE, SERVE, server, stop_servers
 from tests.runtime.livehost import QNIX, LiveHost
 
 HOST_UPLINK, UPSTREAM = "203.0.113.0", "203.0.113.1"
@@ -140,11 +140,7 @@ def lab() -> Iterator[Lab]:
         servers.append(server(in_peer, env=host.env))
         yield made
     finally:
-        for process in servers:
-            if process.stdin is not None:
-                process.stdin.close()
-            process.kill()
-            process.wait(timeout=10)
+        stop_servers(servers)
         host.close()
 
 

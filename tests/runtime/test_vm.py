@@ -28,7 +28,7 @@ from qnix.compile import names
 from qnix.runtime import quickrun, vmlink
 from qnix.runtime.backends import vm
 from tests.conftest import need
-from tests.netprobes import PROBE, SERVE, server
+from tests.netprobes import PROBE, SERVE, server, stop_servers
 from tests.runtime.livehost import LiveHost
 from tests.runtime.test_secrets import encrypt_to, files_holding, new_key
 
@@ -159,11 +159,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         servers.append(server([*in_peer, f"0.0.0.0:{PEER_PORT}"], env=made.env))
         yield made
     finally:
-        for process in servers:
-            if process.stdin is not None:
-                process.stdin.close()
-            process.kill()
-            process.wait(timeout=10)
+        stop_servers(servers)
         subprocess.run([ip, "netns", "delete", upstream], check=False)
         host.close()
         del os.environ[vm.ACCEL_ENV]
