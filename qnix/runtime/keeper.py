@@ -323,7 +323,9 @@ def _start_vm(
                 for source in sorted(INSIDE_PROGRAMS_DIR.glob("[!_]*.py"))
             },
         }
-        secret_files = {secrets.inside_path(name): _read_all(fd) for name, fd in secret_fds.items()}
+        secret_files = {
+            secrets.inside_path(name): secrets.read_fd(fd) for name, fd in secret_fds.items()
+        }
         initrd = ns.sealed_memfd(
             vm.base_initramfs(kernel) + vm.start_initramfs(files, secret_files, config.host_uid),
             "qnix-initramfs",
@@ -359,9 +361,10 @@ def _start_vm(
             _wait_line(relay, stop, b"ready\n", READY_TIMEOUT, "the VM's agent", also=qemu)
         except QnixError as exc:
             _end(qemu, cgroup, grace=0)
-            console = Path(config.run_dir) / vm.CONSOLE_LOG
+            console = last_lines(Path(config.run_dir) / vm.CONSOLE_LOG, 5)
+            shown = "none" if console is None else " | ".join(console) or "empty"
             raise QnixError(
-                f"{exc.message} (QEMU with {accel}; the guest's console: {_last_lines(console)})"
+                f"{exc.message} (QEMU with {accel}; the guest's console: {shown})"
                 + (
                     f"; if this host's KVM hangs guests, set {vm.ACCEL_ENV}=tcg"
                     if accel == "kvm"
@@ -378,21 +381,12 @@ def _start_vm(
     return qemu
 
 
-def _last_lines(path: Path, count: int = 5) -> str:
+def last_lines(path: Path, count: int) -> list[str] | None:
+    """The last `count` lines of a log (a keeper's, a VM's console); None if unreadable."""
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
+        return path.read_text(errors="replace").strip().splitlines()[-count:]
     except OSError:
-        return "none"
-    return " | ".join(lines[-count:]) or "empty"
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+        return None
 
 
 def _wait_line(

@@ -62,7 +62,7 @@ from qnix.runtime.agent import AgentError, ProtocolError
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends.namespace import HostIdentity
 from qnix.runtime.files import atomic_write, replace_tree
-from qnix.runtime.keeper import READY_TIMEOUT, KeeperConfig, teardown_network
+from qnix.runtime.keeper import READY_TIMEOUT, KeeperConfig, last_lines, teardown_network
 from qnix.runtime.net import (
     HostNetwork,
     NetRoute,
@@ -395,15 +395,6 @@ def _read_line(fd: int, timeout: float) -> str:
     return data.decode(errors="replace").strip()
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    """The last lines of a log (bubblewrap's own complaints land in the keeper's)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 def _spawn_keeper(paths: RuntimePaths, config: KeeperConfig) -> None:
     name = config.name
     atomic_write(paths.keeper_config(name), config.to_json(), 0o600)
@@ -434,7 +425,8 @@ def _spawn_keeper(paths: RuntimePaths, config: KeeperConfig) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
-    log_tail = _tail(paths.keeper_log(name))
+    # bubblewrap's own complaints land in the keeper's log
+    log_tail = "\n".join(last_lines(paths.keeper_log(name), 20) or [])
     _cleanup_run(paths, name)
     needs = {
         vm.ISOLATION: "are QEMU, busybox-static and a kernel (linux-image-amd64) installed?",

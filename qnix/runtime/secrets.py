@@ -326,7 +326,8 @@ def _memfd_with(data: bytes) -> int:
     return fd
 
 
-def _read_fd(fd: int) -> bytes:
+def read_fd(fd: int) -> bytes:
+    """All a file descriptor (a memfd) holds, from its start."""
     os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
     while chunk := os.read(fd, 1 << 16):
@@ -346,7 +347,7 @@ def encrypt(plaintext_path: str, recipients: Sequence[str]) -> bytes:
         for recipient in recipients:
             argv += ["--recipient", recipient]
         run([*argv, "--output", _fd_path(out), plaintext_path], timeout=DECRYPT_TIMEOUT)
-        return _read_fd(out)
+        return read_fd(out)
     finally:
         os.close(out)
 
