@@ -1023,7 +1023,7 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
     _ensure_root(paths.state_root)
     warnings = []
     if any(c.persistence != "disposable" for c in ws.compartments.values()):
-        at_rest = storage.state_root_warning(paths.state_root, btrfs.on_btrfs(paths.state_root))
+        at_rest = storage.state_root_warning(paths.state_root)
         warnings += [at_rest] if at_rest else []
     with locked(paths):
         previous = live_workstation(paths)

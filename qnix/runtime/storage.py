@@ -111,7 +111,7 @@ def _loop_image_verdict(loop: str, depth: int) -> Verdict:
     return at_rest(image, depth + 1).verdict
 
 
-def state_root_warning(state_root: Path, snapshots_share_blocks: bool) -> str | None:
+def state_root_warning(state_root: Path) -> str | None:
     """What `qnix apply` tells of the state root when persistent homes there are not
     encrypted at rest; None when they are (or nothing of them is at rest)."""
     found = at_rest(state_root)
@@ -119,7 +119,7 @@ def state_root_warning(state_root: Path, snapshots_share_blocks: bool) -> str | 
         return None
     kept = (
         "homes and their btrfs snapshots are plaintext at rest"
-        if snapshots_share_blocks
+        if found.fstype == "btrfs"  # snapshots share the home's blocks (qnix.runtime.btrfs)
         else "homes are plaintext at rest (their snapshots are age-encrypted)"
     )
     where = f"{found.source} ({found.fstype})"

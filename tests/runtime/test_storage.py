@@ -84,10 +84,12 @@ def mount_tmpfs(where: Path, mounts: list[Path]) -> Path:
     return where
 
 
-def mount_ext4_image(image: Path, where: Path, mounts: list[Path]) -> Path:
+def mount_image(
+    image: Path, where: Path, mounts: list[Path], fstype: str = "ext4", size_mb: int = 16
+) -> Path:
     with image.open("wb") as handle:
-        handle.truncate(16 << 20)
-    subprocess.run([need("mkfs.ext4"), "-q", str(image)], check=True)
+        handle.truncate(size_mb << 20)
+    subprocess.run([need(f"mkfs.{fstype}"), "-q", str(image)], check=True)
     where.mkdir()
     subprocess.run([need("mount"), "-o", "loop", str(image), str(where)], check=True)
     mounts.append(where)
@@ -100,7 +102,7 @@ def test_the_real_tools_follow_a_loop_device_to_its_image(
     memory = mount_tmpfs(tmp_path / "memory", mounts)
     assert storage.at_rest(memory) == storage.AtRest(memory, "qnixtest", "tmpfs", "memory")
     # ext4 on a loop device whose image is in that tmpfs: in memory too, found through losetup.
-    on_loop = mount_ext4_image(memory / "fs.img", tmp_path / "on-loop", mounts)
+    on_loop = mount_image(memory / "fs.img", tmp_path / "on-loop", mounts)
     (on_loop / "deeper").mkdir()
     found = storage.at_rest(on_loop / "deeper")
     assert (found.source.startswith("/dev/loop"), found.fstype, found.verdict) == (
@@ -112,8 +114,16 @@ def test_the_real_tools_follow_a_loop_device_to_its_image(
     (memory / "fs.img").unlink()
     assert storage.at_rest(on_loop).verdict == "unknown"
     # An image on this test's own disk: as that disk is.
-    on_disk = mount_ext4_image(tmp_path / "disk.img", tmp_path / "on-disk", mounts)
+    on_disk = mount_image(tmp_path / "disk.img", tmp_path / "on-disk", mounts)
     assert storage.at_rest(on_disk).verdict == storage.at_rest(tmp_path).verdict
+
+
+def test_on_btrfs_the_warning_names_the_snapshots_too(tmp_path: Path, mounts: list[Path]) -> None:
+    root = mount_image(tmp_path / "fs.img", tmp_path / "state", mounts, "btrfs", size_mb=128)
+    (tmp_path / "fs.img").unlink()  # storage qnix cannot tell about: it warns
+    warning = storage.state_root_warning(root)
+    assert warning is not None and "homes and their btrfs snapshots are plaintext" in warning
+    assert "(btrfs), and qnix cannot tell" in warning
 
 
 SPEC = """\
@@ -134,7 +144,7 @@ def test_apply_says_when_persistent_homes_are_not_encrypted_at_rest(where: str) 
         if where == "tmpfs":
             mount_tmpfs(host.paths.state_root, mounted)
         else:
-            mount_ext4_image(host.base / "state.img", host.paths.state_root, mounted)
+            mount_image(host.base / "state.img", host.paths.state_root, mounted)
             (host.base / "state.img").unlink()
         said = host.qnix("apply", str(host.spec(SPEC)))
         assert said.returncode == 0, said.stderr
