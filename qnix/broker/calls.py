@@ -448,12 +448,8 @@ class CallServer:
         }
         self._reply(conn, {"op": "started"})
         try:
-            socket_path = quickrun.pin_socket(self.paths, target, state["host_uid"])
-        except agent.AgentError as exc:
-            raise CallRefused("the target is not reachable", reason=str(exc)) from None
-        try:
             return agent.execute(
-                socket_path,
+                str(self.paths.agent_socket(target)),
                 argv,
                 env=env,
                 cwd=state["cwd"],
@@ -462,9 +458,6 @@ class CallServer:
             )
         except (agent.AgentError, agent.ProtocolError) as exc:
             raise CallRefused("the target did not run the service", reason=str(exc)) from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(socket_path)
 
 
 def serve_in_background(

@@ -25,7 +25,7 @@ from qnix.errors import QnixError
 from qnix.runtime import agent, lifecycle
 from qnix.runtime.keeper import INSIDE_DIR, KeeperConfig
 from qnix.runtime.paths import PathError, RuntimePaths, check_name
-from qnix.runtime.quickrun import command_env, pin_socket, running_state
+from qnix.runtime.quickrun import command_env, running_state
 
 ERROR_CAP = 4096
 
@@ -127,11 +127,7 @@ def start(target: Running, argv: Sequence[str], stdio: Sequence[int]) -> Started
     copies as soon as this returns."""
     host_uid = target.state["host_uid"]
     try:
-        pinned = pin_socket(target.paths, target.name, host_uid)
-        try:
-            sock = agent.connect(pinned, peer_uid=host_uid)
-        finally:
-            os.unlink(pinned)
+        sock = agent.connect(str(target.paths.agent_socket(target.name)), peer_uid=host_uid)
         try:
             message = {
                 "op": "exec",

@@ -5,6 +5,7 @@ Imports are kept inside the commands: the CLI's start-up cost is paid on every `
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,25 @@ class QnixGroup(click.Group):
                 raise
             click.echo(exc.render(), err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a full disk, a missing permission: said, not a traceback
+            if ctx.meta.get("qnix.debug"):
+                raise
+            click.echo(os_error(exc).render(), err=True)
+            ctx.exit(1)
+
+
+def os_error(exc: OSError) -> QnixError:
+    """What failed on the host, as one line with a hint."""
+    where = f": {exc.filename}" if exc.filename else ""
+    hints = {
+        errno.ENOSPC: "its file system is full: free space there (`df` shows which one)",
+        errno.EACCES: "qnix needs root for this command",
+        errno.EPERM: "qnix needs root for this command",
+    }
+    return QnixError(
+        f"{exc.strerror or exc}{where}",
+        hint=hints.get(exc.errno or 0, "`qnix --debug` shows where it happened"),
+    )
 
 
 @click.group(cls=QnixGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -302,6 +302,15 @@ def _report_end(pid: int, conn: socket.socket) -> None:
 
 def listen_at(socket_path: str, backlog: int = 64) -> socket.socket:
     """A unix socket listening at `socket_path` (0600; a stale one there is replaced)."""
+    server = bound_socket(socket_path)
+    server.listen(backlog)
+    return server
+
+
+def bound_socket(socket_path: str) -> socket.socket:
+    """A unix socket bound at `socket_path` (0600; a stale one there is replaced), not yet
+    listening: the keeper binds the agent's socket where only root can reach it and hands
+    it to the agent, whose listen() makes SO_PEERCRED name the agent's uid."""
     import socket
 
     try:  # noqa: SIM105 - contextlib stays off the fast path
@@ -309,34 +318,66 @@ def listen_at(socket_path: str, backlog: int = 64) -> socket.socket:
     except FileNotFoundError:
         pass
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(socket_path)
-    os.chmod(socket_path, 0o600)
-    server.listen(backlog)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(socket_path)
+    finally:
+        os.umask(old_umask)
     return server
 
 
-def serve(socket_path: str) -> None:
-    """Listen on `socket_path`; start each request's command and report its end. One
-    process: no fork per connection, only the command's own (each request costs one fork)."""
+def _end_abandoned(pid: int) -> None:
+    """The command's client went away (`qnix run` killed, the broker gone): end the command
+    and its process group, as nobody can read its output or give it input any more."""
+    import signal
+
+    try:  # noqa: SIM105 - contextlib stays off the fast path
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def serve(listen_fd: int) -> None:
+    """Listen on the bound socket at descriptor `listen_fd`; start each request's command and
+    report its end. One process: no fork per connection, only the command's own (each
+    request costs one fork). A client that closes its connection (or speaks out of turn)
+    before its command has ended takes the command with it."""
     import select
     import signal
+    import socket
     import warnings  # noqa: F401 - os.execvpe imports it: once here, not in every command
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.closerange(3, 65536)  # whatever the sandbox's setup left open: commands inherit nothing
-    server = listen_at(socket_path)
+    # Whatever the sandbox's setup left open: commands inherit nothing.
+    os.closerange(3, listen_fd)
+    os.closerange(listen_fd + 1, 65536)
+    server = socket.socket(fileno=listen_fd)
+    os.set_inheritable(listen_fd, False)
+    server.listen(64)
     # The host waits for this line before it reports the compartment as running.
     sys.stdout.write("ready\n")
     sys.stdout.flush()
-    running: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
+    running: dict[int, tuple[int, socket.socket | None]] = {}  # pidfd -> (pid, connection)
+    clients: dict[int, int] = {}  # a running command's connection -> its pidfd
     listening = server.fileno()
     while True:
-        readable, _, _ = select.select([listening, *running], [], [])
-        for pidfd in readable:
-            if pidfd in running:
-                ended, finished = running.pop(pidfd)
-                os.close(pidfd)
-                _report_end(ended, finished)
+        readable, _, _ = select.select([listening, *running, *clients], [], [])
+        for fd in readable:
+            if fd in running:  # a command ended
+                pid, conn = running.pop(fd)
+                os.close(fd)
+                if conn is None:
+                    os.waitpid(pid, 0)  # its client had gone: only the zombie is left
+                else:
+                    del clients[conn.fileno()]
+                    _report_end(pid, conn)
+            elif fd in clients:  # closed before its command ended: nobody is left to serve
+                pidfd = clients.pop(fd)
+                pid, conn = running[pidfd]
+                _end_abandoned(pid)
+                if conn is not None:
+                    conn.close()
+                running[pidfd] = (pid, None)  # reaped once it has ended
         if listening in readable:
             conn, _ = server.accept()
             started = _start_request(conn)
@@ -344,7 +385,9 @@ def serve(socket_path: str) -> None:
                 conn.close()
             else:
                 conn.settimeout(None)
-                running[os.pidfd_open(started)] = (started, conn)
+                pidfd = os.pidfd_open(started)
+                running[pidfd] = (started, conn)
+                clients[conn.fileno()] = pidfd
 
 
 # ---- the host-side client --------------------------------------------------------------------
@@ -411,10 +454,12 @@ def execute(
     """Run argv in the compartment with our stdio; return its exit code (128+N for signal N).
     `peer_uid`: refuse unless the agent runs as this host uid (see connect).
 
-    `terminal` (stdin and stdout are our terminal): the command gets a terminal of the
-    compartment's own, and we relay between it and ours in raw mode, with its size; our
-    terminal's descriptor is never passed in."""
+    Our descriptors never enter the compartment: the command gets pipes of ours, relayed to
+    `stdio` until it ends (StdioRelay), or — with `terminal` (stdin and stdout are our
+    terminal) — a terminal of the compartment's own, relayed to ours in raw mode with its
+    size. Either way nothing inside can touch our files once the command has ended."""
     sock = connect(socket_path, peer_uid=peer_uid)
+    stdio_relay = None
     try:
         request = {"op": "exec", "argv": list(argv), "env": dict(env), "cwd": cwd}
         if terminal:
@@ -423,9 +468,15 @@ def execute(
             rows, cols = relay.size(stdio[1])
             send_message(sock, {**request, "tty": {"rows": rows, "cols": cols}})
         else:
-            send_message(sock, request, stdio)
+            stdio_relay = StdioRelay(stdio)
+            try:
+                send_message(sock, request, stdio_relay.theirs)
+            finally:
+                stdio_relay.close_theirs()
         sock.settimeout(None)  # the command may run for as long as it likes
         while True:
+            if stdio_relay is not None:
+                stdio_relay.pump_until_readable(sock.fileno())
             untrusted, fds = recv_message(sock)
             op = untrusted.get("op")
             if op == "started" and terminal:
@@ -442,17 +493,161 @@ def execute(
                 code = untrusted.get("code")
                 if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255:
                     raise AgentError(f"agent reported a bad exit code: {code!r}")
+                if stdio_relay is not None:
+                    stdio_relay.finish()
                 return code
             if op == "error":
                 message = str(untrusted.get("message", ""))[:512]
                 raise AgentError(f"the agent refused: {message}")
             raise AgentError(f"unexpected message from the agent: {op!r}")
     finally:
-        sock.close()
+        if stdio_relay is not None:
+            stdio_relay.close()
+        sock.close()  # before the command ended: the agent ends it
+
+
+RELAY_CHUNK = 1 << 16
+# What is still read from an output pipe once the command has ended: what it wrote before it
+# ended is there already; something it left running may go on writing, and is not waited for.
+LEFTOVER_CAP = 1 << 20
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of `data` to `fd`, waiting while it would block (whoever holds a descriptor of
+    ours may have made it non-blocking)."""
+    import select
+
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
+
+
+class StdioRelay:
+    """Three pipes between us and a command: the command gets their inner ends (`theirs`),
+    we copy our stdin into one and the other two out to our stdout and stderr, until the
+    command has ended (`finish`). Whatever the command leaves running then holds pipes to
+    nobody: no file, terminal or pipe of the caller's is ever in the compartment.
+
+    Input is read only as fast as the command takes it (at most one chunk ahead of it);
+    output is written with blocking writes, as cat would, so a slow reader slows the command
+    down rather than filling our memory. A reader of ours that has gone away closes the
+    command's pipe: the command gets EPIPE (or SIGPIPE), as in a shell pipeline."""
+
+    def __init__(self, stdio: Sequence[int]) -> None:
+        self.stdin, self.stdout, self.stderr = stdio[0], stdio[1], stdio[2]
+        stdin_read, self.to_command = os.pipe2(os.O_CLOEXEC)
+        stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
+        stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
+        self.theirs: tuple[int, ...] = (stdin_read, stdout_write, stderr_write)
+        self.outputs = {stdout_read: self.stdout, stderr_read: self.stderr}
+        for fd in (self.to_command, stdout_read, stderr_read):
+            os.set_blocking(fd, False)
+        self.input_open = True
+        self.pending = b""  # read from our stdin, not yet taken by the command
+
+    def close_theirs(self) -> None:
+        """The agent holds its own copies once the request is sent."""
+        _close_all(self.theirs)
+        self.theirs = ()
+
+    def pump_until_readable(self, watched: int) -> None:
+        """Copy both ways until `watched` (the agent's connection) has something to say."""
+        import select
+
+        while True:
+            poller = select.poll()
+            poller.register(watched, select.POLLIN)
+            for fd in self.outputs:
+                poller.register(fd, select.POLLIN)
+            if self.input_open:
+                if self.pending:
+                    poller.register(self.to_command, select.POLLOUT)
+                else:
+                    poller.register(self.stdin, select.POLLIN)
+            try:
+                ready = poller.poll()
+            except InterruptedError:
+                continue
+            answered = False
+            for fd, _ in ready:
+                if fd == watched:
+                    answered = True
+                elif fd in self.outputs:
+                    self._copy_out(fd)
+                elif self.input_open and fd == self.to_command:
+                    self._give()
+                elif self.input_open and fd == self.stdin:
+                    self._take()
+            if answered:
+                return
+
+    def _take(self) -> None:
+        try:
+            self.pending = os.read(self.stdin, RELAY_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:  # our stdin is closed or broken: that is its end
+            self.pending = b""
+        if not self.pending:
+            self._end_input()
+        else:
+            self._give()
+
+    def _give(self) -> None:
+        try:
+            self.pending = self.pending[os.write(self.to_command, self.pending) :]
+        except BlockingIOError:
+            return
+        except OSError:  # the command closed its stdin: the rest is not wanted
+            self._end_input()
+
+    def _end_input(self) -> None:
+        self.input_open = False
+        self.pending = b""
+        os.close(self.to_command)
+
+    def _copy_out(self, fd: int) -> int:
+        """One chunk from an output pipe to our side: its size, 0 if there was none now (at
+        the pipe's end, or our reader's, the pipe is closed)."""
+        try:
+            chunk = os.read(fd, RELAY_CHUNK)
+        except BlockingIOError:
+            return 0
+        if chunk:
+            try:
+                _write_all(self.outputs[fd], chunk)
+                return len(chunk)
+            except OSError:  # our reader has gone: the command's pipe breaks too
+                pass
+        del self.outputs[fd]
+        os.close(fd)
+        return 0
+
+    def finish(self) -> None:
+        """The command has ended, and what it wrote is in the pipes: copy that, then stop."""
+        for fd in list(self.outputs):
+            taken = 0
+            while taken < LEFTOVER_CAP and fd in self.outputs:
+                copied = self._copy_out(fd)
+                if not copied:
+                    break
+                taken += copied
+        self.close()
+
+    def close(self) -> None:
+        """Our ends of the pipes: the command, if it runs on, writes to nobody."""
+        self.close_theirs()
+        if self.input_open:
+            self._end_input()
+        _close_all(list(self.outputs))
+        self.outputs = {}
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "serve":
-        sys.stderr.write("usage: agent.py serve SOCKET\n")
+    if len(sys.argv) != 3 or sys.argv[1] != "serve" or not sys.argv[2].isdigit():
+        sys.stderr.write("usage: agent.py serve FD (a bound unix socket)\n")
         sys.exit(2)
-    serve(sys.argv[2])
+    serve(int(sys.argv[2]))

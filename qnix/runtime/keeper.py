@@ -8,7 +8,8 @@
    qnix.runtime.backends.container) in the compartment's network namespace and cgroup, as the
    compartment's own unprivileged host user, with the agent as the first program: the agent's
    code and /etc/resolv.conf come in as sealed memfds (read-only inside), the agent's socket
-   folder is bound read-write at /run/qnix-agent,
+   is bound by the keeper in the run folder and handed to the agent as a descriptor (no host
+   folder is writable from inside),
 3. waits for the agent's "ready", writes `state.json` atomically (its own pid and start time,
    the socket, the environment for commands) and tells the starting command on its stdout
    ("ready", or "error: ..." and exit code 1),
@@ -40,12 +41,11 @@ from types import FrameType
 
 from qnix.broker import calls
 from qnix.errors import QnixError
-from qnix.runtime import cgroups, secrets, vmlink
+from qnix.runtime import agent, cgroups, secrets, vmlink
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.files import atomic_write
 from qnix.runtime.net import COMPARTMENT_IFNAME, HostNetwork
-from qnix.runtime.paths import AGENT_DIR_INSIDE, AGENT_SOCKET_NAME
 from qnix.runtime.quickrun import process_start_time
 
 # Where the agent's code appears inside a compartment (a read-only file).
@@ -73,7 +73,7 @@ class KeeperConfig:
     memory_bytes: int
     pids: int
     run_dir: str
-    agent_dir: str
+    agent_socket: str  # bound here, in the run folder (root's), and handed to the agent
     state_file: str
     interpreter: str  # the Python that runs the agent inside
     interpreter_prefix: str | None  # bound read-only when outside /usr and /nix/store
@@ -163,14 +163,24 @@ class _Stop:
 
 
 def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subprocess.Popen[bytes]:
-    agent_dir = Path(config.agent_dir)
-    agent_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chown(agent_dir, config.host_uid, config.host_gid)
+    # Bound here, where only root can change the folder, and listened on by the agent (so
+    # SO_PEERCRED names the compartment's uid): the host never looks for the socket in a
+    # place the compartment can write, and nothing the compartment writes lands in the run
+    # root.
+    listener = agent.bound_socket(config.agent_socket)
+    try:
+        return _start_with(config, cgroup, stop, listener.fileno())
+    finally:
+        listener.close()  # the agent (a VM's relay) holds its own copy
+
+
+def _start_with(
+    config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop, listen_fd: int
+) -> subprocess.Popen[bytes]:
     plan = ns.SandboxPlan(
         name=config.name,
         home=Path(config.home) if config.home is not None else None,
         user=config.user,
-        extra_binds=((str(agent_dir), AGENT_DIR_INSIDE),),
         # The call socket's folder is root's and read-only inside: not replaceable from there.
         extra_ro_binds=((str(calls.call_dir(config.run_dir)), calls.CALL_DIR_INSIDE),),
     )
@@ -185,8 +195,8 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
         # Decrypted into sealed memfds; bubblewrap copies each into the sandbox's tmpfs.
         secret_fds = secrets.decrypt_all(config.secrets, config.age_identity)
         if config.isolation == vm.ISOLATION:
-            process = _start_vm(config, cgroup, stop, plan, agent_dir, secret_fds)
-            return _started(config, plan, process, agent_dir)
+            process = _start_vm(config, cgroup, stop, plan, listen_fd, secret_fds)
+            return _started(config, plan, process)
         system = (
             *ns.host_system_binds(interpreter_prefix=config.interpreter_prefix),
             ns.RoData(agent_fd, AGENT_CODE_INSIDE),
@@ -197,13 +207,16 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
                 for name, fd in secret_fds.items()
             ),
         )
-        socket_inside = f"{AGENT_DIR_INSIDE}/{AGENT_SOCKET_NAME}"
-        command = [config.interpreter, "-I", "-S", AGENT_CODE_INSIDE, "serve", socket_inside]
+
+        def agent_command(fd: int) -> list[str]:
+            return [config.interpreter, "-I", "-S", AGENT_CODE_INSIDE, "serve", str(fd)]
+
         if config.isolation == container.ISOLATION:
-            # nspawn takes no descriptors: its launcher copies these into a private tmpfs.
+            # nspawn takes no descriptors but socket activation's: its launcher copies these
+            # into a private tmpfs, and the socket arrives as the first LISTEN_FDS one.
             prepared_container = container.prepare(
                 plan,
-                command,
+                agent_command(container.LISTEN_FDS_START),
                 staging=Path(config.run_dir) / container.STAGING_NAME,
                 host_uid=config.host_uid,
                 machine=config.cgroup,
@@ -216,16 +229,18 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
                 prepared_container,
                 netns_path=config.netns_path,
                 cgroup=cgroup,
+                listen_fd=listen_fd,
                 stdout=subprocess.PIPE,
             )
         else:
-            with ns.prepare(plan, command, system=system) as prepared:
+            with ns.prepare(plan, agent_command(listen_fd), system=system) as prepared:
                 process = ns.launch(
                     prepared.argv,
                     netns_path=config.netns_path,
                     cgroup=cgroup,
                     pass_fds=(
                         *prepared.fds,
+                        listen_fd,  # bubblewrap passes it on to the agent as it is
                         agent_fd,
                         resolv_fd,
                         *programs.values(),
@@ -246,14 +261,13 @@ def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subproc
     except BaseException:
         _end(process, cgroup, grace=0)
         raise
-    return _started(config, plan, process, agent_dir)
+    return _started(config, plan, process)
 
 
 def _started(
     config: KeeperConfig,
     plan: ns.SandboxPlan,
     process: subprocess.Popen[bytes],
-    agent_dir: Path,
 ) -> subprocess.Popen[bytes]:
     """Record the running compartment in its state.json."""
     state = {
@@ -261,7 +275,7 @@ def _started(
         "keeper_pid": os.getpid(),
         "keeper_start": process_start_time(os.getpid()),
         "sandbox_pid": process.pid,
-        "socket": str(agent_dir / AGENT_SOCKET_NAME),
+        "socket": config.agent_socket,
         "host_uid": config.host_uid,
         "user": config.user,
         "env": compartment_env(plan),
@@ -278,7 +292,7 @@ def _start_vm(
     cgroup: cgroups.Cgroup,
     stop: _Stop,
     plan: ns.SandboxPlan,
-    agent_dir: Path,
+    listen_fd: int,
     secret_fds: dict[str, int],
 ) -> subprocess.Popen[bytes]:
     """The relay (as the compartment's host uid), then QEMU; both in the compartment's
@@ -287,16 +301,22 @@ def _start_vm(
     networked = config.guest_address is not None
     if networked:
         vm.connect_tap(netns, COMPARTMENT_IFNAME, config.host_uid)
-    port_socket = agent_dir / vm.PORT_SOCKET_NAME
+    # QEMU's end of the port: a folder of the compartment's host uid, which the relay and
+    # QEMU run as (nothing inside the guest reaches the host's file systems but its home).
+    port_dir = Path(config.run_dir) / vm.PORT_DIR_NAME
+    port_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(port_dir, config.host_uid, config.host_gid)
+    port_socket = port_dir / vm.PORT_SOCKET_NAME
     relay = ns.launch(
         [
             *(sys.executable, "-I", "-m", "qnix.runtime.vmlink", "relay"),
-            *(str(agent_dir / AGENT_SOCKET_NAME), str(port_socket)),
+            *(str(listen_fd), str(port_socket)),
             str(calls.call_dir(config.run_dir) / calls.CALL_SOCKET_NAME),
             *(str(config.host_uid), str(config.host_gid)),  # it drops to them itself
         ],
         netns_path=None,
         cgroup=cgroup,
+        pass_fds=(listen_fd,),
         stdout=subprocess.PIPE,
     )
     try:

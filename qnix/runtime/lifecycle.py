@@ -368,7 +368,7 @@ def _keeper_config(
         memory_bytes=compartment.memory_mb << 20,
         pids=compartment.pids,
         run_dir=str(paths.run_dir(name)),
-        agent_dir=str(paths.agent_dir(name)),
+        agent_socket=str(paths.agent_socket(name)),
         state_file=str(paths.state_file(name)),
         interpreter=interpreter,
         interpreter_prefix=prefix,

@@ -68,7 +68,6 @@ RUN_ROOT_ENTRIES = (
 )
 
 # Where the agent's socket folder appears inside a compartment.
-AGENT_DIR_INSIDE = "/run/qnix-agent"
 AGENT_SOCKET_NAME = "agent.sock"
 
 
@@ -205,12 +204,10 @@ class RuntimePaths(Record):
     def keeper_log(self, name: str) -> Path:
         return self.run_dir(name) / "keeper.log"
 
-    def agent_dir(self, name: str) -> Path:
-        """Bound read-write at AGENT_DIR_INSIDE; holds the agent's socket."""
-        return self.run_dir(name) / "agent"
-
     def agent_socket(self, name: str) -> Path:
-        return self.agent_dir(name) / AGENT_SOCKET_NAME
+        """Bound by the keeper in the run folder, which only root may change, and handed to
+        the agent inside as a descriptor: no folder of the host is writable from inside."""
+        return self.run_dir(name) / AGENT_SOCKET_NAME
 
     # ---- state root ----------------------------------------------------------------------
 

@@ -12,10 +12,8 @@ line interface takes over (qnix.cli.entry).
 from __future__ import annotations
 
 import _socket
-import itertools
 import json
 import os
-import stat
 import sys
 
 from qnix.audit import events
@@ -97,35 +95,6 @@ def command_env(state: dict[str, Any], stdin_is_tty: bool) -> dict[str, str]:
     return env
 
 
-_pin_numbers = itertools.count()
-
-
-def pin_socket(paths: RuntimePaths, name: str, host_uid: int) -> str:
-    """A hard link to the agent's socket in the compartment's run folder, which only root can
-    write, once it is checked to be a socket owned by the compartment's host user.
-
-    The compartment can write the folder its socket lives in: connecting to that path directly
-    would follow a symlink it put there to any socket on the host (another compartment's
-    agent, a system daemon) and hand it our stdio. link() does not follow symlinks, and the
-    link cannot be swapped once it is in a folder the compartment cannot reach. Each pin has
-    a name of its own (process and count), so one process may hold several at once, as the
-    keeper serving calls and the broker do."""
-    pinned = paths.run_dir(name) / f"connect-{os.getpid()}-{next(_pin_numbers)}.sock"
-    try:  # noqa: SIM105 - contextlib stays off the fast path
-        os.unlink(pinned)
-    except FileNotFoundError:
-        pass
-    try:
-        os.link(paths.agent_socket(name), pinned, follow_symlinks=False)
-    except OSError as exc:
-        raise agent.AgentError(f"cannot reach the agent of {name}: {exc.strerror}") from None
-    info = os.lstat(pinned)
-    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != host_uid:
-        os.unlink(pinned)
-        raise agent.AgentError(f"the agent socket of {name} is not the agent's: refusing it")
-    return str(pinned)
-
-
 def execute(
     paths: RuntimePaths,
     name: str,
@@ -142,19 +111,17 @@ def execute(
     env = command_env(state, os.isatty(stdio[0]))
     fields: dict[str, events.FieldValue] = {"compartment": name, **audit, "argv": list(argv)}
     try:
-        socket_path = pin_socket(paths, name, state["host_uid"])
-        try:
-            code = agent.execute(
-                socket_path,
-                argv,
-                env=env,
-                cwd=state["cwd"],
-                stdio=stdio,
-                peer_uid=state["host_uid"],
-                terminal=terminal,
-            )
-        finally:
-            os.unlink(socket_path)
+        # In the run folder, which only root may change; and only an agent running as the
+        # compartment's uid is spoken to.
+        code = agent.execute(
+            str(paths.agent_socket(name)),
+            argv,
+            env=env,
+            cwd=state["cwd"],
+            stdio=stdio,
+            peer_uid=state["host_uid"],
+            terminal=terminal,
+        )
     except (agent.AgentError, agent.ProtocolError) as exc:
         events.record(paths, event, **fields, result=f"error: {exc}")
         raise

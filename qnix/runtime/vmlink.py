@@ -56,6 +56,8 @@ CALL_STDOUT = 12  # host -> guest
 CALL_STDERR = 13  # host -> guest
 CALL_ANSWER = 14  # host -> guest: the call server's answer (JSON); exited/refused/error end it
 CREDIT = 15  # either way: the sender of the channel's data may send this many bytes more
+HANGUP = 16  # host -> guest: the command's client has gone; end the command
+LAST_KIND = HANGUP
 DATA_KINDS = frozenset({STDIN, STDOUT, STDERR, CALL_STDIN, CALL_STDOUT, CALL_STDERR})
 CALL_CHANNELS = 1 << 31
 FINAL_ANSWERS = ("exited", "refused", "error")
@@ -105,7 +107,7 @@ class Link:
         channel = int.from_bytes(header[:4], "big")
         kind = header[4]
         size = int.from_bytes(header[5:], "big")
-        if size > MAX_PAYLOAD or not HELLO <= kind <= CREDIT:
+        if size > MAX_PAYLOAD or not HELLO <= kind <= LAST_KIND:
             raise LinkError(f"malformed frame (kind {kind}, {size} bytes)")
         return channel, kind, self._exactly(size)
 
@@ -235,6 +237,7 @@ def _spawn_failure_code(exc: OSError) -> int:
 
 def _report_exit(link: Link, channel: int, code: int) -> None:
     """The command's end: its exit code to the host, and its stdin feeder stopped."""
+    _GUEST_COMMANDS.pop(channel, None)
     link.send(channel, EXIT, json.dumps({"code": code & 0xFF}).encode())
     found = _GUEST_CHANNELS.pop(channel, None)
     if found is not None:
@@ -299,6 +302,7 @@ def _guest_terminal(
         _report_exit(link, channel, _spawn_failure_code(exc))
         return
     os.close(slave)
+    _GUEST_COMMANDS[channel] = process.pid
     threading.Thread(
         target=_feed_input, args=(inbox, lambda chunk: _write_all(master, chunk)), daemon=True
     ).start()
@@ -344,6 +348,7 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
         return
     assert process.stdin is not None and process.stdout is not None
     assert process.stderr is not None
+    _GUEST_COMMANDS[channel] = process.pid
 
     def feed() -> None:
         stdin = process.stdin
@@ -357,27 +362,71 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
         with contextlib.suppress(OSError):
             stdin.close()
 
-    def drain(stream: io.BufferedReader, kind: int) -> None:
-        _pump(
-            lambda: stream.read1(MAX_PAYLOAD),
-            lambda chunk: send_data(link, window, channel, kind, chunk),
-        )
-
+    exited_read, exited_write = os.pipe()
+    outputs = [(process.stdout, STDOUT), (process.stderr, STDERR)]
     workers = [
         threading.Thread(target=feed, daemon=True),
-        threading.Thread(target=drain, args=(process.stdout, STDOUT), daemon=True),
-        threading.Thread(target=drain, args=(process.stderr, STDERR), daemon=True),
+        *(
+            threading.Thread(
+                target=_drain_until_exit,
+                args=(link, window, channel, stream.fileno(), kind, exited_read),
+                daemon=True,
+            )
+            for stream, kind in outputs
+        ),
     ]
     for worker in workers:
         worker.start()
-    workers[1].join()
-    workers[2].join()
     status = process.wait()
+    os.close(exited_write)
+    for worker in workers[1:]:
+        worker.join()
+    os.close(exited_read)
+    for stream, _ in outputs:  # what it left running writes to nobody from now on
+        stream.close()
     _report_exit(link, channel, status if status >= 0 else 128 - status)
+
+
+def _drain_until_exit(
+    link: Link, window: Window, channel: int, fd: int, kind: int, exited: int
+) -> None:
+    """A command's stdout or stderr to the host until the pipe ends or, once the command has
+    exited (`exited` readable), until it is empty: its end is its exit, as for any agent, and
+    what it left running does not hold the end up. What it wrote before it exited goes out:
+    each chunk is sent before the pipe is looked at again."""
+    import select
+
+    has_exited = False
+    while True:
+        if has_exited:  # only what is in the pipe now: no more waiting
+            readable = select.select([fd], [], [], 0)[0]
+        else:
+            readable = select.select([fd, exited], [], [])[0]
+        if fd not in readable:
+            if has_exited:
+                return
+            has_exited = True
+            continue
+        chunk = os.read(fd, MAX_PAYLOAD)
+        if not chunk:
+            return
+        send_data(link, window, channel, kind, chunk)
 
 
 # channel -> what comes in on it and the window of what goes out: commands and calls alike.
 _GUEST_CHANNELS: dict[int, tuple[Inbox, Window]] = {}
+# channel -> the pid of its command, which leads a process group of its own, while it runs.
+_GUEST_COMMANDS: dict[int, int] = {}
+
+
+def _hang_up(channel: int) -> None:
+    """The command's client has gone on the host: end the command and its process group."""
+    import signal
+
+    pid = _GUEST_COMMANDS.get(channel)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _serve_calls(link: Link, user: tuple[int, int]) -> None:
@@ -521,6 +570,8 @@ def guest() -> None:
             ).start()
         elif kind == CREDIT and found is not None:
             found[1].grant(payload)
+        elif kind == HANGUP:
+            _hang_up(channel)
         elif (
             kind in (STDIN, STDIN_END, CALL_STDOUT, CALL_STDERR, CALL_ANSWER) and found is not None
         ):
@@ -631,6 +682,7 @@ class Relay:
             if master is not None:
                 os.close(master)
         threading.Thread(target=self._deliver, args=(command,), daemon=True).start()
+        threading.Thread(target=self._watch_client, args=(command,), daemon=True).start()
         if command.fds:
             self._feed(command, terminal=request["tty"] is not None)
             os.close(command.fds[0])  # stdout and stderr: closed when the command has exited
@@ -654,6 +706,28 @@ class Relay:
             follow_size,
         ):
             self.link.send(channel, STDIN_END)
+
+    def _watch_client(self, command: _Command) -> None:
+        """A client that closes its connection (or speaks) before its command has ended —
+        `qnix run` killed — ends the command in the guest."""
+        import select
+
+        watched = command.conn.fileno()
+        while True:
+            with self.lock:
+                if command.channel not in self.commands:
+                    return  # ended: _exited closes the connection
+            try:
+                if not select.select([watched], [], [], 0.5)[0]:
+                    continue
+            except (OSError, ValueError):
+                return  # closed under us, by _exited
+            with self.lock:
+                running = command.channel in self.commands
+            if running:
+                with contextlib.suppress(LinkError, OSError):
+                    self.link.send(command.channel, HANGUP)
+            return
 
     def _deliver(self, command: _Command) -> None:
         """The command's output to its client, as fast as the client reads it; then its exit."""
@@ -835,10 +909,10 @@ def _end_qemu_with_us(port: socket.socket) -> None:
     signal.signal(signal.SIGTERM, end)
 
 
-def relay(agent_socket: str, port_socket: str, call_socket: str, uid: int, gid: int) -> None:
+def relay(listen_fd: int, port_socket: str, call_socket: str, uid: int, gid: int) -> None:
     """The host end, started as root and running as `uid`: it listens on `port_socket` for
-    QEMU's chardev (says "listening"), waits for the guest's hello, then serves `agent_socket`
-    (says "ready") until the port closes."""
+    QEMU's chardev (says "listening"), waits for the guest's hello, then serves the agent
+    socket the keeper bound (descriptor `listen_fd`; says "ready") until the port closes."""
     # Everything it will use is imported now: `uid` may not reach the interpreter's files.
     import ctypes  # noqa: F401
     import select  # noqa: F401
@@ -864,7 +938,8 @@ def relay(agent_socket: str, port_socket: str, call_socket: str, uid: int, gid: 
     channel, kind, _ = link.receive()
     if (channel, kind) != (0, HELLO):
         raise LinkError("the guest did not say hello")
-    server = agent.listen_at(agent_socket)
+    server = socket.socket(fileno=listen_fd)
+    server.listen(64)  # as `uid`: SO_PEERCRED names the compartment's uid, as for any agent
     bridge = Relay(link, call_socket)
     threading.Thread(target=bridge.serve, args=(server,), daemon=True).start()
     sys.stdout.write("ready\n")
@@ -877,7 +952,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["guest"] and len(sys.argv) == 2:
         guest()
     elif sys.argv[1:2] == ["relay"] and len(sys.argv) == 7:
-        relay(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+        relay(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
     else:
-        sys.stderr.write("usage: vmlink.py guest | vmlink.py relay AGENT PORT CALLS UID GID\n")
+        sys.stderr.write("usage: vmlink.py guest | vmlink.py relay FD PORT CALLS UID GID\n")
         sys.exit(2)

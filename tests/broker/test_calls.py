@@ -107,7 +107,7 @@ print(json.dumps(results))
 """
 
 
-ASK_TIMEOUT = 3.0  # how long a call's question waits here (60 s by default)
+ASK_TIMEOUT = 5.0  # how long a call's question waits here (60 s by default)
 
 
 @pytest.fixture(scope="module")

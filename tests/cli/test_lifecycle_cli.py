@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ import pytest
 
 from qnix.compile import names
 from qnix.runtime import cgroups
-from qnix.runtime.paths import AGENT_DIR_INSIDE
 from tests.conftest import need
 from tests.runtime.livehost import QNIX, LiveHost
 
@@ -179,43 +177,6 @@ def test_run_gives_a_terminal_when_there_is_one(host: LiveHost, first_apply: str
     assert output.replace("\r", "") == "tty: xterm-qnix\n"
     piped = host.qnix("run", "work", "--", "sh", "-c", "test -t 0 || echo no tty: ${TERM:-unset}")
     assert piped.stdout == "no tty: unset\n"
-
-
-def test_a_compartment_cannot_redirect_run_to_another_socket(
-    host: LiveHost, first_apply: str
-) -> None:
-    """The compartment owns the folder its agent socket is in. It puts a symlink there to a
-    socket of the host's; `qnix run` must refuse it rather than hand that socket our stdio."""
-    decoy_path = host.base / "decoy.sock"
-    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    decoy.bind(str(decoy_path))
-    decoy.listen(1)
-    decoy.settimeout(5)
-    swap = f"mv {AGENT_DIR_INSIDE}/agent.sock {AGENT_DIR_INSIDE}/real.sock"
-    plant = f"ln -s {decoy_path} {AGENT_DIR_INSIDE}/agent.sock"
-    agent_dir = host.paths.agent_dir("work")
-    try:
-        host.ok("run", "work", "--", "sh", "-c", f"{swap} && {plant}")
-        refused = host.qnix("run", "work", "--", "true")
-        assert refused.returncode == 1
-        assert "the agent socket of work is not the agent's: refusing it" in refused.stderr
-        # Control: connecting by the path, as a client that trusts it would, reaches the decoy.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.connect(str(agent_dir / "agent.sock"))
-            connection, _ = decoy.accept()
-            connection.close()
-    finally:
-        decoy.close()
-        (agent_dir / "agent.sock").unlink()
-        (agent_dir / "real.sock").rename(agent_dir / "agent.sock")
-    assert host.ok("run", "work", "--", "echo", "back") == "back\n"
-    assert sorted(p.name for p in host.paths.run_dir("work").iterdir()) == [
-        "agent",
-        "call",
-        "keeper.json",
-        "keeper.log",
-        "state.json",
-    ]
 
 
 def test_the_home_persists_and_belongs_to_the_compartment(host: LiveHost, first_apply: str) -> None:

@@ -22,9 +22,13 @@ AGENT = Path(agent.__file__)
 @pytest.fixture
 def agent_socket(tmp_path: Path) -> Iterator[str]:
     path = str(tmp_path / "agent.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-I", str(AGENT), "serve", path], stdout=subprocess.PIPE, text=True
-    )
+    with agent.bound_socket(path) as bound:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", str(AGENT), "serve", str(bound.fileno())],
+            stdout=subprocess.PIPE,
+            text=True,
+            pass_fds=(bound.fileno(),),
+        )
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n"
     try:

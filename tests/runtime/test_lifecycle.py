@@ -223,7 +223,7 @@ def test_paths_come_from_options_then_environment() -> None:
     assert RuntimePaths.from_options("/a", None, environ=env).state_root == Path("/a")
     assert RuntimePaths.from_options(environ={}) == RuntimePaths()
     paths = RuntimePaths()
-    assert paths.agent_socket("work") == Path("/run/qnix/compartments/work/agent/agent.sock")
+    assert paths.agent_socket("work") == Path("/run/qnix/compartments/work/agent.sock")
     assert paths.home("work") == Path("/var/lib/qnix/compartments/work/home")
     assert paths.netns("work") == "qnix-work"
     with pytest.raises(ValueError, match="not a compartment name"):

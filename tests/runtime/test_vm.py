@@ -28,6 +28,7 @@ from qnix.compile import names
 from qnix.runtime import quickrun, vmlink
 from qnix.runtime.backends import vm
 from tests.conftest import need
+from tests.isolation.test_host_boundary import killed_client, output_file_after_the_end
 from tests.netprobes import PROBE, SERVE, server, stop_servers
 from tests.runtime.livehost import LiveHost
 from tests.runtime.test_secrets import encrypt_to, files_holding, new_key
@@ -454,3 +455,14 @@ def test_the_shares_lead_nowhere_else_on_the_host(lab: Lab) -> None:
         for name in ("up", "absolute"):
             (home / name).unlink(missing_ok=True)
         marker.unlink()
+
+
+def test_a_command_cannot_touch_our_output_file_after_it_ends(lab: Lab, tmp_path: Path) -> None:
+    """The relay writes into pipes of `qnix run`'s, which it closes at the command's end; what
+    the command leaves running in the guest writes to nobody (control: in the test itself, the
+    output that came before the end arrived)."""
+    output_file_after_the_end(lab.host, "box", tmp_path / "late.txt")
+
+
+def test_a_command_ends_when_its_client_is_killed(lab: Lab) -> None:
+    killed_client(lab.host, "box")

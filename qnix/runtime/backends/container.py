@@ -642,6 +642,9 @@ def _descendants(top: Path) -> list[Path]:
 # protections off (SYSTEMD_SECCOMP=0 drops its filter, SYSTEMD_NSPAWN_API_VFS_WRITABLE=1 makes
 # /sys writable) and passes LISTEN_FDS descriptors on into the container.
 NSPAWN_ENV: Mapping[str, str] = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+# Socket activation (sd_listen_fds): the one descriptor nspawn passes into the container, the
+# agent's socket, is at 3, and LISTEN_PID must be nspawn's own pid.
+LISTEN_FDS_START = 3
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -704,11 +707,17 @@ def write_tree(steps: Sequence[Step]) -> None:
 
 
 def _in_child(
-    netns_fd: int | None, procs_fds: Sequence[int], layout: Layout, steps: Sequence[Step]
+    netns_fd: int | None,
+    procs_fds: Sequence[int],
+    layout: Layout,
+    steps: Sequence[Step],
+    env: Mapping[str, str],
+    listening: bool,
 ) -> Callable[[], None]:
     """What the new process does before it becomes nspawn: enter the network namespace and the
     cgroups, die with its parent, enter a mount namespace of its own that receives the host's
-    mounts but sends none back, mount the private tmpfs and write the tree."""
+    mounts but sends none back, mount the private tmpfs and write the tree; last, set nspawn's
+    whole environment, with the socket activation variables that name its own pid."""
 
     def child() -> None:
         try:
@@ -724,6 +733,11 @@ def _in_child(
             _mount_tmpfs(NSPAWN_RUN_DIR, 0o755)
             write_tree(steps)
             _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
+            # Popen runs nspawn with this process's own environment (env=None).
+            os.environ.clear()
+            os.environ.update(env)
+            if listening:
+                os.environ.update({"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid())})
         except BaseException as exc:
             # The launcher's stderr (the keeper's log): subprocess only says preexec_fn failed.
             os.write(2, f"qnix: cannot set up the container: {exc}\n".encode(errors="replace"))
@@ -763,11 +777,35 @@ def _opened(
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _at_listen_fds_start(listen_fd: int | None) -> Iterator[None]:
+    """`listen_fd` at LISTEN_FDS_START while nspawn is started, whatever was there put back
+    after (the keeper starts one container at a time, from one thread)."""
+    if listen_fd is None:
+        yield
+        return
+    try:
+        saved: int | None = os.dup(LISTEN_FDS_START)
+        was_inheritable = os.get_inheritable(LISTEN_FDS_START)
+    except OSError:
+        saved, was_inheritable = None, False
+    os.dup2(listen_fd, LISTEN_FDS_START, inheritable=False)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.close(LISTEN_FDS_START)
+        else:
+            os.dup2(saved, LISTEN_FDS_START, inheritable=was_inheritable)
+            os.close(saved)
+
+
 def launch(
     prepared: PreparedContainer,
     *,
     netns_path: str | None,
     cgroup: cgroups.Cgroup,
+    listen_fd: int | None = None,
     env: Mapping[str, str] = NSPAWN_ENV,
     stdin: _Stream = subprocess.DEVNULL,
     stdout: _Stream = None,
@@ -775,24 +813,29 @@ def launch(
 ) -> subprocess.Popen[bytes]:
     """Start `prepared` in the network namespace at `netns_path` and in `cgroup` (extended by
     `placement`), with its tree in a private tmpfs on its staging folder (made here, root's,
-    0700). Only stdio is inherited: nspawn would pass any other descriptor into the container;
-    `env` is nspawn's whole environment (its SYSTEMD_* variables weaken it: tests only).
+    0700). Only stdio and `listen_fd` (the agent's bound socket, which nspawn passes into the
+    container by socket activation, at LISTEN_FDS_START) are inherited: nspawn would pass any
+    other descriptor in too; `env` is nspawn's whole environment (its SYSTEMD_* variables
+    weaken it: tests only).
     Like namespace.launch, one of the few places qnix starts a long-running process itself."""
     staging = Path(prepared.layout.staging)
     staging.mkdir(mode=0o700, exist_ok=True)
     Path(NSPAWN_RUN_DIR).mkdir(mode=0o755, parents=True, exist_ok=True)
     where = placement(cgroup)
     log.debug("$ %s", shlex.join(prepared.argv))
-    with _opened(netns_path, where) as (netns, procs):
+    with _opened(netns_path, where) as (netns, procs), _at_listen_fds_start(listen_fd):
         try:
             return subprocess.Popen(
                 prepared.argv,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                env=dict(env),
+                env=None,  # set by the child itself, with LISTEN_PID
                 close_fds=True,
-                preexec_fn=_in_child(netns, procs, prepared.layout, prepared.steps),
+                pass_fds=() if listen_fd is None else (LISTEN_FDS_START,),
+                preexec_fn=_in_child(
+                    netns, procs, prepared.layout, prepared.steps, env, listen_fd is not None
+                ),
             )
         except subprocess.SubprocessError as exc:
             raise QnixError(

@@ -60,7 +60,8 @@ PREFIX_FILE = "/qnix/prefix"  # the interpreter's prefix to mount, if any (one l
 INTERPRETER_FILE = "/qnix/interpreter"  # the Python that runs vmlink.py (one line)
 VMLINK_INSIDE = "/qnix/vmlink.py"
 CONFIG_INSIDE = "/qnix/config.json"  # qnix.runtime.vmlink.CONFIG_INSIDE says the same
-PORT_SOCKET_NAME = "vm-port.sock"  # in the agent's folder: the relay listens, QEMU connects
+PORT_DIR_NAME = "vm"  # in the run folder, the compartment's host uid's: QEMU's end of the port
+PORT_SOCKET_NAME = "port.sock"  # the relay listens, QEMU connects
 INSIDE_DIR = "/opt/qnix-agent"  # as in a namespace compartment
 
 # The guest's first process: load the modules, mount what the agent needs, start it. Fixed
