@@ -24,6 +24,9 @@ send it to its template's chain (qnix.compile.nft). Its keeper removes all of it
 command ends, or when the `qnix dispose` that owns it exits, however it exits; `apply` keeps a
 running disposable's elements when it reloads the table.
 
+`apply`, `start`, `dispose`, `down` and `gc` first make sure the host's network is not another
+qnix instance's (qnix.runtime.hostowner); `apply` marks the table it loads as this one's.
+
 Every isolation level starts: namespace (bubblewrap), container (systemd-nspawn) and vm (QEMU);
 see qnix.runtime.backends.
 """
@@ -57,7 +60,7 @@ from qnix.compile import names, openings
 from qnix.compile.artifacts import RULESET, SPEC_COPY, compile_spec
 from qnix.compile.nft import TABLE, disposable_elements, hostname_sets
 from qnix.errors import QnixError
-from qnix.runtime import btrfs, cgroups, secrets, storage
+from qnix.runtime import btrfs, cgroups, hostowner, secrets, storage
 from qnix.runtime.agent import AgentError, ProtocolError
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends.namespace import HostIdentity
@@ -70,6 +73,7 @@ from qnix.runtime.net import (
     element_statements,
     require_root,
     route_table,
+    table_comment,
 )
 from qnix.runtime.paths import RUN_ROOT_ENTRIES, RuntimePaths
 from qnix.runtime.quickrun import (
@@ -447,6 +451,7 @@ def _start(paths: RuntimePaths, ws: Workstation, name: str) -> bool:
     compartment = _compartment(ws, name)
     if running_state(paths, name) is not None:
         return False
+    hostowner.require_host_network(paths, network_for(paths))
     _cleanup_run(paths, name)  # whatever a crash left
     if not paths.netns_path(name).exists():
         raise QnixError(
@@ -650,6 +655,7 @@ def _create_disposable(
     identity = HostIdentity(names.HOST_ID_BASE + slot, names.HOST_ID_BASE + slot)
     config = _keeper_config(paths, ws, compartment, identity, **extra)
     net = network_for(paths)
+    hostowner.require_host_network(paths, net)
     try:
         net.ensure_netns(name)
         if uplink is not None:
@@ -1020,6 +1026,7 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
     net = network_for(paths)
     changes: list[str] = []
     notes = [f"policy {warning.render()}" for warning in openings.for_spec(loaded).warnings]
+    hostowner.require_host_network(paths, net)  # before anything of this instance is made
     _ensure_root(paths.state_root)
     warnings = []
     if any(c.persistence != "disposable" for c in ws.compartments.values()):
@@ -1047,12 +1054,16 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
         listing = net.table_listing()
         if (
             listing is None
+            or not hostowner.marked_by(paths, table_comment(listing))
             or applied.get("nft_sha256") != _sha256(transaction)
             or applied.get("nft_listing_sha256") != _sha256(_table_shape(listing))
             or _table_drifted(net, transaction + _disposables_statements(disposables))
         ):
             # Running disposables keep their elements across the reload.
-            net.load_table(transaction + _disposables_statements(disposables))
+            net.load_table(
+                transaction + _disposables_statements(disposables),
+                comment=hostowner.owner_mark(paths),
+            )
             atomic_write(paths.nft_transaction_file, transaction.encode(), 0o600)
             listing = net.table_listing() or ""
             changes.append(f"loaded nft table {TABLE} (generation {artifacts.generation[:16]})")
@@ -1146,6 +1157,7 @@ def down(paths: RuntimePaths) -> list[str]:
     """Stop every compartment and remove all of qnix's runtime from the host; keep the state."""
     require_root()
     net = network_for(paths)
+    hostowner.require_host_network(paths, net)
     changes: list[str] = []
     had_run_root = paths.run_root.exists()
     with locked(paths):
@@ -1195,6 +1207,7 @@ def gc(paths: RuntimePaths) -> list[str]:
     compartment's own mount namespace), so there are no mounts to remove."""
     require_root()
     net = network_for(paths)
+    hostowner.require_host_network(paths, net)
     changes: list[str] = []
     with locked(paths):
         ws = live_workstation(paths)
@@ -1239,6 +1252,7 @@ def gc(paths: RuntimePaths) -> list[str]:
         stale = set(re.findall(r'"(qx[0-9a-f]{10})" \. ', listing or "")) - wanted_links
         if stale and paths.nft_transaction_file.exists():
             kept = _disposables_statements(_running_disposables(paths))
-            net.load_table(paths.nft_transaction_file.read_text() + kept)
+            statements = paths.nft_transaction_file.read_text() + kept
+            net.load_table(statements, comment=hostowner.owner_mark(paths))
             changes.append(f"removed the nft elements of {', '.join(sorted(stale))}")
     return changes

@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -353,24 +354,31 @@ class HostNetwork:
         prefix = [] if netns is None else [self._ip_tool, "netns", "exec", netns]
         return run([*prefix, nft, *args], input=input).stdout
 
-    def _replace_table(self, netns: str | None, table: str, ruleset: str) -> None:
+    def _replace_table(
+        self, netns: str | None, table: str, ruleset: str, comment: str | None = None
+    ) -> None:
         # Declaring the table first makes the delete valid when there is none yet; nft -f runs
-        # the whole file as one transaction, so the old table stays if anything fails.
-        self.nft(netns, ["-f", "-"], input=f"table {table}\ndelete table {table}\n{ruleset}")
+        # the whole file as one transaction, so the old table stays if anything fails. The
+        # kernel keeps a table's comment from its first declaration only, so it comes first.
+        declared = "" if comment is None else f'table {table} {{ comment "{comment}"; }}\n'
+        statements = f"table {table}\ndelete table {table}\n{declared}{ruleset}"
+        self.nft(netns, ["-f", "-"], input=statements)
 
-    def load_table(self, ruleset: str) -> None:
+    def load_table(self, ruleset: str, *, comment: str | None = None) -> None:
         """Replace the `inet qnix` table in one transaction: all of `ruleset` or nothing.
 
         `ruleset` may go on after the table with statements such as `add element`; they are
-        part of the same transaction."""
-        self._replace_table(self.host_netns, TABLE, ruleset)
+        part of the same transaction. `comment` (nft quoting: no `"`, at most 128 characters)
+        becomes the table's own comment."""
+        self._replace_table(self.host_netns, TABLE, ruleset, comment)
 
-    def nft_listing(self, netns: str | None, table: str) -> str | None:
-        """`nft list table` of a table in a namespace, or None if there is no such table."""
+    def nft_listing(self, netns: str | None, table: str, *, terse: bool = False) -> str | None:
+        """`nft list table` of a table in a namespace, or None if there is no such table;
+        `terse` leaves out the elements of its sets and maps."""
         tables = self.nft(netns, ["list", "tables"]).splitlines()
         if f"table {table}" not in tables:
             return None
-        return self.nft(netns, ["list", "table", *table.split()])
+        return self.nft(netns, [*(["-t"] if terse else []), "list", "table", *table.split()])
 
     def add_elements(self, elements: Sequence[tuple[str, str]]) -> None:
         """Add elements to sets and maps of the table, in one transaction."""
@@ -393,6 +401,10 @@ class HostNetwork:
 
     def has_table(self) -> bool:
         return self.table_listing() is not None
+
+    def table_comment(self) -> str | None:
+        """The `inet qnix` table's own comment (None: no table, or no comment)."""
+        return table_comment(self.nft_listing(self.host_netns, TABLE, terse=True) or "")
 
     def delete_table(self) -> bool:
         if not self.has_table():
@@ -447,6 +459,14 @@ print(json.dumps(answers))
 def element_statements(elements: Sequence[tuple[str, str]]) -> str:
     """`add element` statements for an nft file or transaction."""
     return "".join(f"add element {TABLE} {name} {{ {element} }}\n" for name, element in elements)
+
+
+def table_comment(listing: str) -> str | None:
+    """The comment of the table in an `nft list table` listing: nft puts it on the line after
+    the table's, one tab in (a chain's or rule's comment is further in)."""
+    lines = listing.splitlines()
+    match = re.fullmatch(r'\tcomment "([^"]*)"', lines[1]) if len(lines) > 1 else None
+    return match.group(1) if match else None
 
 
 def require_root() -> None:

@@ -164,6 +164,9 @@ def test_nft_lists_a_transaction_in_a_namespace_of_its_own() -> None:
 
 
 def test_after_apply_nothing_drifts_and_the_check_is_audited(host: LiveHost) -> None:
+    # The table carries its owner's mark (qnix.runtime.hostowner), which is no drift.
+    mark = f"qnix run root {host.paths.run_root} netns prefix {host.prefix}"
+    assert host.net.table_comment() == mark
     result = host.qnix("drift")
     assert (result.returncode, result.stdout) == (
         0,

@@ -238,6 +238,8 @@ def test_paths_come_from_options_then_environment() -> None:
 def test_apply_gc_and_down_in_process(tmp_path: Path, live_host: LiveHost) -> None:
     paths, net = live_host.paths, live_host.net
     loaded = small(tmp_path)
+    # A new namespace inherits the real host's forwarding: start from a known value.
+    net.set_sysctl(live_host.host_netns, "net.ipv4.ip_forward", "0")
     first = lifecycle.apply(paths, loaded)
     try:
         assert first.changes[0].startswith("loaded nft table inet qnix")
@@ -302,6 +304,8 @@ def test_apply_gc_and_down_in_process(tmp_path: Path, live_host: LiveHost) -> No
     finally:
         changes = lifecycle.down(paths)
     assert f"removed {paths.run_root}" in changes
+    assert "turned IPv4 forwarding on the host off again" in changes
+    assert net.sysctl(live_host.host_netns, "net.ipv4.ip_forward") == "0"
     assert live_host.leftovers()["netns"] == []
     assert paths.home("work").is_dir()  # state is kept
     assert lifecycle.statuses(paths) == []

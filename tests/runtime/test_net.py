@@ -23,6 +23,7 @@ from qnix.runtime.net import (
     NetRoute,
     Uplink,
     route_table,
+    table_comment,
 )
 from tests.conftest import need
 
@@ -273,6 +274,28 @@ def test_table_load_replaces_the_whole_table_atomically(net: HostNetwork) -> Non
         net.delete_table()
     assert net.table_listing() is None
     assert net.has_table() is False
+
+
+def test_a_table_comment_is_set_by_the_load_and_read_back(net: HostNetwork) -> None:
+    """The comment comes with the table's first declaration in the transaction (nft keeps no
+    later one), survives the ruleset's own `table` block, and goes with the table."""
+    assert net.table_comment() is None
+    try:
+        net.load_table(GOOD, comment="qnix run root /run/qnix")
+        assert net.table_comment() == "qnix run root /run/qnix"
+        listing = net.table_listing()
+        assert listing is not None
+        assert table_comment(listing) == "qnix run root /run/qnix"
+        assert "192.0.2.1" in listing
+        net.load_table(OTHER, comment="qnix run root /srv/run")
+        assert net.table_comment() == "qnix run root /srv/run"
+        net.load_table(OTHER)
+        assert net.table_comment() is None
+    finally:
+        net.delete_table()
+    assert net.table_comment() is None
+    # A chain's comment is not the table's.
+    assert table_comment('table inet qnix {\n\tchain c {\n\t\tcomment "x"\n\t}\n}\n') is None
 
 
 def test_names_resolve_from_the_host_namespace_files_first(net: HostNetwork) -> None:
