@@ -279,6 +279,61 @@ report({"attach": attempt(attach)})
     )
 
 
+def debug_own_child() -> str:
+    """What a debugger does to a process of its own user: attach to it with ptrace, and read
+    and write its memory with process_vm_readv and process_vm_writev. The child holds a mark
+    its parent has wiped from its own copy: a read is "ok" only if it returns the mark."""
+    return _program(
+        r"""
+import signal
+PTRACE_ATTACH, PTRACE_DETACH = 16, 17
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+class IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+for call in (libc.process_vm_readv, libc.process_vm_writev):
+    call.argtypes = [ctypes.c_int, ctypes.POINTER(IoVec), ctypes.c_ulong,
+                     ctypes.POINTER(IoVec), ctypes.c_ulong, ctypes.c_ulong]
+    call.restype = ctypes.c_ssize_t
+MARK = b"child-memory"
+mark = ctypes.create_string_buffer(MARK, 16)
+child = os.fork()
+if child == 0:
+    signal.pause()
+    os._exit(0)
+ctypes.memset(mark, 0, 16)  # the child's copy still holds MARK
+
+def attach():
+    if libc.ptrace(PTRACE_ATTACH, child, None, None) != 0:
+        raise OSError(ctypes.get_errno(), "ptrace")
+    os.waitpid(child, 0x40000000)  # __WALL: wait for the stop before detaching
+    libc.ptrace(PTRACE_DETACH, child, None, None)
+
+def transfer(call, local):
+    here = IoVec(ctypes.cast(local, ctypes.c_void_p), 16)
+    there = IoVec(ctypes.cast(mark, ctypes.c_void_p), 16)
+    if call(child, ctypes.byref(here), 1, ctypes.byref(there), 1, 0) != 16:
+        raise OSError(ctypes.get_errno(), "process_vm")
+
+def read():
+    into = ctypes.create_string_buffer(16)
+    transfer(libc.process_vm_readv, into)
+    if into.value != MARK:
+        raise OSError(errno.EIO, "read something else")
+
+results = {
+    "ptrace": attempt(attach),
+    "process_vm_readv": attempt(read),
+    "process_vm_writev": attempt(
+        lambda: transfer(libc.process_vm_writev, ctypes.create_string_buffer(b"written", 16))
+    ),
+}
+os.kill(child, 9)
+os.waitpid(child, 0)
+report(results)
+"""
+    )
+
+
 # ---- files ---------------------------------------------------------------------------------------
 
 

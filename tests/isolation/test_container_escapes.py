@@ -482,35 +482,55 @@ def test_host_process_cannot_be_traced_or_signalled(
     assert process.wait(timeout=5) == -signal.SIGTERM
 
 
-TRACE_OWN_CHILD = probes._program(
-    r"""
-PTRACE_ATTACH, PTRACE_DETACH = 16, 17
-libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-child = os.fork()
-if child == 0:
-    os.pause()
-def attach():
-    if libc.ptrace(PTRACE_ATTACH, child, None, None) != 0:
-        raise OSError(ctypes.get_errno(), "ptrace")
-    os.waitpid(child, 0x40000000)
-    libc.ptrace(PTRACE_DETACH, child, None, None)
-result = attempt(attach)
-os.kill(child, 9)
-os.waitpid(child, 0)
-report({"attach": result})
-"""
+DEBUG_CALLS = ("ptrace", "process_vm_readv", "process_vm_writev")
+CAP_SYS_PTRACE = 19
+# The container as qnix builds it, but keeping CAP_SYS_PTRACE (every other capability still
+# dropped): nspawn's own allow-list then admits all three calls, so only qnix's deny-list is
+# left to refuse them.
+ALLOW_LIST_ADMITS_DEBUGGING = swapped(
+    "--drop-capability=all",
+    "--drop-capability="
+    + ",".join(
+        str(number)
+        for number in range(int(Path("/proc/sys/kernel/cap_last_cap").read_text()) + 1)
+        if number != CAP_SYS_PTRACE
+    ),
 )
 
 
-def test_own_processes_cannot_be_traced_either(lab: Lab) -> None:
-    """ptrace is refused in a container compartment, even of its own processes (a namespace
-    compartment allows debuggers)."""
-    assert lab.inside(TRACE_OWN_CHILD).report == {"attach": "EPERM"}
-    # Control: the same container without any filter, its user tracing its own child.
-    control = lab.weakened(
-        TRACE_OWN_CHILD, edits=[without("--system-call-filter=")], env=NO_SECCOMP
-    )
-    assert control.report == {"attach": "ok"}
+def not_denied(*calls: str) -> Edit:
+    """qnix's deny-list (--system-call-filter=~...) without `calls`, each of which it must
+    hold; nspawn's own allow-list stays on."""
+
+    def edit(options: list[str]) -> list[str]:
+        prefix = "--system-call-filter=~"
+        [denied] = [option for option in options if option.startswith(prefix)]
+        names = denied.removeprefix(prefix).split()
+        assert set(calls) <= set(names), f"{calls} not all in {denied}"
+        kept = prefix + " ".join(name for name in names if name not in calls)
+        return [kept if option == denied else option for option in options]
+
+    return edit
+
+
+def test_own_processes_cannot_be_debugged_either(lab: Lab) -> None:
+    """ptrace and process_vm_readv/writev are refused in a container compartment, even on its
+    own processes (a namespace compartment allows debuggers). qnix's deny-list refuses all
+    three; nspawn's allow-list admits ptrace only with CAP_SYS_PTRACE, which the container does
+    not keep, so it refuses ptrace too, but it always admits process_vm_readv/writev."""
+    command = probes.debug_own_child()
+    refused = dict.fromkeys(DEBUG_CALLS, "EPERM")
+    debugged = dict.fromkeys(DEBUG_CALLS, "ok")
+    assert lab.inside(command).report == refused
+    # qnix's deny-list alone refuses all three where nspawn's allow-list admits them; the
+    # control: the same without qnix's three, nspawn's filter still on.
+    assert lab.weakened(command, edits=[ALLOW_LIST_ADMITS_DEBUGGING]).report == refused
+    control = lab.weakened(command, edits=[ALLOW_LIST_ADMITS_DEBUGGING, not_denied(*DEBUG_CALLS)])
+    assert control.report == debugged
+    # With the capabilities dropped as in box, nspawn's allow-list refuses ptrace by itself, but
+    # without qnix's three the user reads and writes its child's memory.
+    without_denial = lab.weakened(command, edits=[not_denied(*DEBUG_CALLS)]).report
+    assert without_denial == {**debugged, "ptrace": "EPERM"}
 
 
 ORPHAN_ZOMBIES = probes._program(

@@ -26,7 +26,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyseccomp
@@ -555,6 +555,43 @@ def test_chroot_is_refused(sandbox: Sandbox) -> None:
     command = py(probes.chroot())
     assert sandbox.run(command).report == {"chroot": "EPERM"}
     assert sandbox.run(command, edits=CAPS_KEPT).report == {"chroot": "ok"}
+
+
+CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+def capability_sets(status: str) -> dict[str, int]:
+    """The capability sets and no_new_privs of a /proc/PID/status."""
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    found = {name: int(fields[name], 16) for name in CAPABILITY_SETS}
+    return {**found, "NoNewPrivs": int(fields["NoNewPrivs"])}
+
+
+def test_no_capability_is_left_in_any_set(sandbox: Sandbox) -> None:
+    """Every capability set inside is empty, the bounding set too. Started as qnix starts it
+    (as an unprivileged host user), bubblewrap keeps none even without --cap-drop ALL; started
+    by root, it keeps the whole bounding set unless told to drop it. No attack needs that set:
+    the user holds no capability to use and no_new_privs stops an exec from gaining one. The
+    flag is defence in depth for a bubblewrap started otherwise."""
+    command = [need("cat"), "/proc/self/status"]
+    nothing = {**dict.fromkeys(CAPABILITY_SETS, 0), "NoNewPrivs": 1}
+    nobody = ns.HostIdentity(65534, 65534)
+
+    def sets(run_as: ns.HostIdentity | None, edits: Sequence[Edit] = ()) -> dict[str, int]:
+        # Without root's pyenv, which nobody cannot enter: cat needs no interpreter.
+        system = ns.host_system_binds(interpreter_prefix=None)
+        outcome = sandbox.run(command, run_as=run_as, edits=edits, system=system)
+        assert outcome.returncode == 0, outcome.stderr
+        return capability_sets(outcome.stdout)
+
+    assert sets(run_as=nobody) == nothing
+    assert sets(run_as=None) == nothing
+    # Control: started by root without the flag, the bounding set is root's own.
+    own = capability_sets(Path("/proc/self/status").read_text())["CapBnd"]
+    assert own != 0
+    assert sets(run_as=None, edits=[drop("--cap-drop")]) == {**nothing, "CapBnd": own}
+    # Started as qnix starts it, bubblewrap drops them all by itself.
+    assert sets(run_as=nobody, edits=[drop("--cap-drop")]) == nothing
 
 
 def test_kernel_addresses_are_hidden(sandbox: Sandbox) -> None:

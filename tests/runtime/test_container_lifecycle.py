@@ -1,6 +1,7 @@
 """A container compartment's life on a stand-in host (tests/runtime/livehost.py), through the CLI:
 apply starts it (autostart), `qnix run` passes stdio and the exit code, `qnix ls` shows it,
-stop and start, its home survives both, its secret arrives and leaves no plaintext behind, a
+stop and start, its home survives both, its secret arrives and leaves no plaintext behind, the
+secret another container lists never reaches it, a
 disposable of a container template comes and goes, a killed keeper takes the container with it
 and `gc` removes the rest, and `down` leaves nothing (LiveHost.close checks).
 """
@@ -24,6 +25,7 @@ from qnix.runtime.backends import container
 from qnix.spec.load import load
 from tests.conftest import need
 from tests.runtime.livehost import QNIX, LiveHost
+from tests.runtime.test_secrets import encrypt_to, only_its_own, secret_sightings, sightings_of
 
 SPEC = """\
 [host]
@@ -39,12 +41,22 @@ user = "alice"
 snapshots = 0
 secrets = ["token"]
 
+[compartments.other]
+isolation = "container"
+memory_mb = 256
+snapshots = 0
+secrets = ["spare"]
+
 [disposable_templates.cdvm]
 isolation = "container"
 memory_mb = 256
 
 [secrets.token]
 file = "secrets/token.age"
+recipients = ["{recipient}"]
+
+[secrets.spare]
+file = "secrets/spare.age"
 recipients = ["{recipient}"]
 """
 
@@ -69,9 +81,10 @@ print(json.dumps(report))
 
 
 class Lab:
-    def __init__(self, host: LiveHost, key: Path, plaintext: bytes) -> None:
+    def __init__(self, host: LiveHost, key: Path, plaintexts: dict[str, bytes]) -> None:
         self.host = host
-        self.plaintext = plaintext
+        self.plaintexts = plaintexts
+        self.plaintext = plaintexts["token"]
         self.env = {**host.env, "QNIX_AGE_IDENTITY": str(key)}
 
     def qnix(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -102,20 +115,13 @@ def lab() -> Iterator[Lab]:
         recipient = subprocess.run(
             [need("age-keygen"), "-y", str(key)], check=True, capture_output=True, text=True
         ).stdout.strip()
-        plaintext = f"qnix-container-secret-{random.token_hex(16)}\n".encode()
-        (host.base / "secrets").mkdir()
-        subprocess.run(
-            [
-                need("age"),
-                "--recipient",
-                recipient,
-                "--output",
-                str(host.base / "secrets/token.age"),
-            ],
-            input=plaintext,
-            check=True,
-        )
-        made = Lab(host, key, plaintext)
+        plaintexts = {
+            name: f"qnix-container-{name}-{random.token_hex(16)}\n".encode()
+            for name in ("token", "spare")
+        }
+        for name, plaintext in plaintexts.items():
+            encrypt_to(recipient, plaintext, host.base / "secrets" / f"{name}.age")
+        made = Lab(host, key, plaintexts)
         applied = made.ok("apply", str(host.spec(SPEC.format(recipient=recipient))))
         assert "box: started" in applied.splitlines()
         yield made
@@ -204,6 +210,20 @@ def test_the_secret_arrives_and_leaves_no_plaintext_behind(lab: Lab) -> None:
                 if os.path.isfile(path) and not os.path.islink(path):
                     with open(path, "rb") as handle:
                         assert needle not in handle.read(), path
+
+
+def test_a_container_gets_the_one_secret_it_lists_of_two_declared(lab: Lab) -> None:
+    """box lists token only: spare's name and plaintext are nowhere in it. Control: other,
+    which lists spare, finds it with the same search."""
+    lab.ok("start", "other")
+    try:
+        in_box = secret_sightings(lab.ok, "box", "token", lab.plaintexts)
+        in_other = secret_sightings(lab.ok, "other", "spare", lab.plaintexts)
+    finally:
+        lab.ok("stop", "other")
+    assert sightings_of(in_box) == only_its_own(in_box, "token")
+    assert sightings_of(in_other) == only_its_own(in_other, "spare")
+    assert {"/etc/passwd", "/opt/qnix-agent/agent.py"} <= set(in_box["scanned"])
 
 
 def test_a_container_disposable_comes_and_goes(lab: Lab) -> None:

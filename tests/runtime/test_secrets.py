@@ -6,20 +6,22 @@ The acceptance test: a spec with two compartments, one listing a secret. The hol
 file and finds the plaintext in nothing it can read; a disposable of a template listing it gets
 it too; the audit log names each delivery with the ciphertext's hash. After the compartments
 stop, the plaintext (random for each run) is in no file of the state root, the run root, the
-build output, the audit log, /tmp or /dev/shm. A wrong or missing identity refuses the start and
-leaves nothing running.
+build output, the audit log, /tmp or /dev/shm. With two secrets declared, a compartment listing
+one finds the other's name and plaintext nowhere (SECRET_FINDER, which the container and VM tests
+use too). A wrong or missing identity refuses the start and leaves nothing running.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
 import secrets as random
 import stat
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +197,94 @@ print(json.dumps({
 }))
 """
 
+# Inside a compartment, for each secret in the JSON on stdin ({name: plaintext}): every path
+# whose last part holds its name, and every file, process command line or environment holding
+# its plaintext. The host's system trees, bound read-only (/usr and the links into it, /nix, the
+# interpreter's prefix), hold nothing qnix writes; /sys and /dev hold no files.
+SECRET_FINDER = r"""
+import json, os, sys
+wanted = json.load(sys.stdin)
+skip = {"/usr", "/nix", "/proc", "/sys", "/dev", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+        "/libx32", os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+found = {name: {"paths": [], "holding": []} for name in wanted}
+scanned = []
+def check(path):
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return
+    scanned.append(path)
+    for name, plaintext in wanted.items():
+        if plaintext.encode() in data:
+            found[name]["holding"].append(path)
+for folder, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.join(folder, d) not in skip]
+    for entry in (*dirs, *files):
+        for name in wanted:
+            if name in entry:
+                found[name]["paths"].append(os.path.join(folder, entry))
+    for entry in files:
+        path = os.path.join(folder, entry)
+        if os.path.isfile(path) and not os.path.islink(path):
+            check(path)
+for pid in os.listdir("/proc"):
+    if pid.isdigit() and pid != str(os.getpid()):
+        for part in ("cmdline", "environ"):
+            check(f"/proc/{pid}/{part}")
+print(json.dumps({
+    "listing": sorted(os.listdir("/run/secrets")) if os.path.isdir("/run/secrets") else None,
+    "found": {name: {k: sorted(v) for k, v in where.items()} for name, where in found.items()},
+    "home": os.environ["HOME"],
+    "scanned": scanned,
+}))
+"""
+# Copies of the compartment's own secret where a leaked one could lie: finding them shows the
+# finder searches there.
+COPY_OWN = 'cp "/run/secrets/$1" /tmp/copy && cp "/run/secrets/$1" "$HOME/copy"'
+
+
+def secret_sightings(
+    qnix: Callable[..., str], name: str, own: str, plaintexts: dict[str, bytes]
+) -> dict[str, Any]:
+    """SECRET_FINDER's report from compartment `name`, which lists the secret `own`, with its
+    copies planted in /tmp and the home for the time of the search. `qnix(*args, input=...)`
+    runs qnix and returns its output."""
+    qnix("run", name, "--", "sh", "-c", COPY_OWN, "sh", own, input="")
+    try:
+        wanted = {secret: text.decode() for secret, text in plaintexts.items()}
+        seen: dict[str, Any] = json.loads(
+            qnix("run", name, "--", "python3", "-c", SECRET_FINDER, input=json.dumps(wanted))
+        )
+    finally:
+        qnix("run", name, "--", "sh", "-c", 'rm -f /tmp/copy "$HOME/copy"', input="")
+    return seen
+
+
+def only_its_own(seen: dict[str, Any], own: str) -> dict[str, Any]:
+    """What `seen` must be for a compartment that lists `own` and no other secret sought: that
+    one at /run/secrets/OWN and in the copies, the others nowhere."""
+    home = seen["home"]
+    return {
+        "listing": [own],
+        "found": {
+            secret: (
+                {
+                    "paths": [f"/run/secrets/{own}"],
+                    "holding": sorted([f"/run/secrets/{own}", "/tmp/copy", f"{home}/copy"]),
+                }
+                if secret == own
+                else {"paths": [], "holding": []}
+            )
+            for secret in seen["found"]
+        },
+    }
+
+
+def sightings_of(seen: dict[str, Any]) -> dict[str, Any]:
+    return {key: seen[key] for key in ("listing", "found")}
+
+
 TWO_COMPARTMENTS = """\
 [host]
 hostname = "lab"
@@ -319,6 +409,55 @@ def test_a_secret_reaches_only_its_compartment_and_leaves_no_plaintext_behind(
     assert found == []
     assert {str(live_host.paths.audit_log), str(build / "modules" / "secrets.nix")} <= scanned
     assert str(live_host.paths.generation_dir / "spec.json") in scanned
+
+
+TWO_SECRETS = """\
+[host]
+hostname = "lab"
+subnet = "10.207.0.0/16"
+
+[compartments.alpha]
+memory_mb = 128
+secrets = ["first-key"]
+
+[compartments.beta]
+memory_mb = 128
+secrets = ["second-key"]
+
+[secrets.first-key]
+file = "secrets/first-key.age"
+recipients = ["{recipient}"]
+
+[secrets.second-key]
+file = "secrets/second-key.age"
+recipients = ["{recipient}"]
+"""
+
+
+def test_a_compartment_gets_the_one_secret_it_lists_of_two_declared(live_host: LiveHost) -> None:
+    """alpha lists first-key only: second-key's name and plaintext are nowhere in it. Control:
+    beta, which lists second-key, finds it with the same search."""
+    key, recipient = new_key(live_host.base / "two-keys")
+    plaintexts = {
+        name: f"qnix-{name}-{random.token_hex(16)}\n".encode()
+        for name in ("first-key", "second-key")
+    }
+    for name, plaintext in plaintexts.items():
+        encrypt_to(recipient, plaintext, live_host.base / "secrets" / f"{name}.age")
+    qnix = functools.partial(ok, live_host, env={"QNIX_AGE_IDENTITY": str(key)})
+    qnix("apply", str(live_host.spec(TWO_SECRETS.format(recipient=recipient), "two.toml")))
+    qnix("start", "alpha")
+    qnix("start", "beta")
+    try:
+        in_alpha = secret_sightings(qnix, "alpha", "first-key", plaintexts)
+        in_beta = secret_sightings(qnix, "beta", "second-key", plaintexts)
+    finally:
+        qnix("stop", "alpha")
+        qnix("stop", "beta")
+    assert sightings_of(in_alpha) == only_its_own(in_alpha, "first-key")
+    assert sightings_of(in_beta) == only_its_own(in_beta, "second-key")
+    # Not vacuous: it read the agent's files and /etc besides /run, /tmp and the home.
+    assert {"/etc/passwd", "/opt/qnix-agent/agent.py"} <= set(in_alpha["scanned"])
 
 
 def test_a_wrong_or_missing_identity_refuses_the_start_and_leaves_nothing(

@@ -47,7 +47,8 @@ what each one protects):
 * **Privileges:** --user (uid 1000), --no-new-privileges, --drop-capability=all, a read-only
   root, and a system call filter refusing at least what qnix.runtime.seccomp refuses plus
   ptrace and process_vm_readv/writev (nspawn's own allow-list, which depends on the capabilities
-  kept, applies under it).
+  kept, applies under it: without CAP_SYS_PTRACE it refuses ptrace too, but not
+  process_vm_readv/writev).
 
 `nspawn_argv` and `tree_steps` are pure, so a compartment's whole command line and tree can be
 checked exactly; `prepare` fills them in from a plan, `launch` starts the result.
@@ -94,6 +95,7 @@ INIT_INSIDE = "/opt/qnix-container/init.py"
 # Where the host's os-release may be: nspawn refuses a tree without one.
 OS_RELEASE_PATHS = ("/etc/os-release", "/usr/lib/os-release")
 # Refused on top of qnix.runtime.seccomp's list: no debugging across processes in a container.
+# nspawn's allow-list refuses ptrace as well (no CAP_SYS_PTRACE is kept), but admits the other two.
 EXTRA_DENIED_SYSCALLS = ("ptrace", "process_vm_readv", "process_vm_writev")
 DENIED_SYSCALLS = (*seccomp.DENIED_SYSCALLS, *EXTRA_DENIED_SYSCALLS)
 SYSCALL_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
