@@ -12,20 +12,60 @@ from qnix.errors import QnixError
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` through a temporary file, fsync, rename."""
+    """Write `data` to `path` through a temporary file, fsync, rename.
+
+    The file is written unnamed (O_TMPFILE) and named only just before the rename, so a
+    process killed while writing leaves nothing behind (a named temporary file would keep
+    `qnix down` from removing the run root). Where the file system has no unnamed files, a
+    named temporary file it is."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _write_unnamed(path, data, mode)
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                _write_all(handle.fileno(), data, mode)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes, mode: int) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+    os.fchmod(fd, mode)
+
+
+def _write_unnamed(path: Path, data: bytes, mode: int) -> str | None:
+    """`data` in an unnamed file in `path`'s folder, then linked in beside it under a
+    temporary name (returned); None if the file system cannot."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode, dir_fd=directory)
+        except OSError:
+            return None
+        try:
+            _write_all(fd, data, mode)
+            name = f".{path.name}.{os.urandom(6).hex()}.tmp"
+            try:
+                # linkat with AT_SYMLINK_FOLLOW (a dir_fd makes Python use linkat, not link).
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=directory, follow_symlinks=True)
+            except OSError:
+                return None
+        finally:
+            os.close(fd)
+    finally:
+        os.close(directory)
+    return str(path.parent / name)
 
 
 def _fsync_dir(directory: Path) -> None:
