@@ -5,7 +5,7 @@ pkgs.mkShell {
     python311
     gnumake
     bubblewrap
-    nftables
+    nftables # nft, and libnftables.so.1, which qnix loads from beside it
     nix
     age
     graphviz

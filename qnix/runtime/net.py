@@ -9,10 +9,13 @@ iif <its host end> table N`, table N holding one default route via the net compa
 address); the net compartment forwards and masquerades it back to the host under its own
 address, where its own allow-list applies. See qnix.compile.nft for the filter.
 
-Everything goes through `ip`, `nft` and `sysctl` run by qnix.runtime.runner, so `qnix --debug`
-shows each change as a command an admin could type. Each `ensure_*` first looks at what exists
-(`ip -j`), changes only what differs and says whether it changed anything: idempotent, and the
-caller can report "no changes".
+Links, addresses, routes and rules go through routing netlink in-process (qnix.runtime.netlink,
+pyroute2), the tables through libnftables in-process (qnix.runtime.nft), kernel parameters
+through /proc/sys inside the namespace: no process per step, and `qnix --debug` still shows
+each step as one line (`netlink: qnix-work: add veth qx1a2b <-> qnix-work:eth0`, each nft
+transaction's exact text). Each `ensure_*` first looks at what exists, changes only what
+differs and says whether it changed anything: idempotent, and the caller can report "no
+changes". `ip` stays for the read-only `ip -j` listings drift compares, and for `resolve`.
 
 `host_netns` names the namespace that plays the host (None: the one qnix runs in). Tests give
 one they made, so they never touch the real host's links, routes or ruleset.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import sys
@@ -33,7 +37,10 @@ from typing import Any, Literal
 
 from qnix.compile.names import IFNAME_PREFIX, Link
 from qnix.errors import QnixError
+from qnix.runtime import netlink, nft
 from qnix.runtime.runner import require_tool, run
+
+log = logging.getLogger("qnix.net")
 
 NETNS_DIR = Path("/run/netns")
 COMPARTMENT_IFNAME = "eth0"
@@ -100,7 +107,18 @@ class HostNetwork:
     def netns_path(self, compartment: str) -> Path:
         return self.netns_dir / self.netns(compartment)
 
-    # ---- running ip --------------------------------------------------------------------------
+    def _path(self, netns: str | None) -> Path | None:
+        """Where a namespace named `netns` is bound (None: the one qnix runs in)."""
+        return None if netns is None else self.netns_dir / netns
+
+    @staticmethod
+    def _label(netns: str | None) -> str:
+        return netns or "host"
+
+    def _rtnl(self, netns: str | None) -> netlink.Rtnl:
+        return netlink.Rtnl(self._label(netns), self._path(netns))
+
+    # ---- running ip (read-only listings for drift and tests) ---------------------------------
 
     @property
     def _ip_tool(self) -> str:
@@ -128,22 +146,35 @@ class HostNetwork:
 
     def ensure_netns(self, compartment: str) -> bool:
         """The compartment's namespace with loopback up (all a `network = "none"` one has)."""
-        name = self.netns(compartment)
+        name, path = self.netns(compartment), self.netns_path(compartment)
         changed = False
-        if not self.netns_path(compartment).exists():
-            self.ip(None, "netns", "add", name)
+        if path.exists() and not netlink.is_netns(path):
+            netlink.remove_netns(path, name)  # a file a kill left before it was bound
+        if not path.exists():
+            netlink.create_netns(path, name)
             changed = True
-        lo = self.ip_json(name, "link", "show", "dev", "lo")
-        if not lo or "UP" not in lo[0].get("flags", []):
-            self.ip(name, "link", "set", "lo", "up")
-            changed = True
+        with self._rtnl(name) as inside:
+            lo = inside.link("lo")
+            if lo is None:
+                raise QnixError(f"network namespace {name} has no loopback interface")
+            if not lo.up:
+                inside.set_up(lo)
+                changed = True
         return changed
 
     def remove_netns(self, compartment: str) -> bool:
-        """Delete the namespace (and with it its end of the veth pair, so the host end too)."""
-        if not self.netns_path(compartment).exists():
+        """Delete the namespace and its links, so the host end of its veth pair too. The links
+        go first, explicitly: the kernel ends an unbound namespace (and what it holds) later,
+        in the background, and not at all while a process is still inside."""
+        name, path = self.netns(compartment), self.netns_path(compartment)
+        if not path.exists():
             return False
-        self.ip(None, "netns", "delete", self.netns(compartment))
+        if netlink.is_netns(path):
+            with self._rtnl(name) as inside:
+                for link in inside.links():
+                    if link != "lo":
+                        inside.delete_link(link)
+        netlink.remove_netns(path, name)
         return True
 
     def list_netns(self) -> list[str]:
@@ -160,93 +191,71 @@ class HostNetwork:
 
     # ---- links ---------------------------------------------------------------------------
 
-    def _links(self, netns: str | None) -> dict[str, dict[str, Any]]:
-        return {str(link["ifname"]): link for link in self.ip_json(netns, "link", "show")}
-
-    def _ensure_addresses(self, netns: str | None, ifname: str, address: str) -> bool:
+    @staticmethod
+    def _ensure_address(rtnl: netlink.Rtnl, link: netlink.LinkState, address: str) -> bool:
         """Exactly `address`/31 as the interface's IPv4 address."""
         changed = False
-        found = self.ip_json(netns, "-4", "addr", "show", "dev", ifname)
-        present = {
-            f"{info['local']}/{info['prefixlen']}"
-            for entry in found
-            for info in entry.get("addr_info", [])
-            if info.get("family") == "inet"
-        }
+        present = set(rtnl.addresses(link))
         wanted = f"{address}/31"
         for stale in sorted(present - {wanted}):
-            self.ip(netns, "addr", "del", stale, "dev", ifname)
+            rtnl.delete_address(link, stale)
             changed = True
         if wanted not in present:
-            self.ip(netns, "addr", "add", wanted, "dev", ifname)
+            rtnl.add_address(link, wanted)
             changed = True
         return changed
 
-    def _ensure_up(self, netns: str | None, link: dict[str, Any]) -> bool:
-        if "UP" in link.get("flags", []):
+    @staticmethod
+    def _ensure_up(rtnl: netlink.Rtnl, link: netlink.LinkState) -> bool:
+        if link.up:
             return False
-        self.ip(netns, "link", "set", str(link["ifname"]), "up")
+        rtnl.set_up(link)
         return True
 
+    @staticmethod
     def _ensure_default_route(
-        self, netns: str | None, gateway: str, dev: str, table: int | None = None
+        rtnl: netlink.Rtnl, gateway: str, link: netlink.LinkState, table: int = netlink.MAIN_TABLE
     ) -> bool:
-        where = ["table", str(table)] if table is not None else []
-        routes = self.ip_json(netns, "-4", "route", "show", "default", *where, check=False)
-        if any(r.get("gateway") == gateway and r.get("dev") == dev for r in routes) and (
-            len(routes) == 1
-        ):
+        if rtnl.default_routes(table) == [(gateway, link.index)]:
             return False
-        self.ip(netns, "route", "replace", "default", "via", gateway, "dev", dev, *where)
+        rtnl.replace_default_route(gateway, link, table)
         return True
 
-    def _rules_of(self, ifname: str) -> list[dict[str, Any]]:
-        return [
-            r for r in self.ip_json(self.host_netns, "-4", "rule", "show") if r.get("iif") == ifname
-        ]
-
     @staticmethod
-    def _rule_args(priority: int, ifname: str, destination: str | None, table: str) -> list[str]:
-        to = [] if destination is None else ["to", destination]
-        return ["priority", str(priority), "iif", ifname, *to, "table", table]
-
-    @staticmethod
-    def _rule_key(rule: dict[str, Any]) -> tuple[int, str | None, str]:
-        destination = f"{rule['dst']}/{rule['dstlen']}" if "dst" in rule else None
-        return int(rule["priority"]), destination, str(rule["table"])
-
-    def _del_rule(self, rule: dict[str, Any]) -> None:
-        priority, destination, table = self._rule_key(rule)
-        args = self._rule_args(priority, str(rule["iif"]), destination, table)
-        self.ip(self.host_netns, "-4", "rule", "del", *args)
-
-    def _ensure_rule(self, ifname: str, net: NetRoute | None) -> bool:
+    def _wanted_rules(ifname: str, net: NetRoute | None) -> set[netlink.Rule]:
         """For a client of a net compartment: `iif <ifname> lookup <table>`, and before it
         `iif <ifname> to <subnet> lookup main`, so that what is meant for another compartment
         (which only an opening of the policy admits) goes there directly rather than through
         the net compartment. Nothing for any other compartment."""
+        if net is None:
+            return set()
+        subnet = str(ipaddress.IPv4Network(net.subnet))
+        return {
+            netlink.Rule(RULE_PRIORITY - 1, ifname, subnet, netlink.MAIN_TABLE),
+            netlink.Rule(RULE_PRIORITY, ifname, None, net.table),
+        }
+
+    def _ensure_rules(self, host: netlink.Rtnl, ifname: str, net: NetRoute | None) -> bool:
         changed = False
-        wanted: set[tuple[int, str | None, str]] = set()
-        if net is not None:
-            wanted = {
-                (RULE_PRIORITY - 1, net.subnet, "main"),
-                (RULE_PRIORITY, None, str(net.table)),
-            }
-        found: set[tuple[int, str | None, str]] = set()
-        for rule in self._rules_of(ifname):
-            key = self._rule_key(rule)
-            if key in wanted and key not in found:  # keep one of each, drop duplicates, others
-                found.add(key)
+        wanted = self._wanted_rules(ifname, net)
+        found: set[netlink.Rule] = set()
+        for rule in host.rules():
+            if rule.iifname != ifname:
                 continue
-            self._del_rule(rule)
-            changed = True
+            if rule in wanted and rule not in found:  # keep one of each, drop duplicates, others
+                found.add(rule)
+                continue
+            changed |= host.delete_rule(rule)
         if net is not None:
-            changed |= self._ensure_default_route(
-                self.host_netns, net.gateway, net.host_ifname, net.table
-            )
-        for priority, destination, table in sorted(wanted - found, key=lambda key: key[0]):
-            args = self._rule_args(priority, ifname, destination, table)
-            self.ip(self.host_netns, "-4", "rule", "add", *args)
+            router = host.link(net.host_ifname)
+            if router is None:
+                raise QnixError(
+                    f"the net compartment's link {net.host_ifname} is missing",
+                    hint="its compartment's link is made first; `qnix apply` makes both",
+                )
+            changed |= self._ensure_default_route(host, net.gateway, router, net.table)
+        for rule in sorted(wanted - found):
+            host.add_rule(rule)
             changed = True
         return changed
 
@@ -254,75 +263,81 @@ class HostNetwork:
         """The veth pair, its addresses and default route; for a client of a net compartment
         also the rule and table that send its traffic there. The net compartment's own link
         must exist first."""
-        inside = self.netns(compartment)
+        inside_name = self.netns(compartment)
         changed = False
-        host_links = self._links(self.host_netns)
-        if uplink.host_ifname not in host_links:
-            if COMPARTMENT_IFNAME in self._links(inside):
-                self.ip(inside, "link", "del", COMPARTMENT_IFNAME)
-            self.ip(
-                self.host_netns,
-                "link",
-                "add",
-                uplink.host_ifname,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                COMPARTMENT_IFNAME,
-                "netns",
-                inside,
-            )
-            changed = True
-            host_links = self._links(self.host_netns)
-        changed |= self._ensure_addresses(self.host_netns, uplink.host_ifname, uplink.link.gateway)
-        changed |= self._ensure_up(self.host_netns, host_links[uplink.host_ifname])
-        changed |= self._ensure_addresses(inside, COMPARTMENT_IFNAME, uplink.link.address)
-        changed |= self._ensure_up(inside, self._links(inside)[COMPARTMENT_IFNAME])
-        changed |= self._ensure_default_route(inside, uplink.link.gateway, COMPARTMENT_IFNAME)
-        changed |= self._ensure_rule(uplink.host_ifname, uplink.net)
+        with self._rtnl(self.host_netns) as host, self._rtnl(inside_name) as inside:
+            host_end = host.link(uplink.host_ifname)
+            inner_end = inside.link(COMPARTMENT_IFNAME)
+            if host_end is not None and inner_end is None:
+                # The host end's peer is elsewhere (a namespace made anew): pair them again.
+                host.delete_link(uplink.host_ifname)
+                host_end = None
+            if host_end is None:
+                if inner_end is not None:
+                    inside.delete_link(COMPARTMENT_IFNAME)
+                path = self.netns_path(compartment)
+                host.add_veth(uplink.host_ifname, COMPARTMENT_IFNAME, path, inside_name)
+                changed = True
+                host_end = host.link(uplink.host_ifname)
+                inner_end = inside.link(COMPARTMENT_IFNAME)
+            if host_end is None or inner_end is None:
+                raise QnixError(f"the veth pair {uplink.host_ifname} vanished as it was made")
+            changed |= self._ensure_address(host, host_end, uplink.link.gateway)
+            changed |= self._ensure_up(host, host_end)
+            changed |= self._ensure_address(inside, inner_end, uplink.link.address)
+            changed |= self._ensure_up(inside, inner_end)
+            changed |= self._ensure_default_route(inside, uplink.link.gateway, inner_end)
+            changed |= self._ensure_rules(host, uplink.host_ifname, uplink.net)
         return changed
 
     def remove_link(self, host_ifname: str) -> bool:
         """The veth pair and the rules that name its host end (its routes go with it)."""
         changed = False
-        for rule in self._rules_of(host_ifname):
-            self._del_rule(rule)
-            changed = True
-        if host_ifname in self._links(self.host_netns):
-            self.ip(self.host_netns, "link", "del", host_ifname)
-            changed = True
+        with self._rtnl(self.host_netns) as host:
+            for rule in host.rules():
+                if rule.iifname == host_ifname:
+                    changed |= host.delete_rule(rule)
+            if host.link(host_ifname) is not None:
+                changed |= host.delete_link(host_ifname)
         return changed
 
     def list_links(self) -> list[str]:
         """Host-side qnix interfaces that exist."""
-        return sorted(n for n in self._links(self.host_netns) if n.startswith(IFNAME_PREFIX))
+        with self._rtnl(self.host_netns) as host:
+            return sorted(n for n in host.links() if n.startswith(IFNAME_PREFIX))
 
     def list_rule_interfaces(self) -> list[str]:
         """qnix interfaces named by a routing rule (whether or not the interface exists)."""
-        rules = self.ip_json(self.host_netns, "-4", "rule", "show")
-        return sorted(
-            {str(r["iif"]) for r in rules if str(r.get("iif", "")).startswith(IFNAME_PREFIX)}
-        )
+        with self._rtnl(self.host_netns) as host:
+            rules = host.rules()
+        return sorted({r.iifname for r in rules if r.iifname.startswith(IFNAME_PREFIX)})
 
     # ---- forwarding and net compartments -------------------------------------------------
 
     def sysctl(self, netns: str | None, key: str) -> str:
-        if netns is None:
-            return Path("/proc/sys", key.replace(".", "/")).read_text().strip()
-        sysctl = require_tool("sysctl", "procps")
-        return self.ip(None, "netns", "exec", netns, sysctl, "-n", key).strip()
+        """A kernel parameter of a namespace, read from /proc/sys while inside it."""
+        with netlink.entered(self._path(netns), self._label(netns)):
+            try:
+                return _sysctl_file(key).read_text().strip()
+            except OSError as exc:
+                raise QnixError(
+                    f"sysctl: {self._label(netns)}: cannot read {key}: {exc.strerror}"
+                ) from exc
 
     def set_sysctl(self, netns: str | None, key: str, value: str) -> bool:
-        """Set a kernel parameter in a namespace; False if it already had that value."""
+        """Set a kernel parameter in a namespace; False if it already had that value.
+        Through /proc/sys: netlink sets some per interface, not ip_forward or the `all` ones."""
         if self.sysctl(netns, key) == value:
             return False
-        sysctl = require_tool("sysctl", "procps")
-        command = [sysctl, "-q", "-w", f"{key}={value}"]
-        if netns is None:
-            run(command)
-        else:
-            self.ip(None, "netns", "exec", netns, *command)
+        label = self._label(netns)
+        log.debug("sysctl: %s: %s = %s", label, key, value)
+        with netlink.entered(self._path(netns), label):
+            try:
+                _sysctl_file(key).write_text(value + "\n")
+            except OSError as exc:
+                raise QnixError(
+                    f"sysctl: {label}: cannot set {key} to {value}: {exc.strerror}"
+                ) from exc
         return True
 
     def enable_forwarding(self, netns: str | None) -> bool:
@@ -349,20 +364,18 @@ class HostNetwork:
 
     # ---- nftables ------------------------------------------------------------------------
 
-    def nft(self, netns: str | None, args: list[str], *, input: str | None = None) -> str:
-        nft = require_tool("nft", "nftables")
-        prefix = [] if netns is None else [self._ip_tool, "netns", "exec", netns]
-        return run([*prefix, nft, *args], input=input).stdout
+    def nft(self, netns: str | None, commands: str, *, terse: bool = False) -> str:
+        """nft commands in a namespace, as one transaction (libnftables, in-process)."""
+        return nft.run(self._path(netns), self._label(netns), commands, terse=terse)
 
     def _replace_table(
         self, netns: str | None, table: str, ruleset: str, comment: str | None = None
     ) -> None:
-        # Declaring the table first makes the delete valid when there is none yet; nft -f runs
-        # the whole file as one transaction, so the old table stays if anything fails. The
-        # kernel keeps a table's comment from its first declaration only, so it comes first.
+        # Declaring the table first makes the delete valid when there is none yet; the whole
+        # text is one transaction, so the old table stays if anything fails. The kernel keeps
+        # a table's comment from its first declaration only, so it comes first.
         declared = "" if comment is None else f'table {table} {{ comment "{comment}"; }}\n'
-        statements = f"table {table}\ndelete table {table}\n{declared}{ruleset}"
-        self.nft(netns, ["-f", "-"], input=statements)
+        self.nft(netns, f"table {table}\ndelete table {table}\n{declared}{ruleset}")
 
     def load_table(self, ruleset: str, *, comment: str | None = None) -> None:
         """Replace the `inet qnix` table in one transaction: all of `ruleset` or nothing.
@@ -375,26 +388,33 @@ class HostNetwork:
     def nft_listing(self, netns: str | None, table: str, *, terse: bool = False) -> str | None:
         """`nft list table` of a table in a namespace, or None if there is no such table;
         `terse` leaves out the elements of its sets and maps."""
-        tables = self.nft(netns, ["list", "tables"]).splitlines()
-        if f"table {table}" not in tables:
+        if f"table {table}" not in self.nft(netns, "list tables").splitlines():
             return None
-        return self.nft(netns, [*(["-t"] if terse else []), "list", "table", *table.split()])
+        return self.nft(netns, f"list table {table}", terse=terse)
 
     def add_elements(self, elements: Sequence[tuple[str, str]]) -> None:
         """Add elements to sets and maps of the table, in one transaction."""
         if elements:
-            self.nft(self.host_netns, ["-f", "-"], input=element_statements(elements))
+            self.nft(self.host_netns, element_statements(elements))
 
     def delete_elements(self, elements: Sequence[tuple[str, str]]) -> None:
-        """Delete elements, each on its own: one already gone (or no table) is no error."""
-        nft = require_tool("nft", "nftables")
-        prefix = (
-            [] if self.host_netns is None else [self._ip_tool, "netns", "exec", self.host_netns]
-        )
-        for name, element in elements:
-            key = element.split(" : ", 1)[0]  # a map's element goes by its key
-            statement = f"delete element {TABLE} {name} {{ {key} }}\n"
-            run([*prefix, nft, "-f", "-"], input=statement, check=False)
+        """Delete elements, those already gone (or with their table) being no error.
+
+        One transaction adds each element and deletes it again: the add makes the delete
+        valid whether or not the element is still there (nft 1.0.6 has no `destroy`), so it
+        ends with all of them gone, or, if the table or a set is gone or an element now holds
+        another value, changes nothing; then each is deleted on its own."""
+        deletes = [
+            f"delete element {TABLE} {name} {{ {element.split(' : ', 1)[0]} }}\n"
+            for name, element in elements  # a map's element goes by its key
+        ]
+        path, label = self._path(self.host_netns), self._label(self.host_netns)
+        adds = element_statements(elements).splitlines(keepends=True)
+        together = "".join(add + delete for add, delete in zip(adds, deletes, strict=True))
+        if not deletes or nft.try_run(path, label, together):
+            return
+        for delete in deletes:
+            nft.try_run(path, label, delete)
 
     def table_listing(self) -> str | None:
         return self.nft_listing(self.host_netns, TABLE)
@@ -407,9 +427,9 @@ class HostNetwork:
         return table_comment(self.nft_listing(self.host_netns, TABLE, terse=True) or "")
 
     def delete_table(self) -> bool:
-        if not self.has_table():
+        if self.nft_listing(self.host_netns, TABLE, terse=True) is None:
             return False
-        self.nft(self.host_netns, ["delete", "table", *TABLE.split()])
+        self.nft(self.host_netns, f"delete table {TABLE}")
         return True
 
     # ---- names ---------------------------------------------------------------------------
@@ -472,3 +492,7 @@ def table_comment(listing: str) -> str | None:
 def require_root() -> None:
     if os.geteuid() != 0:
         raise QnixError("qnix must run as root to manage namespaces", hint="run it with sudo")
+
+
+def _sysctl_file(key: str) -> Path:
+    return Path("/proc/sys", key.replace(".", "/"))

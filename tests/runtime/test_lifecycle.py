@@ -197,7 +197,7 @@ def test_fast_run_path_imports_no_heavy_library() -> None:
         "qnix.runtime.quickrun",
     ]
     heavy = {"click", "rich", "pydantic", "pyroute2", "dataclasses", "subprocess"}
-    heavy |= {"typing", "hashlib", "signal", "struct"}
+    heavy |= {"typing", "hashlib", "signal", "struct", "nftables", "ctypes", "asyncio"}
     assert {m.split(".")[0] for m in imported} & heavy == set()
 
 

@@ -4,17 +4,23 @@ links, routes and ruleset are never touched."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
 import secrets
+import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qnix.compile.names import Link, host_ifname
 from qnix.errors import QnixError
+from qnix.runtime import netlink, nft
 from qnix.runtime.net import (
     NET_COMPARTMENT_TABLE,
     ROUTE_TABLE_BASE,
@@ -45,6 +51,18 @@ def ip_json(netns: str, *args: str) -> list[dict[str, Any]]:
     ).stdout
     parsed: list[dict[str, Any]] = json.loads(text) if text.strip() else []
     return parsed
+
+
+def sysctl_outside(netns: str, key: str) -> str:
+    """A kernel parameter as the `sysctl` tool sees it from inside `netns`."""
+    command = [need("ip"), "netns", "exec", netns, need("sysctl"), "-n", key]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def ip_nft(netns: str, *args: str) -> str:
+    """What the `nft` tool lists inside `netns`."""
+    command = [need("ip"), "netns", "exec", netns, need("nft"), *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
 def mine() -> set[str]:
@@ -214,6 +232,13 @@ def test_net_compartment_forwards_and_masquerades_once(
     listing = net.nft_listing(inside, NET_COMPARTMENT_TABLE)
     assert listing is not None
     assert 'oifname "eth0" masquerade' in listing
+    # Written from inside each namespace in-process, they landed there, as tools see them.
+    assert sysctl_outside(inside, "net.ipv4.ip_forward") == "1"
+    assert sysctl_outside(inside, "net.ipv4.conf.eth0.send_redirects") == "0"
+    key = f"net.ipv4.conf.{net_uplink.host_ifname}.rp_filter"
+    assert sysctl_outside(HOST_NETNS, key) == "2"
+    table = ip_nft(inside, "list", "table", *NET_COMPARTMENT_TABLE.split())
+    assert table == listing
 
 
 def test_route_table_is_the_net_compartments_slot() -> None:
@@ -306,3 +331,99 @@ def test_names_resolve_from_the_host_namespace_files_first(net: HostNetwork) -> 
         ("qnix-unknown.invalid", 4): (),
     }
     assert net.resolve([]) == {}
+
+
+def test_a_refused_netlink_step_names_itself_the_namespace_and_the_kernels_reason(
+    net: HostNetwork, two: tuple[Uplink, Uplink]
+) -> None:
+    net_uplink, client_uplink = two
+    for name in ("tn-net", "tn-client"):
+        net.ensure_netns(name)
+    net.ensure_link("tn-net", net_uplink)
+    # A route into the net compartment via an address that is not on its link.
+    off_link = NetRoute(20001, "10.77.0.1", net_uplink.host_ifname, "10.201.0.0/16")
+    with pytest.raises(QnixError) as refused:
+        net.ensure_link("tn-client", Uplink(client_uplink.host_ifname, CLIENT, off_link))
+    assert refused.value.message == (
+        f"netlink: {HOST_NETNS}: replace default route via 10.77.0.1 dev "
+        f"{net_uplink.host_ifname} table 20001 failed: Network is unreachable (ENETUNREACH)"
+    )
+    assert net.list_rule_interfaces() == []  # the rules come after the route
+    with pytest.raises(QnixError, match=f"network namespace {PREFIX}tn-none does not exist"):
+        net.ensure_link("tn-none", net_uplink)
+
+
+def test_debug_names_each_step_and_the_exact_transaction(
+    net: HostNetwork, two: tuple[Uplink, Uplink], caplog: pytest.LogCaptureFixture
+) -> None:
+    net_uplink, _ = two
+    caplog.set_level(logging.DEBUG, logger="qnix.net")
+    net.ensure_netns("tn-net")
+    net.ensure_link("tn-net", net_uplink)
+    try:
+        net.load_table(GOOD)
+    finally:
+        net.delete_table()
+    inside, host_end = net.netns("tn-net"), net_uplink.host_ifname
+    said = [record.getMessage() for record in caplog.records if record.name == "qnix.net"]
+    for line in (
+        f"netns: {inside}: add (bound at /run/netns/{inside})",
+        f"netlink: {inside}: set lo up",
+        f"netlink: {HOST_NETNS}: add veth {host_end} <-> {inside}:eth0",
+        f"netlink: {HOST_NETNS}: add address 10.201.0.2/31 to {host_end}",
+        f"netlink: {inside}: replace default route via 10.201.0.2 dev eth0",
+        f"nft: {HOST_NETNS}: transaction:\ntable inet qnix\ndelete table inet qnix\n{GOOD.strip()}",
+        f"nft: {HOST_NETNS}: delete table inet qnix",
+    ):
+        assert line in said
+
+
+def test_namespace_work_on_a_thread_moves_that_thread_only_and_back(
+    net: HostNetwork, two: tuple[Uplink, Uplink]
+) -> None:
+    """The keeper's call server makes disposables on threads: entering a namespace there must
+    leave every other thread where it is, and the thread itself where it was."""
+    net_uplink, _ = two
+    own = os.readlink("/proc/thread-self/ns/net")
+    seen: dict[str, object] = {}
+
+    def work() -> None:
+        before = os.readlink("/proc/thread-self/ns/net")
+        seen["changed"] = net.ensure_netns("tn-net") and net.ensure_link("tn-net", net_uplink)
+        seen["moved"] = os.readlink("/proc/thread-self/ns/net") != before
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == {"changed": True, "moved": False}
+    assert os.readlink("/proc/thread-self/ns/net") == own
+    assert net.list_links() == [net_uplink.host_ifname]
+    assert [e["ifname"] for e in ip_json(net.netns("tn-net"), "link")] == ["lo", "eth0"]
+
+
+def test_libnftables_is_found_beside_nft_as_on_nixos(net: HostNetwork, tmp_path: Path) -> None:
+    """On NixOS no loader path holds libnftables, but the `nft` in PATH is a link into its
+    package, whose lib/ has it."""
+    ctypes.CDLL(nft.SONAME)  # the system's, through the loader: where is it?
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    system_library = next(line.split()[-1] for line in maps if "/libnftables.so" in line)
+    package = tmp_path / "store" / "nftables-1.0"
+    (package / "bin").mkdir(parents=True)
+    (package / "lib").mkdir()
+    shutil.copy(need("nft"), package / "bin" / "nft")
+    (package / "lib" / nft.SONAME).symlink_to(system_library)
+    profile = tmp_path / "profile" / "bin"
+    profile.mkdir(parents=True)
+    (profile / "nft").symlink_to(package / "bin" / "nft")
+    path = os.environ["PATH"]
+    os.environ["PATH"] = str(profile)
+    try:
+        beside = nft._library_beside_nft()
+    finally:
+        os.environ["PATH"] = path
+    assert beside == str(package / "lib" / nft.SONAME)
+    import nftables  # type: ignore[import-untyped]
+
+    with netlink.entered(Path("/run/netns", HOST_NETNS), HOST_NETNS):
+        rc, _, _ = nftables.Nftables(sofile=beside).cmd("list tables")
+    assert rc == 0
