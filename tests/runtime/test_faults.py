@@ -1,9 +1,11 @@
-"""qnix SIGKILLed at random points of apply, start and dispose: `qnix gc` and `qnix apply`
-always bring the host back to exactly the spec, and nothing leaks."""
+"""qnix SIGKILLed at random points of apply, start and dispose, and inside its in-process
+network steps (netlink requests, nft transactions, namespace and sysctl changes): `qnix gc` and
+`qnix apply` always bring the host back to exactly the spec, and nothing leaks."""
 
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,6 +40,10 @@ network = "sys-net"
 memory_mb = 128
 """
 KILLS = 30
+STEP_KILLS = 15
+# A change made in-process, as `qnix --debug` announces it just before making it (listings,
+# "list ..." and "show ...", are not changes).
+NETWORK_CHANGE = re.compile(r"^qnix\.net: (?:netlink|netns|nft|sysctl): \S+: (?!list |show )")
 
 
 @pytest.fixture
@@ -73,6 +79,31 @@ def interrupted(host: LiveHost, argv: list[str], delay: float) -> None:
     proc.wait(timeout=30)
 
 
+def interrupted_at_step(host: LiveHost, argv: list[str], step: int) -> bool:
+    """Start `qnix --debug ARGV` and SIGKILL it as it announces its `step`-th in-process
+    network change: the kill lands while that netlink request or nft transaction runs, or
+    within the next few. False if it finished with fewer changes."""
+    proc = subprocess.Popen(
+        [QNIX, "--debug", *argv],
+        env=host.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = 0
+    for line in proc.stderr:
+        if NETWORK_CHANGE.match(line):
+            seen += 1
+            if seen == step:
+                proc.kill()
+                break
+    proc.kill()
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    return seen >= step
+
+
 def test_sigkill_at_random_points_then_gc_and_apply_restore_the_spec(host: LiveHost) -> None:
     spec = str(host.spec(SPEC))
     host.ok("apply", spec)
@@ -93,3 +124,25 @@ def test_sigkill_at_random_points_then_gc_and_apply_restore_the_spec(host: LiveH
         host.ok("apply", spec)
         host.qnix("stop", "vault")  # started on purpose above; the spec does not autostart it
         assert snapshot(host) == expected, f"after SIGKILL {kill} of qnix {argv[0]}"
+
+
+def test_sigkill_inside_network_steps_then_gc_and_apply_restore_the_spec(host: LiveHost) -> None:
+    spec = str(host.spec(SPEC))
+    host.ok("apply", spec)
+    expected = snapshot(host)
+    rng = random.Random(20270105)  # fixed: a failure can be replayed
+    operations = [
+        (["apply", spec], 28),  # from nothing: every namespace, link, rule, table, sysctl
+        (["dispose", "--template", "dvm", "--", "sleep", "5"], 19),  # setup, then teardown
+    ]
+    landed = 0
+    for kill in range(STEP_KILLS):
+        argv, changes = operations[kill % len(operations)]
+        if argv[0] == "apply":
+            host.ok("down")
+        step = rng.randint(1, changes)
+        landed += interrupted_at_step(host, argv, step)
+        host.ok("gc")
+        host.ok("apply", spec)
+        assert snapshot(host) == expected, f"after SIGKILL {kill} of qnix {argv[0]} at step {step}"
+    assert landed >= STEP_KILLS // 2  # most kills hit a step, not a finished command
