@@ -248,6 +248,124 @@ def bare_qemu_boot_ms(base: Path, run_root: Path) -> float:
     return median_ms(argv, runs=VM_BOOTS)
 
 
+# ---- one compartment's network: in-process beside one ip/nft process per step ---------------
+
+NET_RUNS = 15
+
+
+def _process_steps(
+    host: str, inside: str, ifname: str, link: tuple[str, str], rule: str
+) -> list[tuple[list[str], str | None]]:
+    """What qnix ran before, one process per step (its listings too), for one client of a net
+    compartment: namespace, veth pair, addresses, default route, the two rules, its element;
+    then its removal. Each entry: argv, and the nft transaction on stdin (or None)."""
+    gateway, address = link
+    on_host, in_ns = ["ip", "-n", host], ["ip", "-n", inside]
+    nft = ["ip", "netns", "exec", host, "nft", "-f", "-"]
+    element = f"compartment_addrs {{ {address} }}"
+    rules = [
+        ["-4", "rule", "add", "priority", "19999", "iif", ifname, "to", rule, "table", "main"],
+        ["-4", "rule", "add", "priority", "20000", "iif", ifname, "table", "20999"],
+    ]
+    setup = [
+        ["ip", "netns", "add", inside],
+        [*in_ns, "-j", "link", "show", "dev", "lo"],
+        [*in_ns, "link", "set", "lo", "up"],
+        [*on_host, "-j", "link", "show"],
+        [*in_ns, "-j", "link", "show"],
+        [*on_host, "link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", inside],
+        [*on_host, "-j", "link", "show"],
+        [*on_host, "-j", "-4", "addr", "show", "dev", ifname],
+        [*on_host, "addr", "add", f"{gateway}/31", "dev", ifname],
+        [*on_host, "link", "set", ifname, "up"],
+        [*in_ns, "-j", "-4", "addr", "show", "dev", "eth0"],
+        [*in_ns, "addr", "add", f"{address}/31", "dev", "eth0"],
+        [*in_ns, "-j", "link", "show"],
+        [*in_ns, "link", "set", "eth0", "up"],
+        [*in_ns, "-j", "-4", "route", "show", "default"],
+        [*in_ns, "route", "replace", "default", "via", gateway, "dev", "eth0"],
+        [*on_host, "-j", "-4", "rule", "show"],
+        [*on_host, "-j", "-4", "route", "show", "default", "table", "20999"],
+        *([*on_host, *r] for r in rules),
+    ]
+    teardown = [
+        [*on_host, "-j", "-4", "rule", "show"],
+        *([*on_host, "-4", "rule", "del", *r[3:]] for r in rules),
+        [*on_host, "-j", "link", "show"],
+        [*on_host, "link", "del", ifname],
+        ["ip", "netns", "delete", inside],
+    ]
+    return [
+        *((argv, None) for argv in setup),
+        (nft, f"add element inet qnix {element}\n"),
+        (nft, f"delete element inet qnix {element}\n"),
+        *((argv, None) for argv in teardown),
+    ]
+
+
+def network_setup_teardown_ms(host: StandInHost) -> dict[str, float]:
+    """One client compartment's network made and removed in-process (as qnix does: netlink,
+    libnftables) and as the same steps in `ip`/`nft` processes; medians in ms, after one
+    warm-up each. Also the first import of the pyroute2 modules qnix loads, in a fresh process."""
+    from qnix.compile.names import Link, host_ifname
+    from qnix.runtime.net import HostNetwork, NetRoute, Uplink
+
+    net = HostNetwork(prefix=f"{host.tag}n-", host_netns=host.host_netns)
+    router = Uplink(host_ifname("bench-router"), Link("10.209.250.0", "10.209.250.1"))
+    net.ensure_netns("router")
+    net.ensure_link("router", router)
+    route = NetRoute(20999, router.link.address, router.host_ifname, "10.209.0.0/16")
+    client = Uplink(host_ifname("bench-client"), Link("10.209.250.2", "10.209.250.3"), route)
+    elements = [("compartment_addrs", client.link.address)]
+
+    def in_process() -> None:
+        net.ensure_netns("client")
+        net.ensure_link("client", client)
+        net.add_elements(elements)
+        net.delete_elements(elements)
+        net.remove_link(client.host_ifname)
+        net.remove_netns("client")
+
+    steps = _process_steps(
+        host.host_netns,
+        net.netns("client"),
+        client.host_ifname,
+        (client.link.gateway, client.link.address),
+        route.subnet,
+    )
+
+    def processes() -> None:
+        for argv, stdin in steps:
+            subprocess.run(argv, input=stdin, text=True, capture_output=True, check=True)
+
+    figures = {}
+    for label, once in (("in-process", in_process), ("processes", processes)):
+        samples = []
+        for attempt in range(NET_RUNS + 1):
+            start = time.perf_counter()
+            once()
+            if attempt > 0:
+                samples.append((time.perf_counter() - start) * 1000)
+        figures[label] = statistics.median(samples)
+    figures["steps"] = len(steps)
+    net.remove_link(router.host_ifname)
+    net.remove_netns("router")
+    probe = (
+        "import time; from qnix.runtime import netlink; start = time.perf_counter(); "
+        "netlink.pyroute2(); print((time.perf_counter() - start) * 1000)"
+    )
+    imports = [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for _ in range(5)
+    ]
+    figures["pyroute2 import"] = statistics.median(imports)
+    return figures
+
+
 def verdict(measured: float, target: float) -> str:
     met = "met" if measured <= target else "NOT met"
     return f"{measured:.1f} ms vs target {target:.1f} ms: {met} (ratio {measured / target:.2f})"
@@ -299,6 +417,7 @@ def main() -> int:
         )
         host.qnix("stop", "vmbox")
         figures["bare qemu boot to poweroff"] = bare_qemu_boot_ms(host.base, host.base / "run")
+        network = network_setup_teardown_ms(host)
     finally:
         problems = host.close()
     for problem in problems:
@@ -323,6 +442,12 @@ def main() -> int:
         figures["bare qemu boot to poweroff"]
     )
     print(f"a VM compartment's restart costs {boot_ratio:.2f} x a bare QEMU boot")
+    print(
+        f"one compartment's network set up and removed (median of {NET_RUNS}): in-process "
+        f"{network['in-process']:.1f} ms, as {network['steps']:.0f} ip/nft processes "
+        f"{network['processes']:.1f} ms: {network['processes'] / network['in-process']:.1f} x "
+        f"faster; pyroute2's modules import in {network['pyroute2 import']:.1f} ms, once"
+    )
     return 1 if problems else 0
 
 
