@@ -2,7 +2,7 @@
 
 1. The live policy decides `qnix.OpenInDisposable` from SRC to `@dispvm` (or the target
    given); an allowed decision must name a new disposable (`@dispvm:TEMPLATE`).
-2. A fresh disposable of that template starts (lifecycle.new_disposable); FILE goes there as
+2. A fresh disposable of that template starts (disposables.new_disposable); FILE goes there as
    a copy does (qfile pack in SRC piped into qfile unpack in the disposable), so it lands in
    the disposable's ~/QubesIncoming/SRC/.
 3. The opener runs there with the admin's terminal: `--with CMD` (split as a shell would,
@@ -40,7 +40,7 @@ from qnix.broker.transfer import (
 from qnix.errors import QnixError
 from qnix.inside import qfile
 from qnix.policy.evaluate import DISPVM_PREFIX
-from qnix.runtime import lifecycle
+from qnix.runtime import disposables
 from qnix.runtime.paths import RuntimePaths
 
 SERVICE = "qnix.OpenInDisposable"
@@ -110,7 +110,7 @@ def open_in_disposable(
         template = resolved.removeprefix(DISPVM_PREFIX)
         fields["template"] = template
         sender = ensure_running(paths, source)
-        with lifecycle.new_disposable(paths, template) as (config, state):
+        with disposables.new_disposable(paths, template) as (config, state):
             fields["disposable"] = config.name
             disposable = Running(paths, config.name, state, config.interpreter)
             check_user(decision, disposable)

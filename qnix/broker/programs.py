@@ -23,7 +23,8 @@ from typing import Any
 
 from qnix.errors import QnixError
 from qnix.runtime import agent, lifecycle
-from qnix.runtime.keeper import INSIDE_DIR, KeeperConfig
+from qnix.runtime.keeper import INSIDE_DIR
+from qnix.runtime.live import KeeperConfig
 from qnix.runtime.paths import PathError, RuntimePaths, check_name
 from qnix.runtime.quickrun import command_env, running_state
 

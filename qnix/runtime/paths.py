@@ -69,6 +69,10 @@ RUN_ROOT_ENTRIES = (
 
 # Where the agent's socket folder appears inside a compartment.
 AGENT_SOCKET_NAME = "agent.sock"
+# The call socket's folder in a compartment's run folder (root's), bound read-only inside.
+CALL_DIR_NAME = "call"
+CALL_DIR_INSIDE = "/run/qnix-call"
+CALL_SOCKET_NAME = "call.sock"
 
 
 class PathError(ValueError):
@@ -235,3 +239,8 @@ class RuntimePaths(Record):
 
     def cgroup_name(self, name: str) -> str:
         return self.netns(name)
+
+
+def call_dir(run_dir: str | Path) -> Path:
+    """The host folder bound read-only at CALL_DIR_INSIDE: root's, holding only the socket."""
+    return Path(run_dir) / CALL_DIR_NAME

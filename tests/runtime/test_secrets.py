@@ -30,7 +30,7 @@ import pytest
 from qnix.compile.nix.modules import HOST_IDENTITY
 from qnix.errors import QnixError
 from qnix.runtime import secrets
-from qnix.runtime.keeper import KeeperConfig
+from qnix.runtime.live import KeeperConfig
 from qnix.spec.load import load
 from tests.conftest import EXAMPLES, need
 from tests.runtime.livehost import QNIX, LiveHost
