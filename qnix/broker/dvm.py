@@ -158,9 +158,7 @@ def _open(
         disposable,
         unpack_argv(disposable, source, limits),
     )
-    problem = sent.problem(source, disposable.name)
-    if problem:
-        raise QnixError(f"cannot send {shown(file)} to {disposable.name}: {problem}")
+    sent.check(f"cannot send {shown(file)} to {disposable.name}", source, disposable.name)
     try:
         summary = parse_summary(sent.received.stdout)
         (arrived,) = summary.items
@@ -188,7 +186,11 @@ def _open(
 
     if view_only:
         return done(False, False, "view only: nothing comes back")
-    digest = run_capture(disposable, disposable.program(QFILE, "digest", "--", relative))
+    digest = run_capture(
+        disposable,
+        disposable.program(QFILE, "digest", "--", relative),
+        doing="reporting the edited file's sha256",
+    )
     try:
         edited_sha256 = _digest(digest.stdout) if digest.code == 0 else None
     except ValueError:
@@ -223,9 +225,7 @@ def _open(
             file,
         ),
     )
-    problem = back.problem(disposable.name, source)
-    if problem:
-        raise QnixError(f"the edits of {shown(file)} did not come back: {problem}")
+    back.check(f"the edits of {shown(file)} did not come back", disposable.name, source)
     try:
         fields["returned_sha256"] = _digest(back.received.stdout)
     except ValueError as exc:
