@@ -47,9 +47,7 @@ from qnix.runtime.live import (
     running_disposables,
     uplink_of,
 )
-from qnix.runtime.net import (
-    require_root,
-)
+from qnix.runtime.net import Uplink, require_root
 from qnix.runtime.paths import RuntimePaths
 from qnix.runtime.quickrun import (
     claim_preloaded,
@@ -97,12 +95,17 @@ def _free_slot(ws: Workstation, name: str, taken_by_disposables: set[int]) -> in
     return slot
 
 
-def _create_disposable(
-    paths: RuntimePaths, ws: Workstation, template_name: str | None, *, preload: bool = False
-) -> KeeperConfig:
-    """A fresh disposable from a template, running: namespace, link, nft elements, keeper
-    (which ends it, and removes all of it, when this process exits — or, preloaded, when the
-    `qnix dispose` that claims it exits)."""
+def plan_disposable(
+    paths: RuntimePaths,
+    ws: Workstation,
+    template_name: str | None,
+    *,
+    preload: bool = False,
+    owner_pid: int | None = None,
+) -> tuple[KeeperConfig, Uplink | None]:
+    """A fresh disposable from a template, planned: its name, link, elements and keeper
+    configuration. It ends when `owner_pid` exits, or — preloaded — when the `qnix dispose`
+    that claims it lets go, or (neither) when the owner its keeper is given goes."""
     chosen = template_name or ws.default_disposable
     if chosen is None:
         raise QnixError(
@@ -132,7 +135,7 @@ def _create_disposable(
     uplink = uplink_of(ws, compartment, link)
     extra: dict[str, Any] = {
         "template": chosen,
-        "owner_pid": None if preload else os.getpid(),
+        "owner_pid": owner_pid,
         "netns_prefix": paths.netns_prefix,
         "host_netns": paths.host_netns,
         "claim_socket": str(paths.pool_dir(chosen) / f"{name}.sock") if preload else None,
@@ -146,24 +149,40 @@ def _create_disposable(
             "elements": tuple(elements.items()),
         }
     identity = HostIdentity(names.HOST_ID_BASE + slot, names.HOST_ID_BASE + slot)
-    config = keeper_config(paths, ws, compartment, identity, **extra)
+    return keeper_config(paths, ws, compartment, identity, **extra), uplink
+
+
+def set_up_disposable(paths: RuntimePaths, config: KeeperConfig, uplink: Uplink | None) -> None:
+    """A planned disposable's namespace, link, nft elements and run folder. The caller holds
+    the lock, and removes all of it (teardown_network, cleanup_run) if its start fails."""
     net = network_for(paths)
     hostowner.require_host_network(paths, net)
+    net.ensure_netns(config.name)
+    if uplink is not None:
+        net.ensure_link(config.name, uplink)
+        net.add_elements(config.elements)
+    ensure_root(paths.run_root)
+    ensure_dir(paths.compartments_run, 0o711)
+    ensure_dir(paths.run_dir(config.name), 0o711)
+    if config.claim_socket is not None and config.template is not None:
+        ensure_dir(paths.pool_root, 0o700)
+        ensure_dir(paths.pool_dir(config.template), 0o700)
+
+
+def _create_disposable(
+    paths: RuntimePaths, ws: Workstation, template_name: str | None, *, preload: bool = False
+) -> KeeperConfig:
+    """A fresh disposable from a template, running: namespace, link, nft elements, keeper
+    (which ends it, and removes all of it, when this process exits — or, preloaded, when the
+    `qnix dispose` that claims it exits). The caller holds the lock."""
+    owner = None if preload else os.getpid()
+    config, uplink = plan_disposable(paths, ws, template_name, preload=preload, owner_pid=owner)
     try:
-        net.ensure_netns(name)
-        if uplink is not None:
-            net.ensure_link(name, uplink)
-            net.add_elements(config.elements)
-        ensure_root(paths.run_root)
-        ensure_dir(paths.compartments_run, 0o711)
-        ensure_dir(paths.run_dir(name), 0o711)
-        if preload:
-            ensure_dir(paths.pool_root, 0o700)
-            ensure_dir(paths.pool_dir(chosen), 0o700)
+        set_up_disposable(paths, config, uplink)
         spawn_keeper(paths, config)
     except BaseException:
         teardown_network(config)
-        cleanup_run(paths, name)
+        cleanup_run(paths, config.name)
         raise
     return config
 

@@ -515,14 +515,22 @@ def _wait(
 ServeCalls = Callable[[socket.socket, RuntimePaths, str, int], object]
 
 
-def keep(config: KeeperConfig, notify: int, serve_calls: ServeCalls | None = None) -> int:
-    """Run the compartment until it ends or is stopped; report readiness on `notify`.
-    `serve_calls` answers the compartment's calls (None: it can make none)."""
+def keep(
+    config: KeeperConfig,
+    notify: int,
+    serve_calls: ServeCalls | None = None,
+    *,
+    owner: int | None = None,
+    on_ready: Callable[[], object] | None = None,
+) -> int:
+    """Run the compartment until it ends or is stopped; report readiness on `notify` (after
+    `on_ready`). `serve_calls` answers the compartment's calls (None: it can make none).
+    `owner`: a descriptor that turns readable when the compartment's owner is gone (the
+    connection of the `qnix dispose` it serves); else config.owner_pid, if any."""
     stop = _Stop()
     cgroup: cgroups.Cgroup | None = None
-    owner: int | None = None
     try:
-        if config.owner_pid is not None:
+        if owner is None and config.owner_pid is not None:
             owner = os.pidfd_open(config.owner_pid)
         memory = config.memory_bytes
         if config.isolation == vm.ISOLATION:  # QEMU itself beside the guest's memory
@@ -548,6 +556,8 @@ def keep(config: KeeperConfig, notify: int, serve_calls: ServeCalls | None = Non
             os.write(notify, f"error: {message}\n".encode())
         teardown(config, cgroup)
         return 1
+    if on_ready is not None:
+        on_ready()
     with contextlib.suppress(OSError):  # the starting command may be gone already
         os.write(notify, b"ready\n")
     os.close(notify)

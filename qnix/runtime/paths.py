@@ -65,9 +65,11 @@ RUN_ROOT_ENTRIES = (
     "clipboard.lock",
     "lock",
     "vm-accel",  # what KVM's probe found this boot (qnix.runtime.backends.vm)
+    "spawner.sock",  # the resident process that forks disposables' keepers
+    "spawner.json",
+    "spawner.log",
 )
 
-# Where the agent's socket folder appears inside a compartment.
 AGENT_SOCKET_NAME = "agent.sock"
 # The call socket's folder in a compartment's run folder (root's), bound read-only inside.
 CALL_DIR_NAME = "call"
@@ -176,6 +178,16 @@ class RuntimePaths(Record):
     @property
     def clipboard_lock(self) -> Path:
         return self.run_root / "clipboard.lock"
+
+    @property
+    def spawner_socket(self) -> Path:
+        """Where the spawner (qnix.runtime.spawner) takes requests: root only."""
+        return self.run_root / "spawner.sock"
+
+    @property
+    def spawner_record(self) -> Path:
+        """The running spawner's pid and start time."""
+        return self.run_root / "spawner.json"
 
     @property
     def pool_root(self) -> Path:

@@ -24,7 +24,7 @@ import shutil
 from qnix.compile import names, openings
 from qnix.compile.artifacts import RULESET, compile_spec
 from qnix.compile.nft import TABLE, hostname_sets
-from qnix.runtime import btrfs, cgroups, hostowner, storage
+from qnix.runtime import btrfs, cgroups, hostowner, spawner, storage
 from qnix.runtime.disposables import fill_pools, write_pool_file
 from qnix.runtime.files import atomic_write, replace_tree
 from qnix.runtime.keeper import teardown_network
@@ -224,6 +224,8 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
                 changes.append(f"{compartment.name}: started")
         write_pool_file(paths, ws)
         changes += fill_pools(paths, ws)
+        if spawner.ensure_running(paths):
+            changes.append("started the spawner (it forks the keepers of new disposables)")
     return ApplyResult(artifacts.generation, tuple(changes), tuple(notes), tuple(warnings))
 
 
@@ -245,6 +247,8 @@ def down(paths: RuntimePaths) -> list[str]:
     had_run_root = paths.run_root.exists()
     with locked(paths):
         applied = read_json(paths.applied_file)
+        if spawner.stop(paths):
+            changes.append("stopped the spawner")
         for name in run_names(paths):
             if stop_locked(paths, name):
                 changes.append(f"{name}: stopped")
@@ -321,6 +325,8 @@ def gc(paths: RuntimePaths) -> list[str]:
         for interface in sorted(set(net.list_rule_interfaces()) - existing):
             net.remove_link(interface)
             changes.append(f"removed the routing rule of {interface}")
+        if spawner.remove_leftovers(paths):
+            changes.append("removed what a killed spawner left")
         for claim in sorted(paths.pool_root.glob("*/*.sock")):
             if claim.stem not in running:
                 claim.unlink(missing_ok=True)

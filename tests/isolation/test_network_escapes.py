@@ -226,6 +226,7 @@ def test_a_disposable_gets_its_templates_firewall_and_nothing_more(lab: Lab) -> 
         result = lab.host.qnix(
             "dispose", "--template", "dvm", "--", "python3", "-c", PROBE, json.dumps(targets)
         )
+        lab.host.disposables_gone()  # the next one is disp1 again
         assert result.returncode == 0, result.stderr
         answers: list[str] = json.loads(result.stdout)
         return answers

@@ -633,7 +633,7 @@ def test_keeper_configuration_carries_the_secrets() -> None:
         memory_bytes=1 << 27,
         pids=64,
         run_dir="/run/qnix/compartments/work",
-        agent_dir="/run/qnix/compartments/work/agent",
+        agent_socket="/run/qnix/compartments/work/agent.sock",
         state_file="/run/qnix/compartments/work/state.json",
         interpreter="/usr/bin/python3",
         interpreter_prefix=None,

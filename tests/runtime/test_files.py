@@ -1,0 +1,48 @@
+"""atomic_write: the file is there whole or not at all, and a writer killed part-way leaves
+no temporary file beside it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from qnix.runtime.files import atomic_write
+
+KILLS = 20
+WRITER = """\
+import sys
+from pathlib import Path
+from qnix.runtime.files import atomic_write
+target, data = Path(sys.argv[1]), b"x" * (1 << 20)
+print("ready", flush=True)
+while True:
+    atomic_write(target, data, 0o600)
+"""
+
+
+def test_the_file_is_replaced_whole_with_its_mode(tmp_path: Path) -> None:
+    target = tmp_path / "applied.json"
+    atomic_write(target, b"first", 0o600)
+    atomic_write(target, b"second", 0o640)
+    assert target.read_bytes() == b"second"
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["applied.json"]
+
+
+def test_a_writer_killed_part_way_leaves_nothing_beside_the_file(tmp_path: Path) -> None:
+    target = tmp_path / "applied.json"
+    for _ in range(KILLS):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True
+        )
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == "ready\n"
+        writer.send_signal(signal.SIGKILL)  # somewhere in a write, or between two
+        writer.wait(timeout=30)
+        writer.stdout.close()
+        assert sorted(os.listdir(tmp_path)) in ([], ["applied.json"])
+        if target.exists():
+            assert target.read_bytes() == b"x" * (1 << 20)
