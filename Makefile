@@ -40,6 +40,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check qnix tests bench
 	$(VENV)/bin/ruff format --check qnix tests bench
 	$(VENV)/bin/mypy qnix
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -p no:cacheprovider tests
 
 bench: $(STAMP)
@@ -66,5 +67,5 @@ $(STAMP): pyproject.toml | system-deps
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis .import_linter_cache .grimp_cache
 endif

@@ -79,7 +79,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _load(spec: Path) -> LoadedSpec:
-    from qnix.spec.load import load
+    from qnix.compile.inputs import load
 
     return load(spec)
 

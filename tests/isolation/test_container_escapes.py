@@ -32,10 +32,10 @@ import pyseccomp
 import pytest
 
 from qnix.compile import names
+from qnix.compile.inputs import load
 from qnix.runtime import cgroups, live
 from qnix.runtime.backends import container
 from qnix.runtime.backends import namespace as ns
-from qnix.spec.load import load
 from tests.conftest import need
 from tests.isolation import probes
 from tests.isolation.conftest import Netns

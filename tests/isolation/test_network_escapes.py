@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import pytest
 
 from qnix.compile import names
+from qnix.compile.inputs import load
 from qnix.runtime import disposables
 from qnix.runtime.net import route_table
-from qnix.spec.load import load
 from tests.isolation.conftest import Sandbox, py
 from tests.netprobes import PROBE, SERVE, server, stop_servers
 from tests.runtime.livehost import QNIX, LiveHost

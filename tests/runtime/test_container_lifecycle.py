@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from qnix.compile.inputs import load
 from qnix.runtime import cgroups, live
 from qnix.runtime.backends import container
-from qnix.spec.load import load
 from tests.conftest import need
 from tests.runtime.livehost import QNIX, LiveHost
 from tests.runtime.test_secrets import encrypt_to, only_its_own, secret_sightings, sightings_of

@@ -21,9 +21,10 @@ import pytest
 from qnix.audit import events
 from qnix.compile import names, nft
 from qnix.compile.artifacts import RULESET, compile_spec
+from qnix.compile.inputs import load
 from qnix.runtime import cgroups, disposables, lifecycle, live, quickrun, reconcile, status, wanted
 from qnix.runtime.paths import PathError, RuntimePaths
-from qnix.spec.load import LoadedSpec, load
+from qnix.spec.load import LoadedSpec
 from qnix.spec.model import Workstation
 from tests.runtime.livehost import LiveHost
 

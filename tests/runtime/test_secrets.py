@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 
+from qnix.compile.inputs import load
 from qnix.compile.nix.modules import HOST_IDENTITY
 from qnix.errors import QnixError
 from qnix.runtime import secrets
 from qnix.runtime.live import KeeperConfig
-from qnix.spec.load import load
 from tests.conftest import EXAMPLES, need
 from tests.runtime.livehost import QNIX, LiveHost
 
