@@ -44,6 +44,9 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -p no:cacheprovider tests
 
 bench: $(STAMP)
+	@# The nearest peer bench/runtime.py measures qnix beside (apt-get on Debian, shell.nix on NixOS).
+	@if [ -z "$(IN_NIX_SHELL)" ] && ! command -v firejail >/dev/null && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends firejail; fi
 	$(PY) bench/build_scaling.py
 	$(PY) bench/runtime.py
 	$(PY) bench/broker.py
