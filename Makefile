@@ -40,9 +40,13 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check qnix tests bench
 	$(VENV)/bin/ruff format --check qnix tests bench
 	$(VENV)/bin/mypy qnix
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -p no:cacheprovider tests
 
 bench: $(STAMP)
+	@# The nearest peer bench/runtime.py measures qnix beside (apt-get on Debian, shell.nix on NixOS).
+	@if [ -z "$(IN_NIX_SHELL)" ] && ! command -v firejail >/dev/null && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends firejail; fi
 	$(PY) bench/build_scaling.py
 	$(PY) bench/runtime.py
 	$(PY) bench/broker.py
@@ -66,5 +70,5 @@ $(STAMP): pyproject.toml | system-deps
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis .import_linter_cache .grimp_cache
 endif

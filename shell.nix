@@ -20,5 +20,6 @@ pkgs.mkShell {
     btrfs-progs
     qemu
     pkgsStatic.busybox
+    firejail  # make bench: the nearest peer
   ];
 }

@@ -10,8 +10,8 @@ import pytest
 
 from qnix.compile.artifacts import compile_spec
 from qnix.compile.graph import policy_rules_of
+from qnix.compile.inputs import load
 from qnix.compile.policy import render_rule
-from qnix.spec.load import load
 from tests.conftest import EXAMPLES, need
 
 SPECS = sorted(EXAMPLES.glob("*.toml"))

@@ -54,9 +54,15 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
-    from typing import Any
+    from typing import Any, Protocol
 
-    from qnix.runtime.paths import RuntimePaths
+    class HasAuditLog(Protocol):
+        """Where the log is (qnix.runtime.paths.RuntimePaths): the audit layer sits below the
+        runtime, so it names only what it reads."""
+
+        @property
+        def audit_log(self) -> Path: ...
+
 
 FieldValue = str | int | float | bool | None | list[str]
 
@@ -273,7 +279,7 @@ def decode(line: bytes) -> Entry:
 # ---- appending ------------------------------------------------------------------------------
 
 
-def record(paths: RuntimePaths, event: str, **fields: FieldValue) -> None:
+def record(paths: HasAuditLog, event: str, **fields: FieldValue) -> None:
     """Append one event to the audit log (created 0600 in a 0700 folder on first use)."""
     append(paths.audit_log, event, fields)
 

@@ -25,7 +25,8 @@ no answer denies. At most MAX_CALLS calls per compartment run at once; a request
 REQUEST_TIMEOUT seconds.
 
 This module is imported by the keeper before its compartment starts, so the policy machinery
-(qnix.broker.decide, qnix.runtime.lifecycle) is imported on the first call only.
+(qnix.broker.decide, qnix.runtime.lifecycle, qnix.runtime.disposables) is imported on the first
+call only.
 """
 
 from __future__ import annotations
@@ -42,21 +43,16 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qnix.audit import events
 from qnix.broker.services import service_argv
 from qnix.runtime import agent, quickrun
-from qnix.runtime.paths import ENV_HOST_NETNS, RuntimePaths
+from qnix.runtime.paths import RuntimePaths
 
 if TYPE_CHECKING:
     from qnix.policy.evaluate import Decision
-    from qnix.runtime.keeper import KeeperConfig
 
-CALL_DIR_NAME = "call"
-CALL_DIR_INSIDE = "/run/qnix-call"
-CALL_SOCKET_NAME = "call.sock"
 MAX_CALLS = 8
 REQUEST_TIMEOUT = 10.0
 REPLY_TIMEOUT = 5.0
@@ -86,51 +82,6 @@ class CallRefused(Exception):
 
 
 # ---- the socket -----------------------------------------------------------------------------
-
-
-def call_dir(run_dir: str | Path) -> Path:
-    """The host folder bound read-only at CALL_DIR_INSIDE: root's, holding only the socket."""
-    return Path(run_dir) / CALL_DIR_NAME
-
-
-def listen(folder: Path, host_gid: int) -> socket.socket:
-    """The call socket in `folder` (created root-owned 0755), connectable by `host_gid` only."""
-    folder.mkdir(mode=0o755, exist_ok=True)
-    info = os.lstat(folder)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        raise OSError(f"{folder} is not a folder of ours")
-    os.chmod(folder, 0o755)  # noqa: S103 - holds only the socket; read-only inside
-    path = folder / CALL_SOCKET_NAME
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    os.chown(path, os.geteuid(), host_gid)
-    os.chmod(path, 0o660)
-    listener.listen(64)
-    return listener
-
-
-def keeper_paths(config: KeeperConfig) -> RuntimePaths:
-    """The runtime paths of the qnix that started a keeper, from its configuration: the run
-    root holds `compartments/<name>`, the cgroup is `<prefix><name>`, and a persistent home is
-    `<state root>/compartments/<name>/home` (else the state root of the environment)."""
-    run_root = Path(config.run_dir).parent.parent
-    prefix = config.cgroup[: len(config.cgroup) - len(config.name)]
-    state_root = config.state_root
-    if state_root is None and config.home is not None:
-        state_root = str(Path(config.home).parents[2])
-    defaults = RuntimePaths.from_options(state_root, run_root)
-    return RuntimePaths(
-        state_root=defaults.state_root,
-        run_root=run_root,
-        netns_prefix=prefix,
-        host_netns=config.host_netns or os.environ.get(ENV_HOST_NETNS) or None,
-    ).checked()
 
 
 # ---- one request ----------------------------------------------------------------------------
@@ -419,11 +370,11 @@ class CallServer:
     ) -> int:
         """The service in a disposable of its own (Qubes' @dispvm:T), gone once it ends."""
         from qnix.errors import QnixError
-        from qnix.runtime import lifecycle
+        from qnix.runtime import disposables
 
         template = target.removeprefix(DISPVM_PREFIX)
         try:
-            with lifecycle.new_disposable(self.paths, template) as (config, state):
+            with disposables.new_disposable(self.paths, template) as (config, state):
                 outcome.disposable = config.name
                 return self._run_service(conn, request, fds, config.name, state)
         except QnixError as exc:

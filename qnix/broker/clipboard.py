@@ -112,6 +112,7 @@ def copy(paths: RuntimePaths, source: str, *, max_bytes: int = DEFAULT_MAX_BYTES
         got = run_capture(
             running,
             running.program(PROGRAM, "get", "--max-bytes", str(max_bytes)),
+            doing="reading its clipboard",
             stdout_cap=max_bytes + 1,
         )
         if got.code != 0:
@@ -191,6 +192,7 @@ def paste(
             delivered = run_capture(
                 running,
                 running.program(PROGRAM, "set", "--max-bytes", str(max_bytes)),
+                doing="taking the clipboard",
                 stdin=clip.data,
                 stdout_cap=4096,
             )

@@ -28,7 +28,7 @@ from qnix.policy.evaluate import (
 )
 from qnix.policy.load import load_policy_dir
 from qnix.policy.parse import Policy, Rule
-from qnix.runtime import lifecycle
+from qnix.runtime import live, status
 from qnix.runtime.files import atomic_write
 from qnix.runtime.paths import RuntimePaths
 
@@ -175,11 +175,11 @@ def answer_question(paths: RuntimePaths, ask_id: str, choice: str) -> dict[str, 
 
 
 def _live_policy(paths: RuntimePaths) -> tuple[Policy, System]:
-    ws = lifecycle.live_workstation(paths)
+    ws = live.live_workstation(paths)
     if ws is None:
         raise QnixError("no live generation on this host", hint="run `qnix apply SPEC` first")
     policy = load_policy_dir(paths.generation_dir / "policy")
-    running = {status.name for status in lifecycle.statuses(paths) if status.state == "running"}
+    running = {status.name for status in status.statuses(paths) if status.state == "running"}
     return policy, system_from_workstation(ws, running=running)
 
 

@@ -2,7 +2,7 @@
 
 1. The live policy decides `qnix.OpenInDisposable` from SRC to `@dispvm` (or the target
    given); an allowed decision must name a new disposable (`@dispvm:TEMPLATE`).
-2. A fresh disposable of that template starts (lifecycle.new_disposable); FILE goes there as
+2. A fresh disposable of that template starts (disposables.new_disposable); FILE goes there as
    a copy does (qfile pack in SRC piped into qfile unpack in the disposable), so it lands in
    the disposable's ~/QubesIncoming/SRC/.
 3. The opener runs there with the admin's terminal: `--with CMD` (split as a shell would,
@@ -40,7 +40,7 @@ from qnix.broker.transfer import (
 from qnix.errors import QnixError
 from qnix.inside import qfile
 from qnix.policy.evaluate import DISPVM_PREFIX
-from qnix.runtime import lifecycle
+from qnix.runtime import disposables
 from qnix.runtime.paths import RuntimePaths
 
 SERVICE = "qnix.OpenInDisposable"
@@ -110,7 +110,7 @@ def open_in_disposable(
         template = resolved.removeprefix(DISPVM_PREFIX)
         fields["template"] = template
         sender = ensure_running(paths, source)
-        with lifecycle.new_disposable(paths, template) as (config, state):
+        with disposables.new_disposable(paths, template) as (config, state):
             fields["disposable"] = config.name
             disposable = Running(paths, config.name, state, config.interpreter)
             check_user(decision, disposable)
@@ -158,9 +158,7 @@ def _open(
         disposable,
         unpack_argv(disposable, source, limits),
     )
-    problem = sent.problem(source, disposable.name)
-    if problem:
-        raise QnixError(f"cannot send {shown(file)} to {disposable.name}: {problem}")
+    sent.check(f"cannot send {shown(file)} to {disposable.name}", source, disposable.name)
     try:
         summary = parse_summary(sent.received.stdout)
         (arrived,) = summary.items
@@ -188,7 +186,11 @@ def _open(
 
     if view_only:
         return done(False, False, "view only: nothing comes back")
-    digest = run_capture(disposable, disposable.program(QFILE, "digest", "--", relative))
+    digest = run_capture(
+        disposable,
+        disposable.program(QFILE, "digest", "--", relative),
+        doing="reporting the edited file's sha256",
+    )
     try:
         edited_sha256 = _digest(digest.stdout) if digest.code == 0 else None
     except ValueError:
@@ -223,9 +225,7 @@ def _open(
             file,
         ),
     )
-    problem = back.problem(disposable.name, source)
-    if problem:
-        raise QnixError(f"the edits of {shown(file)} did not come back: {problem}")
+    back.check(f"the edits of {shown(file)} did not come back", disposable.name, source)
     try:
         fields["returned_sha256"] = _digest(back.received.stdout)
     except ValueError as exc:

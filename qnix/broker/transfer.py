@@ -8,7 +8,10 @@ would vanish with it: `qnix open-in-dvm` is for that). Then the source's
 `qfile.py unpack`: the host only hands the two ends to the agents, the bytes never pass
 through it. `unpack` (qnix.inside.qfile) writes only below ~/QubesIncoming/SOURCE/ and reports
 what arrived as JSON, which is untrusted and checked here before it reaches the audit log.
-A move removes the sources only after the target reported success.
+A move removes the sources only after the target reported success. A stream must end within
+the transfer's deadline, and once one end has finished the other within FINISH_TIMEOUT: a
+target that stops reading or never reports its end fails the transfer, and as `unpack`
+commits only at the end, nothing arrives.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 from qnix.audit import events
 from qnix.broker.decide import Asker, decide, refuse
 from qnix.broker.programs import (
+    Deadline,
     Drain,
     Outcome,
     Running,
@@ -31,6 +35,7 @@ from qnix.broker.programs import (
     run_capture,
     shown,
     start,
+    wait_all,
 )
 from qnix.errors import QnixError
 from qnix.inside import qfile
@@ -128,29 +133,53 @@ def parse_summary(untrusted: bytes) -> Summary:
 
 @dataclass(frozen=True, slots=True)
 class Streamed:
-    """Both ends of one stream: the sender's exit code and errors, the receiver's outcome."""
+    """Both ends of one stream: the sender's exit code and errors, the receiver's outcome. A
+    code is None when that end did not report it in time."""
 
-    send_code: int
+    deadline: Deadline
+    send_code: int | None
     send_errors: bytes
     received: Outcome
 
-    def problem(self, sender: str, receiver: str) -> str:
-        """Why the transfer failed ("" if both ends succeeded)."""
+    def check(self, failed: str, sender: str, receiver: str) -> None:
+        """QnixError "FAILED: why" unless both ends succeeded."""
+        if self.received.code is None:
+            if self.send_code is None:
+                raise QnixError(
+                    f"{failed}: {sender} was still sending and {receiver} still receiving "
+                    f"after {self.deadline.seconds:g} s",
+                    hint=self.deadline.hint(receiver, "stopped reading"),
+                )
+            if self.send_code == 0:
+                why = f"{receiver} did not finish receiving in time, after {sender} had sent all"
+            else:
+                said = shown(self.send_errors) or f"exit code {self.send_code}"
+                why = f"{sender} could not send ({said}), and {receiver} did not finish in time"
+            raise QnixError(
+                f"{failed}: {why}",
+                hint=f"something in {receiver} holds it up: `qnix restart {receiver}` ends it",
+            )
         if self.received.code != 0:
             said = shown(self.received.stderr) or f"exit code {self.received.code}"
-            if self.send_code != 0 and self.send_errors:
-                return f"{sender} could not send: {shown(self.send_errors)}"
-            return f"refused in {receiver}: {said}"
+            if self.send_code not in (0, None) and self.send_errors:
+                raise QnixError(f"{failed}: {sender} could not send: {shown(self.send_errors)}")
+            raise QnixError(f"{failed}: refused in {receiver}: {said}")
+        if self.send_code is None:
+            raise QnixError(
+                f"{failed}: {sender} did not finish sending in time",
+                hint=self.deadline.hint(sender, "stopped sending"),
+            )
         if self.send_code != 0:
             said = shown(self.send_errors) or f"exit code {self.send_code}"
-            return f"{sender} failed after sending: {said}"
-        return ""
+            raise QnixError(f"{failed}: {sender} failed after sending: {said}")
 
 
 def stream(
     sender: Running, send_args: Sequence[str], receiver: Running, receive_argv: Sequence[str]
 ) -> Streamed:
-    """`qfile.py pack SEND_ARGS` in `sender` piped into `receive_argv` in `receiver`."""
+    """`qfile.py pack SEND_ARGS` in `sender` piped into `receive_argv` in `receiver`, within
+    the transfer's deadline."""
+    deadline = Deadline.start()
     data_read, data_write = pipe()
     send_errors_read, send_errors_write = pipe(1 << 16)
     out_read, out_write = pipe(1 << 16)
@@ -178,14 +207,14 @@ def stream(
             os.close(fd)
     send_errors = Drain(send_errors_read)
     out, errors = Drain(out_read, SUMMARY_CAP), Drain(errors_read)
+    drains = (send_errors, out, errors)
     try:
-        send_code = sending.wait()
-    except BaseException:
-        receiving.sock.close()
-        raise
-    received_code = receiving.wait()
-    received = Outcome(received_code, out.result(), errors.result(), out.overflow)
-    return Streamed(send_code, send_errors.result(), received)
+        send_code, received_code = wait_all([sending, receiving], drains, deadline.at)
+        received = Outcome(received_code, out.result(), errors.result(), out.overflow)
+        return Streamed(deadline, send_code, send_errors.result(), received)
+    finally:
+        for drain in drains:
+            drain.close()
 
 
 def unpack_argv(receiver: Running, source: str, limits: qfile.Limits) -> list[str]:
@@ -286,16 +315,18 @@ def transfer(
         receiver = ensure_running(paths, destination, autostart=decision.autostart)
         check_user(decision, receiver)
         streamed = stream(sender, ["--", *files], receiver, unpack_argv(receiver, source, limits))
-        problem = streamed.problem(source, destination)
-        if problem:
-            raise QnixError(f"{event} failed, nothing arrived: {problem}")
+        streamed.check(f"{event} failed, nothing arrived", source, destination)
         try:
             summary = parse_summary(streamed.received.stdout)
         except ValueError as exc:
             raise QnixError(f"{destination} sent an unreadable report ({exc})") from None
         fields |= _summary_fields(summary)
         if move:
-            removed = run_capture(sender, sender.program(QFILE, "remove", "--", *files))
+            removed = run_capture(
+                sender,
+                sender.program(QFILE, "remove", "--", *files),
+                doing=f"removing what arrived in {destination}",
+            )
             if removed.code != 0:
                 raise QnixError(
                     removed.error(f"arrived in {destination}, but removing it in {source} failed")

@@ -2,7 +2,8 @@
 
 Each asks the live policy first (qnix.broker.decide); an `ask` line is put to this terminal
 (`--timeout` seconds, then denied), or answered by `--yes` / `--no` for scripts. A deny or any
-failure exits 1 with the reason; nothing arrives.
+failure exits 1 with the reason; nothing arrives. So does a compartment that does not finish
+its part within QNIX_TRANSFER_TIMEOUT seconds (qnix.broker.programs).
 """
 
 from __future__ import annotations

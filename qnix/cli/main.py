@@ -26,7 +26,7 @@ from qnix.cli.state import state
 from qnix.errors import QnixError
 
 if TYPE_CHECKING:
-    from qnix.runtime.lifecycle import Status
+    from qnix.runtime.status import Status
     from qnix.spec.load import LoadedSpec
 
 SPEC_ARG = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False, exists=False))
@@ -79,7 +79,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _load(spec: Path) -> LoadedSpec:
-    from qnix.spec.load import load
+    from qnix.compile.inputs import load
 
     return load(spec)
 
@@ -179,9 +179,9 @@ def _echo_changes(changes: Sequence[str], nothing: str = "no changes") -> None:
 @click.option("--purge", is_flag=True, help="Also delete the state of compartments removed.")
 def apply(spec: Path, state_root: Path | None, run_root: Path | None, purge: bool) -> None:
     """Bring this host to SPEC: namespaces, links, the nft table, state, autostart."""
-    from qnix.runtime import lifecycle
+    from qnix.runtime import reconcile
 
-    result = lifecycle.apply(runtime_paths(state_root, run_root), _load(spec), purge=purge)
+    result = reconcile.apply(runtime_paths(state_root, run_root), _load(spec), purge=purge)
     _echo_changes(result.changes)
     for note in result.notes:
         click.echo(f"note: {note}")
@@ -202,9 +202,9 @@ def ls(state_root: Path | None, run_root: Path | None, as_json: bool) -> None:
     """List the compartments of the live generation and their state."""
     import json
 
-    from qnix.runtime import lifecycle
+    from qnix.runtime.status import statuses
 
-    found = lifecycle.statuses(runtime_paths(state_root, run_root))
+    found = statuses(runtime_paths(state_root, run_root))
     if as_json:
         click.echo(json.dumps([status.to_json() for status in found], indent=2))
         return
@@ -299,27 +299,27 @@ def dispose(
 ) -> None:
     """Run COMMAND in a fresh disposable compartment with this terminal's input and output;
     when it ends, nothing of the disposable is left. Put `--` before COMMAND."""
-    from qnix.runtime import lifecycle
+    from qnix.runtime import disposables
 
-    ctx.exit(lifecycle.dispose(runtime_paths(state_root, run_root), command, template))
+    ctx.exit(disposables.dispose(runtime_paths(state_root, run_root), command, template))
 
 
 @cli.command()
 @runtime_options
 def down(state_root: Path | None, run_root: Path | None) -> None:
     """Stop every compartment and remove qnix's runtime from this host; keep the state."""
-    from qnix.runtime import lifecycle
+    from qnix.runtime import reconcile
 
-    _echo_changes(lifecycle.down(runtime_paths(state_root, run_root)), "nothing to remove")
+    _echo_changes(reconcile.down(runtime_paths(state_root, run_root)), "nothing to remove")
 
 
 @cli.command()
 @runtime_options
 def gc(state_root: Path | None, run_root: Path | None) -> None:
     """Remove what a crash left behind: namespaces, links, cgroups, files, nft leftovers."""
-    from qnix.runtime import lifecycle
+    from qnix.runtime import reconcile
 
-    _echo_changes(lifecycle.gc(runtime_paths(state_root, run_root)), "nothing to remove")
+    _echo_changes(reconcile.gc(runtime_paths(state_root, run_root)), "nothing to remove")
 
 
 cli.add_command(policy)

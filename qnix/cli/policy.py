@@ -30,7 +30,7 @@ def policy() -> None:
 
 def _load_spec(ctx: click.Context, spec: Path) -> LoadedSpec:
     """The spec, or its errors printed and the spec's exit code (a traceback with --debug)."""
-    from qnix.spec.load import load
+    from qnix.compile.inputs import load
 
     try:
         return load(spec)

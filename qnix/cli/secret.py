@@ -40,7 +40,7 @@ def secret() -> None:
 
 
 def _load(spec: Path, *, missing_secrets_ok: bool = False) -> LoadedSpec:
-    from qnix.spec.load import load
+    from qnix.compile.inputs import load
 
     return load(spec, missing_secrets_ok=missing_secrets_ok)
 

@@ -137,6 +137,7 @@ def diff(
     snapshot ID2, or to the live folder. Changed: another kind, permissions, content or
     link target."""
     from qnix.runtime import state as snapshots
+    from qnix.runtime.archives import shown
 
     if live and second is not None:
         raise QnixError("give a second snapshot or --live, not both")
@@ -152,6 +153,6 @@ def diff(
         ("changed", found.changed),
     ):
         for changed_name in names:
-            click.echo(f"{word:<8}{snapshots.shown(changed_name)}")
+            click.echo(f"{word:<8}{shown(changed_name)}")
     if not (found.added or found.removed or found.changed):
         click.echo("no differences")

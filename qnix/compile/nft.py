@@ -263,7 +263,7 @@ def _net_of(ws: Workstation, name: str, unit: CompartmentBase) -> Compartment | 
         return None
     net = ws.compartments.get(unit.network)
     if net is None or not net.provides_network:
-        # load.check_references reports this to the user; here it is a caller's bug.
+        # qnix.compile.inputs.check_references reports this to the user; here it is a caller's bug.
         raise ValueError(
             f"compartment {name!r} uses network {unit.network!r}, which is not a net compartment"
         )

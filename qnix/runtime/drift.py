@@ -29,12 +29,8 @@ expected host holds nothing of qnix, so any table, namespace or link left is rep
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
-import ipaddress
 import json
-import re
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -44,15 +40,22 @@ from pydantic import ValidationError
 
 from qnix.audit import events
 from qnix.compile import names
-from qnix.compile.artifacts import MANIFEST, RULESET
-from qnix.compile.nft import TABLE, hostname_sets
+from qnix.compile.artifacts import MANIFEST
+from qnix.compile.nft import TABLE
 from qnix.errors import QnixError
-from qnix.runtime import lifecycle
 from qnix.runtime.backends import vm
+from qnix.runtime.live import (
+    live_workstation,
+    locked,
+    network_for,
+    network_order,
+    read_json,
+    run_names,
+    running_disposables,
+    uplink_of,
+)
 from qnix.runtime.net import (
     COMPARTMENT_IFNAME,
-    NET_COMPARTMENT_RULESET,
-    NET_COMPARTMENT_TABLE,
     RULE_PRIORITY,
     HostNetwork,
     require_root,
@@ -60,37 +63,17 @@ from qnix.runtime.net import (
 )
 from qnix.runtime.paths import RuntimePaths
 from qnix.runtime.runner import require_tool, run
+from qnix.runtime.status import statuses
+from qnix.runtime.wanted import (
+    PRESENT,
+    Difference,
+    expected_transaction,
+    net_table_differences,
+    table_differences,
+)
 from qnix.spec.model import NETWORK_NONE, Workstation
 
 HOST_PLACE = "host"
-PRESENT = "present"
-
-
-@dataclass(frozen=True, slots=True)
-class Difference:
-    """One way the host differs: `kind` (generation, nft-table, nft-chain, nft-rule, nft-set,
-    nft-element, netns, link, address, route, rule, sysctl, compartment), what it is about,
-    what the generation wants (None: nothing) and what the host has (None: nothing)."""
-
-    kind: str
-    subject: str
-    expected: str | None
-    actual: str | None
-
-    def render(self) -> str:
-        if self.expected is None:
-            return f"{self.kind} {self.subject}: unexpected {self.actual}"
-        if self.actual is None:
-            return f"{self.kind} {self.subject}: missing {self.expected}"
-        return f"{self.kind} {self.subject}: expected {self.expected}, found {self.actual}"
-
-    def to_json(self) -> dict[str, str | None]:
-        return {
-            "kind": self.kind,
-            "subject": self.subject,
-            "expected": self.expected,
-            "actual": self.actual,
-        }
 
 
 # ---- the generation's files ----------------------------------------------------------------
@@ -138,176 +121,6 @@ def generation_differences(folder: Path, applied_generation: str | None) -> list
 
 
 # ---- nft listings --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """A chain, set or map of a listed table: its lines (a chain's declaration and rules in
-    order, a set's declaration) and, for a set or map, its elements."""
-
-    lines: tuple[str, ...]
-    elements: frozenset[str]
-
-
-_MEMBER_RE = re.compile(r"\t([a-z]+(?: [a-z]+)?) (\S+) \{")
-
-
-def _split_elements(text: str) -> list[str]:
-    """The elements between `elements = {` and its `}`, split at top-level commas."""
-    items: list[str] = []
-    current: list[str] = []
-    depth, quoted = 0, False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        elif not quoted and char == "{":
-            depth += 1
-        elif not quoted and char == "}":
-            depth -= 1
-        if char == "," and depth == 0 and not quoted:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    items.append("".join(current))
-    return [" ".join(item.split()) for item in items if item.strip()]
-
-
-def parse_listing(text: str) -> dict[str, Member]:
-    """`nft list table` output as its members, keyed "chain NAME", "set NAME", "map NAME"."""
-    members: dict[str, Member] = {}
-    lines = iter(text.splitlines())
-    for line in lines:
-        header = _MEMBER_RE.fullmatch(line)
-        if header is None:
-            continue
-        body: list[str] = []
-        elements: list[str] = []
-        for inner in lines:
-            if inner == "\t}":
-                break
-            stripped = inner.strip()
-            if not stripped:
-                continue
-            if stripped.startswith("elements = {"):
-                block = stripped[len("elements = {") :]
-                while not block.rstrip().endswith("}"):
-                    block += " " + next(lines).strip()
-                elements += _split_elements(block.rstrip()[:-1])
-            else:
-                body.append(stripped)
-        members[f"{header.group(1)} {header.group(2)}"] = Member(tuple(body), frozenset(elements))
-    return members
-
-
-def _kind_of(member: str, line: str | None = None) -> str:
-    """nft-chain for a whole chain or its own declaration (hook, policy, comment), nft-rule
-    for a rule, nft-set for a set or map."""
-    if not member.startswith("chain "):
-        return "nft-set"
-    if line is None or line.startswith(("type ", "comment ", "policy ")):
-        return "nft-chain"
-    return "nft-rule"
-
-
-def compare_listings(expected: str, actual: str, prefix: str = "") -> list[Difference]:
-    """Differences between two listings of one table, member by member."""
-    wanted, found = parse_listing(expected), parse_listing(actual)
-    differences: list[Difference] = []
-    for member in sorted(wanted.keys() - found.keys()):
-        differences.append(Difference(_kind_of(member), prefix + member, PRESENT, None))
-    for member in sorted(found.keys() - wanted.keys()):
-        differences.append(Difference(_kind_of(member), prefix + member, None, PRESENT))
-    for member in sorted(wanted.keys() & found.keys()):
-        subject = prefix + member
-        left, right = wanted[member], found[member]
-        if member.startswith("chain "):
-            matcher = difflib.SequenceMatcher(a=left.lines, b=right.lines, autojunk=False)
-            for tag, a0, a1, b0, b1 in matcher.get_opcodes():
-                if tag == "equal":
-                    continue
-                gone, came = left.lines[a0:a1], right.lines[b0:b1]
-                for index in range(max(len(gone), len(came))):
-                    old = gone[index] if index < len(gone) else None
-                    new = came[index] if index < len(came) else None
-                    kind = _kind_of(member, old if old is not None else new)
-                    differences.append(Difference(kind, subject, old, new))
-        elif left.lines != right.lines:
-            differences.append(
-                Difference("nft-set", subject, "; ".join(left.lines), "; ".join(right.lines))
-            )
-        for element in sorted(left.elements - right.elements):
-            differences.append(Difference("nft-element", subject, element, None))
-        for element in sorted(right.elements - left.elements):
-            differences.append(Difference("nft-element", subject, None, element))
-    return differences
-
-
-# Loads a transaction, then lists the table: two nft runs, since a listing inside the same
-# transaction shows what is not yet committed. Run in a network namespace of its own.
-_LOAD_AND_LIST = """\
-import subprocess, sys
-nft, table = sys.argv[1], sys.argv[2:]
-loaded = subprocess.run([nft, "-f", "-"], stdin=sys.stdin, capture_output=True, text=True)
-if loaded.returncode != 0:
-    sys.stderr.write(loaded.stderr)
-    sys.exit(loaded.returncode)
-listed = subprocess.run([nft, "list", "table", *table], capture_output=True, text=True)
-sys.stderr.write(listed.stderr)
-sys.stdout.write(listed.stdout)
-sys.exit(listed.returncode)
-"""
-
-
-def listing_of(transaction: str, table: str = TABLE) -> str:
-    """How nft lists `table` once `transaction` is loaded, in a throwaway network namespace
-    (it ends with the process, so nothing is left behind however this ends)."""
-    unshare = require_tool("unshare", "util-linux")
-    nft = require_tool("nft", "nftables")
-    command = [unshare, "--net", "--", sys.executable, "-I", "-S", "-c", _LOAD_AND_LIST, nft]
-    return run([*command, *table.split()], input=transaction, timeout=120).stdout
-
-
-def table_differences(net: HostNetwork, wanted: str | None) -> list[Difference]:
-    """The loaded `inet qnix` table against the transaction `wanted` (None: no table)."""
-    live = net.table_listing()
-    if wanted is None:
-        return [] if live is None else [Difference("nft-table", TABLE, None, PRESENT)]
-    if live is None:
-        return [Difference("nft-table", TABLE, PRESENT, None)]
-    return compare_listings(listing_of(wanted), live)
-
-
-def _resolved_of(applied: dict[str, Any], ws: Workstation) -> dict[str, list[str]]:
-    """The addresses apply resolved for each host-name set, as recorded, checked: they go
-    into an nft transaction."""
-    recorded = applied.get("resolved")
-    recorded = recorded if isinstance(recorded, dict) else {}
-    resolved: dict[str, list[str]] = {}
-    for named in hostname_sets(ws):
-        addresses = recorded.get(named.set_name)
-        kept = []
-        for text in addresses if isinstance(addresses, list) else []:
-            with contextlib.suppress(ValueError, TypeError):
-                address = ipaddress.ip_address(text)
-                if address.version == named.family:
-                    kept.append(str(address))
-        resolved[named.set_name] = kept
-    return resolved
-
-
-def expected_transaction(paths: RuntimePaths, ws: Workstation) -> str | None:
-    """What apply would load for the live generation now (None: its ruleset is unreadable,
-    which the generation check reports)."""
-    try:
-        ruleset = (paths.generation_dir / RULESET).read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-    applied = lifecycle._read_json(paths.applied_file)
-    disposables = lifecycle._running_disposables(paths)
-    return lifecycle.filled_transaction(
-        ruleset, _resolved_of(applied, ws)
-    ) + lifecycle._disposables_statements(disposables)
 
 
 # ---- namespaces, links, addresses, routes, rules -------------------------------------------
@@ -374,7 +187,7 @@ def _link_differences(
         yield Difference("link", f"{netns}:{stray}", None, PRESENT)
     if compartment.network == NETWORK_NONE:
         return
-    uplink = lifecycle.uplink_of(ws, compartment)
+    uplink = uplink_of(ws, compartment)
     assert uplink is not None  # a compartment with a network has one
     host_end, inner_end = uplink.host_ifname, f"{netns}:{COMPARTMENT_IFNAME}"
     pair = f"veth {host_end} <-> {inner_end}"
@@ -420,7 +233,7 @@ def network_differences(
 ) -> list[Difference]:
     found: list[Difference] = []
     compartments = ws.compartments if ws is not None else {}
-    disposables = lifecycle._running_disposables(paths)
+    disposables = running_disposables(paths)
     present = set(net.list_netns())
     for name in sorted(compartments.keys() - present):
         found.append(Difference("netns", net.netns(name), PRESENT, None))
@@ -431,7 +244,7 @@ def network_differences(
     host_rules = _host_rules(net)
     wanted_links = {c.host_ifname for c in disposables.values() if c.host_ifname is not None}
     if ws is not None:
-        for compartment in lifecycle.network_order(ws):
+        for compartment in network_order(ws):
             if compartment.network != NETWORK_NONE:
                 wanted_links.add(names.host_ifname(compartment.name))
             if compartment.name in present:
@@ -455,23 +268,6 @@ def network_differences(
 
 
 # ---- net compartments' own tables and the kernel parameters ---------------------------------
-
-
-def net_table_differences(net: HostNetwork, ws: Workstation) -> list[Difference]:
-    """Each net compartment's masquerade table against the one apply loads into it."""
-    found: list[Difference] = []
-    present = set(net.list_netns())
-    routers = [c.name for c in ws.net_compartments() if c.name in present]
-    if not routers:
-        return found
-    expected = listing_of(NET_COMPARTMENT_RULESET, NET_COMPARTMENT_TABLE)
-    for name in routers:
-        live = net.nft_listing(net.netns(name), NET_COMPARTMENT_TABLE)
-        if live is None:
-            found.append(Difference("nft-table", f"{name}: {NET_COMPARTMENT_TABLE}", PRESENT, None))
-        else:
-            found += compare_listings(expected, live, f"{name}: ")
-    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,7 +336,7 @@ def compartment_differences(paths: RuntimePaths, ws: Workstation | None) -> list
     found = []
     known = set()
     if ws is not None:
-        for status in lifecycle.statuses(paths):
+        for status in statuses(paths):
             known.add(status.name)
             compartment = ws.compartments.get(status.name)
             if compartment is None:
@@ -552,7 +348,7 @@ def compartment_differences(paths: RuntimePaths, ws: Workstation | None) -> list
                     "crashed (its keeper is gone)" if status.state == "crashed" else status.state
                 )
                 found.append(Difference("compartment", status.name, wanted, actual))
-    for name in lifecycle._run_names(paths):
+    for name in run_names(paths):
         if name not in known:
             found.append(Difference("compartment", name, None, "a run folder without a keeper"))
     return found
@@ -563,7 +359,7 @@ def compartment_differences(paths: RuntimePaths, ws: Workstation | None) -> list
 
 def _live(paths: RuntimePaths) -> tuple[Workstation | None, list[Difference]]:
     try:
-        return lifecycle.live_workstation(paths), []
+        return live_workstation(paths), []
     except (ValidationError, ValueError, OSError) as exc:
         problem = f"unreadable: {str(exc).splitlines()[0]}"
         return None, [Difference("generation", "spec.json", "the live generation's spec", problem)]
@@ -573,11 +369,11 @@ def drift(paths: RuntimePaths) -> list[Difference]:
     """Every difference between this host and its live generation; recorded in the audit log
     (event `drift`, with their count)."""
     require_root()
-    net = lifecycle.network_for(paths)
-    lock = lifecycle.locked(paths) if paths.run_root.is_dir() else contextlib.nullcontext()
+    net = network_for(paths)
+    lock = locked(paths) if paths.run_root.is_dir() else contextlib.nullcontext()
     with lock:
         ws, found = _live(paths)
-        applied = lifecycle._read_json(paths.applied_file)
+        applied = read_json(paths.applied_file)
         recorded = applied.get("generation")
         found += generation_differences(
             paths.generation_dir, str(recorded) if recorded is not None else None

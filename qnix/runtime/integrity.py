@@ -34,7 +34,7 @@ from urllib.parse import unquote_to_bytes
 from qnix.audit import events
 from qnix.compile.aide import DATABASE, DEFAULT_HOST_PATHS, NEW_DATABASE, aide_config, file_url
 from qnix.errors import QnixError
-from qnix.runtime import lifecycle
+from qnix.runtime import live
 from qnix.runtime.files import atomic_write
 from qnix.runtime.paths import RuntimePaths
 from qnix.runtime.runner import Result, require_tool, run
@@ -233,7 +233,7 @@ def _failed(what: str, result: Result, hint: str) -> QnixError:
 
 
 def _write_config(paths: RuntimePaths, host_paths: Sequence[str]) -> AideFiles:
-    ws = lifecycle.live_workstation(paths)
+    ws = live.live_workstation(paths)
     if ws is None:
         raise QnixError(
             f"no live generation under {paths.run_root}",
@@ -267,12 +267,12 @@ def init(
     if config is not None:
         baseline = _build(files_of_config(paths, config))
     else:
-        if lifecycle.live_workstation(paths) is None:
+        if live.live_workstation(paths) is None:
             raise QnixError(
                 f"no live generation under {paths.run_root}",
                 hint="bring the host up first: qnix apply SPEC",
             )
-        with lifecycle.locked(paths):
+        with live.locked(paths):
             # The audit folder is never covered, but its appearing would change its parent.
             _private_folder(paths.audit_log.parent)
             baseline = _build(_write_config(paths, host_paths))

@@ -1,7 +1,9 @@
 """The keeper: one process per running compartment, detached from the command that started it.
 
 `qnix start` writes a KeeperConfig to `<run root>/compartments/<name>/keeper.json` and runs
-`python -I -m qnix.runtime.keeper <that file>` in a session of its own. The keeper
+`python -I -m qnix.broker.keeper_main <that file>` in a session of its own: this module's
+`main` with the broker's call server beside it (composed above the runtime, which imports
+nothing of the broker). The keeper
 
 1. creates the compartment's cgroup (memory and process limits),
 2. starts bubblewrap (for `isolation = "container"`: systemd-nspawn, see
@@ -32,20 +34,22 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from qnix.broker import calls
 from qnix.errors import QnixError
 from qnix.runtime import agent, cgroups, secrets, vmlink
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.files import atomic_write
+from qnix.runtime.live import KEEPER_MAIN, READY_TIMEOUT, KeeperConfig
 from qnix.runtime.net import COMPARTMENT_IFNAME, HostNetwork
+from qnix.runtime.paths import CALL_DIR_INSIDE, CALL_SOCKET_NAME, RuntimePaths, call_dir
 from qnix.runtime.quickrun import process_start_time
 
 # Where the agent's code appears inside a compartment (a read-only file).
@@ -54,73 +58,7 @@ AGENT_SOURCE = Path(__file__).with_name("agent.py")
 # The other programs that run inside (qnix/inside/*.py), bound next to the agent.
 INSIDE_PROGRAMS_DIR = Path(__file__).parent.parent / "inside"
 INSIDE_DIR = "/opt/qnix-agent"
-READY_TIMEOUT = 90.0  # a VM under TCG boots in seconds, not milliseconds
-STOP_GRACE = 3.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-@dataclass(frozen=True, slots=True)
-class KeeperConfig:
-    """Everything the keeper needs, decided by the command that starts it."""
-
-    name: str
-    user: str  # the user inside (uid 1000)
-    host_uid: int  # the unprivileged host account the sandbox runs as
-    host_gid: int
-    home: str | None  # host folder bound as the home; None: a tmpfs
-    netns_path: str
-    cgroup: str
-    memory_bytes: int
-    pids: int
-    run_dir: str
-    agent_socket: str  # bound here, in the run folder (root's), and handed to the agent
-    state_file: str
-    interpreter: str  # the Python that runs the agent inside
-    interpreter_prefix: str | None  # bound read-only when outside /usr and /nix/store
-    resolv_conf: str
-    stop_grace: float = STOP_GRACE
-    # "namespace" (bubblewrap) or "container" (systemd-nspawn)
-    isolation: str = "namespace"
-    # A disposable: what it is made from, and what of the network is its alone, removed by
-    # the keeper when it ends. It also ends when `owner_pid` (the `qnix dispose`) exits.
-    template: str | None = None
-    owner_pid: int | None = None
-    netns_prefix: str = ""
-    host_netns: str | None = None
-    host_ifname: str | None = None
-    address: str | None = None
-    gateway: str | None = None
-    elements: tuple[tuple[str, str], ...] = ()  # (nft set or map, element)
-    # A preloaded disposable waits, owned by nobody, until a `qnix dispose` connects here;
-    # it then belongs to that connection and ends when the connection closes.
-    claim_socket: str | None = None
-    # The state root of the qnix that started the keeper (audit log, homes), for the calls
-    # the compartment makes (qnix.broker.calls); None: derived from `home` or the environment.
-    state_root: str | None = None
-    # The secrets to put at /run/secrets (qnix.runtime.secrets.Delivery: name, source, where)
-    # and the host's age identity they are decrypted with.
-    secrets: tuple[tuple[str, str, str], ...] = ()
-    age_identity: str | None = None
-    # A VM: its processors, and its end of the link (the guest holds the address).
-    cpus: int = 1
-    guest_address: str | None = None
-    guest_gateway: str | None = None
-
-    def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> KeeperConfig:
-        fields = json.loads(data)
-        if not isinstance(fields, dict):
-            raise ValueError("a keeper configuration is a JSON object")
-        fields["elements"] = tuple((str(k), str(v)) for k, v in fields.get("elements", ()))
-        fields["secrets"] = tuple((str(n), str(s), str(w)) for n, s, w in fields.get("secrets", ()))
-        return cls(**fields)
-
-    @property
-    def disposable(self) -> bool:
-        return self.template is not None
 
 
 def teardown_network(config: KeeperConfig) -> None:
@@ -182,7 +120,7 @@ def _start_with(
         home=Path(config.home) if config.home is not None else None,
         user=config.user,
         # The call socket's folder is root's and read-only inside: not replaceable from there.
-        extra_ro_binds=((str(calls.call_dir(config.run_dir)), calls.CALL_DIR_INSIDE),),
+        extra_ro_binds=((str(call_dir(config.run_dir)), CALL_DIR_INSIDE),),
     )
     agent_fd = ns.sealed_memfd(AGENT_SOURCE.read_bytes(), "qnix-agent")
     resolv_fd = ns.sealed_memfd(config.resolv_conf.encode(), "qnix-resolv.conf")
@@ -311,7 +249,7 @@ def _start_vm(
         [
             *(sys.executable, "-I", "-m", "qnix.runtime.vmlink", "relay"),
             *(str(listen_fd), str(port_socket)),
-            str(calls.call_dir(config.run_dir) / calls.CALL_SOCKET_NAME),
+            str(call_dir(config.run_dir) / CALL_SOCKET_NAME),
             *(str(config.host_uid), str(config.host_gid)),  # it drops to them itself
         ],
         netns_path=None,
@@ -364,7 +302,7 @@ def _start_vm(
                 networked=networked,
                 mac=vm.mac_address(config.name),
             )
-            run_root = calls.keeper_paths(config).run_root
+            run_root = config.runtime_paths().run_root
             accel = vm.accelerator(run_root / vm.ACCEL_FILE, kernel)
             qemu = ns.launch(
                 vm.qemu_argv(machine, kernel, initrd, accel),
@@ -476,6 +414,28 @@ def teardown(config: KeeperConfig, cgroup: cgroups.Cgroup | None) -> None:
         shutil.rmtree(config.run_dir, ignore_errors=True)
 
 
+def listen_for_calls(folder: Path, host_gid: int) -> socket.socket:
+    """The call socket in `folder` (created root-owned 0755), connectable by `host_gid` only."""
+    folder.mkdir(mode=0o755, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise OSError(f"{folder} is not a folder of ours")
+    os.chmod(folder, 0o755)  # noqa: S103 - holds only the socket; read-only inside
+    path = folder / CALL_SOCKET_NAME
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chown(path, os.geteuid(), host_gid)
+    os.chmod(path, 0o660)
+    listener.listen(64)
+    return listener
+
+
 def listen_for_claim(path: str) -> socket.socket:
     """The claim socket of a preloaded disposable: only root may connect (0600 in a root
     folder), and the first connection takes it."""
@@ -550,13 +510,27 @@ def _wait(
             connection.close()
 
 
-def keep(config: KeeperConfig, notify: int) -> int:
-    """Run the compartment until it ends or is stopped; report readiness on `notify`."""
+# What the layer above runs beside a compartment: the call server (qnix.broker.calls), handed
+# the call socket, the runtime paths, the compartment's name and host uid.
+ServeCalls = Callable[[socket.socket, RuntimePaths, str, int], object]
+
+
+def keep(
+    config: KeeperConfig,
+    notify: int,
+    serve_calls: ServeCalls | None = None,
+    *,
+    owner: int | None = None,
+    on_ready: Callable[[], object] | None = None,
+) -> int:
+    """Run the compartment until it ends or is stopped; report readiness on `notify` (after
+    `on_ready`). `serve_calls` answers the compartment's calls (None: it can make none).
+    `owner`: a descriptor that turns readable when the compartment's owner is gone (the
+    connection of the `qnix dispose` it serves); else config.owner_pid, if any."""
     stop = _Stop()
     cgroup: cgroups.Cgroup | None = None
-    owner: int | None = None
     try:
-        if config.owner_pid is not None:
+        if owner is None and config.owner_pid is not None:
             owner = os.pidfd_open(config.owner_pid)
         memory = config.memory_bytes
         if config.isolation == vm.ISOLATION:  # QEMU itself beside the guest's memory
@@ -565,11 +539,13 @@ def keep(config: KeeperConfig, notify: int) -> int:
         cgroup = cgroups.create(config.cgroup, limits)
         # The call socket exists before the sandbox binds its folder; calls are answered
         # once the compartment runs.
-        call_listener = calls.listen(calls.call_dir(config.run_dir), config.host_gid)
+        call_listener = listen_for_calls(call_dir(config.run_dir), config.host_gid)
         process = _start(config, cgroup, stop)
-        calls.serve_in_background(
-            call_listener, calls.keeper_paths(config), config.name, config.host_uid
-        )
+        if serve_calls is None:
+            call_listener.close()  # nobody answers: a call finds no socket and fails at once
+            os.unlink(call_dir(config.run_dir) / CALL_SOCKET_NAME)
+        else:
+            serve_calls(call_listener, config.runtime_paths(), config.name, config.host_uid)
         claim = None
         if config.claim_socket is not None:
             claim = (listen_for_claim(config.claim_socket), config.claim_socket)
@@ -580,6 +556,8 @@ def keep(config: KeeperConfig, notify: int) -> int:
             os.write(notify, f"error: {message}\n".encode())
         teardown(config, cgroup)
         return 1
+    if on_ready is not None:
+        on_ready()
     with contextlib.suppress(OSError):  # the starting command may be gone already
         os.write(notify, b"ready\n")
     os.close(notify)
@@ -591,9 +569,10 @@ def keep(config: KeeperConfig, notify: int) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], serve_calls: ServeCalls | None = None) -> int:
+    """The keeper's process (see KEEPER_MAIN: the layer above composes it)."""
     if len(argv) != 2:
-        print("usage: python -m qnix.runtime.keeper KEEPER_JSON", file=sys.stderr)
+        print(f"usage: python -m {KEEPER_MAIN} KEEPER_JSON", file=sys.stderr)
         return 2
     config = KeeperConfig.from_json(Path(argv[1]).read_bytes())
     # Readiness goes to our stdout (a pipe the starting command reads), then stdout is
@@ -602,8 +581,4 @@ def main(argv: list[str]) -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
-    return keep(config, notify)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    return keep(config, notify, serve_calls)

@@ -65,10 +65,16 @@ RUN_ROOT_ENTRIES = (
     "clipboard.lock",
     "lock",
     "vm-accel",  # what KVM's probe found this boot (qnix.runtime.backends.vm)
+    "spawner.sock",  # the resident process that forks disposables' keepers
+    "spawner.json",
+    "spawner.log",
 )
 
-# Where the agent's socket folder appears inside a compartment.
 AGENT_SOCKET_NAME = "agent.sock"
+# The call socket's folder in a compartment's run folder (root's), bound read-only inside.
+CALL_DIR_NAME = "call"
+CALL_DIR_INSIDE = "/run/qnix-call"
+CALL_SOCKET_NAME = "call.sock"
 
 
 class PathError(ValueError):
@@ -174,6 +180,16 @@ class RuntimePaths(Record):
         return self.run_root / "clipboard.lock"
 
     @property
+    def spawner_socket(self) -> Path:
+        """Where the spawner (qnix.runtime.spawner) takes requests: root only."""
+        return self.run_root / "spawner.sock"
+
+    @property
+    def spawner_record(self) -> Path:
+        """The running spawner's pid and start time."""
+        return self.run_root / "spawner.json"
+
+    @property
     def pool_root(self) -> Path:
         """Preloaded disposables wait here: `<template>/<name>.sock`, their keepers' claim
         sockets (root only), removed once claimed."""
@@ -235,3 +251,8 @@ class RuntimePaths(Record):
 
     def cgroup_name(self, name: str) -> str:
         return self.netns(name)
+
+
+def call_dir(run_dir: str | Path) -> Path:
+    """The host folder bound read-only at CALL_DIR_INSIDE: root's, holding only the socket."""
+    return Path(run_dir) / CALL_DIR_NAME

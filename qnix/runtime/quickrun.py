@@ -40,6 +40,8 @@ STATE_FIELDS: dict[str, type] = {
 TERMINAL_ENV = ("TERM", "COLORTERM")
 # How long a preloaded disposable's keeper may take to answer a claim.
 CLAIM_TIMEOUT = 2.0
+# How long the spawner may take to start a disposable (a VM's boots under TCG).
+SPAWN_TIMEOUT = 120.0
 
 
 def process_start_time(pid: int) -> int | None:
@@ -257,9 +259,55 @@ def claim_preloaded(paths: RuntimePaths, template: str) -> tuple[str, _socket.so
     return None
 
 
+def _ask_spawner(paths: RuntimePaths, request: dict[str, Any]) -> _socket.socket | None:
+    """A connection to the spawner (qnix.runtime.spawner) with `request` sent; None if no
+    spawner answers here."""
+    connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    connection.settimeout(SPAWN_TIMEOUT)
+    try:
+        connection.connect(str(paths.spawner_socket))
+        connection.sendall(json.dumps(request).encode() + b"\n")
+    except OSError:
+        connection.close()
+        return None
+    return connection
+
+
+def spawned_disposable(
+    paths: RuntimePaths, template: str | None
+) -> tuple[str, _socket.socket] | None:
+    """A fresh disposable of `template` (None: the default) from the spawner: its name and the
+    connection that owns it (closed, also by the kernel when this process dies, the
+    disposable ends). None if no spawner runs or it could not make one (the full command line
+    then builds one itself, and says why if it cannot)."""
+    connection = _ask_spawner(paths, {"op": "dispose", "template": template})
+    if connection is None:
+        return None
+    answer = b""
+    try:
+        while not answer.endswith(b"ready\n") and b"error:" not in answer:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    except OSError:
+        pass
+    lines = answer.decode(errors="replace").splitlines()
+    if len(lines) == 2 and lines[0].startswith("disposable ") and lines[1] == "ready":
+        connection.settimeout(None)
+        return lines[0].removeprefix("disposable "), connection
+    connection.close()
+    return None
+
+
 def refill_in_background(paths: RuntimePaths) -> None:
-    """Start a new preloaded disposable behind the one just used, detached from us (spawned,
-    not forked: copying this process would cost the command's caller a millisecond)."""
+    """Start a new preloaded disposable behind the one just used, detached from us: by the
+    spawner, or else by a new interpreter (spawned, not forked: copying this process would
+    cost the command's caller a millisecond)."""
+    asked = _ask_spawner(paths, {"op": "refill"})
+    if asked is not None:
+        asked.close()
+        return
     argv = [sys.executable, "-I", "-m", "qnix.runtime.refill"]
     try:
         os.posix_spawn(
@@ -274,8 +322,8 @@ def refill_in_background(paths: RuntimePaths) -> None:
 
 
 def dispose_fast(argv: Sequence[str]) -> int | None:
-    """`qnix dispose` with a preloaded disposable; None when the full command line must handle
-    it (no pool, or every preloaded disposable taken: it then builds a fresh one)."""
+    """`qnix dispose` with a preloaded disposable, or else a fresh one from the spawner; None
+    when the full command line must handle it (no live generation, no spawner running)."""
     request = parse_dispose(argv)
     if request is None or os.geteuid() != 0:
         return None
@@ -290,13 +338,16 @@ def dispose_fast(argv: Sequence[str]) -> int | None:
     # No signal handlers: killed by any signal, this process's claim connection is closed by
     # the kernel, and the keeper ends the disposable and removes all of it.
     claimed = claim_preloaded(paths, template)
+    preloaded = claimed is not None
+    if claimed is None:
+        claimed = spawned_disposable(paths, template)
     if claimed is None:
         return None
     name, connection = claimed
     try:
         state = running_state(paths, name)
         if state is None:
-            sys.stderr.write(f"error: preloaded disposable {name} ended before its command\n")
+            sys.stderr.write(f"error: disposable {name} ended before its command\n")
             return 1
         try:
             return execute(paths, name, state, request.command, event="dispose", template=template)
@@ -304,7 +355,8 @@ def dispose_fast(argv: Sequence[str]) -> int | None:
             sys.stderr.write(f"error: cannot run in disposable {name}: {exc}\n")
             return 1
     finally:
-        refill_in_background(paths)
+        if preloaded:
+            refill_in_background(paths)
         connection.close()  # the keeper ends the disposable and removes all of it
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from qnix.errors import QnixError
-from qnix.runtime import lifecycle
+from qnix.runtime import disposables
 from qnix.runtime.paths import RuntimePaths
 
 
@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
         return 2
     paths = RuntimePaths.from_options(argv[1], argv[2])
     try:
-        lifecycle.refill_pools(paths)
+        disposables.refill_pools(paths)
     except QnixError as exc:
         print(f"refill: {exc.message}", file=sys.stderr)
         return 1

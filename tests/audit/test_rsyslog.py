@@ -15,9 +15,9 @@ import pytest
 from qnix.audit import events
 from qnix.audit.rfc5424 import parse_message
 from qnix.audit.verify import verify_lines
+from qnix.compile.inputs import load
 from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
 from qnix.runtime.paths import RuntimePaths
-from qnix.spec.load import load
 from qnix.spec.model import Workstation
 from tests.conftest import EXAMPLES, need
 

@@ -1,7 +1,8 @@
 """The broker end to end on a stand-in host (tests/runtime/livehost.py): `qnix copy`, `move`,
 `clip` and `open-in-dvm` between real compartments under an inline policy, each allowed case
-beside a denied one (nothing arrives, exit code 1, the deny in the audit log), and a hostile
-stream refused by `unpack` inside a real compartment."""
+beside a denied one (nothing arrives, exit code 1, the deny in the audit log), a hostile
+stream refused by `unpack` inside a real compartment, and targets that hold up their side of a
+copy or paste, each beside the same target behaving."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 
 from qnix.inside import qfile
 from tests.broker.streams import entry, stream, tree
+from tests.conftest import ROOT
 from tests.runtime.livehost import QNIX, LiveHost
 
 SPEC = """\
@@ -359,3 +362,120 @@ def test_open_in_dvm_denied(host: LiveHost) -> None:
     assert disposables(host) == []
     assert audit(host, "open-in-dvm")[-1]["result"] == "denied"
     assert last_policy(host, "qnix.OpenInDisposable")["action"] == "deny"
+
+
+# ---- a target that holds up its side ------------------------------------------------------------
+#
+# Through tests/broker/rigged.py the target runs the broker's programs through a snippet of its
+# own user's, with a short QNIX_TRANSFER_TIMEOUT: a deadline that passed shows in the error.
+# Each snippet leaves the pid of what it keeps running in ~/.stalled, for `kill_stalled`.
+
+BEHAVES = 'exec "$@"'
+HOLDS_OUTPUT = 'sleep 300 & echo $! > "$HOME/.stalled"; exec "$@"'
+NEVER_READS = 'echo $$ > "$HOME/.stalled"; exec sleep 300'
+NEVER_ENDS = 'cat > /dev/null; echo $$ > "$HOME/.stalled"; exec sleep 300'
+DEADLINE = "5"
+
+
+def rigged(
+    host: LiveHost, target: str, snippet: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.broker.rigged", target, snippet, *args],
+        cwd=ROOT,
+        env={**host.env, "QNIX_TRANSFER_TIMEOUT": DEADLINE},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def stalled_alive(host: LiveHost, name: str) -> bool:
+    check = host.qnix("run", name, "--", "sh", "-c", 'kill -0 "$(cat "$HOME/.stalled")"')
+    return check.returncode == 0
+
+
+@pytest.fixture
+def kill_stalled(host: LiveHost) -> Iterator[None]:
+    yield
+    stop = 'kill "$(cat "$HOME/.stalled")" 2>/dev/null; rm -f "$HOME/.stalled"'
+    host.ok("run", "personal", "--", "sh", "-c", stop)
+
+
+def test_output_held_open_by_the_target_does_not_hold_up_the_copy(
+    host: LiveHost, kill_stalled: None
+) -> None:
+    """unpack reports its end while a process of the target keeps its stdout and stderr
+    open: the copy is done (it used to wait for the pipes' end)."""
+    put(host, "work", "held.txt", b"held")
+    result = rigged(host, "personal", HOLDS_OUTPUT, "copy", "work:held.txt", "personal")
+    assert result.returncode == 0, result.stderr
+    assert "copied 1 files" in result.stdout
+    assert (incoming(host, "personal", "work") / "held.txt").read_bytes() == b"held"
+    assert stalled_alive(host, "personal")  # still holding both pipes
+    # The holder does not change a refusal either: the same name again is refused at once.
+    again = rigged(host, "personal", HOLDS_OUTPUT, "copy", "work:held.txt", "personal")
+    assert again.returncode == 1
+    assert "held.txt is already in ~/QubesIncoming/work" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("snippet", "size", "error", "hint"),
+    [
+        (
+            NEVER_READS,
+            4 << 20,  # more than the pipe holds: the sender cannot finish either
+            "copy failed, nothing arrived: work was still sending and personal still "
+            f"receiving after {DEADLINE} s",
+            "if personal stopped reading, `qnix restart personal` ends what holds it up; a "
+            f"transfer that is just big may take more than {DEADLINE} s: "
+            "QNIX_TRANSFER_TIMEOUT=SECONDS",
+        ),
+        (
+            NEVER_ENDS,
+            1000,
+            "copy failed, nothing arrived: personal did not finish receiving in time, after "
+            "work had sent all",
+            "something in personal holds it up: `qnix restart personal` ends it",
+        ),
+    ],
+    ids=["never-reads", "never-ends"],
+)
+def test_a_target_that_stalls_fails_the_copy_at_the_deadline(
+    host: LiveHost, kill_stalled: None, snippet: str, size: int, error: str, hint: str
+) -> None:
+    name = f"stall-{size}.bin"
+    data = os.urandom(size)
+    put(host, "work", name, data)
+    result = rigged(host, "personal", snippet, "copy", f"work:{name}", "personal")
+    assert result.returncode == 1
+    assert result.stderr == f"error: {error}\n  hint: {hint}\n"
+    assert stalled_alive(host, "personal")  # the stall was real, and outlived the copy
+    assert not (incoming(host, "personal", "work") / name).exists()
+    record = audit(host, "copy")[-1]
+    assert record["result"].startswith(f"error: {error}")
+    # The control: the same, through the same snippet's shell, with a target that behaves.
+    control = rigged(host, "personal", BEHAVES, "copy", f"work:{name}", "personal")
+    assert control.returncode == 0, control.stderr
+    assert (incoming(host, "personal", "work") / name).read_bytes() == data
+    assert audit(host, "copy")[-1]["result"] == "ok"
+
+
+def test_a_paste_target_that_never_ends_fails_the_paste_at_the_deadline(
+    host: LiveHost, kill_stalled: None
+) -> None:
+    set_clipboard(host, "personal", b"before")
+    set_clipboard(host, "work", b"stalled paste")
+    host.ok("clip", "copy", "work")
+    result = rigged(host, "personal", NEVER_READS, "clip", "paste", "personal")
+    assert result.returncode == 1
+    error = f"personal did not finish taking the clipboard within {DEADLINE} s"
+    assert result.stderr.startswith(f"error: {error}\n  hint: if personal is stuck, `qnix ")
+    assert stalled_alive(host, "personal")
+    assert get_clipboard(host, "personal") == b"before"
+    assert host.ok("clip", "show").startswith("13 bytes (text) from work")  # kept
+    assert audit(host, "clipboard")[-1]["result"] == f"error: {error}"
+    control = rigged(host, "personal", BEHAVES, "clip", "paste", "personal")
+    assert control.returncode == 0, control.stderr
+    assert get_clipboard(host, "personal") == b"stalled paste"

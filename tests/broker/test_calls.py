@@ -29,6 +29,7 @@ from qnix.broker.services import SERVICES, service_argv
 from qnix.compile import names
 from qnix.policy.evaluate import REQUEST_ARGUMENT_RE, REQUEST_SERVICE_RE
 from qnix.runtime import agent, quickrun
+from qnix.runtime.paths import CALL_SOCKET_NAME, call_dir
 from tests.runtime.livehost import QNIX, LiveHost
 
 SPEC = """\
@@ -323,7 +324,7 @@ def test_a_caller_cannot_choose_its_source(host: LiveHost) -> None:
 
 def test_only_the_compartments_own_uid_may_call(host: LiveHost) -> None:
     """Host root connecting to work's call socket is not work: refused, nothing read."""
-    path = calls.call_dir(host.paths.run_dir("work")) / calls.CALL_SOCKET_NAME
+    path = call_dir(host.paths.run_dir("work")) / CALL_SOCKET_NAME
     read, write = os.pipe()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -411,11 +412,11 @@ print(json.dumps(json.loads(answer[4:])))
 
 
 def test_the_call_socket_cannot_be_replaced_from_inside(host: LiveHost) -> None:
-    folder = calls.call_dir(host.paths.run_dir("work"))
+    folder = call_dir(host.paths.run_dir("work"))
     links = names.allocate_links(["work", "other", "vault"], "10.213.0.0/16")
     gid = names.host_id(links["work"], "10.213.0.0/16")
     folder_info = os.lstat(folder)
-    socket_info = os.lstat(folder / calls.CALL_SOCKET_NAME)
+    socket_info = os.lstat(folder / CALL_SOCKET_NAME)
     assert (folder_info.st_uid, stat.S_IMODE(folder_info.st_mode)) == (0, 0o755)
     assert stat.S_ISSOCK(socket_info.st_mode)
     assert (socket_info.st_uid, socket_info.st_gid, stat.S_IMODE(socket_info.st_mode)) == (
@@ -458,7 +459,7 @@ print(json.dumps(outcome))
         "bind": "Address already in use",
         "umount": "refused",
     }
-    assert os.lstat(folder / calls.CALL_SOCKET_NAME).st_ino == socket_info.st_ino
+    assert os.lstat(folder / CALL_SOCKET_NAME).st_ino == socket_info.st_ino
     result = call(host, "work", "vault", "qnix.VMShell", "echo unchanged")
     assert (result.returncode, result.stdout) == (0, "unchanged\n")
 

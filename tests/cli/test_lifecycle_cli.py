@@ -92,7 +92,10 @@ def test_apply_brings_the_host_up(host: LiveHost, first_apply: str) -> None:
         f"{link['work'].address}/31, routed through sys-net"
     ) in lines
     assert "sys-net: forwards and masquerades for its clients" in lines
-    assert lines[-1] == "work: started"
+    assert lines[-2:] == [
+        "work: started",
+        "started the spawner (it forks the keepers of new disposables)",
+    ]
     assert host.compartment_netns() == {"sys-net", "work", "vault", "office"}
     assert host.net.list_links() == sorted(names.host_ifname(n) for n in ("sys-net", "work"))
     assert host.cgroup_names() == {f"{host.prefix}work"}
@@ -323,8 +326,10 @@ def test_dispose_runs_in_a_fresh_compartment_that_then_vanishes(
     result = host.qnix("dispose", "--", "sh", "-c", script + "; exit 5")
     assert result.returncode == 5, result.stderr
     assert [line.strip() for line in result.stdout.splitlines()] == ["disp1", "lo", "eth0"]
+    host.disposables_gone()
     offline = host.qnix("dispose", "--template", "offline-dvm", "--", "sh", "-c", script)
     assert [line.strip() for line in offline.stdout.splitlines()] == ["disp1", "lo"]
+    host.disposables_gone()
     assert disposable_objects(host) == NOTHING_OF_DISP1
     audit = [json.loads(line) for line in host.paths.audit_log.read_text().splitlines()]
     assert [(e["event"], e["compartment"], e["template"], e["result"]) for e in audit[-2:]] == [
@@ -363,6 +368,7 @@ def test_a_running_disposable_is_listed_and_kept_by_apply(host: LiveHost, first_
     finally:
         waiting.kill()
         waiting.wait()
+    host.disposables_gone()
     assert disposable_objects(host) == NOTHING_OF_DISP1
     assert "disp1" not in host.ls()
 
@@ -421,7 +427,7 @@ def test_down_leaves_nothing_but_the_state(host: LiveHost, first_apply: str) -> 
         "rules": [],
         "table": None,
         "cgroups": [],
-        "run_root": False,
+        "run_root": None,
     }
     assert host.net.sysctl(host.host_netns, "net.ipv4.ip_forward") == "0"
     assert (host.paths.home("work") / "note").read_text() == "kept\n"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from qnix.compile.artifacts import compile_spec
-from qnix.spec.load import load
+from qnix.compile.inputs import load
 from tests.conftest import EXAMPLES
 
 EXAMPLE_SPECS = sorted(EXAMPLES.glob("*.toml"))

@@ -19,8 +19,8 @@ from qnix.compile.graph import (
     policy_rules_of,
     render_dot,
 )
+from qnix.compile.inputs import load
 from qnix.policy.parse import INLINE_POLICY_FILE, Rule, Token, parse_line, parse_text
-from qnix.spec.load import load
 from qnix.spec.model import Workstation
 from tests.conftest import EXAMPLES, need
 

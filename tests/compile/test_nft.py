@@ -23,6 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qnix.compile import names
+from qnix.compile.inputs import load
 from qnix.compile.nft import (
     MAX_COMMENT_BYTES,
     HostnameSet,
@@ -33,7 +34,6 @@ from qnix.compile.nft import (
     render_table_body,
 )
 from qnix.runtime.runner import run
-from qnix.spec.load import load
 from qnix.spec.model import NETWORK_NONE, CompartmentBase, FirewallRule, Workstation
 from tests.conftest import EXAMPLES, need
 from tests.netprobes import PROBE, SERVE

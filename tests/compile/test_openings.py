@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from qnix.cli.main import cli
 from qnix.compile import names, nft
 from qnix.compile.artifacts import RULESET, compile_spec
+from qnix.compile.inputs import load
 from qnix.compile.openings import (
     CompiledOpenings,
     Opening,
@@ -25,7 +26,7 @@ from qnix.errors import SpecError
 from qnix.policy.evaluate import evaluate, system_from_workstation
 from qnix.policy.load import load_policy_files
 from qnix.policy.parse import Policy, PolicyError
-from qnix.spec.load import LoadedSpec, load
+from qnix.spec.load import LoadedSpec
 from qnix.spec.model import Workstation
 from tests.compile.test_nft import nft_check, parse
 

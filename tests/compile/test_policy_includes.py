@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from qnix.compile.artifacts import compile_spec
+from qnix.compile.inputs import load
 from qnix.policy.evaluate import evaluate, system_from_workstation
 from qnix.policy.load import load_policy_dir, load_spec_policy
-from qnix.spec.load import load
 
 SPEC = """\
 [host]

@@ -32,10 +32,10 @@ import pyseccomp
 import pytest
 
 from qnix.compile import names
-from qnix.runtime import cgroups, lifecycle
+from qnix.compile.inputs import load
+from qnix.runtime import cgroups, live
 from qnix.runtime.backends import container
 from qnix.runtime.backends import namespace as ns
-from qnix.spec.load import load
 from tests.conftest import need
 from tests.isolation import probes
 from tests.isolation.conftest import Netns
@@ -66,7 +66,7 @@ autostart = true
 memory_mb = 128
 snapshots = 0
 """
-PYTHON, PYTHON_PREFIX = lifecycle.agent_interpreter()
+PYTHON, PYTHON_PREFIX = live.agent_interpreter()
 # Names of the cgroups and machines this module makes for its weakened containers.
 MODULE_TAG = f"qnixtest-cx{secrets.token_hex(3)}"
 
@@ -259,8 +259,8 @@ def lab() -> Iterator[Lab]:
         made = Lab(
             host,
             made_netns,
-            lifecycle.host_identity(ws, "box").uid,
-            lifecycle.host_identity(ws, "peer").uid,
+            live.host_identity(ws, "box").uid,
+            live.host_identity(ws, "peer").uid,
             names.allocate_links(ws.compartments, SUBNET),
         )
         host.ok("run", "peer", "--", "sh", "-c", "echo peer-private > ~/diary")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qnix.runtime import agent, lifecycle, quickrun
+from qnix.runtime import agent, live, quickrun
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.paths import RuntimePaths
 from tests.conftest import need
@@ -248,7 +248,7 @@ def test_control_a_writable_run_root_folder_is_found_and_filled(host: LiveHost) 
         name="probe", home=None, user="user", extra_binds=((str(folder), "/run/writable"),)
     )
     size = str(1 << 20)
-    python, prefix = lifecycle.agent_interpreter()  # what a compartment's agent runs with
+    python, prefix = live.agent_interpreter()  # what a compartment's agent runs with
     command = [python, "-I", "-S", "/opt/fill.py", device_of(host.paths.run_root), size]
     script = ns.sealed_memfd(RUN_ROOT_FILLER.encode(), "fill")
     system = (

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import pytest
 
 from qnix.compile import names
-from qnix.runtime import lifecycle
+from qnix.compile.inputs import load
+from qnix.runtime import disposables
 from qnix.runtime.net import route_table
-from qnix.spec.load import load
 from tests.isolation.conftest import Sandbox, py
 from tests.netprobes import PROBE, SERVE, server, stop_servers
 from tests.runtime.livehost import QNIX, LiveHost
@@ -226,6 +226,7 @@ def test_a_disposable_gets_its_templates_firewall_and_nothing_more(lab: Lab) -> 
         result = lab.host.qnix(
             "dispose", "--template", "dvm", "--", "python3", "-c", PROBE, json.dumps(targets)
         )
+        lab.host.disposables_gone()  # the next one is disp1 again
         assert result.returncode == 0, result.stderr
         answers: list[str] = json.loads(result.stdout)
         return answers
@@ -241,7 +242,7 @@ def test_a_disposable_gets_its_templates_firewall_and_nothing_more(lab: Lab) -> 
     # Control: its template allows the peer's port anywhere, yet only an opening for the
     # disposable's own address (the one `qnix dispose` gives disp1) lets it reach the peer.
     ws = load(lab.host.spec(SPEC)).workstation
-    address = lifecycle.disposable_link(ws, "disp1", set()).address
+    address = disposables.disposable_link(ws, "disp1", set()).address
     element = f"{{ {address} . {peer} . tcp . {PEER_PORT} }}"
     lab.host.nft("add", "element", "inet", "qnix", "openings", element)
     try:

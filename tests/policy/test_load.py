@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qnix.compile.inputs import load
 from qnix.policy import load as policy_load
 from qnix.policy.evaluate import Decision, evaluate
 from qnix.policy.load import (
@@ -17,7 +18,6 @@ from qnix.policy.load import (
     load_spec_policy,
 )
 from qnix.policy.parse import Policy, PolicyError, PolicySyntaxError, parse_line
-from qnix.spec.load import load
 from tests.conftest import EXAMPLES
 from tests.policy.helpers import SYSTEM
 

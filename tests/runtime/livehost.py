@@ -106,6 +106,20 @@ class LiveHost:
         assert result.returncode == 0, f"qnix {' '.join(args)}: {result.stderr}"
         return result.stdout
 
+    def disposables_gone(self, timeout: float = 30) -> None:
+        """Wait until no disposable runs: `qnix dispose` returns when its command ends, and
+        the disposable's keeper removes the rest right after (as Qubes removes a DispVM)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                left = [n for n in os.listdir(self.paths.compartments_run) if n.startswith("disp")]
+            except FileNotFoundError:
+                left = []
+            if not left:
+                return
+            assert time.monotonic() < deadline, f"disposables still there: {left}"
+            time.sleep(0.02)
+
     def spec(self, text: str, name: str = "spec.toml") -> Path:
         path = self.base / name
         path.write_text(text)
@@ -139,7 +153,9 @@ class LiveHost:
             "rules": self.net.list_rule_interfaces(),
             "table": self.net.table_listing(),
             "cgroups": sorted(self.cgroup_names()),
-            "run_root": self.paths.run_root.exists(),
+            "run_root": sorted(os.listdir(self.paths.run_root))
+            if self.paths.run_root.exists()
+            else None,
         }
 
     def close(self) -> None:
@@ -162,7 +178,7 @@ class LiveHost:
             "rules": [],
             "table": None,
             "cgroups": [],
-            "run_root": False,
+            "run_root": None,
         }, (leftovers, cgroups_left)
         assert not self.netns_names()
         assert not self.base.exists()

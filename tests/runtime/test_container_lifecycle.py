@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from qnix.runtime import cgroups, lifecycle
+from qnix.compile.inputs import load
+from qnix.runtime import cgroups, live
 from qnix.runtime.backends import container
-from qnix.spec.load import load
 from tests.conftest import need
 from tests.runtime.livehost import QNIX, LiveHost
 from tests.runtime.test_secrets import encrypt_to, only_its_own, secret_sightings, sightings_of
@@ -179,7 +179,7 @@ def test_the_home_survives_stop_and_start(lab: Lab) -> None:
     lab.ok("run", "box", "--", "sh", "-c", "echo kept > ~/note")
     home = lab.host.paths.home("box")
     ws = load(lab.host.base / "spec.toml").workstation
-    identity = lifecycle.host_identity(ws, "box")
+    identity = live.host_identity(ws, "box")
     # The same host owner as a namespace compartment's state: the user inside is that uid.
     assert os.stat(home / "note").st_uid == identity.uid
     lab.ok("stop", "box")

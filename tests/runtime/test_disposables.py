@@ -164,6 +164,7 @@ def test_twenty_disposables_at_once_are_isolated_and_leave_nothing(host: LiveHos
     host.ok("apply", str(host.spec(SPEC)))
     # One disposable first, so that the audit log exists before the listings are taken.
     assert host.ok("dispose", "--", "hostname") == "disp1\n"
+    host.disposables_gone()
     before = listings(host)
     assert before["netns"] == sorted([host.host_netns, f"{host.prefix}sys-net"])
 
@@ -213,6 +214,7 @@ def test_twenty_disposables_at_once_are_isolated_and_leave_nothing(host: LiveHos
         assert sorted(connections) == sorted(a for a in addresses if a != address)
         assert "connected" not in connections.values(), (token, connections)
 
+    host.disposables_gone()
     after = listings(host)
     assert after == before
     assert os.listdir(host.paths.compartments_run) == ["sys-net"]

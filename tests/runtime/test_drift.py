@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from qnix.compile import names
-from qnix.runtime.drift import Difference, compare_listings, listing_of
 from qnix.runtime.net import route_table
+from qnix.runtime.wanted import Difference, compare_listings, listing_of
 from tests.conftest import need
 from tests.runtime.livehost import LiveHost
 

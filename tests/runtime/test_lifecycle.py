@@ -21,9 +21,10 @@ import pytest
 from qnix.audit import events
 from qnix.compile import names, nft
 from qnix.compile.artifacts import RULESET, compile_spec
-from qnix.runtime import cgroups, lifecycle, quickrun
+from qnix.compile.inputs import load
+from qnix.runtime import cgroups, disposables, lifecycle, live, quickrun, reconcile, status, wanted
 from qnix.runtime.paths import PathError, RuntimePaths
-from qnix.spec.load import LoadedSpec, load
+from qnix.spec.load import LoadedSpec
 from qnix.spec.model import Workstation
 from tests.runtime.livehost import LiveHost
 
@@ -80,27 +81,27 @@ def test_host_accounts_are_unique_stable_and_unprivileged(tmp_path: Path) -> Non
     ws = small(tmp_path).workstation
     links = names.allocate_links(ws.compartments, ws.host.subnet)
     base = int(ipaddress.IPv4Network(ws.host.subnet).network_address)
-    ids = {name: lifecycle.host_identity(ws, name) for name in ws.compartments}
+    ids = {name: live.host_identity(ws, name) for name in ws.compartments}
     for name, identity in ids.items():
         slot = (int(ipaddress.IPv4Address(links[name].gateway)) - base) // 2
         assert identity.uid == identity.gid == 0x70000000 + slot
-        assert lifecycle.host_identity(ws, name) == identity
+        assert live.host_identity(ws, name) == identity
     assert len({identity.uid for identity in ids.values()}) == len(ids)
 
 
 def test_net_compartments_come_before_their_clients(tmp_path: Path) -> None:
     ws = small(tmp_path).workstation
-    order = [c.name for c in lifecycle.network_order(ws)]
+    order = [c.name for c in live.network_order(ws)]
     assert order == ["office", "sys-net", "vault", "work"]
     assert order.index("sys-net") < order.index("work")
 
 
 def test_resolv_conf_only_for_compartments_allowed_dns(tmp_path: Path) -> None:
     ws = small(tmp_path).workstation
-    assert lifecycle.resolv_conf(ws, ws.compartments["work"]) == (
+    assert live.resolv_conf(ws, ws.compartments["work"]) == (
         "# qnix: generated from the spec\nnameserver 192.0.2.53\n"
     )
-    assert lifecycle.resolv_conf(ws, ws.compartments["vault"]) == (
+    assert live.resolv_conf(ws, ws.compartments["vault"]) == (
         "# qnix: this compartment's firewall allows no DNS\n"
     )
 
@@ -110,7 +111,7 @@ def test_host_names_fill_their_sets_in_the_same_transaction(
 ) -> None:
     loaded = small(tmp_path)
     ruleset = compile_spec(loaded).files[RULESET].decode()
-    transaction, resolved = lifecycle.table_transaction(loaded.workstation, ruleset, live_host.net)
+    transaction, resolved = wanted.table_transaction(loaded.workstation, ruleset, live_host.net)
     chain = "c_" + names.host_ifname("work")
     assert resolved == {f"{chain}_h1_4": ["127.0.0.1"], f"{chain}_h1_6": []}
     assert transaction == ruleset + f"add element inet qnix {chain}_h1_4 {{ 127.0.0.1 }}\n"
@@ -202,10 +203,10 @@ def test_fast_run_path_imports_no_heavy_library() -> None:
 
 
 def test_agent_interpreter_is_reachable_by_any_user() -> None:
-    interpreter, prefix = lifecycle.agent_interpreter()
+    interpreter, prefix = live.agent_interpreter()
     assert os.access(interpreter, os.X_OK)
     reachable = prefix if prefix is not None else interpreter
-    assert lifecycle._searchable(Path(reachable).parent)
+    assert live.searchable(Path(reachable).parent)
     if prefix is None:
         assert interpreter.startswith(("/usr/", "/nix/store/"))
 
@@ -240,16 +241,16 @@ def test_apply_gc_and_down_in_process(tmp_path: Path, live_host: LiveHost) -> No
     loaded = small(tmp_path)
     # A new namespace inherits the real host's forwarding: start from a known value.
     net.set_sysctl(live_host.host_netns, "net.ipv4.ip_forward", "0")
-    first = lifecycle.apply(paths, loaded)
+    first = reconcile.apply(paths, loaded)
     try:
         assert first.changes[0].startswith("loaded nft table inet qnix")
         assert "enabled IPv4 forwarding on the host" in first.changes
         assert first.notes == ()
         assert "office: started" in first.changes  # a container compartment (autostart)
-        assert lifecycle.apply(paths, loaded).changes == ()
+        assert reconcile.apply(paths, loaded).changes == ()
         assert live_host.compartment_netns() == {"office", "sys-net", "vault", "work"}
         home = paths.home("work")
-        identity = lifecycle.host_identity(loaded.workstation, "work")
+        identity = live.host_identity(loaded.workstation, "work")
         info = home.stat()
         assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (
             identity.uid,
@@ -290,7 +291,7 @@ def test_apply_gc_and_down_in_process(tmp_path: Path, live_host: LiveHost) -> No
             check=True,
         )
         cgroups.create(paths.cgroup_name("vault"), cgroups.CgroupLimits(64 << 20, 16))
-        assert sorted(lifecycle.gc(paths)) == sorted(
+        assert sorted(reconcile.gc(paths)) == sorted(
             [
                 "vault: removed its cgroup",
                 "ghost: removed its network namespace " + net.netns("ghost"),
@@ -298,17 +299,17 @@ def test_apply_gc_and_down_in_process(tmp_path: Path, live_host: LiveHost) -> No
                 f"removed the routing rule of {names.host_ifname('ghost3')}",
             ]
         )
-        assert lifecycle.gc(paths) == []
+        assert reconcile.gc(paths) == []
         assert live_host.compartment_netns() == {"office", "sys-net", "vault", "work"}
-        assert lifecycle.apply(paths, loaded).changes == ()
+        assert reconcile.apply(paths, loaded).changes == ()
     finally:
-        changes = lifecycle.down(paths)
+        changes = reconcile.down(paths)
     assert f"removed {paths.run_root}" in changes
     assert "turned IPv4 forwarding on the host off again" in changes
     assert net.sysctl(live_host.host_netns, "net.ipv4.ip_forward") == "0"
     assert live_host.leftovers()["netns"] == []
     assert paths.home("work").is_dir()  # state is kept
-    assert lifecycle.statuses(paths) == []
+    assert status.statuses(paths) == []
 
 
 DISPOSABLES = (
@@ -332,7 +333,7 @@ def test_a_disposable_gets_elements_only_and_a_free_link(tmp_path: Path) -> None
     chain = nft.template_chain_name("dvm")
     assert f'\tchain {chain} {{\n\t\tcomment "dvm"\n\t\tjump admitted\n' in ruleset
     assert nft.template_chain_name("offline") not in ruleset
-    link = lifecycle.disposable_link(ws, "disp1", set())
+    link = disposables.disposable_link(ws, "disp1", set())
     spec_links = names.allocate_links(ws.compartments, ws.host.subnet)
     assert link not in spec_links.values()
     ifname = names.host_ifname("disp1")
@@ -346,7 +347,7 @@ def test_a_disposable_gets_elements_only_and_a_free_link(tmp_path: Path) -> None
         nft.disposable_elements(ws, "dvm", 'qx" } drop', link.address)
     # Another running disposable's slot is skipped.
     taken = {names.link_slot(link.gateway, ws.host.subnet)}
-    assert lifecycle.disposable_link(ws, "disp1", taken) != link
+    assert disposables.disposable_link(ws, "disp1", taken) != link
 
 
 def test_a_live_workstation_round_trips_through_its_spec_copy(tmp_path: Path) -> None:

@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 
+from qnix.compile.inputs import load
 from qnix.compile.nix.modules import HOST_IDENTITY
 from qnix.errors import QnixError
 from qnix.runtime import secrets
-from qnix.runtime.keeper import KeeperConfig
-from qnix.spec.load import load
+from qnix.runtime.live import KeeperConfig
 from tests.conftest import EXAMPLES, need
 from tests.runtime.livehost import QNIX, LiveHost
 
@@ -633,7 +633,7 @@ def test_keeper_configuration_carries_the_secrets() -> None:
         memory_bytes=1 << 27,
         pids=64,
         run_dir="/run/qnix/compartments/work",
-        agent_dir="/run/qnix/compartments/work/agent",
+        agent_socket="/run/qnix/compartments/work/agent.sock",
         state_file="/run/qnix/compartments/work/state.json",
         interpreter="/usr/bin/python3",
         interpreter_prefix=None,

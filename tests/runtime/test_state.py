@@ -28,8 +28,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qnix.runtime import state
-from qnix.runtime.state import SnapshotStore, UnsafeMember
+from qnix.runtime import archives, state
+from qnix.runtime.archives import UnsafeMember
+from qnix.runtime.snapshots import SnapshotStore
 from tests.conftest import need
 from tests.runtime.livehost import QNIX, LiveHost
 
@@ -151,7 +152,7 @@ def test_a_snapshot_is_encrypted_and_restores_the_same_tree(tmp_path: Path, host
     }
     assert tree(dest) == expected
     assert tree(dest)["hard"][-1] == 2  # still one file with two names
-    assert store.manifest(taken, host_key) == state.tree_manifest(source)
+    assert store.manifest(taken, host_key) == archives.tree_manifest(source)
 
 
 def test_retention_keeps_the_latest_n(tmp_path: Path, host_key: Path) -> None:
@@ -192,31 +193,31 @@ def test_diff_lists_exactly_what_was_added_removed_and_changed(
     os.symlink("elsewhere", source / f"odd\nname-{'x'}")  # a file became a link
     os.utime(source / "latin-\udce9", (1, 1))  # the time alone is no change
     second = store.take(source, recipients, "manual", keep=5)
-    expected = state.Diff(
+    expected = archives.Diff(
         added=("added", "docs/new-folder"),
         removed=("abs-link", "empty"),
         changed=("docs/deep/note.txt", "hard", "odd\nname-x", "rel-link", "run.sh"),
     )
     before = store.manifest(first, host_key)
-    assert state.compare(before, store.manifest(second, host_key)) == expected
-    assert state.compare(before, state.tree_manifest(source)) == expected
-    assert state.compare(store.manifest(second, host_key), state.tree_manifest(source)) == (
-        state.Diff((), (), ())
+    assert archives.compare(before, store.manifest(second, host_key)) == expected
+    assert archives.compare(before, archives.tree_manifest(source)) == expected
+    assert archives.compare(store.manifest(second, host_key), archives.tree_manifest(source)) == (
+        archives.Diff((), (), ())
     )
     assert expected.to_json()["changed"][2] == "odd\\x0aname-x"
 
 
 def test_names_from_a_compartment_are_shown_escaped() -> None:
-    assert state.shown("plain name.txt") == "plain name.txt"
-    assert state.shown("a\nb\x1b[31m\\") == "a\\x0ab\\x1b[31m\\\\"
-    assert state.shown("latin-\udce9") == "latin-\\xe9"
-    assert state.shown("bidi\u202etxt.exe") == "bidi\\u202etxt.exe"
+    assert archives.shown("plain name.txt") == "plain name.txt"
+    assert archives.shown("a\nb\x1b[31m\\") == "a\\x0ab\\x1b[31m\\\\"
+    assert archives.shown("latin-\udce9") == "latin-\\xe9"
+    assert archives.shown("bidi\u202etxt.exe") == "bidi\\u202etxt.exe"
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=40))
 def test_a_shown_name_is_printable(untrusted: str) -> None:
-    assert state.shown(untrusted).isprintable()
+    assert archives.shown(untrusted).isprintable()
 
 
 # ---- hostile archives ---------------------------------------------------------------------------
@@ -372,7 +373,7 @@ def test_whatever_an_archive_holds_nothing_lands_outside(
         except (ValueError, tarfile.TarError):
             return  # not even writable as a tar
         with contextlib.suppress(state.QnixError):  # UnsafeMember among them
-            state.unpack_tree(io.BytesIO(data), dest, OWNER)
+            archives.unpack_tree(io.BytesIO(data), dest, OWNER)
         assert os.listdir(outside) == []
         assert sorted(os.listdir(base)) == ["dest", "outside"]
         for folder, _, files in os.walk(dest):
@@ -386,7 +387,7 @@ def test_whatever_an_archive_holds_nothing_lands_outside(
 TAKER = """
 import sys
 from pathlib import Path
-from qnix.runtime.state import SnapshotStore
+from qnix.runtime.snapshots import SnapshotStore
 store = SnapshotStore(Path(sys.argv[1]))
 print("go", flush=True)
 store.take(Path(sys.argv[2]), sys.argv[3:], "manual", 3)
@@ -437,7 +438,7 @@ def test_sigkill_at_any_point_never_shows_a_partial_snapshot(
         (source / f"data-{number}").write_bytes(os.urandom(1 << 20))
     for number in range(150):
         (source / "docs" / f"small-{number}").write_text(f"small {number}\n" * number)
-    wanted = state.tree_manifest(source)
+    wanted = archives.tree_manifest(source)
     recipients = state.recipients_of(host_key)
     folder = tmp_path / "snapshots"
     store = SnapshotStore(folder)
@@ -470,7 +471,7 @@ def test_sigkill_at_any_point_never_shows_a_partial_snapshot(
         dest = tmp_path / f"restored-{kill}"
         dest.mkdir()
         store.unpack(latest, host_key, dest, OWNER)
-        assert state.tree_manifest(dest) == wanted, context
+        assert archives.tree_manifest(dest) == wanted, context
         outcomes["finished" if [s.id for s in listed] != before else "cut"] += 1
     assert outcomes["finished"] >= 1 and outcomes["cut"] >= 1, (seed, outcomes)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from qnix.runtime import btrfs, state
-from qnix.runtime.state import SnapshotStore
+from qnix.runtime import archives, btrfs, state
+from qnix.runtime.snapshots import SnapshotStore
 from tests.conftest import need
 from tests.runtime.livehost import LiveHost
 from tests.runtime.test_state import (
@@ -164,7 +164,7 @@ def test_an_age_snapshot_of_a_plain_folder_restores_into_a_subvolume(
 TAKER = """
 import sys, time
 from pathlib import Path
-from qnix.runtime.state import SnapshotStore
+from qnix.runtime.snapshots import SnapshotStore
 store = SnapshotStore(Path(sys.argv[1]))
 print("go", flush=True)
 began = time.monotonic()
@@ -178,7 +178,7 @@ def test_sigkill_during_a_btrfs_snapshot_never_shows_a_partial_one(live: Live) -
     source = paths.state_dir("scratch") / "source"
     btrfs.create(source)
     make_tree(source, "k")
-    wanted = state.tree_manifest(source)
+    wanted = archives.tree_manifest(source)
     folder = paths.state_dir("scratch") / "kill-snapshots"
     store = SnapshotStore(folder)
     store.take(source, (), "manual", keep=3)

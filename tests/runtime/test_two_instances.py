@@ -23,7 +23,7 @@ import pytest
 
 from qnix.compile import names
 from qnix.errors import QnixError
-from qnix.runtime import hostowner, lifecycle
+from qnix.runtime import hostowner, reconcile
 from qnix.runtime.net import HostNetwork
 from qnix.runtime.paths import RuntimePaths
 from tests.runtime.livehost import QNIX, LiveHost
@@ -292,10 +292,10 @@ def test_without_the_ownership_check_the_second_down_removes_the_firsts_network(
     second = second_paths(first)
     before = host_network(first)
     with pytest.raises(QnixError, match="belongs to another qnix instance"):
-        lifecycle.down(second)
+        reconcile.down(second)
     assert host_network(first) == before
     monkeypatch.setattr(hostowner, "require_host_network", lambda paths, net: None)
-    changes = lifecycle.down(second)
+    changes = reconcile.down(second)
     assert "removed nft table inet qnix" in changes
     after = host_network(first)
     assert after["table"] is None

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from qnix.compile.inputs import load
 from qnix.errors import Problem, QnixError, SpecError
-from qnix.spec.load import format_path, load, show
+from qnix.spec.wording import format_path, show
 from tests.conftest import EXAMPLES, need
 
 HOST = '[host]\nhostname = "h"\n'

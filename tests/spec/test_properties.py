@@ -16,9 +16,10 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from qnix.compile.inputs import load
 from qnix.errors import SpecError
 from qnix.spec import model
-from qnix.spec.load import load, parse_document
+from qnix.spec.document import parse_document
 from qnix.spec.model import Workstation
 from tests.conftest import EXAMPLES
 

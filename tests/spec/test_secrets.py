@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qnix.compile.inputs import load
 from qnix.errors import Problem, SpecError
-from qnix.spec.load import load
 from qnix.spec.model import PASS_ENTRY_RE, Secret
 from tests.conftest import EXAMPLES
 

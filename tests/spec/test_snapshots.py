@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from qnix.compile.inputs import load
 from qnix.errors import SpecError
-from qnix.spec.load import load
 
 HOST = '[host]\nhostname = "h"\n'
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from qnix.spec.load import load
+from qnix.compile.inputs import load
 from qnix.spec.model import Compartment, FirewallRule, Workstation
 from tests.conftest import DATA, EXAMPLES, need
 

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from qnix.compile import nft
+from qnix.compile.inputs import check_references, load
 from qnix.compile.nix.flake import render_nix_files
 from qnix.compile.nix.modules import module_trees
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw, render
 from qnix.runtime.runner import run
-from qnix.spec.load import check_references, load
 from qnix.spec.model import Workstation
 from tests.conftest import EXAMPLES, need
 

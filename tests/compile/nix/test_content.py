@@ -19,7 +19,7 @@ from qnix.compile.names import (
 )
 from qnix.compile.nix.modules import module_trees
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw
-from qnix.runtime import lifecycle
+from qnix.runtime import live
 from tests.compile.nix.support import (
     MIXED_COMPARTMENTS,
     TEMPLATES,
@@ -248,7 +248,7 @@ def test_what_is_bound_into_a_container_or_vm_belongs_to_the_user_inside() -> No
     any host uid a compartment of the spec runs as."""
     users = get(module(MIXED, "users"), "users", "users")
     containers = get(module(MIXED, "compartments"), "containers")
-    runtime_uids = {lifecycle.host_identity(MIXED, name).uid for name in MIXED.compartments}
+    runtime_uids = {live.host_identity(MIXED, name).uid for name in MIXED.compartments}
     spans = []
     for name, container in containers.items():
         first = container["privateUsers"]
@@ -264,7 +264,7 @@ def test_what_is_bound_into_a_container_or_vm_belongs_to_the_user_inside() -> No
     vms = get(module(MIXED, "vms"), "microvm", "vms")
     for name, vm in vms.items():
         guest_uid = vm["config"].body["users"]["users"]["user"]["uid"]
-        host_uid = lifecycle.host_identity(MIXED, name).uid
+        host_uid = live.host_identity(MIXED, name).uid
         assert guest_uid == users[unix_user(name)]["uid"] == host_uid
 
 
@@ -460,7 +460,7 @@ def test_one_unprivileged_user_per_compartment_with_its_own_home() -> None:
     expected = {
         name: CONTAINER_RANGES[name] + 1000
         if name in CONTAINER_RANGES
-        else lifecycle.host_identity(MIXED, name).uid
+        else live.host_identity(MIXED, name).uid
         for name in MIXED.compartments
     }
     assert groups == {unix_user(name): {"gid": uid} for name, uid in expected.items()}

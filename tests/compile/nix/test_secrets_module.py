@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qnix.compile.artifacts import compile_spec
+from qnix.compile.inputs import check_references, load
 from qnix.compile.nix import modules
 from qnix.compile.nix.compartments import SECRETS_INSIDE, SECRETS_RUNTIME_DIR, compartments_module
 from qnix.compile.nix.modules import HOST_IDENTITY, secrets_module
@@ -28,7 +29,6 @@ from qnix.compile.nix.printer import NixValue, Raw, render
 from qnix.compile.nix.vms import vms_module
 from qnix.runtime import secrets as runtime_secrets
 from qnix.runtime.paths import DEFAULT_RUN_ROOT
-from qnix.spec.load import check_references, load
 from qnix.spec.model import Workstation
 from tests.compile.nix import reference
 from tests.conftest import EXAMPLES, need

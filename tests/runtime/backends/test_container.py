@@ -20,7 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qnix.errors import QnixError
-from qnix.runtime import cgroups, lifecycle, seccomp
+from qnix.runtime import cgroups, live, seccomp
 from qnix.runtime.backends import container
 from qnix.runtime.backends import namespace as ns
 from tests.conftest import need
@@ -355,7 +355,7 @@ def test_hostile_paths_bind_exactly_where_they_say_in_the_real_nspawn(
         binds.append((str(source), destination))
         wanted[destination] = f"marker {index}"
     plan = ns.SandboxPlan(name="probe", home=None, user="user", extra_ro_binds=tuple(binds))
-    python, prefix = lifecycle.agent_interpreter()  # what a compartment's agent runs with
+    python, prefix = live.agent_interpreter()  # what a compartment's agent runs with
     prepared = container.prepare(
         plan,
         [python, "-I", "-S", "-c", READ_MARKERS, json.dumps(list(wanted))],
