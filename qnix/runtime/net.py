@@ -83,6 +83,13 @@ class Uplink:
     net: NetRoute | None = None
 
 
+def preload() -> None:
+    """Load what the network steps use (pyroute2's modules, libnftables) now, not at the first
+    step: a resident process that forks (the spawner) pays for it once, not in every fork."""
+    netlink.pyroute2()
+    nft.load()
+
+
 def route_table(net_link: Link, subnet: str) -> int:
     """The routing table of a net compartment's clients: unique per net compartment."""
     network = ipaddress.IPv4Network(subnet)

@@ -61,6 +61,11 @@ def _context() -> Any:
     )
 
 
+def load() -> None:
+    """Load the binding and libnftables now (a context made and dropped)."""
+    _context()
+
+
 def _run(commands: str, terse: bool) -> tuple[int, str, str]:
     context = _context()
     if terse:

@@ -41,7 +41,7 @@ from typing import Any
 
 from qnix.compile.artifacts import SPEC_COPY
 from qnix.errors import QnixError
-from qnix.runtime import agent
+from qnix.runtime import agent, net
 from qnix.runtime.disposables import plan_disposable, refill_pools, set_up_disposable
 from qnix.runtime.files import atomic_write
 from qnix.runtime.keeper import ServeCalls, keep, teardown_network
@@ -119,6 +119,7 @@ def serve(paths: RuntimePaths, serve_calls: ServeCalls | None) -> int:
 
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, stop)
+    net.preload()  # once here, not in each disposable's fork
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     try:
