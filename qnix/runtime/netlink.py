@@ -11,6 +11,7 @@ one job: an open socket would keep a removed namespace, and the veth in it, aliv
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import importlib
 import importlib.util
@@ -42,6 +43,9 @@ class Pyroute2:
     IPRoute: Any  # pyroute2.iproute.linux.IPRoute
     netns: Any  # pyroute2.netns: create, remove, setns
     NetlinkError: type[Exception]
+    # The C library for pyroute2.netns, handed to each call: left to find it, pyroute2 runs
+    # `ldconfig -p` in each process (and in each child it forks to make a namespace).
+    libc: ctypes.CDLL
 
 
 _loaded: Pyroute2 | None = None
@@ -49,11 +53,12 @@ _loading = threading.Lock()
 
 
 def pyroute2() -> Pyroute2:
-    """pyroute2's IPRoute and netns modules, imported on first use (never on `qnix run`'s path).
+    """pyroute2's IPRoute, netns and exceptions modules, imported on first use (never on
+    `qnix run`'s path).
 
     Not through the package: its __init__ imports every part of pyroute2 (IPDB, NDB,
     conntrack, WireGuard, nl80211...), which more than doubles the import. The package is
-    registered without running it while the two modules load, then forgotten, so that a later
+    registered without running it while the modules load, then forgotten, so that a later
     plain `import pyroute2` still runs it."""
     global _loaded
     with _loading:
@@ -81,7 +86,8 @@ def _import_pyroute2() -> Pyroute2:
     finally:
         if stand_in:
             del sys.modules["pyroute2"]
-    return Pyroute2(iproute.IPRoute, netns, exceptions.NetlinkError)
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own, which has the C library
+    return Pyroute2(iproute.IPRoute, netns, exceptions.NetlinkError, libc)
 
 
 def _reason(exc: BaseException) -> str:
@@ -113,7 +119,7 @@ def entered(path: Path | None, label: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    setns = pyroute2().netns.setns
+    loaded = pyroute2()
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
@@ -126,7 +132,7 @@ def entered(path: Path | None, label: str) -> Iterator[None]:
         except OSError as exc:
             raise _failed("netns", label, "enter", exc) from exc
         try:
-            setns(target)
+            loaded.netns.setns(target, libc=loaded.libc)
         except OSError as exc:
             raise _failed("netns", label, "enter", exc) from exc
         finally:
@@ -134,7 +140,7 @@ def entered(path: Path | None, label: str) -> Iterator[None]:
         try:
             yield
         finally:
-            setns(home)
+            loaded.netns.setns(home, libc=loaded.libc)
     finally:
         os.close(home)
 
@@ -152,7 +158,8 @@ def create_netns(path: Path, label: str) -> None:
     """A new network namespace, bind-mounted at `path` as `ip netns add` does."""
     log.debug("netns: %s: add (bound at %s)", label, path)
     try:
-        pyroute2().netns.create(str(path))
+        loaded = pyroute2()
+        loaded.netns.create(str(path), libc=loaded.libc)
     except OSError as exc:
         raise _failed("netns", label, "add", exc) from exc
 
@@ -161,7 +168,8 @@ def remove_netns(path: Path, label: str) -> None:
     """Unbind and unlink, as `ip netns delete` does; the namespace ends with its last user."""
     log.debug("netns: %s: delete (unbind %s)", label, path)
     try:
-        pyroute2().netns.remove(str(path))
+        loaded = pyroute2()
+        loaded.netns.remove(str(path), libc=loaded.libc)
     except FileNotFoundError:
         pass
     except OSError as exc:
