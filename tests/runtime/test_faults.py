@@ -133,7 +133,7 @@ def test_sigkill_inside_network_steps_then_gc_and_apply_restore_the_spec(host: L
     rng = random.Random(20270105)  # fixed: a failure can be replayed
     operations = [
         (["apply", spec], 28),  # from nothing: every namespace, link, rule, table, sysctl
-        (["dispose", "--template", "dvm", "--", "sleep", "5"], 19),  # setup, then teardown
+        (["dispose", "--template", "dvm", "--", "sleep", "5"], 12),  # its setup
     ]
     landed = 0
     for kill in range(STEP_KILLS):
