@@ -19,7 +19,9 @@ QEMU uses KVM when /dev/kvm is usable, else TCG; QNIX_VM_ACCEL=tcg chooses TCG (
 whose nested KVM hangs guests).
 Also: ten `qnix dispose --template cold -- true` back to back (each timed), firejail's
 throw-away sandbox without a network (the nearest peer), and the stdio relay of `qnix run`
-(a file through `qnix run work -- cat`) beside `cat` itself.
+(a file through `qnix run work -- cat`) beside `cat` itself; one compartment's network set up
+and removed in-process beside the same steps as one `ip`/`nft` process each (as qnix did), and
+the first import of the pyroute2 modules qnix loads.
 
 It then prints each target with "met" or the factor by which it is missed:
   * a cold disposable: within the interpreter's start + 100 ms,
