@@ -237,6 +237,7 @@ def test_a_container_disposable_comes_and_goes(lab: Lab) -> None:
         'hostname; id -u; touch "$HOME/x" && ls "$HOME"; exit 3',
     )
     assert (result.returncode, result.stdout) == (3, "disp1\n1000\nx\n"), result.stderr
+    lab.host.disposables_gone()
     assert not lab.host.paths.run_dir("disp1").exists()
     assert not lab.host.paths.netns_path("disp1").exists()
     assert not any(name.endswith("-disp1") for name in lab.host.cgroup_names())

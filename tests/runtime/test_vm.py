@@ -283,6 +283,7 @@ def test_a_disposable_vm_leaves_nothing(lab: Lab) -> None:
     before = lab.host.compartment_netns()
     out = lab.ok("dispose", "--template", "vmdvm", "--", "sh", "-c", "hostname; ls -A ~")
     assert out.startswith("disp") and len(out.split()) == 1
+    lab.host.disposables_gone(timeout=60)
     assert lab.host.compartment_netns() == before
     assert not [n for n in lab.host.ls() if n.startswith("disp")]
 
