@@ -152,21 +152,31 @@ def plan_disposable(
     return keeper_config(paths, ws, compartment, identity, **extra), uplink
 
 
-def set_up_disposable(paths: RuntimePaths, config: KeeperConfig, uplink: Uplink | None) -> None:
-    """A planned disposable's namespace, link, nft elements and run folder. The caller holds
-    the lock, and removes all of it (teardown_network, cleanup_run) if its start fails."""
+def set_up_disposable(
+    paths: RuntimePaths, config: KeeperConfig, uplink: Uplink | None, *, link: bool = True
+) -> None:
+    """A planned disposable's namespace, run folder and (with `link`) its link and nft
+    elements. The caller holds the lock, and removes all of it (teardown_network,
+    cleanup_run) if its start fails."""
     net = network_for(paths)
     hostowner.require_host_network(paths, net)
     net.ensure_netns(config.name)
-    if uplink is not None:
-        net.ensure_link(config.name, uplink)
-        net.add_elements(config.elements)
+    if link:
+        link_disposable(paths, config, uplink)
     ensure_root(paths.run_root)
     ensure_dir(paths.compartments_run, 0o711)
     ensure_dir(paths.run_dir(config.name), 0o711)
     if config.claim_socket is not None and config.template is not None:
         ensure_dir(paths.pool_root, 0o700)
         ensure_dir(paths.pool_dir(config.template), 0o700)
+
+
+def link_disposable(paths: RuntimePaths, config: KeeperConfig, uplink: Uplink | None) -> None:
+    """A disposable's veth pair into its namespace, and its nft elements."""
+    if uplink is not None:
+        net = network_for(paths)
+        net.ensure_link(config.name, uplink)
+        net.add_elements(config.elements)
 
 
 def _create_disposable(

@@ -100,20 +100,29 @@ class _Stop:
         self.requested = True
 
 
-def _start(config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop) -> subprocess.Popen[bytes]:
+Hook = Callable[[], object]
+
+
+def _start(
+    config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop, while_starting: Hook
+) -> subprocess.Popen[bytes]:
     # Bound here, where only root can change the folder, and listened on by the agent (so
     # SO_PEERCRED names the compartment's uid): the host never looks for the socket in a
     # place the compartment can write, and nothing the compartment writes lands in the run
     # root.
     listener = agent.bound_socket(config.agent_socket)
     try:
-        return _start_with(config, cgroup, stop, listener.fileno())
+        return _start_with(config, cgroup, stop, listener.fileno(), while_starting)
     finally:
         listener.close()  # the agent (a VM's relay) holds its own copy
 
 
 def _start_with(
-    config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop, listen_fd: int
+    config: KeeperConfig,
+    cgroup: cgroups.Cgroup,
+    stop: _Stop,
+    listen_fd: int,
+    while_starting: Hook,
 ) -> subprocess.Popen[bytes]:
     plan = ns.SandboxPlan(
         name=config.name,
@@ -133,6 +142,7 @@ def _start_with(
         # Decrypted into sealed memfds; bubblewrap copies each into the sandbox's tmpfs.
         secret_fds = secrets.decrypt_all(config.secrets, config.age_identity)
         if config.isolation == vm.ISOLATION:
+            while_starting()  # the VM's tap goes into a namespace whose link is there
             process = _start_vm(config, cgroup, stop, plan, listen_fd, secret_fds)
             return _started(config, plan, process)
         system = (
@@ -193,6 +203,7 @@ def _start_with(
         for fd in (agent_fd, resolv_fd, *programs.values(), *secret_fds.values()):
             os.close(fd)
     try:
+        while_starting()  # while the sandbox and the agent's interpreter start
         _wait_line(process, stop, b"ready\n", READY_TIMEOUT, "the agent")
         if config.isolation == container.ISOLATION:
             container.forbid_user_namespaces(process.pid)  # before any command can run
@@ -521,12 +532,15 @@ def keep(
     serve_calls: ServeCalls | None = None,
     *,
     owner: int | None = None,
-    on_ready: Callable[[], object] | None = None,
+    while_starting: Hook = lambda: None,
+    on_ready: Hook = lambda: None,
 ) -> int:
     """Run the compartment until it ends or is stopped; report readiness on `notify` (after
     `on_ready`). `serve_calls` answers the compartment's calls (None: it can make none).
     `owner`: a descriptor that turns readable when the compartment's owner is gone (the
-    connection of the `qnix dispose` it serves); else config.owner_pid, if any."""
+    connection of the `qnix dispose` it serves); else config.owner_pid, if any.
+    `while_starting` runs once the sandbox is on its way, before its agent answers (the
+    spawner sets a disposable's link up then); a failure there ends the start."""
     stop = _Stop()
     cgroup: cgroups.Cgroup | None = None
     try:
@@ -540,7 +554,7 @@ def keep(
         # The call socket exists before the sandbox binds its folder; calls are answered
         # once the compartment runs.
         call_listener = listen_for_calls(call_dir(config.run_dir), config.host_gid)
-        process = _start(config, cgroup, stop)
+        process = _start(config, cgroup, stop, while_starting)
         if serve_calls is None:
             call_listener.close()  # nobody answers: a call finds no socket and fails at once
             os.unlink(call_dir(config.run_dir) / CALL_SOCKET_NAME)
@@ -556,8 +570,7 @@ def keep(
             os.write(notify, f"error: {message}\n".encode())
         teardown(config, cgroup)
         return 1
-    if on_ready is not None:
-        on_ready()
+    on_ready()
     with contextlib.suppress(OSError):  # the starting command may be gone already
         os.write(notify, b"ready\n")
     os.close(notify)

@@ -42,7 +42,12 @@ from typing import Any
 from qnix.compile.artifacts import SPEC_COPY
 from qnix.errors import QnixError
 from qnix.runtime import agent, net
-from qnix.runtime.disposables import plan_disposable, refill_pools, set_up_disposable
+from qnix.runtime.disposables import (
+    link_disposable,
+    plan_disposable,
+    refill_pools,
+    set_up_disposable,
+)
 from qnix.runtime.files import atomic_write
 from qnix.runtime.keeper import ServeCalls, keep, teardown_network
 from qnix.runtime.lifecycle import cleanup_run
@@ -206,7 +211,7 @@ def _dispose(
         return 1
     try:
         ensure_root(paths.run_root)
-        set_up_disposable(paths, config, uplink)
+        set_up_disposable(paths, config, uplink, link=False)
         atomic_write(paths.keeper_config(config.name), config.to_json(), 0o600)
         log = os.open(paths.keeper_log(config.name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(log, 2)
@@ -221,7 +226,15 @@ def _dispose(
     notify = os.dup(conn.fileno())
     # The lock is held until the agent answers, so that no `gc` takes a starting disposable
     # for a crashed one; the connection is the owner: closed, the disposable ends.
-    return keep(config, notify, serve_calls, owner=conn.fileno(), on_ready=lambda: os.close(lock))
+    return keep(
+        config,
+        notify,
+        serve_calls,
+        owner=conn.fileno(),
+        # The link's kernel work overlaps the sandbox's and its agent's start.
+        while_starting=lambda: link_disposable(paths, config, uplink),
+        on_ready=lambda: os.close(lock),
+    )
 
 
 def _say(conn: socket.socket, line: str) -> None:
