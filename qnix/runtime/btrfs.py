@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from qnix.errors import QnixError
-from qnix.runtime.runner import require_tool, run
+from qnix.runner import require_tool, run
 
 BTRFS_SUPER_MAGIC = 0x9123683E
 # BTRFS_FIRST_FREE_OBJECTID: the inode number of every subvolume's root folder.

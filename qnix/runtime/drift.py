@@ -43,6 +43,7 @@ from qnix.compile import names
 from qnix.compile.artifacts import MANIFEST
 from qnix.compile.nft import TABLE
 from qnix.errors import QnixError
+from qnix.runner import require_tool, run
 from qnix.runtime.backends import vm
 from qnix.runtime.live import (
     live_workstation,
@@ -62,7 +63,6 @@ from qnix.runtime.net import (
     route_table,
 )
 from qnix.runtime.paths import RuntimePaths
-from qnix.runtime.runner import require_tool, run
 from qnix.runtime.status import statuses
 from qnix.runtime.wanted import (
     PRESENT,

@@ -113,7 +113,7 @@ def replace_tree(target: Path, files: Mapping[str, bytes]) -> None:
 
 def draw_with_graphviz(dot_source: str, fmt: str, output: Path) -> None:
     """Render DOT text with graphviz into `output`, which appears only when complete."""
-    from qnix.runtime.runner import require_tool, run
+    from qnix.runner import require_tool, run
 
     dot = require_tool("dot", "graphviz")
     output.absolute().parent.mkdir(parents=True, exist_ok=True)

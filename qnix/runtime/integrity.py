@@ -34,10 +34,10 @@ from urllib.parse import unquote_to_bytes
 from qnix.audit import events
 from qnix.compile.aide import DATABASE, DEFAULT_HOST_PATHS, NEW_DATABASE, aide_config, file_url
 from qnix.errors import QnixError
+from qnix.runner import Result, require_tool, run
 from qnix.runtime import live
 from qnix.runtime.files import atomic_write
 from qnix.runtime.paths import RuntimePaths
-from qnix.runtime.runner import Result, require_tool, run
 
 INTEGRITY_FOLDER = "integrity"
 CONFIG_NAME = "aide.conf"

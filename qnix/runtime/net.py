@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 from qnix.compile.names import IFNAME_PREFIX, Link
 from qnix.errors import QnixError
+from qnix.runner import require_tool, run
 from qnix.runtime import netlink, nft
-from qnix.runtime.runner import require_tool, run
 
 log = logging.getLogger("qnix.net")
 

@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qnix.errors import QnixError
+from qnix.runner import require_tool, run
 from qnix.runtime.files import atomic_write
-from qnix.runtime.runner import require_tool, run
 from qnix.spec.model import SECRET_NAME_RE
 
 if TYPE_CHECKING:

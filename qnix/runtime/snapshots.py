@@ -35,9 +35,9 @@ from typing import IO, TYPE_CHECKING
 
 from qnix.audit.events import FieldValue
 from qnix.errors import QnixError
+from qnix.runner import require_tool, run
 from qnix.runtime import btrfs
 from qnix.runtime.archives import Entry, archive_manifest, tree_manifest, unpack_tree, write_tree
-from qnix.runtime.runner import require_tool, run
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from qnix.audit import events
 from qnix.errors import QnixError
+from qnix.runner import require_tool, run
 from qnix.runtime import btrfs
 from qnix.runtime.archives import Diff, Entry, compare, tree_manifest, walk_tree
 from qnix.runtime.live import (
@@ -58,7 +59,6 @@ from qnix.runtime.live import (
     require_live,
 )
 from qnix.runtime.paths import PathError, RuntimePaths, is_name
-from qnix.runtime.runner import require_tool, run
 from qnix.runtime.snapshots import (
     Snapshot,
     SnapshotStore,

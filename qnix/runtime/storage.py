@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qnix.errors import QnixError
-from qnix.runtime.runner import require_tool, run
+from qnix.runner import require_tool, run
 
 Verdict = Literal["encrypted", "memory", "plain", "unknown"]
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from qnix.compile.artifacts import RULESET
 from qnix.compile.nft import TABLE, disposable_elements, hostname_sets
+from qnix.runner import require_tool, run
 from qnix.runtime.live import KeeperConfig, read_json, running_disposables
 from qnix.runtime.net import (
     NET_COMPARTMENT_RULESET,
@@ -30,7 +31,6 @@ from qnix.runtime.net import (
     element_statements,
 )
 from qnix.runtime.paths import RuntimePaths
-from qnix.runtime.runner import require_tool, run
 from qnix.spec.model import NETWORK_NONE, Workstation
 
 PRESENT = "present"  # what a difference shows for a thing that is there

@@ -33,7 +33,7 @@ from qnix.compile.nft import (
     render_ruleset,
     render_table_body,
 )
-from qnix.runtime.runner import run
+from qnix.runner import run
 from qnix.spec.model import NETWORK_NONE, CompartmentBase, FirewallRule, Workstation
 from tests.conftest import EXAMPLES, need
 from tests.netprobes import PROBE, SERVE

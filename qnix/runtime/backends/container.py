@@ -65,6 +65,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from qnix.errors import QnixError
+from qnix.runner import require_tool
 from qnix.runtime import seccomp, secrets
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.backends.container_cgroups import cgroup_tree, placement, systemd_hierarchies
@@ -98,7 +99,6 @@ from qnix.runtime.backends.container_tree import (
     WriteFile,
     tree_steps,
 )
-from qnix.runtime.runner import require_tool
 
 # The backend's surface as callers know it, whichever module below defines each name.
 __all__ = [

@@ -29,9 +29,9 @@ from types import TracebackType
 from typing import IO, Any
 
 from qnix.errors import QnixError
+from qnix.runner import require_tool
 from qnix.runtime import seccomp
 from qnix.runtime.cgroups import Cgroup
-from qnix.runtime.runner import require_tool
 from qnix.spec.model import COMPARTMENT_NAME_RE, UNIX_USER_RE
 
 log = logging.getLogger("qnix.run")

@@ -24,7 +24,7 @@ from qnix.compile.inputs import check_references, load
 from qnix.compile.nix.flake import render_nix_files
 from qnix.compile.nix.modules import module_trees
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw, render
-from qnix.runtime.runner import run
+from qnix.runner import run
 from qnix.spec.model import Workstation
 from tests.conftest import EXAMPLES, need
 
