@@ -309,7 +309,7 @@ def _start_vm(
     port_socket = port_dir / vm.PORT_SOCKET_NAME
     relay = ns.launch(
         [
-            *(sys.executable, "-I", "-m", "qnix.runtime.vmlink", "relay"),
+            *(sys.executable, "-I", "-m", "qnix.runtime.backends.vm_relay"),
             *(str(listen_fd), str(port_socket)),
             str(calls.call_dir(config.run_dir) / calls.CALL_SOCKET_NAME),
             *(str(config.host_uid), str(config.host_gid)),  # it drops to them itself

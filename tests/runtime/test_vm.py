@@ -26,7 +26,7 @@ import pytest
 
 from qnix.compile import names
 from qnix.runtime import quickrun, vmlink
-from qnix.runtime.backends import vm
+from qnix.runtime.backends import vm, vm_relay
 from tests.conftest import need
 from tests.isolation.test_host_boundary import killed_client, output_file_after_the_end
 from tests.netprobes import PROBE, SERVE, server, stop_servers
@@ -354,7 +354,7 @@ def relay_rss(lab: Lab, name: str) -> int:
             status = Path(f"/proc/{entry}/status").read_text()
         except (OSError, NotADirectoryError):
             continue
-        if b"qnix.runtime.vmlink" in argv and any(a.startswith(run_dir) for a in argv):
+        if vm_relay.__name__.encode() in argv and any(a.startswith(run_dir) for a in argv):
             line = next(row for row in status.splitlines() if row.startswith("VmRSS:"))
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no relay of {name}")

@@ -13,7 +13,8 @@
   persistent compartment, a tmpfs in the guest for a disposable. QEMU drops to the
   compartment's host uid (`-runas`) before the guest runs, so its 9p server reaches only what
   that uid may, and what the guest writes belongs to it; the user in the guest has that uid.
-* **Agent channel:** a virtio-serial port joined to the relay of qnix.runtime.vmlink on the host.
+* **Agent channel:** a virtio-serial port joined to the relay (qnix.runtime.backends.vm_relay) on
+  the host; qnix.runtime.vmlink is its guest end.
 * **Network:** a tap device in the compartment's own network namespace, owned by its host uid;
   tc redirects every frame between the tap and the namespace's end of the veth, so the guest
   holds the compartment's address and the namespace itself never sees its traffic. The host's
