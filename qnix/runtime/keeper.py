@@ -322,17 +322,17 @@ def _start_vm(
     try:
         _wait_line(relay, stop, b"listening\n", READY_TIMEOUT, "the VM's relay")
         kernel = vm.find_kernel()
-        guest_config = {
-            "uid": config.host_uid,
-            "user": config.user,
-            "home": plan.home_inside,
-            "home_share": config.home is not None,
-            "hostname": config.name,
-            "address": config.guest_address,
-            "gateway": config.guest_gateway,
-        }
+        guest_config = vm.guest_config(
+            uid=config.host_uid,
+            user=config.user,
+            home=plan.home_inside,
+            home_share=config.home is not None,
+            hostname=config.name,
+            address=config.guest_address,
+            gateway=config.guest_gateway,
+        )
         files = {
-            vm.CONFIG_INSIDE: json.dumps(guest_config).encode(),
+            vm.CONFIG_INSIDE: guest_config,
             vm.INTERPRETER_FILE: (config.interpreter + "\n").encode(),
             vm.PREFIX_FILE: ((config.interpreter_prefix or "") + "\n").encode(),
             vm.VMLINK_INSIDE: Path(vmlink.__file__).read_bytes(),

@@ -11,7 +11,9 @@ back; on a terminal, the command gets a terminal of the guest's own and the clie
 the host, whose size the relay passes on. Calls from inside (qnix/inside/call.py) take the other
 direction: the guest serves the call socket, and the relay makes each call on the compartment's
 call socket on the host, with pipes as its stdio. Only the standard library is used, so that
-the file runs in the guest as it is.
+the file runs in the guest as it is. Until the guest's hello it loads no module beyond the few
+the interpreter starts with: under TCG each one more costs the start tens of milliseconds, so
+what commands need is imported where it is used, and loaded ahead right after the hello.
 
 A frame: the channel (4 bytes, one per command), its kind (1 byte), the payload's length
 (4 bytes, at most MAX_PAYLOAD) and the payload, all big-endian. What comes from the guest is
@@ -26,20 +28,17 @@ that sends beyond its window breaks the protocol, and the relay ends.
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import io
-import json
 import os
-import queue
 import sys
-import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-HELLO = 1  # guest -> host: the guest is up and serving
+HELLO = 1  # guest -> host: the guest is set up; what the host sends from now on is served
 OPEN = 2  # host -> guest: run a command (JSON: argv, env, cwd)
 STDIN = 3  # host -> guest
 STDIN_END = 4  # host -> guest
@@ -67,7 +66,7 @@ WINDOW = 4 * MAX_PAYLOAD  # a channel's data in flight, each way
 QUIET_END = 10.0  # seconds a call's output may stay quiet after its service has exited
 MAX_CHANNELS = 256
 PORT_NAME = "qnix.agent"  # the virtio-serial port's name in the guest
-CONFIG_INSIDE = "/qnix/config.json"  # the guest's configuration, in its initramfs
+CONFIG_INSIDE = "/qnix/config"  # the guest's configuration (`read_config`), in its initramfs
 
 
 class LinkError(Exception):
@@ -84,7 +83,7 @@ class Link:
     def __init__(self, reader: io.RawIOBase, writer: io.RawIOBase) -> None:
         self.reader = reader
         self.writer = writer
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()  # threading.Lock, without loading threading
 
     def send(self, channel: int, kind: int, payload: bytes = b"") -> None:
         view = memoryview(frame(channel, kind, payload))
@@ -115,6 +114,8 @@ class Window:
     """How much more of one channel's data this end may send now."""
 
     def __init__(self) -> None:
+        import threading
+
         self.credit = WINDOW
         self.closed = False
         self.changed = threading.Condition()
@@ -152,11 +153,13 @@ class Inbox:
     the sender as much again once it is written out (`written`)."""
 
     def __init__(self, link: Link, channel: int) -> None:
+        import queue
+
         self.link = link
         self.channel = channel
         self.frames: queue.SimpleQueue[tuple[int, bytes]] = queue.SimpleQueue()
         self.room = WINDOW
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
 
     def put(self, kind: int, untrusted_payload: bytes) -> None:
         if kind in DATA_KINDS:
@@ -176,8 +179,10 @@ class Inbox:
             return
         with self.lock:
             self.room += size
-        with contextlib.suppress(LinkError, OSError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             self.link.send(self.channel, CREDIT, size.to_bytes(4, "big"))
+        except (LinkError, OSError):
+            pass
 
 
 def feed_while(
@@ -203,6 +208,8 @@ def feed_while(
 
 
 def _message(payload: dict[str, Any]) -> bytes:
+    import json
+
     body = json.dumps(payload, separators=(",", ":")).encode()
     return len(body).to_bytes(4, "big") + body
 
@@ -236,6 +243,8 @@ def _spawn_failure_code(exc: OSError) -> int:
 
 def _report_exit(link: Link, channel: int, code: int) -> None:
     """The command's end: its exit code to the host, and its stdin feeder stopped."""
+    import json
+
     _GUEST_COMMANDS.pop(channel, None)
     link.send(channel, EXIT, json.dumps({"code": code & 0xFF}).encode())
     found = _GUEST_CHANNELS.pop(channel, None)
@@ -269,6 +278,7 @@ def _guest_terminal(
     import fcntl
     import subprocess
     import termios
+    import threading
 
     inbox, window = _GUEST_CHANNELS[channel]
     master, slave = os.openpty()
@@ -322,6 +332,7 @@ def _guest_terminal(
 def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[int, int]) -> None:
     """Run one command as the compartment's user; report its output and exit code."""
     import subprocess
+    import threading
 
     if request.get("tty") is not None:
         _guest_terminal(link, channel, request, user)
@@ -358,8 +369,10 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
             stdin.flush()
 
         _feed_input(inbox, write)
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             stdin.close()
+        except OSError:
+            pass
 
     exited_read, exited_write = os.pipe()
     outputs = [(process.stdout, STDOUT), (process.stderr, STDERR)]
@@ -424,14 +437,17 @@ def _hang_up(channel: int) -> None:
 
     pid = _GUEST_COMMANDS.get(channel)
     if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _serve_calls(link: Link, user: tuple[int, int]) -> None:
     """The call socket inside the guest: each connection becomes a call on a channel of its
     own, decided and served on the host (its call server sees the compartment as the caller)."""
     import socket
+    import threading
 
     os.makedirs(os.path.dirname(CALL_SOCKET_INSIDE), mode=0o755, exist_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -451,7 +467,9 @@ def _serve_calls(link: Link, user: tuple[int, int]) -> None:
 
 
 def _guest_call(link: Link, conn: Any, channel: int) -> None:
+    import json
     import socket
+    import threading
 
     fds: list[int] = []
     try:
@@ -471,8 +489,10 @@ def _guest_call(link: Link, conn: Any, channel: int) -> None:
         if len(fds) != 3 or not all(isinstance(value, str) for value in fields.values()):
             raise ValueError("a call is a request with three descriptors")
     except (OSError, ValueError):
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             conn.sendall(_message({"op": "error", "message": "malformed call"}))
+        except OSError:
+            pass
         conn.close()
         for fd in fds:
             os.close(fd)
@@ -493,16 +513,22 @@ def _guest_call(link: Link, conn: Any, channel: int) -> None:
 
 def _answer_call(conn: Any, fds: list[int], inbox: Inbox, window: Window) -> None:
     """The host's answers and the service's output, to the caller, until the call ends."""
+    import json
+
     while True:
         kind, payload = inbox.take()
         if kind in (CALL_STDOUT, CALL_STDERR):
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 - contextlib is not loaded in the guest
                 write_all(fds[1 if kind == CALL_STDOUT else 2], payload)
+            except OSError:
+                pass
             inbox.written(len(payload))
             continue
         answer = json.loads(payload)
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             conn.sendall(_message(answer))
+        except OSError:
+            pass
         if answer.get("op") in FINAL_ANSWERS:
             _GUEST_CHANNELS.pop(inbox.channel, None)
             window.close()
@@ -515,49 +541,71 @@ def _answer_call(conn: Any, fds: list[int], inbox: Inbox, window: Window) -> Non
 _GUEST_TERMINALS: dict[int, int] = {}  # channel -> its terminal's master
 
 
-def _set_up_guest(config: dict[str, Any]) -> tuple[int, int]:
-    """What the guest's init leaves to the agent: its user, home, secrets, name and network."""
-    import subprocess
+def read_config(text: str) -> dict[str, str]:
+    """The guest's configuration: one `key=value` a line, as qnix.runtime.backends.vm writes
+    it (not JSON: loading json costs a TCG guest a tenth of a second before its hello)."""
+    return dict(line.partition("=")[::2] for line in text.splitlines() if line)
 
+
+def _busybox(*argv: str) -> None:
+    """A busybox applet, waited for (not through subprocess, which the hello does not wait
+    to load)."""
+    pid = os.posix_spawn("/bin/busybox", ["busybox", *argv], os.environ)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:
+        raise OSError(f"{' '.join(argv)}: exit code {code}")
+
+
+def _set_up_guest(config: dict[str, str]) -> tuple[int, int]:
+    """What the guest's init leaves to the agent: its user, home, secrets, name and network."""
     uid = gid = int(config["uid"])
-    user, home = str(config["user"]), str(config["home"])
+    user, home = config["user"], config["home"]
     with open("/etc/passwd", "a", encoding="utf-8") as handle:
         handle.write(f"{user}:x:{uid}:{gid}::{home}:/bin/sh\n")
     with open("/etc/group", "a", encoding="utf-8") as handle:
         handle.write(f"{user}:x:{gid}:\n")
     os.makedirs(home, exist_ok=True)
-    if config["home_share"]:
-        subprocess.run(
-            ["mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,msize=262144", "home", home],
-            check=True,
+    if config["home_share"] == "yes":
+        # Uncached (no cache= option): a write is on the host when it returns, so a VM that
+        # is stopped at once loses nothing written before.
+        _busybox(
+            "mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,msize=262144", "home", home
         )
     else:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "home", home], check=True)
+        _busybox("mount", "-t", "tmpfs", "-o", "mode=0700", "home", home)
         os.chown(home, uid, gid)
     for folder, _, files in os.walk("/run/secrets"):
         for name in files:
             os.chown(os.path.join(folder, name), uid, gid)
     with open("/proc/sys/kernel/hostname", "w", encoding="utf-8") as handle:
-        handle.write(str(config["hostname"]))
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    address = config.get("address")
-    if address is not None:
-        subprocess.run(["ip", "link", "set", "eth0", "up"], check=True)
-        subprocess.run(["ip", "addr", "add", f"{address}/31", "dev", "eth0"], check=True)
-        subprocess.run(["ip", "route", "add", "default", "via", str(config["gateway"])], check=True)
+        handle.write(config["hostname"])
+    _busybox("ip", "link", "set", "lo", "up")
+    address = config["address"]
+    if address:
+        _busybox("ip", "link", "set", "eth0", "up")
+        _busybox("ip", "addr", "add", f"{address}/31", "dev", "eth0")
+        _busybox("ip", "route", "add", "default", "via", config["gateway"])
     return uid, gid
 
 
 def guest() -> None:
     """The guest's agent: set the guest up, say hello, then run what the host sends."""
     with open(CONFIG_INSIDE, encoding="utf-8") as handle:
-        config = json.load(handle)
+        config = read_config(handle.read())
     user = _set_up_guest(config)
     device = _port_device()
     port = io.FileIO(device, "r+")  # a port opens once: one descriptor both ways
     link = Link(port, port)
-    _serve_calls(link, user)
     link.send(0, HELLO)
+    # The host's frames wait in the port meanwhile: the call socket is there before any
+    # command runs, and what every command needs is loaded before the first one arrives.
+    _serve_calls(link, user)
+    import json
+    import queue  # noqa: F401 - for the first command
+    import select  # noqa: F401 - for the first command
+    import subprocess  # noqa: F401 - for the first command
+    import threading
+
     while True:
         channel, kind, payload = link.receive()
         found = _GUEST_CHANNELS.get(channel)
@@ -579,8 +627,10 @@ def guest() -> None:
             import termios
 
             size = json.loads(payload)
-            with contextlib.suppress(OSError, termios.error):
+            try:  # noqa: SIM105 - contextlib is not loaded in the guest
                 termios.tcsetwinsize(_GUEST_TERMINALS[channel], (size["rows"], size["cols"]))
+            except (OSError, termios.error):
+                pass
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qnix.errors import QnixError
+from qnix.runtime import vmlink
 from qnix.runtime.files import atomic_write
 from qnix.runtime.runner import require_tool, run
 
@@ -60,7 +61,7 @@ MODULES_INSIDE = "/qnix/kmod"
 PREFIX_FILE = "/qnix/prefix"  # the interpreter's prefix to mount, if any (one line)
 INTERPRETER_FILE = "/qnix/interpreter"  # the Python that runs vmlink.py (one line)
 VMLINK_INSIDE = "/qnix/vmlink.py"
-CONFIG_INSIDE = "/qnix/config.json"  # qnix.runtime.vmlink.CONFIG_INSIDE says the same
+CONFIG_INSIDE = vmlink.CONFIG_INSIDE
 PORT_DIR_NAME = "vm"  # in the run folder, the compartment's host uid's: QEMU's end of the port
 PORT_SOCKET_NAME = "port.sock"  # the relay listens, QEMU connects
 INSIDE_DIR = "/opt/qnix-agent"  # as in a namespace compartment
@@ -258,6 +259,32 @@ def start_initramfs(
         for path, data in sorted(secret_files.items())
     ]
     return newc(entries)
+
+
+def guest_config(
+    *,
+    uid: int,
+    user: str,
+    home: str,
+    home_share: bool,
+    hostname: str,
+    address: str | None,
+    gateway: str | None,
+) -> bytes:
+    """The guest's configuration file, as qnix.runtime.vmlink.read_config reads it."""
+    values = {
+        "uid": str(uid),
+        "user": user,
+        "home": home,
+        "home_share": "yes" if home_share else "",
+        "hostname": hostname,
+        "address": address or "",
+        "gateway": gateway or "",
+    }
+    for key, value in values.items():
+        if "\n" in value:
+            raise QnixError(f"a VM's {key} cannot hold a line break: {value!r}")
+    return "".join(f"{key}={value}\n" for key, value in values.items()).encode()
 
 
 def _plain_name(path: str) -> str:

@@ -373,6 +373,7 @@ def relay(listen_fd: int, port_socket: str, call_socket: str, uid: int, gid: int
     socket the keeper bound (descriptor `listen_fd`; says "ready") until the port closes."""
     # Everything it will use is imported now: `uid` may not reach the interpreter's files.
     import ctypes  # noqa: F401
+    import queue  # noqa: F401 - vmlink's Inbox loads it when it is first used
     import select  # noqa: F401
     import signal  # noqa: F401
     import socket

@@ -9,6 +9,7 @@ import io
 import os
 import platform
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -88,6 +89,63 @@ def test_the_per_start_archive_makes_its_folders_and_keeps_secrets_private(
         "run",
         "run/secrets",
     }
+
+
+def test_the_guest_reads_its_configuration_as_the_host_writes_it() -> None:
+    written = vm.guest_config(
+        uid=0x70000005,
+        user="user",
+        home="/home/user",
+        home_share=True,
+        hostname="box",
+        address="10.0.0.3",
+        gateway="10.0.0.2",
+    )
+    assert vmlink.read_config(written.decode()) == {
+        "uid": str(0x70000005),
+        "user": "user",
+        "home": "/home/user",
+        "home_share": "yes",
+        "hostname": "box",
+        "address": "10.0.0.3",
+        "gateway": "10.0.0.2",
+    }
+    sealed = vm.guest_config(
+        uid=1, user="u", home="/h=x", home_share=False, hostname="s", address=None, gateway=None
+    )
+    read = vmlink.read_config(sealed.decode())
+    assert (read["home"], read["home_share"], read["address"], read["gateway"]) == (
+        "/h=x",
+        "",
+        "",
+        "",
+    )
+    with pytest.raises(QnixError, match="line break"):
+        vm.guest_config(
+            uid=1,
+            user="u",
+            home="/h",
+            home_share=False,
+            hostname="a\nb",
+            address=None,
+            gateway=None,
+        )
+
+
+def test_the_guest_agent_loads_no_module_before_it_needs_it(tmp_path: Path) -> None:
+    """Under TCG each module the guest's interpreter loads before its hello costs the start
+    tens of milliseconds: vmlink.py, run alone as the guest runs it, loads none of the heavy
+    ones when it is loaded itself (they come where they are used)."""
+    heavy = ("json", "threading", "subprocess", "contextlib", "queue", "socket", "select", "re")
+    (tmp_path / "vmlink.py").write_bytes(Path(vmlink.__file__).read_bytes())
+    probe = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import vmlink; "
+        f"print(sorted(name for name in {heavy!r} if name in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout == "[]\n"
 
 
 def modules_dir(tmp_path: Path) -> Path:
