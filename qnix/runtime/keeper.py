@@ -331,24 +331,31 @@ def _start_vm(
             address=config.guest_address,
             gateway=config.guest_gateway,
         )
-        files = {
-            vm.CONFIG_INSIDE: guest_config,
-            vm.INTERPRETER_FILE: (config.interpreter + "\n").encode(),
-            vm.PREFIX_FILE: ((config.interpreter_prefix or "") + "\n").encode(),
+        run_root = calls.keeper_paths(config).run_root
+        # The same for every start (qnix's programs, busybox, the kernel's modules): cached.
+        programs = {
             vm.VMLINK_INSIDE: Path(vmlink.__file__).read_bytes(),
-            "/etc/resolv.conf": config.resolv_conf.encode(),
-            **({vm.NIX_STORE_MARK: b""} if vm.NIX_STORE.is_dir() else {}),
             **{
                 f"{INSIDE_DIR}/{source.name}": source.read_bytes()
                 for source in sorted(INSIDE_PROGRAMS_DIR.glob("[!_]*.py"))
             },
         }
+        base = vm.cached_base_initramfs(
+            kernel, programs, config.interpreter, run_root / vm.BASE_CACHE_DIR
+        )
+        # This start's own, secrets too: only ever in the sealed memfd.
+        files = {
+            vm.CONFIG_INSIDE: guest_config,
+            vm.INTERPRETER_FILE: (config.interpreter + "\n").encode(),
+            vm.PREFIX_FILE: ((config.interpreter_prefix or "") + "\n").encode(),
+            "/etc/resolv.conf": config.resolv_conf.encode(),
+            **({vm.NIX_STORE_MARK: b""} if vm.NIX_STORE.is_dir() else {}),
+        }
         secret_files = {
             secrets.inside_path(name): secrets.read_fd(fd) for name, fd in secret_fds.items()
         }
         initrd = ns.sealed_memfd(
-            vm.base_initramfs(kernel) + vm.start_initramfs(files, secret_files, config.host_uid),
-            "qnix-initramfs",
+            base + vm.start_initramfs(files, secret_files, config.host_uid), "qnix-initramfs"
         )
         try:
             machine = vm.VmPlan(
@@ -364,7 +371,6 @@ def _start_vm(
                 networked=networked,
                 mac=vm.mac_address(config.name),
             )
-            run_root = calls.keeper_paths(config).run_root
             accel = vm.accelerator(run_root / vm.ACCEL_FILE, kernel)
             qemu = ns.launch(
                 vm.qemu_argv(machine, kernel, initrd, accel),

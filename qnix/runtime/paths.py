@@ -65,6 +65,7 @@ RUN_ROOT_ENTRIES = (
     "clipboard.lock",
     "lock",
     "vm-accel",  # what KVM's probe found this boot (qnix.runtime.backends.vm)
+    "vm-initramfs",  # the VM's base initramfs per kernel (qnix.runtime.backends.vm)
 )
 
 # Where the agent's socket folder appears inside a compartment.

@@ -3,11 +3,12 @@
 * **Kernel:** the host's installed Linux kernel (/boot/vmlinuz-VERSION with its modules in
   /lib/modules/VERSION): the running kernel's if it is installed, else the newest. The guest
   boots from an initramfs only; it has no disk.
-* **Initramfs:** a fixed base (busybox, the virtio modules the guest needs in the order
-  modules.dep gives, and /init), then
-  per start a second archive in a sealed memfd: the guest's configuration, qnix's programs
-  (vmlink.py, the agent's peers in qnix/inside) and the compartment's secrets, which never
-  touch a disk. QEMU reads the two concatenated from one memfd (/dev/fd/N).
+* **Initramfs:** a base the same for every start (busybox, the virtio modules the guest needs
+  in the order modules.dep gives, /init, qnix's programs: vmlink.py, also compiled by the
+  guest's interpreter, and the agent's peers in qnix/inside), cached in the run root per
+  kernel; then per start a second archive: the guest's configuration and the compartment's
+  secrets, which never touch a disk. QEMU reads the two concatenated from one sealed memfd
+  (/dev/fd/N).
 * **Filesystems:** /usr, /nix/store where there is one, and the interpreter's prefix when it
   lies elsewhere, shared read-only over 9p; the home shared read-write over 9p for a
   persistent compartment, a tmpfs in the guest for a disposable. QEMU drops to the
@@ -37,7 +38,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,8 @@ MODULES_INSIDE = "/qnix/kmod"
 PREFIX_FILE = "/qnix/prefix"  # the interpreter's prefix to mount, if any (one line)
 INTERPRETER_FILE = "/qnix/interpreter"  # the Python that runs vmlink.py (one line)
 VMLINK_INSIDE = "/qnix/vmlink.py"
+AGENT_CODE_INSIDE = "/qnix/vmlink.pyc"  # VMLINK_INSIDE compiled, when it can be (compiles_for)
+BASE_CACHE_DIR = "vm-initramfs"  # in the run root: base initramfs per kernel (RUN_ROOT_ENTRIES)
 CONFIG_INSIDE = vmlink.CONFIG_INSIDE
 PORT_DIR_NAME = "vm"  # in the run folder, the compartment's host uid's: QEMU's end of the port
 PORT_SOCKET_NAME = "port.sock"  # the relay listens, QEMU connects
@@ -94,7 +97,9 @@ if [ -n "$prefix" ]; then
   mount -t 9p -o $ro prefix "$prefix"
 fi
 read -r interpreter < /qnix/interpreter
-exec "$interpreter" -I -S /qnix/vmlink.py guest
+agent=/qnix/vmlink.py
+if [ -e /qnix/vmlink.pyc ]; then agent=/qnix/vmlink.pyc; fi
+exec "$interpreter" -I -S "$agent" guest
 """
 
 
@@ -147,17 +152,18 @@ def _version_key(version: str) -> list[tuple[int, str]]:
 
 def module_order(modules_dir: Path, wanted: Sequence[str] = GUEST_MODULES) -> list[str]:
     """Paths (relative to `modules_dir`) of `wanted` and what they need, each after its needs."""
-    needs: dict[str, list[str]] = {}
+    needs: dict[str, str] = {}  # split only for the few modules the guest loads
+    by_name: dict[str, str] = {}
     for line in (modules_dir / "modules.dep").read_text().splitlines():
         module, _, deps = line.partition(":")
-        needs[module] = deps.split()
-    by_name = {Path(path).name.split(".ko")[0].replace("-", "_"): path for path in needs}
+        needs[module] = deps
+        by_name[_module_name(module)] = module
     ordered: list[str] = []
 
     def add(path: str) -> None:
         if path in ordered:
             return
-        for dependency in reversed(needs.get(path, [])):
+        for dependency in reversed(needs.get(path, "").split()):
             add(dependency)
         ordered.append(path)
 
@@ -169,6 +175,11 @@ def module_order(modules_dir: Path, wanted: Sequence[str] = GUEST_MODULES) -> li
             )
         add(by_name[name])
     return ordered
+
+
+def _module_name(path: str) -> str:
+    """kernel/fs/9p/9p.ko.xz -> 9p; net_failover for net-failover.ko (as modprobe names it)."""
+    return path.rpartition("/")[2].split(".ko")[0].replace("-", "_")
 
 
 # ---- initramfs (cpio "newc") ------------------------------------------------------------------
@@ -206,8 +217,18 @@ def newc(entries: Sequence[Entry]) -> bytes:
     return bytes(out)
 
 
-def base_initramfs(kernel: Kernel) -> bytes:
-    """busybox, the guest's modules and /init for `kernel` (a few MiB, read in milliseconds)."""
+def base_initramfs(
+    kernel: Kernel, programs: Mapping[str, bytes] | None = None, interpreter: str | None = None
+) -> bytes:
+    """busybox, the guest's modules, /init and qnix's `programs` (path inside -> source:
+    VMLINK_INSIDE and the agent's peers) for `kernel`: nothing of any compartment's, so the
+    same archive for every start. With `interpreter` (the guest's) vmlink.py comes compiled by
+    it too, which under TCG spares the guest a quarter of a second at each start."""
+    programs = dict(programs or {})
+    if interpreter is not None and VMLINK_INSIDE in programs:
+        programs[AGENT_CODE_INSIDE] = compiled_by(
+            interpreter, programs[VMLINK_INSIDE], VMLINK_INSIDE
+        )
     busybox = _static_busybox()
     modules = module_order(kernel.modules)
     entries = [
@@ -225,8 +246,66 @@ def base_initramfs(kernel: Kernel) -> bytes:
         Entry("qnix/modules", 0o644, "".join(f"{_plain_name(p)}\n" for p in modules).encode()),
         Entry("etc/passwd", 0o644, b"root:x:0:0::/root:/bin/sh\n"),
         Entry("etc/group", 0o644, b"root:x:0:\n"),
+        *_folders(programs),
+        *(Entry(path.strip("/"), 0o644, data) for path, data in sorted(programs.items())),
     ]
     return newc(entries)
+
+
+# Run by the guest's interpreter on the host: bytecode is for one interpreter version. The
+# .pyc is unchecked-hash (PEP 552): the source beside it in the archive cannot change. Hex
+# both ways, as the runner speaks text.
+_COMPILE = """\
+import importlib.util, marshal, sys
+source = bytes.fromhex(sys.stdin.read())
+code = compile(source, sys.argv[1], "exec", dont_inherit=True)
+flags = (1).to_bytes(4, "little")
+header = importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source)
+sys.stdout.write((header + marshal.dumps(code)).hex())
+"""
+
+
+def compiled_by(interpreter: str, source: bytes, filename: str) -> bytes:
+    """`source` compiled by `interpreter`, as a .pyc it runs as a script."""
+    compiled = run([interpreter, "-I", "-S", "-c", _COMPILE, filename], input=source.hex())
+    return bytes.fromhex(compiled.stdout)
+
+
+def _interpreter_identity(interpreter: str) -> bytes:
+    """What tells one build of an interpreter from another (an upgrade replaces the file)."""
+    real = os.path.realpath(interpreter)
+    try:
+        info = os.stat(real)
+    except OSError as exc:
+        raise QnixError(f"the guest's interpreter {interpreter} is missing: {exc}") from None
+    return f"{real}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}".encode()
+
+
+def cached_base_initramfs(
+    kernel: Kernel, programs: Mapping[str, bytes], interpreter: str, cache_dir: Path
+) -> bytes:
+    """base_initramfs, kept in `cache_dir` (root's, in the run root) under a hash of the kernel
+    version and everything the archive is built from: a changed module, modules.dep, busybox,
+    /init, program or interpreter makes a new one, which replaces the kernel's older one. It
+    never holds a secret: what is a compartment's is in the per-start archive only."""
+    digest = hashlib.sha256(f"qnix-vm-base-1\0{kernel.version}\0{INIT}\0".encode())
+    digest.update(_interpreter_identity(interpreter))
+    for part in (_static_busybox(), (kernel.modules / "modules.dep").read_bytes()):
+        digest.update(hashlib.sha256(part).digest())
+    for path in module_order(kernel.modules):
+        digest.update(f"\0{path}\0".encode() + hashlib.sha256(_module_bytes(kernel, path)).digest())
+    for path, data in sorted(programs.items()):
+        digest.update(f"\0{path}\0".encode() + hashlib.sha256(data).digest())
+    folder, name = cache_dir / kernel.version, f"{digest.hexdigest()[:32]}.cpio"
+    with contextlib.suppress(FileNotFoundError):
+        return (folder / name).read_bytes()
+    archive = base_initramfs(kernel, programs, interpreter)
+    cache_dir.mkdir(mode=0o700, exist_ok=True)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for older in folder.glob("*.cpio"):
+        older.unlink(missing_ok=True)
+    atomic_write(folder / name, archive, 0o600)
+    return archive
 
 
 def _static_busybox() -> bytes:
@@ -248,11 +327,7 @@ def start_initramfs(
 ) -> bytes:
     """The per-start archive: `files` (world-readable) and the secrets (0400, the
     compartment's uid), with the folders they need. Appended to the base."""
-    folders: set[str] = set()
-    for path in (*files, *secret_files):
-        parts = path.strip("/").split("/")[:-1]
-        folders |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
-    entries = [Entry(folder, 0o755) for folder in sorted(folders)]
+    entries = _folders([*files, *secret_files])
     entries += [Entry(path.strip("/"), 0o644, data) for path, data in sorted(files.items())]
     entries += [
         Entry(path.strip("/"), 0o400, data, uid=owner_uid)
@@ -287,13 +362,26 @@ def guest_config(
     return "".join(f"{key}={value}\n" for key, value in values.items()).encode()
 
 
+def _folders(paths: Iterable[str]) -> list[Entry]:
+    """The folders that hold `paths` (inside, absolute), parents first."""
+    folders: set[str] = set()
+    for path in paths:
+        parts = path.strip("/").split("/")[:-1]
+        folders |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
+    return [Entry(folder, 0o755) for folder in sorted(folders)]
+
+
 def _plain_name(path: str) -> str:
     return Path(path).name.split(".ko")[0] + ".ko"
 
 
+def _module_bytes(kernel: Kernel, path: str) -> bytes:
+    return (kernel.modules / path).read_bytes()
+
+
 def _module(kernel: Kernel, path: str) -> bytes:
     """The module, uncompressed: busybox's insmod hands the kernel the bytes as they are."""
-    data = (kernel.modules / path).read_bytes()
+    data = _module_bytes(kernel, path)
     if path.endswith(".ko.xz"):
         import lzma
 

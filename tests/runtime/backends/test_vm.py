@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import lzma
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -181,6 +184,73 @@ def test_each_module_comes_after_what_it_needs_and_once(tmp_path: Path) -> None:
         assert all(names.index(r) < names.index(module) for r in required), names
     with pytest.raises(QnixError, match="has no module vsock"):
         vm.module_order(folder, ("vsock",))
+
+
+def test_the_base_initramfs_is_cached_until_what_it_is_built_from_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = modules_dir(tmp_path)
+    for path in vm.module_order(folder):
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        data = f"module {path}".encode()
+        (folder / path).write_bytes(lzma.compress(data) if path.endswith(".xz") else data)
+    kernel = vm.Kernel(folder.name, tmp_path / "vmlinuz", folder)
+    busybox = [b"busybox 1"]
+    monkeypatch.setattr(vm, "_static_busybox", lambda: busybox[0])
+    builds: list[bytes] = []
+    real_build = vm.base_initramfs
+
+    def counted(*args: Any, **kwargs: Any) -> bytes:
+        builds.append(real_build(*args, **kwargs))
+        return builds[-1]
+
+    monkeypatch.setattr(vm, "base_initramfs", counted)
+    agent = b"import sys\nprint('agent', sys.argv[1:])\n"
+    programs = {vm.VMLINK_INSIDE: agent, "/opt/qnix-agent/qcall.py": b"pass\n"}
+    cache = tmp_path / "run" / vm.BASE_CACHE_DIR
+    (tmp_path / "run").mkdir()
+
+    interpreter = [sys.executable]
+
+    def base(kernel: vm.Kernel = kernel) -> bytes:
+        return vm.cached_base_initramfs(kernel, programs, interpreter[0], cache)
+
+    def kept() -> list[Path]:
+        return sorted(cache.rglob("*.cpio"))
+
+    first = base()
+    assert len(builds) == 1 and base() == first and len(builds) == 1  # reused
+    assert [p.read_bytes() for p in kept()] == [first]  # the base alone: nothing of a start
+    assert [oct(p.stat().st_mode & 0o777) for p in (cache, *kept())] == ["0o700", "0o600"]
+    inside = unpacked(first, tmp_path / "first")
+    assert inside["qnix/kmod/9p.ko"][3] == b"module kernel/fs/9p/9p.ko.xz"
+    assert inside["opt/qnix-agent/qcall.py"] == ("file", 0o644, 0, b"pass\n")
+    compiled = tmp_path / "first" / "qnix" / "vmlink.pyc"  # runs as the script, as the init does
+    ran = subprocess.run([sys.executable, "-I", "-S", compiled, "guest"], capture_output=True)
+    assert ran.stdout == b"agent ['guest']\n"
+
+    changes = [
+        lambda: (folder / "kernel/net/9p/9pnet.ko").write_bytes(b"rebuilt module"),
+        lambda: busybox.__setitem__(0, b"busybox 2"),
+        lambda: programs.__setitem__(vm.VMLINK_INSIDE, agent + b"# changed\n"),
+        lambda: (folder / "modules.dep").write_text(
+            (folder / "modules.dep").read_text() + "kernel/extra.ko:\n"
+        ),
+    ]
+    for change in changes:
+        before = len(builds)
+        change()
+        rebuilt = base()
+        assert len(builds) == before + 1 and base() == rebuilt and len(builds) == before + 1
+        assert [p.read_bytes() for p in kept()] == [rebuilt]  # the kernel's older one is gone
+    assert unpacked(rebuilt, tmp_path / "last")["qnix/kmod/9pnet.ko"][3] == b"rebuilt module"
+    # Another build of the interpreter (an upgrade replaces the file): its own bytecode.
+    interpreter[0] = str(shutil.copy(sys.executable, tmp_path / "python3"))
+    base()
+    assert len(builds) == len(changes) + 2
+    other = vm.Kernel("6.2.0-other", kernel.image, folder)
+    base(kernel=other)
+    assert [p.parent.name for p in kept()] == [folder.name, "6.2.0-other"]  # one per kernel
 
 
 def test_the_running_kernel_is_chosen_when_installed_else_the_newest(tmp_path: Path) -> None:
