@@ -65,8 +65,6 @@ VMLINK_INSIDE = "/qnix/vmlink.py"
 AGENT_CODE_INSIDE = "/qnix/vmlink.pyc"  # VMLINK_INSIDE compiled, when it can be (compiles_for)
 BASE_CACHE_DIR = "vm-initramfs"  # in the run root: base initramfs per kernel (RUN_ROOT_ENTRIES)
 CONFIG_INSIDE = vmlink.CONFIG_INSIDE
-PORT_DIR_NAME = "vm"  # in the run folder, the compartment's host uid's: QEMU's end of the port
-PORT_SOCKET_NAME = "port.sock"  # the relay listens, QEMU connects
 INSIDE_DIR = "/opt/qnix-agent"  # as in a namespace compartment
 
 # The guest's first process: load the modules, mount what the agent needs, start it. Fixed
@@ -496,7 +494,7 @@ class VmPlan:
     host_gid: int
     home: str | None  # host folder shared as the home; None: a tmpfs in the guest
     interpreter_prefix: str | None  # shared read-only when outside /usr
-    port_socket: str  # the relay's socket for the agent port
+    port_fd: int  # QEMU's end of the agent port: a socket joined to the relay's
     console_log: str
     networked: bool
     mac: str
@@ -537,7 +535,7 @@ def qemu_argv(plan: VmPlan, kernel: Kernel, initrd_fd: int, accel: str) -> list[
         "-device",
         "virtio-serial-pci",
         "-chardev",
-        f"socket,id=agent,path={_option_path(plan.port_socket)},server=off",
+        f"socket,id=agent,fd={plan.port_fd},server=off",
         "-device",
         "virtserialport,chardev=agent,name=qnix.agent",
         *_share("usr", "/usr", readonly=True),

@@ -350,27 +350,27 @@ def _die_with_parent() -> None:
         sys.exit(1)  # the keeper died before the line above
 
 
-def _end_qemu_with_us(port: socket.socket) -> None:
+def _end_qemu_with_us(qemu_pidfd: int) -> None:
     """QEMU drops to our uid, which clears any parent-death signal of its own: so when we are
-    told to end, the VM at the other end of the port ends first."""
+    told to end, the VM at the other end of the port ends first (a pidfd: never another
+    process that took its pid)."""
     import signal
-    import socket
-
-    credentials = port.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    qemu = int.from_bytes(credentials[:4], sys.byteorder)
 
     def end(number: int, frame: object) -> None:
         with contextlib.suppress(OSError):
-            os.kill(qemu, signal.SIGKILL)
+            signal.pidfd_send_signal(qemu_pidfd, signal.SIGKILL)
         os._exit(0)
 
     signal.signal(signal.SIGTERM, end)
 
 
-def relay(listen_fd: int, port_socket: str, call_socket: str, uid: int, gid: int) -> None:
-    """The host end, started as root and running as `uid`: it listens on `port_socket` for
-    QEMU's chardev (says "listening"), waits for the guest's hello, then serves the agent
-    socket the keeper bound (descriptor `listen_fd`; says "ready") until the port closes."""
+def relay(
+    listen_fd: int, port_fd: int, qemu_pidfd: int, call_socket: str, uid: int, gid: int
+) -> None:
+    """The host end, started as root beside QEMU and running as `uid`: it waits for the
+    guest's hello on the agent port (descriptor `port_fd`, a socket joined to QEMU's
+    chardev), then serves the agent socket the keeper bound (descriptor `listen_fd`; says
+    "ready") until the port closes. `qemu_pidfd` is QEMU's, which ends with us."""
     # Everything it will use is imported now: `uid` may not reach the interpreter's files.
     import ctypes  # noqa: F401
     import queue  # noqa: F401 - vmlink's Inbox loads it when it is first used
@@ -380,19 +380,14 @@ def relay(listen_fd: int, port_socket: str, call_socket: str, uid: int, gid: int
     import time  # noqa: F401
     import tty  # noqa: F401
 
-    from qnix.runtime import agent
+    from qnix.runtime import agent  # noqa: F401
 
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
+    _end_qemu_with_us(qemu_pidfd)
     _die_with_parent()
-    port_server = agent.listen_at(port_socket, backlog=1)
-    sys.stdout.write("listening\n")
-    sys.stdout.flush()
-    port, _ = port_server.accept()
-    port_server.close()
-    os.unlink(port_socket)
-    _end_qemu_with_us(port)
+    port = socket.socket(fileno=port_fd)
     link = Link(socket.SocketIO(port, "r"), socket.SocketIO(port, "w"))
     channel, kind, _ = link.receive()
     if (channel, kind) != (0, HELLO):
@@ -408,8 +403,9 @@ def relay(listen_fd: int, port_socket: str, call_socket: str, uid: int, gid: int
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6:
-        relay(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    if len(sys.argv) == 7:
+        listen_fd, port_fd, qemu_pidfd = (int(argument) for argument in sys.argv[1:4])
+        relay(listen_fd, port_fd, qemu_pidfd, sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
     else:
-        sys.stderr.write("usage: vm_relay.py FD PORT CALLS UID GID\n")
+        sys.stderr.write("usage: vm_relay.py FD PORT_FD QEMU_PIDFD CALLS UID GID\n")
         sys.exit(2)

@@ -284,7 +284,7 @@ PLAN = vm.VmPlan(
     host_gid=0x70000007,
     home="/var/lib/qnix/compartments/box/home",
     interpreter_prefix=None,
-    port_socket="/run/qnix/compartments/box/agent/vm-port.sock",
+    port_fd=8,
     console_log="/run/qnix/compartments/box/console.log",
     networked=True,
     mac="02:aa:bb:cc:dd:ee",
@@ -306,8 +306,7 @@ def test_the_qemu_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
         *("-runas", f"{0x70000007}:{0x70000007}"),
         *("-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny"),
         *("-device", "virtio-serial-pci"),
-        "-chardev",
-        "socket,id=agent,path=/run/qnix/compartments/box/agent/vm-port.sock,server=off",
+        *("-chardev", "socket,id=agent,fd=8,server=off"),
         *("-device", "virtserialport,chardev=agent,name=qnix.agent"),
         *("-virtfs", "local,path=/usr,mount_tag=usr,security_model=none,readonly=on"),
         "-virtfs",
@@ -338,12 +337,10 @@ def test_no_path_can_add_an_option_to_qemu(untrusted: str) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=40))
 def test_no_run_root_can_add_an_option_to_qemu(untrusted: str) -> None:
-    """The console log and the agent port lie under the run root, which an option names: a
-    comma there is refused as well, never passed on."""
+    """The console log lies under the run root, which an option names: a comma there is
+    refused as well, never passed on."""
     folder = "/run/" + untrusted
-    plan = dataclasses.replace(
-        PLAN, console_log=f"{folder}/console.log", port_socket=f"{folder}/vm-port.sock"
-    )
+    plan = dataclasses.replace(PLAN, console_log=f"{folder}/console.log")
     try:
         argv = vm.qemu_argv(plan, KERNEL, 3, "tcg")
     except QnixError as refused:
@@ -351,8 +348,6 @@ def test_no_run_root_can_add_an_option_to_qemu(untrusted: str) -> None:
         return
     assert "," not in folder
     assert argv[argv.index("-serial") + 1] == f"file:{folder}/console.log"
-    chardev = argv[argv.index("-chardev") + 1]
-    assert chardev == f"socket,id=agent,path={folder}/vm-port.sock,server=off"
 
 
 def test_the_accelerator_is_chosen_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
