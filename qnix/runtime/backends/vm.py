@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qnix.errors import QnixError
-from qnix.runtime import vmlink
 from qnix.runtime.files import atomic_write
 from qnix.runtime.runner import require_tool, run
 
@@ -62,9 +61,9 @@ MODULES_INSIDE = "/qnix/kmod"
 PREFIX_FILE = "/qnix/prefix"  # the interpreter's prefix to mount, if any (one line)
 INTERPRETER_FILE = "/qnix/interpreter"  # the Python that runs vmlink.py (one line)
 VMLINK_INSIDE = "/qnix/vmlink.py"
-AGENT_CODE_INSIDE = "/qnix/vmlink.pyc"  # VMLINK_INSIDE compiled, when it can be (compiles_for)
+AGENT_CODE_INSIDE = "/qnix/vmlink.pyc"  # VMLINK_INSIDE compiled by the guest's interpreter
 BASE_CACHE_DIR = "vm-initramfs"  # in the run root: base initramfs per kernel (RUN_ROOT_ENTRIES)
-CONFIG_INSIDE = vmlink.CONFIG_INSIDE
+CONFIG_INSIDE = "/qnix/config"  # qnix.runtime.vmlink.CONFIG_INSIDE says the same
 INSIDE_DIR = "/opt/qnix-agent"  # as in a namespace compartment
 
 # The guest's first process: load the modules, mount what the agent needs, start it. Fixed

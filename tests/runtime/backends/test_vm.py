@@ -95,6 +95,7 @@ def test_the_per_start_archive_makes_its_folders_and_keeps_secrets_private(
 
 
 def test_the_guest_reads_its_configuration_as_the_host_writes_it() -> None:
+    assert vm.CONFIG_INSIDE == vmlink.CONFIG_INSIDE
     written = vm.guest_config(
         uid=0x70000005,
         user="user",
