@@ -244,109 +244,118 @@ def _start_vm(
     listen_fd: int,
     secret_fds: dict[str, int],
 ) -> subprocess.Popen[bytes]:
-    """The relay (as the compartment's host uid), then QEMU; both in the compartment's
-    cgroup. Returns QEMU once the guest's agent has said hello."""
-    netns = Path(config.netns_path).name
+    """QEMU, and the relay (as the compartment's host uid) on the other end of its agent port,
+    started side by side: the relay's interpreter starts while the guest boots. Both in the
+    compartment's cgroup. Returns QEMU once the guest's agent has said hello."""
     networked = config.guest_address is not None
     if networked:
-        vm.connect_tap(netns, COMPARTMENT_IFNAME, config.host_uid)
-    # QEMU's end of the port: a folder of the compartment's host uid, which the relay and
-    # QEMU run as (nothing inside the guest reaches the host's file systems but its home).
-    port_dir = Path(config.run_dir) / vm.PORT_DIR_NAME
-    port_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chown(port_dir, config.host_uid, config.host_gid)
-    port_socket = port_dir / vm.PORT_SOCKET_NAME
-    relay = ns.launch(
-        [
-            *(sys.executable, "-I", "-m", "qnix.runtime.vmlink", "relay"),
-            *(str(listen_fd), str(port_socket)),
-            str(call_dir(config.run_dir) / CALL_SOCKET_NAME),
-            *(str(config.host_uid), str(config.host_gid)),  # it drops to them itself
-        ],
-        netns_path=None,
-        cgroup=cgroup,
-        pass_fds=(listen_fd,),
-        stdout=subprocess.PIPE,
+        vm.connect_tap(Path(config.netns_path).name, COMPARTMENT_IFNAME, config.host_uid)
+    kernel = vm.find_kernel()
+    run_root = config.runtime_paths().run_root
+    accel = vm.accelerator(run_root / vm.ACCEL_FILE, kernel)
+    # The same for every start (qnix's programs, busybox, the kernel's modules): cached.
+    programs = {
+        vm.VMLINK_INSIDE: Path(vmlink.__file__).read_bytes(),
+        **{
+            f"{INSIDE_DIR}/{source.name}": source.read_bytes()
+            for source in sorted(INSIDE_PROGRAMS_DIR.glob("[!_]*.py"))
+        },
+    }
+    base = vm.cached_base_initramfs(
+        kernel, programs, config.interpreter, run_root / vm.BASE_CACHE_DIR
     )
+    # This start's own, secrets too: only ever in the sealed memfd.
+    files = {
+        vm.CONFIG_INSIDE: vm.guest_config(
+            uid=config.host_uid,
+            user=config.user,
+            home=plan.home_inside,
+            home_share=config.home is not None,
+            hostname=config.name,
+            address=config.guest_address,
+            gateway=config.guest_gateway,
+        ),
+        vm.INTERPRETER_FILE: (config.interpreter + "\n").encode(),
+        vm.PREFIX_FILE: ((config.interpreter_prefix or "") + "\n").encode(),
+        "/etc/resolv.conf": config.resolv_conf.encode(),
+        **({vm.NIX_STORE_MARK: b""} if vm.NIX_STORE.is_dir() else {}),
+    }
+    secret_files = {
+        secrets.inside_path(name): secrets.read_fd(fd) for name, fd in secret_fds.items()
+    }
+    initrd = ns.sealed_memfd(
+        base + vm.start_initramfs(files, secret_files, config.host_uid), "qnix-initramfs"
+    )
+    # The agent port: a socket pair, one end QEMU's chardev, the other the relay's; nothing
+    # of it in a file system, and neither waits for the other to start.
+    qemu_end, relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    qemu: subprocess.Popen[bytes] | None = None
     try:
-        _wait_line(relay, stop, b"listening\n", READY_TIMEOUT, "the VM's relay")
-        kernel = vm.find_kernel()
-        guest_config = {
-            "uid": config.host_uid,
-            "user": config.user,
-            "home": plan.home_inside,
-            "home_share": config.home is not None,
-            "hostname": config.name,
-            "address": config.guest_address,
-            "gateway": config.guest_gateway,
-        }
-        files = {
-            vm.CONFIG_INSIDE: json.dumps(guest_config).encode(),
-            vm.INTERPRETER_FILE: (config.interpreter + "\n").encode(),
-            vm.PREFIX_FILE: ((config.interpreter_prefix or "") + "\n").encode(),
-            vm.VMLINK_INSIDE: Path(vmlink.__file__).read_bytes(),
-            "/etc/resolv.conf": config.resolv_conf.encode(),
-            **({vm.NIX_STORE_MARK: b""} if vm.NIX_STORE.is_dir() else {}),
-            **{
-                f"{INSIDE_DIR}/{source.name}": source.read_bytes()
-                for source in sorted(INSIDE_PROGRAMS_DIR.glob("[!_]*.py"))
-            },
-        }
-        secret_files = {
-            secrets.inside_path(name): secrets.read_fd(fd) for name, fd in secret_fds.items()
-        }
-        initrd = ns.sealed_memfd(
-            vm.base_initramfs(kernel) + vm.start_initramfs(files, secret_files, config.host_uid),
-            "qnix-initramfs",
+        machine = vm.VmPlan(
+            name=config.name,
+            memory_mb=config.memory_bytes >> 20,
+            cpus=config.cpus,
+            host_uid=config.host_uid,
+            host_gid=config.host_gid,
+            home=config.home,
+            interpreter_prefix=config.interpreter_prefix,
+            port_fd=qemu_end.fileno(),
+            console_log=str(Path(config.run_dir) / vm.CONSOLE_LOG),
+            networked=networked,
+            mac=vm.mac_address(config.name),
         )
+        qemu = ns.launch(
+            vm.qemu_argv(machine, kernel, initrd, accel),
+            netns_path=config.netns_path,
+            cgroup=cgroup,
+            pass_fds=(initrd, qemu_end.fileno()),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=None,  # the keeper's log
+        )
+        qemu_pidfd = os.pidfd_open(qemu.pid)  # the relay ends QEMU with itself
         try:
-            machine = vm.VmPlan(
-                name=config.name,
-                memory_mb=config.memory_bytes >> 20,
-                cpus=config.cpus,
-                host_uid=config.host_uid,
-                host_gid=config.host_gid,
-                home=config.home,
-                interpreter_prefix=config.interpreter_prefix,
-                port_socket=str(port_socket),
-                console_log=str(Path(config.run_dir) / vm.CONSOLE_LOG),
-                networked=networked,
-                mac=vm.mac_address(config.name),
-            )
-            run_root = config.runtime_paths().run_root
-            accel = vm.accelerator(run_root / vm.ACCEL_FILE, kernel)
-            qemu = ns.launch(
-                vm.qemu_argv(machine, kernel, initrd, accel),
-                netns_path=config.netns_path,
+            relay = ns.launch(
+                [
+                    *(sys.executable, "-I", "-m", "qnix.runtime.backends.vm_relay"),
+                    *(str(listen_fd), str(relay_end.fileno()), str(qemu_pidfd)),
+                    str(call_dir(config.run_dir) / CALL_SOCKET_NAME),
+                    *(str(config.host_uid), str(config.host_gid)),  # it drops to them itself
+                ],
+                netns_path=None,
                 cgroup=cgroup,
-                pass_fds=(initrd,),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=None,  # the keeper's log
+                pass_fds=(listen_fd, relay_end.fileno(), qemu_pidfd),
+                stdout=subprocess.PIPE,
             )
         finally:
-            os.close(initrd)
-        try:
-            _wait_line(relay, stop, b"ready\n", READY_TIMEOUT, "the VM's agent", also=qemu)
-        except QnixError as exc:
-            _end(qemu, cgroup, grace=0)
-            console = last_lines(Path(config.run_dir) / vm.CONSOLE_LOG, 5)
-            shown = "none" if console is None else " | ".join(console) or "empty"
-            raise QnixError(
-                f"{exc.message} (QEMU with {accel}; the guest's console: {shown})"
-                + (
-                    f"; if this host's KVM hangs guests, set {vm.ACCEL_ENV}=tcg"
-                    if accel == "kvm"
-                    else ""
-                )
-            ) from None
-        except BaseException:
-            _end(qemu, cgroup, grace=0)
-            raise
+            os.close(qemu_pidfd)
     except BaseException:
+        if qemu is not None:
+            _end(qemu, cgroup, grace=0)
+        raise
+    finally:
+        # Only QEMU and the relay hold the port now: either one's end is the other's EOF.
+        os.close(initrd)
+        qemu_end.close()
+        relay_end.close()
+    try:
+        _wait_line(relay, stop, b"ready\n", READY_TIMEOUT, "the VM's agent", also=qemu)
+    except BaseException as exc:
+        _end(qemu, cgroup, grace=0)
         relay.kill()
         relay.wait()
-        raise
+        if not isinstance(exc, QnixError):
+            raise
+        console = last_lines(Path(config.run_dir) / vm.CONSOLE_LOG, 5)
+        shown = "none" if console is None else " | ".join(console) or "empty"
+        raise QnixError(
+            f"{exc.message} (QEMU with {accel}; the guest's console: {shown})"
+            + (
+                f"; if this host's KVM hangs guests, set {vm.ACCEL_ENV}=tcg"
+                if accel == "kvm"
+                else ""
+            )
+        ) from None
     return qemu
 
 

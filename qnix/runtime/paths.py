@@ -68,6 +68,7 @@ RUN_ROOT_ENTRIES = (
     "spawner.sock",  # the resident process that forks disposables' keepers
     "spawner.json",
     "spawner.log",
+    "vm-initramfs",  # the VM's base initramfs per kernel (qnix.runtime.backends.vm)
 )
 
 AGENT_SOCKET_NAME = "agent.sock"

@@ -1,7 +1,8 @@
 """The agent channel of a VM compartment: a relay on the host and the agent in the guest, joined
-by one virtio-serial port.
+by one virtio-serial port. This file holds the frames both ends speak and the guest's end; the
+host's end is qnix.runtime.backends.vm_relay.
 
-File descriptors cannot cross into a VM, so the host end (`relay`, run by the keeper as the
+File descriptors cannot cross into a VM, so the host end (the relay, run by the keeper as the
 compartment's host uid) answers the agent protocol of qnix.runtime.agent on the compartment's
 usual agent socket, and carries each command's stdin, stdout and stderr as frames over the port.
 The guest end (`guest`, this file run alone by the guest's init) sets the guest up from its
@@ -10,7 +11,9 @@ back; on a terminal, the command gets a terminal of the guest's own and the clie
 the host, whose size the relay passes on. Calls from inside (qnix/inside/call.py) take the other
 direction: the guest serves the call socket, and the relay makes each call on the compartment's
 call socket on the host, with pipes as its stdio. Only the standard library is used, so that
-the file runs in the guest as it is.
+the file runs in the guest as it is. Until the guest's hello it loads no module beyond the few
+the interpreter starts with: under TCG each one more costs the start tens of milliseconds, so
+what commands need is imported where it is used, and loaded ahead right after the hello.
 
 A frame: the channel (4 bytes, one per command), its kind (1 byte), the payload's length
 (4 bytes, at most MAX_PAYLOAD) and the payload, all big-endian. What comes from the guest is
@@ -25,22 +28,17 @@ that sends beyond its window breaks the protocol, and the relay ends.
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import io
-import json
 import os
-import queue
 import sys
-import termios
-import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Callable
     from typing import Any
 
-HELLO = 1  # guest -> host: the guest is up and serving
+HELLO = 1  # guest -> host: the guest is set up; what the host sends from now on is served
 OPEN = 2  # host -> guest: run a command (JSON: argv, env, cwd)
 STDIN = 3  # host -> guest
 STDIN_END = 4  # host -> guest
@@ -68,7 +66,7 @@ WINDOW = 4 * MAX_PAYLOAD  # a channel's data in flight, each way
 QUIET_END = 10.0  # seconds a call's output may stay quiet after its service has exited
 MAX_CHANNELS = 256
 PORT_NAME = "qnix.agent"  # the virtio-serial port's name in the guest
-CONFIG_INSIDE = "/qnix/config.json"  # the guest's configuration, in its initramfs
+CONFIG_INSIDE = "/qnix/config"  # the guest's configuration (`read_config`), in its initramfs
 
 
 class LinkError(Exception):
@@ -85,7 +83,7 @@ class Link:
     def __init__(self, reader: io.RawIOBase, writer: io.RawIOBase) -> None:
         self.reader = reader
         self.writer = writer
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()  # threading.Lock, without loading threading
 
     def send(self, channel: int, kind: int, payload: bytes = b"") -> None:
         view = memoryview(frame(channel, kind, payload))
@@ -116,6 +114,8 @@ class Window:
     """How much more of one channel's data this end may send now."""
 
     def __init__(self) -> None:
+        import threading
+
         self.credit = WINDOW
         self.closed = False
         self.changed = threading.Condition()
@@ -153,11 +153,13 @@ class Inbox:
     the sender as much again once it is written out (`written`)."""
 
     def __init__(self, link: Link, channel: int) -> None:
+        import queue
+
         self.link = link
         self.channel = channel
         self.frames: queue.SimpleQueue[tuple[int, bytes]] = queue.SimpleQueue()
         self.room = WINDOW
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
 
     def put(self, kind: int, untrusted_payload: bytes) -> None:
         if kind in DATA_KINDS:
@@ -177,11 +179,13 @@ class Inbox:
             return
         with self.lock:
             self.room += size
-        with contextlib.suppress(LinkError, OSError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             self.link.send(self.channel, CREDIT, size.to_bytes(4, "big"))
+        except (LinkError, OSError):
+            pass
 
 
-def _feed_while(
+def feed_while(
     alive: Callable[[], bool],
     fd: int,
     send: Callable[[bytes], None],
@@ -204,6 +208,8 @@ def _feed_while(
 
 
 def _message(payload: dict[str, Any]) -> bytes:
+    import json
+
     body = json.dumps(payload, separators=(",", ":")).encode()
     return len(body).to_bytes(4, "big") + body
 
@@ -237,6 +243,8 @@ def _spawn_failure_code(exc: OSError) -> int:
 
 def _report_exit(link: Link, channel: int, code: int) -> None:
     """The command's end: its exit code to the host, and its stdin feeder stopped."""
+    import json
+
     _GUEST_COMMANDS.pop(channel, None)
     link.send(channel, EXIT, json.dumps({"code": code & 0xFF}).encode())
     found = _GUEST_CHANNELS.pop(channel, None)
@@ -270,6 +278,7 @@ def _guest_terminal(
     import fcntl
     import subprocess
     import termios
+    import threading
 
     inbox, window = _GUEST_CHANNELS[channel]
     master, slave = os.openpty()
@@ -304,7 +313,7 @@ def _guest_terminal(
     os.close(slave)
     _GUEST_COMMANDS[channel] = process.pid
     threading.Thread(
-        target=_feed_input, args=(inbox, lambda chunk: _write_all(master, chunk)), daemon=True
+        target=_feed_input, args=(inbox, lambda chunk: write_all(master, chunk)), daemon=True
     ).start()
 
     def read() -> bytes:
@@ -323,6 +332,7 @@ def _guest_terminal(
 def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[int, int]) -> None:
     """Run one command as the compartment's user; report its output and exit code."""
     import subprocess
+    import threading
 
     if request.get("tty") is not None:
         _guest_terminal(link, channel, request, user)
@@ -359,8 +369,10 @@ def _guest_run(link: Link, channel: int, request: dict[str, Any], user: tuple[in
             stdin.flush()
 
         _feed_input(inbox, write)
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             stdin.close()
+        except OSError:
+            pass
 
     exited_read, exited_write = os.pipe()
     outputs = [(process.stdout, STDOUT), (process.stderr, STDERR)]
@@ -425,14 +437,17 @@ def _hang_up(channel: int) -> None:
 
     pid = _GUEST_COMMANDS.get(channel)
     if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _serve_calls(link: Link, user: tuple[int, int]) -> None:
     """The call socket inside the guest: each connection becomes a call on a channel of its
     own, decided and served on the host (its call server sees the compartment as the caller)."""
     import socket
+    import threading
 
     os.makedirs(os.path.dirname(CALL_SOCKET_INSIDE), mode=0o755, exist_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -452,7 +467,9 @@ def _serve_calls(link: Link, user: tuple[int, int]) -> None:
 
 
 def _guest_call(link: Link, conn: Any, channel: int) -> None:
+    import json
     import socket
+    import threading
 
     fds: list[int] = []
     try:
@@ -472,8 +489,10 @@ def _guest_call(link: Link, conn: Any, channel: int) -> None:
         if len(fds) != 3 or not all(isinstance(value, str) for value in fields.values()):
             raise ValueError("a call is a request with three descriptors")
     except (OSError, ValueError):
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             conn.sendall(_message({"op": "error", "message": "malformed call"}))
+        except OSError:
+            pass
         conn.close()
         for fd in fds:
             os.close(fd)
@@ -483,7 +502,7 @@ def _guest_call(link: Link, conn: Any, channel: int) -> None:
     _GUEST_CHANNELS[channel] = (inbox, window)
     threading.Thread(target=_answer_call, args=(conn, fds, inbox, window), daemon=True).start()
     link.send(channel, CALL_OPEN, json.dumps(fields).encode())
-    if _feed_while(
+    if feed_while(
         lambda: channel in _GUEST_CHANNELS,
         fds[0],
         lambda chunk: send_data(link, window, channel, CALL_STDIN, chunk),
@@ -494,16 +513,22 @@ def _guest_call(link: Link, conn: Any, channel: int) -> None:
 
 def _answer_call(conn: Any, fds: list[int], inbox: Inbox, window: Window) -> None:
     """The host's answers and the service's output, to the caller, until the call ends."""
+    import json
+
     while True:
         kind, payload = inbox.take()
         if kind in (CALL_STDOUT, CALL_STDERR):
-            with contextlib.suppress(OSError):
-                _write_all(fds[1 if kind == CALL_STDOUT else 2], payload)
+            try:  # noqa: SIM105 - contextlib is not loaded in the guest
+                write_all(fds[1 if kind == CALL_STDOUT else 2], payload)
+            except OSError:
+                pass
             inbox.written(len(payload))
             continue
         answer = json.loads(payload)
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
             conn.sendall(_message(answer))
+        except OSError:
+            pass
         if answer.get("op") in FINAL_ANSWERS:
             _GUEST_CHANNELS.pop(inbox.channel, None)
             window.close()
@@ -516,49 +541,71 @@ def _answer_call(conn: Any, fds: list[int], inbox: Inbox, window: Window) -> Non
 _GUEST_TERMINALS: dict[int, int] = {}  # channel -> its terminal's master
 
 
-def _set_up_guest(config: dict[str, Any]) -> tuple[int, int]:
-    """What the guest's init leaves to the agent: its user, home, secrets, name and network."""
-    import subprocess
+def read_config(text: str) -> dict[str, str]:
+    """The guest's configuration: one `key=value` a line, as qnix.runtime.backends.vm writes
+    it (not JSON: loading json costs a TCG guest a tenth of a second before its hello)."""
+    return dict(line.partition("=")[::2] for line in text.splitlines() if line)
 
+
+def _busybox(*argv: str) -> None:
+    """A busybox applet, waited for (not through subprocess, which the hello does not wait
+    to load)."""
+    pid = os.posix_spawn("/bin/busybox", ["busybox", *argv], os.environ)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:
+        raise OSError(f"{' '.join(argv)}: exit code {code}")
+
+
+def _set_up_guest(config: dict[str, str]) -> tuple[int, int]:
+    """What the guest's init leaves to the agent: its user, home, secrets, name and network."""
     uid = gid = int(config["uid"])
-    user, home = str(config["user"]), str(config["home"])
+    user, home = config["user"], config["home"]
     with open("/etc/passwd", "a", encoding="utf-8") as handle:
         handle.write(f"{user}:x:{uid}:{gid}::{home}:/bin/sh\n")
     with open("/etc/group", "a", encoding="utf-8") as handle:
         handle.write(f"{user}:x:{gid}:\n")
     os.makedirs(home, exist_ok=True)
-    if config["home_share"]:
-        subprocess.run(
-            ["mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,msize=262144", "home", home],
-            check=True,
+    if config["home_share"] == "yes":
+        # Uncached (no cache= option): a write is on the host when it returns, so a VM that
+        # is stopped at once loses nothing written before.
+        _busybox(
+            "mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,msize=262144", "home", home
         )
     else:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "home", home], check=True)
+        _busybox("mount", "-t", "tmpfs", "-o", "mode=0700", "home", home)
         os.chown(home, uid, gid)
     for folder, _, files in os.walk("/run/secrets"):
         for name in files:
             os.chown(os.path.join(folder, name), uid, gid)
     with open("/proc/sys/kernel/hostname", "w", encoding="utf-8") as handle:
-        handle.write(str(config["hostname"]))
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    address = config.get("address")
-    if address is not None:
-        subprocess.run(["ip", "link", "set", "eth0", "up"], check=True)
-        subprocess.run(["ip", "addr", "add", f"{address}/31", "dev", "eth0"], check=True)
-        subprocess.run(["ip", "route", "add", "default", "via", str(config["gateway"])], check=True)
+        handle.write(config["hostname"])
+    _busybox("ip", "link", "set", "lo", "up")
+    address = config["address"]
+    if address:
+        _busybox("ip", "link", "set", "eth0", "up")
+        _busybox("ip", "addr", "add", f"{address}/31", "dev", "eth0")
+        _busybox("ip", "route", "add", "default", "via", config["gateway"])
     return uid, gid
 
 
 def guest() -> None:
     """The guest's agent: set the guest up, say hello, then run what the host sends."""
     with open(CONFIG_INSIDE, encoding="utf-8") as handle:
-        config = json.load(handle)
+        config = read_config(handle.read())
     user = _set_up_guest(config)
     device = _port_device()
     port = io.FileIO(device, "r+")  # a port opens once: one descriptor both ways
     link = Link(port, port)
-    _serve_calls(link, user)
     link.send(0, HELLO)
+    # The host's frames wait in the port meanwhile: the call socket is there before any
+    # command runs, and what every command needs is loaded before the first one arrives.
+    _serve_calls(link, user)
+    import json
+    import queue  # noqa: F401 - for the first command
+    import select  # noqa: F401 - for the first command
+    import subprocess  # noqa: F401 - for the first command
+    import threading
+
     while True:
         channel, kind, payload = link.receive()
         found = _GUEST_CHANNELS.get(channel)
@@ -580,379 +627,21 @@ def guest() -> None:
             import termios
 
             size = json.loads(payload)
-            with contextlib.suppress(OSError, termios.error):
+            try:  # noqa: SIM105 - contextlib is not loaded in the guest
                 termios.tcsetwinsize(_GUEST_TERMINALS[channel], (size["rows"], size["cols"]))
+            except (OSError, termios.error):
+                pass
 
 
-# ---- the host --------------------------------------------------------------------------------
-
-
-class _Command:
-    """A command the relay carries: its client, the stdio it gave, and its channel's flow."""
-
-    incoming = (STDOUT, STDERR, EXIT)
-
-    def __init__(self, link: Link, channel: int, conn: socket.socket, fds: list[int]) -> None:
-        self.channel = channel
-        self.conn = conn
-        self.fds = fds
-        self.inbox = Inbox(link, channel)  # its output and exit, from the guest
-        self.window = Window()  # its stdin, to the guest
-
-
-class _Call:
-    """A call from the guest the relay makes on the host: its stdin in, its output out."""
-
-    incoming = (CALL_STDIN, CALL_STDIN_END)
-
-    def __init__(self, link: Link, channel: int) -> None:
-        self.inbox = Inbox(link, channel)
-        self.window = Window()
-
-
-class Relay:
-    """The host end: the agent protocol on the agent socket, frames on the port."""
-
-    def __init__(self, link: Link, call_socket: str) -> None:
-        self.link = link
-        self.call_socket = call_socket
-        self.lock = threading.Lock()
-        self.commands: dict[int, _Command] = {}
-        self.next_channel = 1
-        self.calls: dict[int, _Call] = {}
-
-    def serve(self, server: socket.socket) -> None:
-        """Accept agent connections, each in a thread of its own."""
-        while True:
-            conn, _ = server.accept()
-            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
-
-    def _client(self, conn: socket.socket) -> None:
-        from qnix.runtime import agent
-
-        fds: list[int] = []
-        command = None
-        master = None
-        try:
-            conn.settimeout(agent.REQUEST_TIMEOUT)
-            untrusted, fds = agent.recv_message(conn)
-            if untrusted["op"] == "ping":
-                agent.send_message(conn, {"op": "pong", "pid": os.getpid()})
-                conn.close()
-                return
-            if untrusted["op"] != "exec":
-                raise agent.ProtocolError(f"unknown op {untrusted['op']!r}")
-            request = agent.validate_exec(untrusted, fds)
-            if request["tty"] is not None:
-                # The client gets the master of a terminal here, whose other side (raw: the
-                # guest's own terminal does the line discipline) is the command's stdio.
-                import tty
-
-                master, slave = os.openpty()
-                tty.setraw(slave)
-                rows, cols = request["tty"]
-                termios.tcsetwinsize(master, (rows, cols))
-                fds = [slave, slave, slave]
-            with self.lock:
-                if len(self.commands) >= MAX_CHANNELS:
-                    raise agent.ProtocolError("too many commands at once")
-                channel = self.next_channel
-                self.next_channel += 1
-                command = _Command(self.link, channel, conn, fds)
-                self.commands[channel] = command
-            opened = {"argv": request["argv"], "env": request["env"], "cwd": request["cwd"]}
-            if request["tty"] is not None:
-                opened["tty"] = {"rows": request["tty"][0], "cols": request["tty"][1]}
-            self.link.send(channel, OPEN, json.dumps(opened).encode())
-            conn.settimeout(None)
-            agent.send_message(conn, {"op": "started", "pid": channel}, [master] if master else [])
-        except Exception as exc:  # whatever a client sends, the relay goes on
-            with contextlib.suppress(OSError):
-                agent.send_message(conn, {"op": "error", "message": str(exc)[:512]})
-            conn.close()
-            for fd in set(fds):
-                os.close(fd)
-            if command is None:
-                return
-            # The command may run already: it runs on, its output dropped, as with any agent.
-            command.fds = []
-            with contextlib.suppress(LinkError, OSError):
-                self.link.send(command.channel, STDIN_END)
-        finally:
-            if master is not None:
-                os.close(master)
-        threading.Thread(target=self._deliver, args=(command,), daemon=True).start()
-        threading.Thread(target=self._watch_client, args=(command,), daemon=True).start()
-        if command.fds:
-            self._feed(command, terminal=request["tty"] is not None)
-            os.close(command.fds[0])  # stdout and stderr: closed when the command has exited
-
-    def _feed(self, command: _Command, *, terminal: bool) -> None:
-        """The client's stdin to the command, until it ends or the command has exited (a
-        terminal's stdin may never end); on a terminal also its size when it changes."""
-        channel, stdin = command.channel, command.fds[0]
-        sizes = [termios.tcgetwinsize(stdin)] if terminal else []
-
-        def follow_size() -> None:
-            if sizes and (now := termios.tcgetwinsize(stdin)) != sizes[0]:
-                sizes[0] = now
-                resized = {"rows": now[0], "cols": now[1]}
-                self.link.send(channel, RESIZE, json.dumps(resized).encode())
-
-        if _feed_while(
-            lambda: channel in self.commands,
-            stdin,
-            lambda chunk: send_data(self.link, command.window, channel, STDIN, chunk),
-            follow_size,
-        ):
-            self.link.send(channel, STDIN_END)
-
-    def _watch_client(self, command: _Command) -> None:
-        """A client that closes its connection (or speaks) before its command has ended —
-        `qnix run` killed — ends the command in the guest."""
-        import select
-
-        watched = command.conn.fileno()
-        while True:
-            with self.lock:
-                if command.channel not in self.commands:
-                    return  # ended: _exited closes the connection
-            try:
-                if not select.select([watched], [], [], 0.5)[0]:
-                    continue
-            except (OSError, ValueError):
-                return  # closed under us, by _exited
-            with self.lock:
-                running = command.channel in self.commands
-            if running:
-                with contextlib.suppress(LinkError, OSError):
-                    self.link.send(command.channel, HANGUP)
-            return
-
-    def _deliver(self, command: _Command) -> None:
-        """The command's output to its client, as fast as the client reads it; then its exit."""
-        while True:
-            kind, payload = command.inbox.take()
-            if kind == EXIT:
-                self._exited(command, payload)
-                return
-            if command.fds:
-                # A reader that went away: the command runs on, as with any agent.
-                with contextlib.suppress(OSError):
-                    _write_all(command.fds[1 if kind == STDOUT else 2], payload)
-            command.inbox.written(len(payload))
-
-    def dispatch(self) -> None:
-        """Route the guest's frames to their commands and calls until the port closes; it
-        never waits on a client or a service, only on the port."""
-        while True:
-            channel, kind, payload = self.link.receive()
-            if kind == CALL_OPEN and channel >= CALL_CHANNELS and channel not in self.calls:
-                if len(self.calls) >= MAX_CHANNELS:
-                    refused = {"op": "refused", "message": "too many calls at once"}
-                    self.link.send(channel, CALL_ANSWER, json.dumps(refused).encode())
-                    continue
-                self.calls[channel] = _Call(self.link, channel)
-                threading.Thread(target=self._call, args=(channel, payload), daemon=True).start()
-                continue
-            with self.lock:
-                flow = self.commands.get(channel) or self.calls.get(channel)
-            if flow is None:
-                continue  # a channel that has ended
-            if kind == CREDIT:
-                flow.window.grant(payload)
-            elif kind in flow.incoming:
-                flow.inbox.put(kind, payload)
-
-    def _call(self, channel: int, untrusted_payload: bytes) -> None:
-        """A call from the guest, made on the compartment's call socket with pipes as its
-        stdio; the call server's answers and the service's output go back as frames."""
-        import select
-        import socket
-        import time
-
-        from qnix.runtime import agent
-
-        call = self.calls[channel]
-        ended = threading.Event()  # the service has exited: its output ends at a quiet pipe
-        ends: list[int] = []
-        try:
-            untrusted = json.loads(untrusted_payload)
-            request = {"op": "call"}
-            for key in ("target", "service", "argument"):
-                value = untrusted[key] if isinstance(untrusted, dict) else None
-                if not isinstance(value, str):
-                    raise ValueError(f"a call without a {key}")
-                request[key] = value
-            stdin_read, stdin_write = os.pipe()
-            stdout_read, stdout_write = os.pipe()
-            stderr_read, stderr_write = os.pipe()
-            ends = [stdin_read, stdin_write, stdout_read, stdout_write, stderr_read, stderr_write]
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            server.connect(self.call_socket)
-            agent.send_message(server, request, [stdin_read, stdout_write, stderr_write])
-            for fd in (stdin_read, stdout_write, stderr_write):
-                os.close(fd)
-                ends.remove(fd)
-
-            def feed() -> None:
-                reading = True
-                while (taken := call.inbox.take())[0] != CALL_STDIN_END:
-                    if reading:
-                        try:
-                            _write_all(stdin_write, taken[1])
-                        except OSError:
-                            reading = False  # the service closed its stdin: the rest is dropped
-                    call.inbox.written(len(taken[1]))
-                os.close(stdin_write)
-
-            def drain(fd: int, kind: int) -> None:
-                # Until the end of the pipe; once the service has exited, also until it has
-                # been quiet a while (something it left running may hold the pipe open).
-                quiet_since = None
-                while True:
-                    if not select.select([fd], [], [], 0.5)[0]:
-                        now = time.monotonic()
-                        quiet_since = quiet_since or now
-                        if ended.is_set() and now - quiet_since > QUIET_END:
-                            break
-                        continue
-                    quiet_since = None
-                    chunk = os.read(fd, MAX_PAYLOAD)
-                    if not chunk:
-                        break
-                    send_data(self.link, call.window, channel, kind, chunk)
-                os.close(fd)
-
-            ends = []  # each is its thread's to close now
-            threading.Thread(target=feed, daemon=True).start()
-            drains = [
-                threading.Thread(target=drain, args=(stdout_read, CALL_STDOUT), daemon=True),
-                threading.Thread(target=drain, args=(stderr_read, CALL_STDERR), daemon=True),
-            ]
-            for worker in drains:
-                worker.start()
-            with server:
-                while True:
-                    answer, fds = agent.recv_message(server)
-                    for fd in fds:
-                        os.close(fd)
-                    if answer.get("op") in FINAL_ANSWERS:
-                        ended.set()
-                        for worker in drains:  # all output before the end
-                            worker.join()
-                    self.link.send(channel, CALL_ANSWER, json.dumps(answer).encode())
-                    if answer.get("op") in FINAL_ANSWERS:
-                        return
-        except Exception as exc:  # any failure ends the call, refused
-            message = {"op": "error", "message": f"the call failed on the host: {exc}"[:512]}
-            with contextlib.suppress(LinkError, OSError):
-                self.link.send(channel, CALL_ANSWER, json.dumps(message).encode())
-        finally:
-            for fd in ends:
-                os.close(fd)
-            with self.lock:
-                self.calls.pop(channel, None)
-            call.inbox.put(CALL_STDIN_END, b"")
-            call.window.close()
-
-    def _exited(self, command: _Command, payload: bytes) -> None:
-        from qnix.runtime import agent
-
-        with self.lock:
-            self.commands.pop(command.channel, None)
-        command.window.close()
-        try:
-            untrusted_code = json.loads(payload)["code"]
-            agent.send_message(command.conn, {"op": "exited", "code": int(untrusted_code)})
-        except Exception:  # noqa: S110 - whatever the guest reported, the channel ends here
-            pass
-        finally:
-            command.conn.close()
-            fds = command.fds
-            for fd in set(fds[1:]) - set(fds[:1]):  # stdin is its feeder's to close
-                os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
 
 
-def _die_with_parent() -> None:
-    """SIGTERM when the keeper dies (also by SIGKILL): see _end_qemu_with_us."""
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        sys.exit(1)  # the keeper died before the line above
-
-
-def _end_qemu_with_us(port: socket.socket) -> None:
-    """QEMU drops to our uid, which clears any parent-death signal of its own: so when we are
-    told to end, the VM at the other end of the port ends first."""
-    import signal
-    import socket
-
-    credentials = port.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    qemu = int.from_bytes(credentials[:4], sys.byteorder)
-
-    def end(number: int, frame: object) -> None:
-        with contextlib.suppress(OSError):
-            os.kill(qemu, signal.SIGKILL)
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, end)
-
-
-def relay(listen_fd: int, port_socket: str, call_socket: str, uid: int, gid: int) -> None:
-    """The host end, started as root and running as `uid`: it listens on `port_socket` for
-    QEMU's chardev (says "listening"), waits for the guest's hello, then serves the agent
-    socket the keeper bound (descriptor `listen_fd`; says "ready") until the port closes."""
-    # Everything it will use is imported now: `uid` may not reach the interpreter's files.
-    import ctypes  # noqa: F401
-    import select  # noqa: F401
-    import signal  # noqa: F401
-    import socket
-    import time  # noqa: F401
-    import tty  # noqa: F401
-
-    from qnix.runtime import agent
-
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    _die_with_parent()
-    port_server = agent.listen_at(port_socket, backlog=1)
-    sys.stdout.write("listening\n")
-    sys.stdout.flush()
-    port, _ = port_server.accept()
-    port_server.close()
-    os.unlink(port_socket)
-    _end_qemu_with_us(port)
-    link = Link(socket.SocketIO(port, "r"), socket.SocketIO(port, "w"))
-    channel, kind, _ = link.receive()
-    if (channel, kind) != (0, HELLO):
-        raise LinkError("the guest did not say hello")
-    server = socket.socket(fileno=listen_fd)
-    server.listen(64)  # as `uid`: SO_PEERCRED names the compartment's uid, as for any agent
-    bridge = Relay(link, call_socket)
-    threading.Thread(target=bridge.serve, args=(server,), daemon=True).start()
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    with contextlib.suppress(LinkError):  # the VM is gone: so is its agent channel
-        bridge.dispatch()
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["guest"] and len(sys.argv) == 2:
+    if sys.argv[1:] == ["guest"]:
         guest()
-    elif sys.argv[1:2] == ["relay"] and len(sys.argv) == 7:
-        relay(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
     else:
-        sys.stderr.write("usage: vmlink.py guest | vmlink.py relay FD PORT CALLS UID GID\n")
+        sys.stderr.write("usage: vmlink.py guest\n")
         sys.exit(2)

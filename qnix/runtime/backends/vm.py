@@ -3,17 +3,19 @@
 * **Kernel:** the host's installed Linux kernel (/boot/vmlinuz-VERSION with its modules in
   /lib/modules/VERSION): the running kernel's if it is installed, else the newest. The guest
   boots from an initramfs only; it has no disk.
-* **Initramfs:** a fixed base (busybox, the virtio modules the guest needs in the order
-  modules.dep gives, and /init), then
-  per start a second archive in a sealed memfd: the guest's configuration, qnix's programs
-  (vmlink.py, the agent's peers in qnix/inside) and the compartment's secrets, which never
-  touch a disk. QEMU reads the two concatenated from one memfd (/dev/fd/N).
+* **Initramfs:** a base the same for every start (busybox, the virtio modules the guest needs
+  in the order modules.dep gives, /init, qnix's programs: vmlink.py, also compiled by the
+  guest's interpreter, and the agent's peers in qnix/inside), cached in the run root per
+  kernel; then per start a second archive: the guest's configuration and the compartment's
+  secrets, which never touch a disk. QEMU reads the two concatenated from one sealed memfd
+  (/dev/fd/N).
 * **Filesystems:** /usr, /nix/store where there is one, and the interpreter's prefix when it
   lies elsewhere, shared read-only over 9p; the home shared read-write over 9p for a
   persistent compartment, a tmpfs in the guest for a disposable. QEMU drops to the
   compartment's host uid (`-runas`) before the guest runs, so its 9p server reaches only what
   that uid may, and what the guest writes belongs to it; the user in the guest has that uid.
-* **Agent channel:** a virtio-serial port joined to the relay of qnix.runtime.vmlink on the host.
+* **Agent channel:** a virtio-serial port joined to the relay (qnix.runtime.backends.vm_relay) on
+  the host; qnix.runtime.vmlink is its guest end.
 * **Network:** a tap device in the compartment's own network namespace, owned by its host uid;
   tc redirects every frame between the tap and the namespace's end of the veth, so the guest
   holds the compartment's address and the namespace itself never sees its traffic. The host's
@@ -36,13 +38,13 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from qnix.errors import QnixError
+from qnix.runner import require_tool, run
 from qnix.runtime.files import atomic_write
-from qnix.runtime.runner import require_tool, run
 
 log = logging.getLogger("qnix.vm")
 
@@ -59,13 +61,17 @@ MODULES_INSIDE = "/qnix/kmod"
 PREFIX_FILE = "/qnix/prefix"  # the interpreter's prefix to mount, if any (one line)
 INTERPRETER_FILE = "/qnix/interpreter"  # the Python that runs vmlink.py (one line)
 VMLINK_INSIDE = "/qnix/vmlink.py"
-CONFIG_INSIDE = "/qnix/config.json"  # qnix.runtime.vmlink.CONFIG_INSIDE says the same
-PORT_DIR_NAME = "vm"  # in the run folder, the compartment's host uid's: QEMU's end of the port
-PORT_SOCKET_NAME = "port.sock"  # the relay listens, QEMU connects
+AGENT_CODE_INSIDE = "/qnix/vmlink.pyc"  # VMLINK_INSIDE compiled by the guest's interpreter
+BASE_CACHE_DIR = "vm-initramfs"  # in the run root: base initramfs per kernel (RUN_ROOT_ENTRIES)
+CONFIG_INSIDE = "/qnix/config"  # qnix.runtime.vmlink.CONFIG_INSIDE says the same
 INSIDE_DIR = "/opt/qnix-agent"  # as in a namespace compartment
 
 # The guest's first process: load the modules, mount what the agent needs, start it. Fixed
-# text: everything that differs per compartment is in files of the per-start archive.
+# text: everything that differs per compartment is in files of the per-start archive. The
+# read-only shares are cached in the guest (cache=loose, meant for read-only mounts): without
+# it every page of the interpreter and every module lookup is a round trip to QEMU, which
+# under TCG costs the guest seconds per start; the read-write home is never cached, so each
+# write is on the host when it returns.
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -76,18 +82,21 @@ mkdir -p /dev/pts /tmp /run /home
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmp /tmp
 while read -r module; do insmod "/qnix/kmod/$module"; done < /qnix/modules
-mount -t 9p -o trans=virtio,version=9p2000.L,ro usr /usr
+ro=trans=virtio,version=9p2000.L,ro,cache=loose
+mount -t 9p -o $ro usr /usr
 if [ -e /qnix/nix-store ]; then
   mkdir -p /nix/store
-  mount -t 9p -o trans=virtio,version=9p2000.L,ro nixstore /nix/store
+  mount -t 9p -o $ro nixstore /nix/store
 fi
-if [ -s /qnix/prefix ]; then
-  read -r prefix < /qnix/prefix
+read -r prefix < /qnix/prefix
+if [ -n "$prefix" ]; then
   mkdir -p "$prefix"
-  mount -t 9p -o trans=virtio,version=9p2000.L,ro prefix "$prefix"
+  mount -t 9p -o $ro prefix "$prefix"
 fi
 read -r interpreter < /qnix/interpreter
-exec "$interpreter" -I -S /qnix/vmlink.py guest
+agent=/qnix/vmlink.py
+if [ -e /qnix/vmlink.pyc ]; then agent=/qnix/vmlink.pyc; fi
+exec "$interpreter" -I -S "$agent" guest
 """
 
 
@@ -140,17 +149,18 @@ def _version_key(version: str) -> list[tuple[int, str]]:
 
 def module_order(modules_dir: Path, wanted: Sequence[str] = GUEST_MODULES) -> list[str]:
     """Paths (relative to `modules_dir`) of `wanted` and what they need, each after its needs."""
-    needs: dict[str, list[str]] = {}
+    needs: dict[str, str] = {}  # split only for the few modules the guest loads
+    by_name: dict[str, str] = {}
     for line in (modules_dir / "modules.dep").read_text().splitlines():
         module, _, deps = line.partition(":")
-        needs[module] = deps.split()
-    by_name = {Path(path).name.split(".ko")[0].replace("-", "_"): path for path in needs}
+        needs[module] = deps
+        by_name[_module_name(module)] = module
     ordered: list[str] = []
 
     def add(path: str) -> None:
         if path in ordered:
             return
-        for dependency in reversed(needs.get(path, [])):
+        for dependency in reversed(needs.get(path, "").split()):
             add(dependency)
         ordered.append(path)
 
@@ -162,6 +172,11 @@ def module_order(modules_dir: Path, wanted: Sequence[str] = GUEST_MODULES) -> li
             )
         add(by_name[name])
     return ordered
+
+
+def _module_name(path: str) -> str:
+    """kernel/fs/9p/9p.ko.xz -> 9p; net_failover for net-failover.ko (as modprobe names it)."""
+    return path.rpartition("/")[2].split(".ko")[0].replace("-", "_")
 
 
 # ---- initramfs (cpio "newc") ------------------------------------------------------------------
@@ -199,8 +214,18 @@ def newc(entries: Sequence[Entry]) -> bytes:
     return bytes(out)
 
 
-def base_initramfs(kernel: Kernel) -> bytes:
-    """busybox, the guest's modules and /init for `kernel` (a few MiB, read in milliseconds)."""
+def base_initramfs(
+    kernel: Kernel, programs: Mapping[str, bytes] | None = None, interpreter: str | None = None
+) -> bytes:
+    """busybox, the guest's modules, /init and qnix's `programs` (path inside -> source:
+    VMLINK_INSIDE and the agent's peers) for `kernel`: nothing of any compartment's, so the
+    same archive for every start. With `interpreter` (the guest's) vmlink.py comes compiled by
+    it too, which under TCG spares the guest a quarter of a second at each start."""
+    programs = dict(programs or {})
+    if interpreter is not None and VMLINK_INSIDE in programs:
+        programs[AGENT_CODE_INSIDE] = compiled_by(
+            interpreter, programs[VMLINK_INSIDE], VMLINK_INSIDE
+        )
     busybox = _static_busybox()
     modules = module_order(kernel.modules)
     entries = [
@@ -218,8 +243,66 @@ def base_initramfs(kernel: Kernel) -> bytes:
         Entry("qnix/modules", 0o644, "".join(f"{_plain_name(p)}\n" for p in modules).encode()),
         Entry("etc/passwd", 0o644, b"root:x:0:0::/root:/bin/sh\n"),
         Entry("etc/group", 0o644, b"root:x:0:\n"),
+        *_folders(programs),
+        *(Entry(path.strip("/"), 0o644, data) for path, data in sorted(programs.items())),
     ]
     return newc(entries)
+
+
+# Run by the guest's interpreter on the host: bytecode is for one interpreter version. The
+# .pyc is unchecked-hash (PEP 552): the source beside it in the archive cannot change. Hex
+# both ways, as the runner speaks text.
+_COMPILE = """\
+import importlib.util, marshal, sys
+source = bytes.fromhex(sys.stdin.read())
+code = compile(source, sys.argv[1], "exec", dont_inherit=True)
+flags = (1).to_bytes(4, "little")
+header = importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source)
+sys.stdout.write((header + marshal.dumps(code)).hex())
+"""
+
+
+def compiled_by(interpreter: str, source: bytes, filename: str) -> bytes:
+    """`source` compiled by `interpreter`, as a .pyc it runs as a script."""
+    compiled = run([interpreter, "-I", "-S", "-c", _COMPILE, filename], input=source.hex())
+    return bytes.fromhex(compiled.stdout)
+
+
+def _interpreter_identity(interpreter: str) -> bytes:
+    """What tells one build of an interpreter from another (an upgrade replaces the file)."""
+    real = os.path.realpath(interpreter)
+    try:
+        info = os.stat(real)
+    except OSError as exc:
+        raise QnixError(f"the guest's interpreter {interpreter} is missing: {exc}") from None
+    return f"{real}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}".encode()
+
+
+def cached_base_initramfs(
+    kernel: Kernel, programs: Mapping[str, bytes], interpreter: str, cache_dir: Path
+) -> bytes:
+    """base_initramfs, kept in `cache_dir` (root's, in the run root) under a hash of the kernel
+    version and everything the archive is built from: a changed module, modules.dep, busybox,
+    /init, program or interpreter makes a new one, which replaces the kernel's older one. It
+    never holds a secret: what is a compartment's is in the per-start archive only."""
+    digest = hashlib.sha256(f"qnix-vm-base-1\0{kernel.version}\0{INIT}\0".encode())
+    digest.update(_interpreter_identity(interpreter))
+    for part in (_static_busybox(), (kernel.modules / "modules.dep").read_bytes()):
+        digest.update(hashlib.sha256(part).digest())
+    for path in module_order(kernel.modules):
+        digest.update(f"\0{path}\0".encode() + hashlib.sha256(_module_bytes(kernel, path)).digest())
+    for path, data in sorted(programs.items()):
+        digest.update(f"\0{path}\0".encode() + hashlib.sha256(data).digest())
+    folder, name = cache_dir / kernel.version, f"{digest.hexdigest()[:32]}.cpio"
+    with contextlib.suppress(FileNotFoundError):
+        return (folder / name).read_bytes()
+    archive = base_initramfs(kernel, programs, interpreter)
+    cache_dir.mkdir(mode=0o700, exist_ok=True)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for older in folder.glob("*.cpio"):
+        older.unlink(missing_ok=True)
+    atomic_write(folder / name, archive, 0o600)
+    return archive
 
 
 def _static_busybox() -> bytes:
@@ -241,11 +324,7 @@ def start_initramfs(
 ) -> bytes:
     """The per-start archive: `files` (world-readable) and the secrets (0400, the
     compartment's uid), with the folders they need. Appended to the base."""
-    folders: set[str] = set()
-    for path in (*files, *secret_files):
-        parts = path.strip("/").split("/")[:-1]
-        folders |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
-    entries = [Entry(folder, 0o755) for folder in sorted(folders)]
+    entries = _folders([*files, *secret_files])
     entries += [Entry(path.strip("/"), 0o644, data) for path, data in sorted(files.items())]
     entries += [
         Entry(path.strip("/"), 0o400, data, uid=owner_uid)
@@ -254,13 +333,52 @@ def start_initramfs(
     return newc(entries)
 
 
+def guest_config(
+    *,
+    uid: int,
+    user: str,
+    home: str,
+    home_share: bool,
+    hostname: str,
+    address: str | None,
+    gateway: str | None,
+) -> bytes:
+    """The guest's configuration file, as qnix.runtime.vmlink.read_config reads it."""
+    values = {
+        "uid": str(uid),
+        "user": user,
+        "home": home,
+        "home_share": "yes" if home_share else "",
+        "hostname": hostname,
+        "address": address or "",
+        "gateway": gateway or "",
+    }
+    for key, value in values.items():
+        if "\n" in value:
+            raise QnixError(f"a VM's {key} cannot hold a line break: {value!r}")
+    return "".join(f"{key}={value}\n" for key, value in values.items()).encode()
+
+
+def _folders(paths: Iterable[str]) -> list[Entry]:
+    """The folders that hold `paths` (inside, absolute), parents first."""
+    folders: set[str] = set()
+    for path in paths:
+        parts = path.strip("/").split("/")[:-1]
+        folders |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
+    return [Entry(folder, 0o755) for folder in sorted(folders)]
+
+
 def _plain_name(path: str) -> str:
     return Path(path).name.split(".ko")[0] + ".ko"
 
 
+def _module_bytes(kernel: Kernel, path: str) -> bytes:
+    return (kernel.modules / path).read_bytes()
+
+
 def _module(kernel: Kernel, path: str) -> bytes:
     """The module, uncompressed: busybox's insmod hands the kernel the bytes as they are."""
-    data = (kernel.modules / path).read_bytes()
+    data = _module_bytes(kernel, path)
     if path.endswith(".ko.xz"):
         import lzma
 
@@ -375,7 +493,7 @@ class VmPlan:
     host_gid: int
     home: str | None  # host folder shared as the home; None: a tmpfs in the guest
     interpreter_prefix: str | None  # shared read-only when outside /usr
-    port_socket: str  # the relay's socket for the agent port
+    port_fd: int  # QEMU's end of the agent port: a socket joined to the relay's
     console_log: str
     networked: bool
     mac: str
@@ -416,7 +534,7 @@ def qemu_argv(plan: VmPlan, kernel: Kernel, initrd_fd: int, accel: str) -> list[
         "-device",
         "virtio-serial-pci",
         "-chardev",
-        f"socket,id=agent,path={_option_path(plan.port_socket)},server=off",
+        f"socket,id=agent,fd={plan.port_fd},server=off",
         "-device",
         "virtserialport,chardev=agent,name=qnix.agent",
         *_share("usr", "/usr", readonly=True),

@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import lzma
 import os
 import platform
+import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -90,6 +94,64 @@ def test_the_per_start_archive_makes_its_folders_and_keeps_secrets_private(
     }
 
 
+def test_the_guest_reads_its_configuration_as_the_host_writes_it() -> None:
+    assert vm.CONFIG_INSIDE == vmlink.CONFIG_INSIDE
+    written = vm.guest_config(
+        uid=0x70000005,
+        user="user",
+        home="/home/user",
+        home_share=True,
+        hostname="box",
+        address="10.0.0.3",
+        gateway="10.0.0.2",
+    )
+    assert vmlink.read_config(written.decode()) == {
+        "uid": str(0x70000005),
+        "user": "user",
+        "home": "/home/user",
+        "home_share": "yes",
+        "hostname": "box",
+        "address": "10.0.0.3",
+        "gateway": "10.0.0.2",
+    }
+    sealed = vm.guest_config(
+        uid=1, user="u", home="/h=x", home_share=False, hostname="s", address=None, gateway=None
+    )
+    read = vmlink.read_config(sealed.decode())
+    assert (read["home"], read["home_share"], read["address"], read["gateway"]) == (
+        "/h=x",
+        "",
+        "",
+        "",
+    )
+    with pytest.raises(QnixError, match="line break"):
+        vm.guest_config(
+            uid=1,
+            user="u",
+            home="/h",
+            home_share=False,
+            hostname="a\nb",
+            address=None,
+            gateway=None,
+        )
+
+
+def test_the_guest_agent_loads_no_module_before_it_needs_it(tmp_path: Path) -> None:
+    """Under TCG each module the guest's interpreter loads before its hello costs the start
+    tens of milliseconds: vmlink.py, run alone as the guest runs it, loads none of the heavy
+    ones when it is loaded itself (they come where they are used)."""
+    heavy = ("json", "threading", "subprocess", "contextlib", "queue", "socket", "select", "re")
+    (tmp_path / "vmlink.py").write_bytes(Path(vmlink.__file__).read_bytes())
+    probe = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import vmlink; "
+        f"print(sorted(name for name in {heavy!r} if name in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout == "[]\n"
+
+
 def modules_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "6.1.0-test"
     folder.mkdir()
@@ -125,6 +187,73 @@ def test_each_module_comes_after_what_it_needs_and_once(tmp_path: Path) -> None:
         vm.module_order(folder, ("vsock",))
 
 
+def test_the_base_initramfs_is_cached_until_what_it_is_built_from_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = modules_dir(tmp_path)
+    for path in vm.module_order(folder):
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        data = f"module {path}".encode()
+        (folder / path).write_bytes(lzma.compress(data) if path.endswith(".xz") else data)
+    kernel = vm.Kernel(folder.name, tmp_path / "vmlinuz", folder)
+    busybox = [b"busybox 1"]
+    monkeypatch.setattr(vm, "_static_busybox", lambda: busybox[0])
+    builds: list[bytes] = []
+    real_build = vm.base_initramfs
+
+    def counted(*args: Any, **kwargs: Any) -> bytes:
+        builds.append(real_build(*args, **kwargs))
+        return builds[-1]
+
+    monkeypatch.setattr(vm, "base_initramfs", counted)
+    agent = b"import sys\nprint('agent', sys.argv[1:])\n"
+    programs = {vm.VMLINK_INSIDE: agent, "/opt/qnix-agent/qcall.py": b"pass\n"}
+    cache = tmp_path / "run" / vm.BASE_CACHE_DIR
+    (tmp_path / "run").mkdir()
+
+    interpreter = [sys.executable]
+
+    def base(kernel: vm.Kernel = kernel) -> bytes:
+        return vm.cached_base_initramfs(kernel, programs, interpreter[0], cache)
+
+    def kept() -> list[Path]:
+        return sorted(cache.rglob("*.cpio"))
+
+    first = base()
+    assert len(builds) == 1 and base() == first and len(builds) == 1  # reused
+    assert [p.read_bytes() for p in kept()] == [first]  # the base alone: nothing of a start
+    assert [oct(p.stat().st_mode & 0o777) for p in (cache, *kept())] == ["0o700", "0o600"]
+    inside = unpacked(first, tmp_path / "first")
+    assert inside["qnix/kmod/9p.ko"][3] == b"module kernel/fs/9p/9p.ko.xz"
+    assert inside["opt/qnix-agent/qcall.py"] == ("file", 0o644, 0, b"pass\n")
+    compiled = tmp_path / "first" / "qnix" / "vmlink.pyc"  # runs as the script, as the init does
+    ran = subprocess.run([sys.executable, "-I", "-S", compiled, "guest"], capture_output=True)
+    assert ran.stdout == b"agent ['guest']\n"
+
+    changes = [
+        lambda: (folder / "kernel/net/9p/9pnet.ko").write_bytes(b"rebuilt module"),
+        lambda: busybox.__setitem__(0, b"busybox 2"),
+        lambda: programs.__setitem__(vm.VMLINK_INSIDE, agent + b"# changed\n"),
+        lambda: (folder / "modules.dep").write_text(
+            (folder / "modules.dep").read_text() + "kernel/extra.ko:\n"
+        ),
+    ]
+    for change in changes:
+        before = len(builds)
+        change()
+        rebuilt = base()
+        assert len(builds) == before + 1 and base() == rebuilt and len(builds) == before + 1
+        assert [p.read_bytes() for p in kept()] == [rebuilt]  # the kernel's older one is gone
+    assert unpacked(rebuilt, tmp_path / "last")["qnix/kmod/9pnet.ko"][3] == b"rebuilt module"
+    # Another build of the interpreter (an upgrade replaces the file): its own bytecode.
+    interpreter[0] = str(shutil.copy(sys.executable, tmp_path / "python3"))
+    base()
+    assert len(builds) == len(changes) + 2
+    other = vm.Kernel("6.2.0-other", kernel.image, folder)
+    base(kernel=other)
+    assert [p.parent.name for p in kept()] == [folder.name, "6.2.0-other"]  # one per kernel
+
+
 def test_the_running_kernel_is_chosen_when_installed_else_the_newest(tmp_path: Path) -> None:
     boot, modules = tmp_path / "boot", tmp_path / "modules"
     boot.mkdir()
@@ -156,7 +285,7 @@ PLAN = vm.VmPlan(
     host_gid=0x70000007,
     home="/var/lib/qnix/compartments/box/home",
     interpreter_prefix=None,
-    port_socket="/run/qnix/compartments/box/agent/vm-port.sock",
+    port_fd=8,
     console_log="/run/qnix/compartments/box/console.log",
     networked=True,
     mac="02:aa:bb:cc:dd:ee",
@@ -178,8 +307,7 @@ def test_the_qemu_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
         *("-runas", f"{0x70000007}:{0x70000007}"),
         *("-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny"),
         *("-device", "virtio-serial-pci"),
-        "-chardev",
-        "socket,id=agent,path=/run/qnix/compartments/box/agent/vm-port.sock,server=off",
+        *("-chardev", "socket,id=agent,fd=8,server=off"),
         *("-device", "virtserialport,chardev=agent,name=qnix.agent"),
         *("-virtfs", "local,path=/usr,mount_tag=usr,security_model=none,readonly=on"),
         "-virtfs",
@@ -210,12 +338,10 @@ def test_no_path_can_add_an_option_to_qemu(untrusted: str) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=40))
 def test_no_run_root_can_add_an_option_to_qemu(untrusted: str) -> None:
-    """The console log and the agent port lie under the run root, which an option names: a
-    comma there is refused as well, never passed on."""
+    """The console log lies under the run root, which an option names: a comma there is
+    refused as well, never passed on."""
     folder = "/run/" + untrusted
-    plan = dataclasses.replace(
-        PLAN, console_log=f"{folder}/console.log", port_socket=f"{folder}/vm-port.sock"
-    )
+    plan = dataclasses.replace(PLAN, console_log=f"{folder}/console.log")
     try:
         argv = vm.qemu_argv(plan, KERNEL, 3, "tcg")
     except QnixError as refused:
@@ -223,8 +349,6 @@ def test_no_run_root_can_add_an_option_to_qemu(untrusted: str) -> None:
         return
     assert "," not in folder
     assert argv[argv.index("-serial") + 1] == f"file:{folder}/console.log"
-    chardev = argv[argv.index("-chardev") + 1]
-    assert chardev == f"socket,id=agent,path={folder}/vm-port.sock,server=off"
 
 
 def test_the_accelerator_is_chosen_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
