@@ -131,14 +131,17 @@ def serve(paths: RuntimePaths, serve_calls: ServeCalls | None) -> int:
         while True:
             conn, _ = listener.accept()
             with conn:
-                if agent.uid_of_peer(conn) != 0:
-                    continue
-                request = _request(conn)
-                if request is None:
-                    continue
-                # Read here, so that each fork finds it read.
-                work = partial(_handle, conn, request, paths, live.current(), serve_calls)
-                _fork_detached(work, listener)
+                try:
+                    if agent.uid_of_peer(conn) != 0:
+                        continue
+                    request = _request(conn)
+                    if request is None:
+                        continue
+                    # Read here, so that each fork finds it read.
+                    work = partial(_handle, conn, request, paths, live.current(), serve_calls)
+                    _fork_detached(work, listener)
+                except Exception as exc:  # one request that fails never ends the spawner
+                    print(f"spawner: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(paths.spawner_socket)

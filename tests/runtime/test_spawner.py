@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -114,6 +115,22 @@ def test_an_unknown_template_is_refused_as_without_the_spawner(host: LiveHost) -
     assert result.returncode == 1
     assert "no disposable template 'nosuch'" in result.stderr
     assert "known: dvm, offline" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [b"not json\n", b'{"op": "dispose", "template": "../x"}\n', b'{"op": "exec"}\n', b"\n"],
+)
+def test_a_malformed_request_is_dropped_and_the_spawner_goes_on(
+    host: LiveHost, junk: bytes
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(str(host.paths.spawner_socket))
+        client.sendall(junk)
+        assert client.recv(64) == b""  # closed unanswered
+    # Control: a well-formed request from the next `qnix dispose` is served by it.
+    assert "--spawner" in dispose_and_look(host)[1]
 
 
 def test_without_a_spawner_dispose_builds_its_own_and_gc_and_apply_put_it_back(
