@@ -19,6 +19,7 @@ from __future__ import annotations
 # The C module: the `socket` wrapper (with its enums and selectors), `signal`, `struct`,
 # `array`, `contextlib` and `typing` together cost `qnix run` more than the rest of its work.
 import _socket
+import errno
 import json
 import os
 import sys
@@ -507,6 +508,10 @@ def execute(
 
 
 RELAY_CHUNK = 1 << 16
+SPLICE_CHUNK = 1 << 20
+PIPE_SIZE = 1 << 20  # fewer turns of the relay for a big stream
+# splice() cannot serve this pair of descriptors (EINVAL: a terminal, say): copy instead.
+_NO_SPLICE = (errno.EINVAL, errno.ENOSYS)
 # What is still read from an output pipe once the command has ended: what it wrote before it
 # ended is there already; something it left running may go on writing, and is not waited for.
 LEFTOVER_CAP = 1 << 20
@@ -531,12 +536,16 @@ class StdioRelay:
     command has ended (`finish`). Whatever the command leaves running then holds pipes to
     nobody: no file, terminal or pipe of the caller's is ever in the compartment.
 
-    Input is read only as fast as the command takes it (at most one chunk ahead of it);
-    output is written with blocking writes, as cat would, so a slow reader slows the command
-    down rather than filling our memory. A reader of ours that has gone away closes the
-    command's pipe: the command gets EPIPE (or SIGPIPE), as in a shell pipeline."""
+    Input is taken only as fast as the command takes it (nothing of ours is read ahead beyond
+    what its pipe holds); output is written as cat would write it, so a slow reader slows the
+    command down rather than filling our memory. The bytes move in the kernel (splice)
+    wherever both ends allow it (a terminal does not: then they are read and written). A
+    reader of ours that has gone away closes the command's pipe: the command gets EPIPE (or
+    SIGPIPE), as in a shell pipeline."""
 
     def __init__(self, stdio: Sequence[int]) -> None:
+        import fcntl
+
         self.stdin, self.stdout, self.stderr = stdio[0], stdio[1], stdio[2]
         stdin_read, self.to_command = os.pipe2(os.O_CLOEXEC)
         stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
@@ -545,8 +554,15 @@ class StdioRelay:
         self.outputs = {stdout_read: self.stdout, stderr_read: self.stderr}
         for fd in (self.to_command, stdout_read, stderr_read):
             os.set_blocking(fd, False)
+            try:  # noqa: SIM105 - contextlib stays off the fast path
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # over the user's pipe limit: the default size works too
         self.input_open = True
         self.pending = b""  # read from our stdin, not yet taken by the command
+        self.room_wanted = False  # the command's stdin pipe was full
+        self.splice_in = True
+        self.splice_out = set(self.outputs)
 
     def close_theirs(self) -> None:
         """The agent holds its own copies once the request is sent."""
@@ -563,7 +579,7 @@ class StdioRelay:
             for fd in self.outputs:
                 poller.register(fd, select.POLLIN)
             if self.input_open:
-                if self.pending:
+                if self.pending or self.room_wanted:
                     poller.register(self.to_command, select.POLLOUT)
                 else:
                     poller.register(self.stdin, select.POLLIN)
@@ -578,13 +594,33 @@ class StdioRelay:
                 elif fd in self.outputs:
                     self._copy_out(fd)
                 elif self.input_open and fd == self.to_command:
-                    self._give()
+                    self.room_wanted = False
+                    if self.pending:
+                        self._give()
                 elif self.input_open and fd == self.stdin:
                     self._take()
             if answered:
                 return
 
     def _take(self) -> None:
+        """What our stdin has now, into the command's pipe."""
+        if self.splice_in:
+            try:
+                moved = os.splice(
+                    self.stdin, self.to_command, SPLICE_CHUNK, flags=os.SPLICE_F_NONBLOCK
+                )
+            except BlockingIOError:  # its pipe is full (or our stdin had nothing after all)
+                self.room_wanted = True
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_SPLICE:
+                    self._end_input()  # the command closed its stdin, or ours is broken
+                    return
+                self.splice_in = False  # a terminal, say: read and write instead
+            else:
+                if not moved:
+                    self._end_input()
+                return
         try:
             self.pending = os.read(self.stdin, RELAY_CHUNK)
         except BlockingIOError:
@@ -610,18 +646,35 @@ class StdioRelay:
         os.close(self.to_command)
 
     def _copy_out(self, fd: int) -> int:
-        """One chunk from an output pipe to our side: its size, 0 if there was none now (at
-        the pipe's end, or our reader's, the pipe is closed)."""
-        try:
-            chunk = os.read(fd, RELAY_CHUNK)
-        except BlockingIOError:
-            return 0
-        if chunk:
+        """What an output pipe has now, to our side: how much, 0 if there was none (at the
+        pipe's end, or our reader's, the pipe is closed)."""
+        target = self.outputs[fd]
+        if fd in self.splice_out:
             try:
-                _write_all(self.outputs[fd], chunk)
-                return len(chunk)
-            except OSError:  # our reader has gone: the command's pipe breaks too
-                pass
+                moved = os.splice(fd, target, SPLICE_CHUNK)
+            except BlockingIOError:  # our side would block (made non-blocking by its owner)
+                import select
+
+                select.select([], [target], [], 0.05)
+                return 0
+            except OSError as exc:
+                if exc.errno in _NO_SPLICE:
+                    self.splice_out.discard(fd)  # a terminal: read and write instead
+                    return self._copy_out(fd)
+                moved = 0  # our reader has gone: the command's pipe breaks too
+            if moved:
+                return moved
+        else:
+            try:
+                chunk = os.read(fd, RELAY_CHUNK)
+            except BlockingIOError:
+                return 0
+            if chunk:
+                try:
+                    _write_all(target, chunk)
+                    return len(chunk)
+                except OSError:  # our reader has gone: the command's pipe breaks too
+                    pass
         del self.outputs[fd]
         os.close(fd)
         return 0

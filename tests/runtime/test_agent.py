@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+import tty
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,3 +219,23 @@ def test_on_a_terminal_the_command_gets_one_of_the_agents_own(agent_socket: str)
         exited, _ = agent.recv_message(sock)
     assert exited == {"op": "exited", "code": 4}
     assert output.replace(b"\r", b"") == b"33 99\ncontrolling\n"
+
+
+def test_a_terminal_on_our_side_is_copied_where_splice_cannot_move_it(agent_socket: str) -> None:
+    """Our stdin and stdout a terminal, the command a pipe (`qnix run ... > tty` in a script):
+    the kernel cannot splice to or from a terminal, so the relay reads and writes."""
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)  # no echo, no line discipline: bytes as they are
+        os.write(master, b"typed\n")
+        code = agent.execute(
+            agent_socket,
+            ["sh", "-c", "read x; echo got:$x"],
+            env={"PATH": "/usr/bin:/bin"},
+            stdio=(slave, slave, slave),
+        )
+        assert code == 0
+        assert os.read(master, 100) == b"got:typed\n"
+    finally:
+        os.close(master)
+        os.close(slave)
