@@ -517,6 +517,14 @@ _NO_SPLICE = (errno.EINVAL, errno.ENOSYS)
 LEFTOVER_CAP = 1 << 20
 
 
+def _unread(fd: int) -> int:
+    """How many bytes wait in the pipe at `fd` (FIONREAD)."""
+    import fcntl
+    import termios
+
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """All of `data` to `fd`, waiting while it would block (whoever holds a descriptor of
     ours may have made it non-blocking)."""
@@ -650,18 +658,24 @@ class StdioRelay:
         pipe's end, or our reader's, the pipe is closed)."""
         target = self.outputs[fd]
         if fd in self.splice_out:
-            try:
-                moved = os.splice(fd, target, SPLICE_CHUNK)
-            except BlockingIOError:  # our side would block (made non-blocking by its owner)
-                import select
+            while True:
+                try:
+                    moved = os.splice(fd, target, SPLICE_CHUNK)
+                except BlockingIOError:
+                    # The kernel splices without waiting, as our end is non-blocking: the pipe
+                    # was empty after all, or our side is full and must be waited for.
+                    if not _unread(fd):
+                        return 0
+                    import select
 
-                select.select([], [target], [], 0.05)
-                return 0
-            except OSError as exc:
-                if exc.errno in _NO_SPLICE:
-                    self.splice_out.discard(fd)  # a terminal: read and write instead
-                    return self._copy_out(fd)
-                moved = 0  # our reader has gone: the command's pipe breaks too
+                    select.select([], [target], [])
+                    continue
+                except OSError as exc:
+                    if exc.errno in _NO_SPLICE:
+                        self.splice_out.discard(fd)  # a terminal: read and write instead
+                        return self._copy_out(fd)
+                    moved = 0  # our reader has gone: the command's pipe breaks too
+                break
             if moved:
                 return moved
         else:
