@@ -15,9 +15,10 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` through a temporary file, fsync, rename.
 
     The file is written unnamed (O_TMPFILE) and named only just before the rename, so a
-    process killed while writing leaves nothing behind (a named temporary file would keep
-    `qnix down` from removing the run root). Where the file system has no unnamed files, a
-    named temporary file it is."""
+    process killed while writing leaves nothing behind; killed between the naming and the
+    rename (Linux cannot link an unnamed file over another), it leaves its temporary name,
+    which `temporaries_of` finds. Where the file system has no unnamed files, a named
+    temporary file it is."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _write_unnamed(path, data, mode)
     if tmp is None:
@@ -34,6 +35,15 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def temporaries_of(path: Path) -> list[Path]:
+    """What atomic_write of `path` can leave when killed: `.NAME.<random>.tmp` beside it."""
+    return sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _write_all(fd: int, data: bytes, mode: int) -> None:

@@ -26,7 +26,7 @@ from qnix.compile.artifacts import RULESET, compile_spec
 from qnix.compile.nft import TABLE, hostname_sets
 from qnix.runtime import btrfs, cgroups, hostowner, spawner, storage
 from qnix.runtime.disposables import fill_pools, write_pool_file
-from qnix.runtime.files import atomic_write, replace_tree
+from qnix.runtime.files import atomic_write, replace_tree, temporaries_of
 from qnix.runtime.keeper import teardown_network
 from qnix.runtime.lifecycle import cleanup_run, start_locked, stop_locked
 from qnix.runtime.live import (
@@ -278,6 +278,8 @@ def down(paths: RuntimePaths) -> list[str]:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+            for left in temporaries_of(path):  # of a write killed just before its rename
+                left.unlink(missing_ok=True)
         try:
             paths.run_root.rmdir()  # (the lock above made it, if it was not there)
             if had_run_root:
