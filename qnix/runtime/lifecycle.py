@@ -131,7 +131,9 @@ def keeper_config(
     )
 
 
-def _read_line(fd: int, timeout: float) -> str:
+def read_line(fd: int, timeout: float) -> str:
+    """The first line a starting process says on `fd` (stripped), or what came with
+    "(no answer in time)"."""
     deadline = time.monotonic() + timeout
     data = b""
     while not data.endswith(b"\n"):
@@ -164,7 +166,7 @@ def spawn_keeper(paths: RuntimePaths, config: KeeperConfig) -> None:
         os.close(ready_write)
         os.close(log)
     try:
-        answer = _read_line(ready_read, READY_TIMEOUT + 15)
+        answer = read_line(ready_read, READY_TIMEOUT + 15)
     finally:
         os.close(ready_read)
     if answer == "ready":
@@ -223,6 +225,15 @@ def _wait_gone(pidfd: int, timeout: float) -> bool:
     return bool(select.select([pidfd], [], [], timeout)[0])
 
 
+def end_process(pidfd: int, timeout: float) -> None:
+    """SIGTERM to the process, SIGKILL if it is still there after `timeout`; through its
+    pidfd, so that no other process that reused the pid is hit."""
+    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    if not _wait_gone(pidfd, timeout):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        _wait_gone(pidfd, timeout)
+
+
 def stop_locked(
     paths: RuntimePaths, name: str, timeout: float = STOP_TIMEOUT, *, audit: bool = True
 ) -> bool:
@@ -238,12 +249,8 @@ def stop_locked(
         cleanup_run(paths, name)
         return False
     try:
-        # Signals through the pidfd cannot hit another process that reused the pid.
         if keeper_alive(state):
-            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            if not _wait_gone(pidfd, timeout):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                _wait_gone(pidfd, timeout)
+            end_process(pidfd, timeout)
     finally:
         os.close(pidfd)
     cleanup_run(paths, name)

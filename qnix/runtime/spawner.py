@@ -50,10 +50,10 @@ from qnix.runtime.disposables import (
 )
 from qnix.runtime.files import atomic_write
 from qnix.runtime.keeper import ServeCalls, keep, teardown_network
-from qnix.runtime.lifecycle import cleanup_run
+from qnix.runtime.lifecycle import cleanup_run, end_process, read_line
 from qnix.runtime.live import KEEPER_MAIN, READY_TIMEOUT, ensure_root, live_workstation
 from qnix.runtime.paths import RuntimePaths, check_name
-from qnix.runtime.quickrun import keeper_alive, process_start_time
+from qnix.runtime.quickrun import process_start_time
 from qnix.spec.model import Workstation
 
 REQUEST_TIMEOUT = 5.0
@@ -210,7 +210,7 @@ def _dispose(
         config, uplink = plan_disposable(paths, workstation, template)
     except BaseException as exc:
         os.close(lock)
-        _say(conn, f"error: {exc.message if isinstance(exc, QnixError) else exc}\n")
+        _refuse(conn, exc)
         return 1
     try:
         ensure_root(paths.run_root)
@@ -223,7 +223,7 @@ def _dispose(
         teardown_network(config)
         cleanup_run(paths, config.name)
         os.close(lock)
-        _say(conn, f"error: {exc.message if isinstance(exc, QnixError) else exc}\n")
+        _refuse(conn, exc)
         return 1
     _say(conn, f"disposable {config.name}\n")
     notify = os.dup(conn.fileno())
@@ -238,6 +238,10 @@ def _dispose(
         while_starting=lambda: link_disposable(paths, config, uplink),
         on_ready=lambda: os.close(lock),
     )
+
+
+def _refuse(conn: socket.socket, exc: BaseException) -> None:
+    _say(conn, f"error: {exc.message if isinstance(exc, QnixError) else exc}\n")
 
 
 def _say(conn: socket.socket, line: str) -> None:
@@ -262,9 +266,7 @@ def _record(paths: RuntimePaths) -> dict[str, int] | None:
 
 def running(paths: RuntimePaths) -> bool:
     record = _record(paths)
-    return record is not None and keeper_alive(
-        {"keeper_pid": record["pid"], "keeper_start": record["start"]}
-    )
+    return record is not None and process_start_time(record["pid"]) == record["start"]
 
 
 def ensure_running(paths: RuntimePaths) -> bool:
@@ -289,10 +291,10 @@ def ensure_running(paths: RuntimePaths) -> bool:
         os.close(log)
     assert process.stdout is not None
     try:
-        line = _first_line(process.stdout.fileno(), READY_TIMEOUT)
+        line = read_line(process.stdout.fileno(), READY_TIMEOUT)
     finally:
         process.stdout.close()
-    if line != b"ready\n":
+    if line != "ready":
         process.kill()
         process.wait()
         remove_leftovers(paths)
@@ -301,18 +303,6 @@ def ensure_running(paths: RuntimePaths) -> bool:
             hint=f"its log: {paths.run_root / 'spawner.log'}",
         )
     return True
-
-
-def _first_line(fd: int, timeout: float) -> bytes:
-    import select
-
-    line = b""
-    while not line.endswith(b"\n") and select.select([fd], [], [], timeout)[0]:
-        chunk = os.read(fd, 64)
-        if not chunk:
-            break
-        line += chunk
-    return line
 
 
 def _path_args(paths: RuntimePaths) -> list[str]:
@@ -336,12 +326,7 @@ def stop(paths: RuntimePaths) -> bool:
             pidfd = None
         if pidfd is not None:
             try:
-                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-                import select
-
-                if not select.select([pidfd], [], [], STOP_TIMEOUT)[0]:
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                    select.select([pidfd], [], [], STOP_TIMEOUT)
+                end_process(pidfd, STOP_TIMEOUT)
             finally:
                 os.close(pidfd)
     remove_leftovers(paths)

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from qnix.errors import QnixError
 from qnix.runtime import cgroups
+from qnix.runtime.backends import namespace as ns
 from qnix.runtime.backends.container_cgroups import placement
 from qnix.runtime.backends.container_tree import Layout, Step, write_tree
 
@@ -114,29 +115,15 @@ _Stream = int | IO[Any] | None
 @contextlib.contextmanager
 def _opened(
     netns_path: str | None, cgroup: cgroups.Cgroup
-) -> Iterator[tuple[int | None, list[int]]]:
-    opened: list[int] = []
+) -> Iterator[tuple[int | None, tuple[int, ...]]]:
+    """The namespace and cgroup files opened as for a namespace compartment, closed after."""
+    opened = ns.open_targets(netns_path, cgroup)
     try:
-        netns = None
-        if netns_path is not None:
-            netns = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            opened.append(netns)
-        procs = []
-        for path in cgroup.procs_files:
-            procs.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
-            opened.append(procs[-1])
-    except OSError as exc:
-        for fd in opened:
-            os.close(fd)
-        raise QnixError(
-            f"cannot open {exc.filename}: {exc.strerror}",
-            hint="is the compartment's network namespace (or cgroup) set up? qnix needs root",
-        ) from exc
-    try:
-        yield netns, procs
+        yield opened.netns, opened.procs
     finally:
-        for fd in opened:
-            os.close(fd)
+        for fd in (opened.netns, *opened.procs):
+            if fd is not None:
+                os.close(fd)
 
 
 @contextlib.contextmanager

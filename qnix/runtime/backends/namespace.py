@@ -544,12 +544,14 @@ _Stream = int | IO[Any] | None
 
 
 @dataclass(frozen=True, slots=True)
-class _Opened:
+class OpenedTargets:
+    """A network namespace and the cgroup.procs files a new process enters, opened."""
+
     netns: int | None
     procs: tuple[int, ...]
 
 
-def _open_targets(netns_path: str | None, cgroup: Cgroup | None) -> _Opened:
+def open_targets(netns_path: str | None, cgroup: Cgroup | None) -> OpenedTargets:
     """Open the namespace and cgroup files here, so a wrong path fails with a clear error
     before any process exists."""
     opened: list[int] = []
@@ -569,7 +571,7 @@ def _open_targets(netns_path: str | None, cgroup: Cgroup | None) -> _Opened:
             f"cannot open {exc.filename}: {exc.strerror}",
             hint="is the compartment's network namespace (or cgroup) set up? qnix needs root",
         ) from exc
-    return _Opened(netns, tuple(procs))
+    return OpenedTargets(netns, tuple(procs))
 
 
 def launch(
@@ -590,7 +592,7 @@ def launch(
     Only `pass_fds` are inherited. This is the one place qnix starts a long-running process
     rather than going through runner.run, which waits for its command to finish.
     """
-    opened = _open_targets(netns_path, cgroup)
+    opened = open_targets(netns_path, cgroup)
     log.debug("$ %s", shlex.join(argv))
     try:
         return subprocess.Popen(
