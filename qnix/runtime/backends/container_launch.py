@@ -22,6 +22,7 @@ from qnix.runtime import cgroups
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.backends.container_cgroups import placement
 from qnix.runtime.backends.container_tree import Layout, Step, write_tree
+from qnix.runtime.netlink import CLONE_NEWNET
 
 log = logging.getLogger("qnix.run")
 
@@ -38,7 +39,6 @@ LISTEN_FDS_START = 3
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 CLONE_NEWNS = 0x00020000
-CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 MS_NOSUID, MS_NODEV = 0x2, 0x4
 MS_REC, MS_SLAVE = 0x4000, 1 << 19

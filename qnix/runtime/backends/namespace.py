@@ -32,6 +32,7 @@ from qnix.errors import QnixError
 from qnix.runner import require_tool
 from qnix.runtime import seccomp
 from qnix.runtime.cgroups import Cgroup
+from qnix.runtime.netlink import CLONE_NEWNET
 from qnix.spec.model import COMPARTMENT_NAME_RE, UNIX_USER_RE
 
 log = logging.getLogger("qnix.run")
@@ -513,7 +514,6 @@ class HostIdentity:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
 PR_SET_NO_NEW_PRIVS = 38
 
 
