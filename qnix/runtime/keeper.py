@@ -37,6 +37,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +104,27 @@ class _Stop:
 Hook = Callable[[], object]
 
 
+class _Beside:
+    """`work` in a thread of its own, beside what this one does; `wait` joins it and raises
+    what it raised."""
+
+    def __init__(self, work: Hook) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name="qnix-beside")
+        self._thread.start()
+
+    def _run(self, work: Hook) -> None:
+        try:
+            work()
+        except BaseException as exc:  # handed to the waiting thread
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def _start(
     config: KeeperConfig, cgroup: cgroups.Cgroup, stop: _Stop, while_starting: Hook
 ) -> subprocess.Popen[bytes]:
@@ -138,6 +160,7 @@ def _start_with(
         for source in sorted(INSIDE_PROGRAMS_DIR.glob("[!_]*.py"))
     }
     secret_fds: dict[str, int] = {}
+    starting: _Beside | None = None
     try:
         # Decrypted into sealed memfds; bubblewrap copies each into the sandbox's tmpfs.
         secret_fds = secrets.decrypt_all(config.secrets, config.age_identity)
@@ -158,6 +181,11 @@ def _start_with(
 
         def agent_command(fd: int) -> list[str]:
             return [config.interpreter, "-I", "-S", AGENT_CODE_INSIDE, "serve", str(fd)]
+
+        # Beside the sandbox's start (a disposable's link: the kernel's work on it overlaps
+        # the wait for the new process's cgroup, its exec and its agent's interpreter). The
+        # child forked meanwhile runs only system calls before its exec, no Python lock.
+        starting = _Beside(while_starting)
 
         if config.isolation == container.ISOLATION:
             # nspawn takes no descriptors but socket activation's: its launcher copies these
@@ -199,11 +227,16 @@ def _start_with(
                     stdout=subprocess.PIPE,
                     stderr=None,  # the keeper's own stderr: its log file
                 )
+    except BaseException:
+        if starting is not None:  # done before the caller takes down what it made
+            with contextlib.suppress(BaseException):
+                starting.wait()
+        raise
     finally:
         for fd in (agent_fd, resolv_fd, *programs.values(), *secret_fds.values()):
             os.close(fd)
     try:
-        while_starting()  # while the sandbox and the agent's interpreter start
+        starting.wait()
         _wait_line(process, stop, b"ready\n", READY_TIMEOUT, "the agent")
         if config.isolation == container.ISOLATION:
             container.forbid_user_namespaces(process.pid)  # before any command can run
