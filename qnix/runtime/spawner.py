@@ -5,7 +5,8 @@ interface, the spec's models and a keeper that is a fresh interpreter of its own
 has all of that loaded once: `apply` starts it (as KEEPER_MAIN with `--spawner`, so that the
 keepers it forks serve calls like any other), and `qnix dispose`'s fast path (standard library
 only, qnix.runtime.quickrun) asks it over a root-only socket for a disposable of a template.
-For each request it forks twice (the keeper is nobody's child but init's) and the keeper:
+For each request it forks once (the kernel reaps the child: the spawner ignores SIGCHLD) and
+the keeper:
 
 1. takes the run root's lock, plans the disposable and sets up its namespace, link and nft
    elements, its run folder and keeper.json (as `qnix dispose` would);
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import signal
@@ -124,6 +126,7 @@ def serve(paths: RuntimePaths, serve_calls: ServeCalls | None) -> int:
 
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # each keeper forked is reaped by the kernel
     net.preload()  # once here, not in each disposable's fork
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -151,23 +154,22 @@ def serve(paths: RuntimePaths, serve_calls: ServeCalls | None) -> int:
 
 
 def _fork_detached(work: Callable[[], int], listener: socket.socket) -> None:
-    """`work` in a grandchild of its own session, which init reaps: the spawner waits only
-    for the short-lived child between."""
-    child = os.fork()
-    if child == 0:
+    """`work` in a child of its own session; the kernel reaps it (the spawner ignores
+    SIGCHLD), so the spawner never waits for it.
+
+    What the spawner holds is frozen out of the collector first: a collection in the child
+    would otherwise touch every object, copying nearly all of the spawner's pages."""
+    gc.freeze()
+    if os.fork() == 0:
         code = 1
         try:
+            listener.close()
             os.setsid()
-            if os.fork() == 0:
-                listener.close()
-                for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    signal.signal(number, signal.SIG_DFL)
-                code = work()
-            else:
-                code = 0
+            for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(number, signal.SIG_DFL)
+            code = work()
         finally:
             os._exit(code)
-    os.waitpid(child, 0)
 
 
 def _handle(
