@@ -160,7 +160,10 @@ def set_up_disposable(
     cleanup_run) if its start fails."""
     net = network_for(paths)
     hostowner.require_host_network(paths, net)
-    net.ensure_netns(config.name)
+    if uplink is None:
+        net.ensure_netns(config.name)
+    else:
+        net.bind_netns(config.name)  # its loopback comes up with its link
     if link:
         link_disposable(paths, config, uplink)
     ensure_root(paths.run_root)

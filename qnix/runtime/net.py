@@ -48,6 +48,8 @@ COMPARTMENT_IFNAME = "eth0"
 ROUTE_TABLE_BASE = 20000
 RULE_PRIORITY = 20000
 TABLE = "inet qnix"
+# What libnftables says of a table that is not there (ENOENT's words).
+NO_SUCH_TABLE = "Error: No such file or directory"
 # The masquerade a net compartment applies to its clients' traffic, inside its own namespace.
 NET_COMPARTMENT_TABLE = "ip qnix_net"
 NET_COMPARTMENT_RULESET = f"""\
@@ -153,21 +155,31 @@ class HostNetwork:
 
     def ensure_netns(self, compartment: str) -> bool:
         """The compartment's namespace with loopback up (all a `network = "none"` one has)."""
+        changed = self.bind_netns(compartment)
+        with self._rtnl(self.netns(compartment)) as inside:
+            changed |= self._ensure_loopback(inside)
+        return changed
+
+    def bind_netns(self, compartment: str) -> bool:
+        """The compartment's namespace, nothing in it up yet: `ensure_link` brings its
+        loopback up with its link (a disposable's, in a thread beside its sandbox's start)."""
         name, path = self.netns(compartment), self.netns_path(compartment)
-        changed = False
         if path.exists() and not netlink.is_netns(path):
             netlink.remove_netns(path, name)  # a file a kill left before it was bound
-        if not path.exists():
-            netlink.create_netns(path, name)
-            changed = True
-        with self._rtnl(name) as inside:
-            lo = inside.link("lo")
-            if lo is None:
-                raise QnixError(f"network namespace {name} has no loopback interface")
-            if not lo.up:
-                inside.set_up(lo)
-                changed = True
-        return changed
+        if path.exists():
+            return False
+        netlink.create_netns(path, name)
+        return True
+
+    @staticmethod
+    def _ensure_loopback(inside: netlink.Rtnl) -> bool:
+        lo = inside.link("lo")
+        if lo is None:
+            raise QnixError(f"network namespace {inside.label} has no loopback interface")
+        if lo.up:
+            return False
+        inside.set_up(lo)
+        return True
 
     def remove_netns(self, compartment: str) -> bool:
         """Delete the namespace and its links, so the host end of its veth pair too. The links
@@ -293,6 +305,7 @@ class HostNetwork:
             changed |= self._ensure_up(host, host_end)
             changed |= self._ensure_address(inside, inner_end, uplink.link.address)
             changed |= self._ensure_up(inside, inner_end)
+            changed |= self._ensure_loopback(inside)
             changed |= self._ensure_default_route(inside, uplink.link.gateway, inner_end)
             changed |= self._ensure_rules(host, uplink.host_ifname, uplink.net)
         return changed
@@ -430,8 +443,15 @@ class HostNetwork:
         return self.table_listing() is not None
 
     def table_comment(self) -> str | None:
-        """The `inet qnix` table's own comment (None: no table, or no comment)."""
-        return table_comment(self.nft_listing(self.host_netns, TABLE, terse=True) or "")
+        """The `inet qnix` table's own comment (None: no table, or no comment). One listing,
+        not `nft_listing`'s two: every disposable's start asks it."""
+        try:
+            listing = self.nft(self.host_netns, f"list table {TABLE}", terse=True)
+        except QnixError as exc:
+            if NO_SUCH_TABLE in exc.message:
+                return None
+            raise
+        return table_comment(listing)
 
     def delete_table(self) -> bool:
         if self.nft_listing(self.host_netns, TABLE, terse=True) is None:
