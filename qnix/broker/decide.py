@@ -175,9 +175,7 @@ def answer_question(paths: RuntimePaths, ask_id: str, choice: str) -> dict[str, 
 
 
 def _live_policy(paths: RuntimePaths) -> tuple[Policy, System]:
-    ws = live.live_workstation(paths)
-    if ws is None:
-        raise QnixError("no live generation on this host", hint="run `qnix apply SPEC` first")
+    ws = live.require_live(paths)  # after a reboot, until `qnix boot`: nothing is decided
     policy = load_policy_dir(paths.generation_dir / "policy")
     running = {status.name for status in status.statuses(paths) if status.state == "running"}
     return policy, system_from_workstation(ws, running=running)
