@@ -59,7 +59,7 @@ from qnix.runtime.paths import RUN_ROOT_ENTRIES, RuntimePaths
 from qnix.runtime.quickrun import (
     running_state,
 )
-from qnix.runtime.state import remove_leftovers
+from qnix.runtime.state import remember_recipient, remove_leftovers
 from qnix.runtime.wanted import (
     disposable_matches,
     disposables_statements,
@@ -266,6 +266,8 @@ def _bring_to(
     if not holds_exactly(paths.installed_dir, artifacts.files):
         replace_tree(paths.installed_dir, artifacts.files)  # what `qnix boot` brings up
         changes.append(f"installed generation {artifacts.generation[:16]}")
+    if remember_recipient(paths):
+        changes.append(f"host's age recipient {paths.recipient_file}")
     record = {
         **applied,
         "generation": artifacts.generation,

@@ -1,21 +1,25 @@
-"""The office example used as an admin would: a copy the command names the target of, and the
-terminal's question."""
+"""The office example used as an admin would: a copy the command names the target of, the
+terminal's question, and `qnix down` from a shell without the host's age identity."""
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import select
+import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, need
 from tests.runtime.livehost import QNIX, LiveHost
 
 OFFICE = EXAMPLES / "smb-office.toml"
 DEMO_KEY = EXAMPLES / "keys" / "demo-only.agekey"
+NO_KEY = "/nonexistent/host.agekey"
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +90,52 @@ def test_the_terminal_question_preselects_the_named_target(host: LiveHost) -> No
         "banking:~/QubesIncoming/work/\r\n"
     )
     assert (incoming(host, "banking") / "report.txt").read_bytes() == b"Q3 numbers"
+
+
+def _stop_all_without_the_identity(host: LiveHost) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [QNIX, "down"],
+        capture_output=True,
+        text=True,
+        env={**host.env, "QNIX_AGE_IDENTITY": NO_KEY},
+        timeout=120,
+        check=False,
+    )
+
+
+def test_down_without_the_identity_still_snapshots(host: LiveHost) -> None:
+    snapshots = host.paths.state_dir("work") / "snapshots"
+    before = set(snapshots.glob("*.tar.age")) if snapshots.exists() else set()
+    # The control: without the recorded recipient, a stop cannot encrypt the snapshot.
+    host.ok("run", "work", "--", "true")
+    host.paths.recipient_file.unlink()
+    failed = _stop_all_without_the_identity(host)
+    assert failed.returncode == 0
+    assert (
+        "work: stopped, but its state could not be snapshotted: no age identity at "
+        f"{NO_KEY}" in failed.stderr
+    )
+    assert (set(snapshots.glob("*.tar.age")) if snapshots.exists() else set()) == before
+
+    # apply records the host's recipient while the identity is at hand; then a `down`
+    # without it snapshots to that recipient, and the identity opens the snapshot.
+    applied = host.ok("apply", str(OFFICE))
+    assert f"host's age recipient {host.paths.recipient_file}" in applied
+    public = subprocess.run(
+        [need("age-keygen"), "-y", str(DEMO_KEY)], capture_output=True, text=True, check=True
+    ).stdout
+    assert host.paths.recipient_file.read_text() == public
+    assert oct(host.paths.recipient_file.stat().st_mode & 0o777) == "0o644"
+    host.ok("run", "work", "--", "true")
+    done = _stop_all_without_the_identity(host)
+    assert done.returncode == 0, done.stderr
+    assert "work: stopped\n" in done.stdout
+    assert "snapshotted" not in done.stderr
+    (taken,) = set(snapshots.glob("*.tar.age")) - before
+    plaintext = subprocess.run(
+        [need("age"), "--decrypt", "--identity", str(DEMO_KEY), str(taken)],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(plaintext)) as archive:
+        assert "report.txt" in archive.getnames()
