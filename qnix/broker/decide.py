@@ -3,12 +3,15 @@
 The policy is the one the host was last brought to (`<run root>/generation/policy/`, written
 by `qnix apply`), evaluated against the live compartments. An `ask` is put to an `Asker` (the
 admin's terminal, a fixed `--yes`/`--no` for scripts, or for calls from compartments a
-question that waits for `qnix policy answer`); no answer denies. Every decision is
-recorded through the audit hook: who asked, for what, the outcome and the deciding line.
+question that waits for `qnix policy answer`); no answer denies. The question preselects the
+line's default_target, else the target the caller named when it is on offer, as Qubes' dialog
+does. Every decision is recorded through the audit hook: who asked, for what, the outcome and
+the deciding line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -41,6 +44,15 @@ Asker = Callable[[Decision, str, str], str | None]
 def refuse(decision: Decision, source: str, service: str) -> str | None:
     """For scripts that said --no, and for callers with nobody to ask: every ask denies."""
     return None
+
+
+def preselected(decision: Decision, untrusted_target: str) -> Decision:
+    """The question as Qubes' dialog puts it: it preselects the line's default_target, else
+    the target the caller named when that is on offer (`qnix copy SRC:F personal --yes` then
+    means personal, whatever else the line offers)."""
+    if decision.default_target is None and untrusted_target in decision.targets_for_ask:
+        return dataclasses.replace(decision, target=untrusted_target)
+    return decision
 
 
 def agree(decision: Decision, source: str, service: str) -> str | None:
@@ -175,9 +187,7 @@ def answer_question(paths: RuntimePaths, ask_id: str, choice: str) -> dict[str, 
 
 
 def _live_policy(paths: RuntimePaths) -> tuple[Policy, System]:
-    ws = live.live_workstation(paths)
-    if ws is None:
-        raise QnixError("no live generation on this host", hint="run `qnix apply SPEC` first")
+    ws = live.require_live(paths)  # after a reboot, until `qnix boot`: nothing is decided
     policy = load_policy_dir(paths.generation_dir / "policy")
     running = {status.name for status in status.statuses(paths) if status.state == "running"}
     return policy, system_from_workstation(ws, running=running)
@@ -244,6 +254,7 @@ def decide(
             )
     asked = decision.action == "ask"
     if asked:
+        decision = preselected(decision, untrusted_target)
         service = untrusted_service + (f"+{untrusted_argument}" if untrusted_argument else "")
         choice = asker(decision, source, service)
         if choice is None:

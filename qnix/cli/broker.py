@@ -103,6 +103,11 @@ def _limit_options(command: _F) -> _F:
     return command
 
 
+def counted(number: int, noun: str) -> str:
+    """`1 file`, `2 files`, `0 files`."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def _transfer(move: bool, specs: tuple[str, ...], target: str, **options: Any) -> None:
     from qnix.broker.transfer import transfer
     from qnix.inside import qfile
@@ -119,9 +124,17 @@ def _transfer(move: bool, specs: tuple[str, ...], target: str, **options: Any) -
     )
     summary = done.summary
     verb = "moved" if move else "copied"
+    counts = ", ".join(
+        counted(number, noun)
+        for number, noun in (
+            (summary.files, "file"),
+            (summary.folders, "folder"),
+            (summary.symlinks, "symlink"),
+        )
+    )
     click.echo(
-        f"{verb} {summary.files} files, {summary.folders} folders, {summary.symlinks} symlinks "
-        f"({summary.bytes} bytes) from {source} to {done.target}:~/QubesIncoming/{source}/"
+        f"{verb} {counts} ({counted(summary.bytes, 'byte')}) from {source} to "
+        f"{done.target}:~/QubesIncoming/{source}/"
     )
 
 
@@ -169,7 +182,7 @@ def clip_copy(source: str, max_bytes: int, **options: Any) -> None:
     taken = clipboard.copy(
         runtime_paths(options["state_root"], options["run_root"]), source, max_bytes=max_bytes
     )
-    click.echo(f"copied {taken.size} bytes ({taken.kind}) from {source}")
+    click.echo(f"copied {counted(taken.size, 'byte')} ({taken.kind}) from {source}")
 
 
 @clip.command(name="paste")
@@ -193,7 +206,9 @@ def clip_paste(target: str, max_bytes: int, **options: Any) -> None:
         asker=_asker(options["answer"], options["timeout"]),
         max_bytes=max_bytes,
     )
-    click.echo(f"pasted {taken.size} bytes ({taken.kind}) from {taken.owner} into {destination}")
+    click.echo(
+        f"pasted {counted(taken.size, 'byte')} ({taken.kind}) from {taken.owner} into {destination}"
+    )
 
 
 @clip.command(name="show")

@@ -189,6 +189,29 @@ def apply(spec: Path, state_root: Path | None, run_root: Path | None, purge: boo
         click.echo(f"warning: {warning}", err=True)
 
 
+@cli.command()
+@runtime_options
+def boot(state_root: Path | None, run_root: Path | None) -> None:
+    """Bring this host up from the installed generation after a reboot (the boot unit runs
+    it): a clean start, whatever /run still holds; needs no spec file."""
+    from qnix.runtime import reconcile
+
+    paths = runtime_paths(state_root, run_root)
+    result = reconcile.boot(paths)
+    if result is None:
+        click.echo(
+            f"nothing to do: no generation is installed under {paths.installed_dir} "
+            "(qnix apply SPEC installs one)"
+        )
+        return
+    _echo_changes(result.changes)
+    click.echo(f"booted generation {result.generation[:16]}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
 def _format_memory(status: Status) -> str:
     if status.memory_used is None:
         return f"{status.memory_mb} MiB"

@@ -43,6 +43,30 @@ class Artifacts:
         return str(self.manifest["generation"])
 
 
+def checked_artifacts(files: Mapping[str, bytes]) -> Artifacts:
+    """Artifacts read back from a folder, if they are whole: every file the manifest lists
+    with its hash, no other, and the generation named by them; ValueError names the first
+    difference."""
+    try:
+        manifest = json.loads(files[MANIFEST])
+        hashes = manifest["files"]
+        generation = manifest["generation"]
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"{MANIFEST} is missing or unreadable") from None
+    if not isinstance(hashes, dict):
+        raise ValueError(f"{MANIFEST} lists no files")
+    for path in sorted(set(files) - {MANIFEST} | set(hashes)):
+        if path not in files:
+            raise ValueError(f"{path} is missing")
+        if path not in hashes:
+            raise ValueError(f"{path} is not in {MANIFEST}")
+        if sha256(files[path]) != hashes[path]:
+            raise ValueError(f"{path} differs from its hash in {MANIFEST}")
+    if generation != sha256(json.dumps(hashes, sort_keys=True).encode()):
+        raise ValueError(f"the generation in {MANIFEST} is not the hash of its files")
+    return Artifacts(MappingProxyType(dict(sorted(files.items()))))
+
+
 def canonical_spec(ws: Workstation) -> bytes:
     """The validated spec as canonical JSON: what the build (and its hash) depends on."""
     return (json.dumps(ws.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()

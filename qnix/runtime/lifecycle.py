@@ -59,7 +59,7 @@ from qnix.runtime.quickrun import (
     read_state,
     running_state,
 )
-from qnix.runtime.state import snapshot_after_stop
+from qnix.runtime.state import remember_recipient, snapshot_after_stop
 from qnix.spec.model import NETWORK_NONE, Compartment, Workstation
 
 STOP_TIMEOUT = 15.0
@@ -208,6 +208,8 @@ def start_locked(paths: RuntimePaths, ws: Workstation, name: str) -> bool:
     identity = host_identity(ws, name)
     if compartment.persistence != "disposable":
         ensure_state_dirs(paths, name, identity)
+        if not paths.recipient_file.exists():
+            remember_recipient(paths)  # so that its stop can snapshot without the identity
     ensure_root(paths.run_root)
     ensure_dir(paths.compartments_run, 0o711)
     ensure_dir(paths.run_dir(name), 0o711)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qnix.compile import names
-from qnix.compile.artifacts import SPEC_COPY
+from qnix.compile.artifacts import SPEC_COPY, Artifacts, checked_artifacts
 from qnix.errors import QnixError
 from qnix.runtime import btrfs
 from qnix.runtime.backends.namespace import HostIdentity
@@ -296,10 +296,35 @@ def live_workstation(paths: RuntimePaths) -> Workstation | None:
 def require_live(paths: RuntimePaths) -> Workstation:
     ws = live_workstation(paths)
     if ws is None:
+        # After a reboot the run root is empty until the boot unit has run `qnix boot`: until
+        # then nothing starts, and no compartment has a network (fail closed).
         raise QnixError(
-            f"no live generation under {paths.run_root}", hint="bring the host up: qnix apply SPEC"
+            f"no live generation under {paths.run_root}",
+            hint="bring the host up: qnix boot (the installed generation)"
+            if (paths.installed_dir / SPEC_COPY).exists()
+            else "bring the host up: qnix apply SPEC",
         )
     return ws
+
+
+def installed_generation(paths: RuntimePaths) -> Artifacts | None:
+    """The generation `apply` installed (kept under the state root), or None before the
+    first apply. A copy that is not whole (a file changed, missing or added) is refused."""
+    folder = paths.installed_dir
+    if not folder.is_dir():
+        return None
+    files = {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if not path.is_dir()
+    }
+    try:
+        return checked_artifacts(files)
+    except ValueError as exc:
+        raise QnixError(
+            f"the installed generation {folder} is damaged: {exc}",
+            hint="nothing was brought up; bring the host to its spec again: qnix apply SPEC",
+        ) from None
 
 
 def compartment_of(ws: Workstation, name: str) -> Compartment:

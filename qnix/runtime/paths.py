@@ -1,7 +1,8 @@
 """Where the runtime keeps things on a host, and the names it gives host objects.
 
 Two roots: the state root (default /var/lib/qnix) holds what survives a reboot — each
-compartment's home and the audit log; the run root (default /run/qnix) holds what describes the
+compartment's home, the audit log, the installed generation (`qnix boot` brings the host up from
+it) and the host's public age key; the run root (default /run/qnix) holds what describes the
 running host — the live generation, one folder per running compartment (its keeper's state, its
 agent socket), the lock. Network namespaces are `<netns_prefix><compartment>` under /run/netns and
 cgroups `qnix/<netns_prefix><compartment>`, so two qnix instances with different prefixes (the
@@ -241,6 +242,18 @@ class RuntimePaths(Record):
     @property
     def audit_log(self) -> Path:
         return self.state_root / "audit" / "events.jsonl"
+
+    @property
+    def installed_dir(self) -> Path:
+        """The installed generation: a copy of the one `apply` last brought the host to, kept
+        across reboots, from which `qnix boot` brings the host up again (/run is empty then)."""
+        return self.state_root / "installed"
+
+    @property
+    def recipient_file(self) -> Path:
+        """The public key of the host's age identity (`age-keygen -y`), what snapshots are
+        encrypted to: not secret, so every stop can read it without the identity."""
+        return self.state_root / "host.recipient"
 
     # ---- host object names ---------------------------------------------------------------
 

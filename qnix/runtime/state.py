@@ -50,6 +50,7 @@ from qnix.errors import QnixError
 from qnix.runner import require_tool, run
 from qnix.runtime import btrfs
 from qnix.runtime.archives import Diff, Entry, compare, tree_manifest, walk_tree
+from qnix.runtime.files import atomic_write
 from qnix.runtime.live import (
     await_started,
     compartment_of,
@@ -103,6 +104,39 @@ def _host_key(identity: str | Path | None) -> Path:
     return require_identity(identity)
 
 
+def remember_recipient(paths: RuntimePaths) -> bool:
+    """Keep the host identity's public key under the state root (`paths.recipient_file`), if
+    the identity is at hand: snapshots are then encrypted to it by any stop, also by one
+    without the identity (`qnix down` from a shell without QNIX_AGE_IDENTITY). True if the
+    file changed. Called by apply, boot and start, where the identity is first available."""
+    from qnix.runtime.secrets import identity_path
+
+    key = identity_path()
+    if not key.is_file() or not os.access(key, os.R_OK):
+        return False
+    try:
+        text = "".join(f"{recipient}\n" for recipient in recipients_of(key))
+    except QnixError as exc:  # a start that needs the identity says so itself
+        log.warning("cannot read the host's age recipient: %s", exc.message)
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        if paths.recipient_file.read_text() == text:
+            return False
+    atomic_write(paths.recipient_file, text.encode(), 0o644)
+    return True
+
+
+def snapshot_recipients(paths: RuntimePaths, identity: str | Path | None) -> tuple[str, ...]:
+    """What an age snapshot is encrypted to: the public key of `identity` when one is named,
+    else the recorded one (`remember_recipient`), else that of the host identity at hand."""
+    if identity is None:
+        with contextlib.suppress(FileNotFoundError):
+            recorded = paths.recipient_file.read_text().split()
+            if recorded:
+                return tuple(recorded)
+    return recipients_of(_host_key(identity))
+
+
 def _persistent(ws: Workstation, name: str) -> Compartment:
     compartment = compartment_of(ws, name)
     if compartment.persistence != "persistent":
@@ -126,7 +160,7 @@ def _take(
     if not home.is_dir():
         raise QnixError(f"{name} has no state folder {home}", hint="qnix apply makes it")
     # A btrfs snapshot is not encrypted by qnix: it needs no host key.
-    recipients = () if btrfs.is_subvolume(home) else recipients_of(_host_key(identity))
+    recipients = () if btrfs.is_subvolume(home) else snapshot_recipients(paths, identity)
     taken = store_of(paths, name).take(home, recipients, reason, keep)
     events.record(
         paths,

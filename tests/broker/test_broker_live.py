@@ -123,7 +123,7 @@ def test_copy_brings_files_folders_and_symlinks_with_exact_bytes_and_modes(host:
     result = host.qnix("copy", "work:report", "work:run.sh", "personal")
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
-        "copied 3 files, 2 folders, 1 symlinks (256028 bytes) from work to "
+        "copied 3 files, 2 folders, 1 symlink (256028 bytes) from work to "
         "personal:~/QubesIncoming/work/\n"
     )
     arrived = tree(incoming(host, "personal", "work"))
@@ -423,7 +423,7 @@ def test_output_held_open_by_the_target_does_not_hold_up_the_copy(
     put(host, "work", "held.txt", b"held")
     result = rigged(host, "personal", HOLDS_OUTPUT, "copy", "work:held.txt", "personal")
     assert result.returncode == 0, result.stderr
-    assert "copied 1 files" in result.stdout
+    assert "copied 1 file," in result.stdout
     assert (incoming(host, "personal", "work") / "held.txt").read_bytes() == b"held"
     assert stalled_alive(host, "personal")  # still holding both pipes
     # The holder does not change a refusal either: the same name again is refused at once.

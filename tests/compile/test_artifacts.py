@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from qnix.compile.artifacts import compile_spec
+from qnix.compile.artifacts import checked_artifacts, compile_spec
 from qnix.compile.inputs import load
 from tests.conftest import EXAMPLES
 
@@ -94,3 +94,29 @@ def test_no_secret_plaintext_or_key_reaches_the_build() -> None:
     blob = b"".join(artifacts.files.values())
     for marker in (b"demo-vault-passphrase", b"demo-not-a-real-key", b"AGE-SECRET-KEY"):
         assert marker not in blob
+
+
+def test_artifacts_read_back_are_taken_only_whole() -> None:
+    """What `qnix boot` reads from the state root: the same files give the same generation;
+    a file changed, missing or added, or a manifest that lies, is named and refused."""
+    built = compile_spec(load(EXAMPLES / "smb-office.toml"))
+    files = dict(built.files)
+    assert checked_artifacts(files) == built
+    ruleset = "nftables/qnix.nft"
+    cases = {
+        "changed": ({**files, ruleset: files[ruleset] + b"#"}, f"{ruleset} differs from its hash"),
+        "missing": ({k: v for k, v in files.items() if k != ruleset}, f"{ruleset} is missing"),
+        "added": ({**files, "extra.nix": b"{}"}, "extra.nix is not in manifest.json"),
+        "no manifest": (
+            {k: v for k, v in files.items() if k != "manifest.json"},
+            "manifest.json is missing or unreadable",
+        ),
+    }
+    manifest = json.loads(files["manifest.json"])
+    manifest["generation"] = "0" * 64
+    lying = {**files, "manifest.json": json.dumps(manifest).encode()}
+    cases["lying"] = (lying, "the generation in manifest.json is not the hash of its files")
+    for name, (damaged, message) in cases.items():
+        with pytest.raises(ValueError) as raised:
+            checked_artifacts(damaged)
+        assert str(raised.value).startswith(message), name

@@ -672,6 +672,9 @@ def test_live_retention_follows_the_spec(live: Live) -> None:
 
 def test_live_a_failed_snapshot_at_stop_still_stops(live: Live) -> None:
     live.ok("run", "work", "--", "true")
+    # Neither the identity nor its recorded public key (tests/cli/test_office_admin.py: with
+    # the key recorded, the same stop snapshots).
+    live.host.paths.recipient_file.unlink()
     without_key = {**live.env, "QNIX_AGE_IDENTITY": "/nonexistent/host.agekey"}
     result = live.qnix("stop", "work", env=without_key)
     assert (result.returncode, result.stdout) == (0, "work: stopped\n")
