@@ -81,6 +81,7 @@ let
     disko = {{ nixosModules.disko = "disko"; }};
     lanzaboote = {{ nixosModules.lanzaboote = "lanzaboote"; }};
     microvm = {{ nixosModules.host = "microvm-host"; }};
+    qnix = {{ nixosModules.qnix = "qnix"; }};
   }};
   out = flake.outputs (inputs // {{ self = out; }});
   name = m: if m == out.nixosModules.default then "self.default" else m;
@@ -109,9 +110,16 @@ def test_flake_wires_modules_and_inputs(tmp_path: Path) -> None:
         inputs = {
             "nixpkgs": {"url": "github:NixOS/nixpkgs/nixos-25.11"},
             "disko": {"url": "github:nix-community/disko", "inputs": follows},
+            "qnix": {"url": ws.host.qnix_flake, "inputs": follows},
         }
-        arguments = ["disko", "nixpkgs", "self"]
-        configuration = ["self.default", "disko"]
+        arguments = ["disko", "nixpkgs", "qnix", "self"]
+        # The qnix services on the host (the root flake's nixosModules.qnix), enabled.
+        configuration: list[object] = [
+            "self.default",
+            "disko",
+            "qnix",
+            {"services": {"qnix": {"enable": True}}},
+        ]
         if ws.host.secure_boot:
             inputs["lanzaboote"] = {
                 "url": "github:nix-community/lanzaboote/v1.0.0",
