@@ -17,6 +17,7 @@
             "systemd-tmpfiles-setup.service"
             "qnix-host-key.service"
           ];
+          restartIfChanged = false;
           serviceConfig = {
             CapabilityBoundingSet = [
               "~CAP_AUDIT_CONTROL CAP_AUDIT_READ CAP_BLOCK_SUSPEND CAP_LEASE CAP_LINUX_IMMUTABLE CAP_MAC_ADMIN CAP_MAC_OVERRIDE CAP_SYS_BOOT CAP_SYS_MODULE CAP_SYS_PACCT CAP_SYS_RAWIO CAP_SYS_TIME CAP_SYS_TTY_CONFIG CAP_SYSLOG CAP_WAKE_ALARM"

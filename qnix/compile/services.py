@@ -136,6 +136,8 @@ class Service:
     conditions: Mapping[str, str] = field(default_factory=dict)
     wanted_by: tuple[str, ...] = ()
     timer: Timer | None = None
+    # Whether `nixos-rebuild switch` restarts the unit when it changed (NixOS's default).
+    restart_on_switch: bool = True
     # Where the unit is installed; NixOS's own AIDE unit comes with the generated flake.
     hosts: tuple[Host, ...] = HOSTS
 
@@ -182,6 +184,9 @@ SERVICES: tuple[Service, ...] = (
             "TimeoutStartSec": "5min",
             "Type": "oneshot",
         },
+        # Restarting it stops every compartment (`qnix down`): a switch to a new qnix package
+        # leaves them running, and the new qnix brings the host up at the next boot.
+        restart_on_switch=False,
     ),
     Service(
         name="qnix-gc",
@@ -362,6 +367,8 @@ def nixos_config() -> dict[str, NixValue]:
         ):
             if names:
                 entry[option] = list(names)
+        if not service.restart_on_switch:
+            entry["restartIfChanged"] = False
         services[service.name] = entry
         if service.timer is not None:
             timers[service.name] = {

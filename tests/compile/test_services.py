@@ -227,8 +227,10 @@ def nix_expected(value: Any) -> Any:
 def test_the_module_evaluates_to_the_table(tmp_path: Path) -> None:
     module = evaluate_module(tmp_path, enable=True)
     same(module["config"], nix_expected(services.nixos_config()))
-    boot = module["config"]["systemd"]["services"]["qnix-boot"]["serviceConfig"]
-    assert boot["ExecStart"] == "pkg:qnix/bin/qnix boot"
+    boot = module["config"]["systemd"]["services"]["qnix-boot"]
+    assert boot["serviceConfig"]["ExecStart"] == "pkg:qnix/bin/qnix boot"
+    # A switch must not stop the compartments (its ExecStop is `qnix down`).
+    assert boot["restartIfChanged"] is False
     assert module["options"]["services"]["qnix"]["package"]["default"] == "pkg:package.nix"
     # The integrity check is the generated flake's own AIDE unit on NixOS.
     assert sorted(module["config"]["systemd"]["services"]) == [
@@ -248,6 +250,7 @@ OPTIONS_SET = {
     "systemd.services",
     "systemd.services.<name>.after",
     "systemd.services.<name>.before",
+    "systemd.services.<name>.restartIfChanged",
     "systemd.services.<name>.serviceConfig",
     "systemd.services.<name>.unitConfig",
     "systemd.services.<name>.wantedBy",
