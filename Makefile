@@ -28,8 +28,6 @@ NIX_REEXEC := $(and $(if $(IN_NIX_SHELL),,1),$(if $(shell command -v apt-get 2>/
 ifneq ($(NIX_REEXEC),)
 demo test bench clean:
 	nix-shell shell.nix --run '$(MAKE) $@'
-install uninstall:
-	@echo "On NixOS qnix is installed with the flake: see docs/install.md" >&2; exit 1
 else
 
 demo: $(STAMP)
@@ -76,8 +74,15 @@ $(STAMP): pyproject.toml | system-deps
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+clean:
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis .import_linter_cache .grimp_cache
+endif
+
 # SPEC=path/to/spec.toml configures its audit forwarding; PURGE=1 also removes the state.
-install: | system-deps
+# NixOS installs qnix with the flake (its /etc is not the admin's to write units into).
+install:
+	@if [ -e /etc/NIXOS ]; then echo "on NixOS qnix is installed with the flake: see docs/install.md" >&2; exit 1; fi
+	@$(MAKE) --no-print-directory system-deps
 	@test ! -e $(PREFIX) || { echo "$(PREFIX) exists: make uninstall first" >&2; exit 1; }
 	$(INSTALL_PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q .
@@ -85,7 +90,3 @@ install: | system-deps
 
 uninstall:
 	$(PREFIX)/bin/qnix uninstall $(if $(PURGE),--purge)
-
-clean:
-	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis .import_linter_cache .grimp_cache
-endif
