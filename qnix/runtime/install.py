@@ -101,31 +101,13 @@ def _rsyslog_text(spec: Path | None) -> str:
     return rsyslog_config(load(spec).workstation, AUDIT_LOG)
 
 
-def install(root: Path = Path("/"), *, venv: Path = VENV, spec: Path | None = None) -> Outcome:
-    """Install the units, the command link, the configuration and the host identity."""
-    venv_dir = under(root, venv)
-    program = venv / "bin" / "qnix"
-    if not under(root, program).exists():
-        raise QnixError(
-            f"{under(root, program)} does not exist",
-            hint="`make install` makes the virtual environment first, then runs this",
-        )
-    if (venv_dir / RECORD_NAME).exists():
-        raise QnixError(
-            f"qnix is already installed ({venv_dir / RECORD_NAME})",
-            hint="`qnix uninstall` first, or `make uninstall install` to reinstall",
-        )
-    record = Record()
-    done: list[str] = []
-    notes: list[str] = []
-    rsyslog = _rsyslog_text(spec)  # a bad spec stops install before it writes anything
-
+def _put_in_place(root: Path, program: Path, rsyslog: str, record: Record, done: list[str]) -> None:
+    """The link, the files, the folders, the identity and the enabled units, each recorded
+    in `record` as soon as it is made."""
     link = under(root, COMMAND_LINK)
     for folder in _missing_folders(link):
         folder.mkdir(mode=0o755)
         record.folders.append(str(folder))
-    if link.is_symlink() or link.exists():
-        raise QnixError(f"{link} exists", hint="remove it, or uninstall the other qnix first")
     link.symlink_to(program)
     record.files.append(str(link))
     done.append(f"linked {COMMAND_LINK} -> {program}")
@@ -144,55 +126,76 @@ def install(root: Path = Path("/"), *, venv: Path = VENV, spec: Path | None = No
         done.append(f"wrote {RSYSLOG_FILE} (the audit log to the spec's remote syslog)")
 
     # The folders of the tmpfiles rules, now (at boot systemd makes them again).
-    made: list[Path] = []
     for path in map(Path, _tmpfiles_paths()):
         target = under(root, path)
         if not target.exists():
-            made += [f for f in _missing_folders(target) if f not in made] + [target]
-    run(
-        [
-            require_tool("systemd-tmpfiles", "systemd"),
-            f"--root={root}",
-            "--create",
-            str(under(root, TMPFILES_FILE)),
-        ]
-    )
-    record.folders += [str(p) for p in made]
+            new = [f for f in _missing_folders(target) if str(f) not in record.folders]
+            record.folders += [str(f) for f in [*new, target]]
+    tmpfiles = require_tool("systemd-tmpfiles", "systemd")
+    run([tmpfiles, f"--root={root}", "--create", str(under(root, TMPFILES_FILE))])
 
     identity = under(root, IDENTITY)
     if identity.exists():
         done.append(f"kept the host identity {IDENTITY}")
     else:
+        record.files.append(str(identity))
+        record.made_identity = True
         run([tools["age-keygen"], "-o", str(identity)])
         identity.chmod(0o400)
-        record.made_identity = True
-        record.files.append(str(identity))
         done.append(f"made the host identity {IDENTITY} (0400)")
 
     units = list(services.enabled_units())
     unit_dir = under(root, UNIT_DIR)
     before = {p for p in unit_dir.iterdir() if p.is_dir()}
+    record.units = units
     _systemctl(root, "enable", *units)
     # The targets' .wants folders enable made.
     record.folders += sorted(str(p) for p in unit_dir.iterdir() if p.is_dir() and p not in before)
-    record.units = units
     done.append("enabled " + " ".join(units))
-    (venv_dir / RECORD_NAME).write_text(record.to_json())
+
+
+def install(root: Path = Path("/"), *, venv: Path = VENV, spec: Path | None = None) -> Outcome:
+    """Install the units, the command link, the configuration and the host identity."""
+    venv_dir = under(root, venv)
+    program = venv / "bin" / "qnix"
+    if not under(root, program).exists():
+        raise QnixError(
+            f"{under(root, program)} does not exist",
+            hint="`make install` makes the virtual environment first, then runs this",
+        )
+    if (venv_dir / RECORD_NAME).exists():
+        raise QnixError(
+            f"qnix is already installed ({venv_dir / RECORD_NAME})",
+            hint="`qnix uninstall` first, or `make uninstall install` to reinstall",
+        )
+    rsyslog = _rsyslog_text(spec)  # a bad spec stops install before it writes anything
+    link = under(root, COMMAND_LINK)
+    if link.is_symlink() or link.exists():
+        raise QnixError(f"{link} exists", hint="remove it, or uninstall the other qnix first")
+    record = Record()
+    done: list[str] = []
+    notes: list[str] = []
+    try:
+        _put_in_place(root, program, rsyslog, record, done)
+    finally:
+        # Also after a failure: `qnix uninstall` then removes what was made.
+        (venv_dir / RECORD_NAME).write_text(record.to_json())
+    units = record.units
 
     if systemd_running(root):
         _systemctl(root, "daemon-reload")
         timers = [u for u in units if u.endswith(".timer")]
         _systemctl(root, "start", *timers)
         done.append("started " + " ".join(timers))
-        notes.append(
-            "`qnix apply SPEC` brings the host to a spec; from then on qnix-boot "
-            "brings it back to that generation at each boot"
-        )
     elif root == Path("/"):
         notes.append(
             "systemd is not running here: `systemctl daemon-reload` and starting "
             "the timers were not possible; they start at the next boot"
         )
+    notes.append(
+        "`qnix apply SPEC` brings the host to a spec; from then on qnix-boot brings it back "
+        "to that generation at each boot"
+    )
     if spec is None:
         notes.append("no --spec: no rsyslog forwarding was configured")
     notes.append("`qnix integrity init` records the AIDE baseline the daily check compares with")
@@ -247,7 +250,7 @@ def uninstall(root: Path = Path("/"), *, venv: Path = VENV, purge: bool = False)
                 "(`qnix uninstall --purge` removes both)"
             )
             continue
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # never made
             os.unlink(name)
         done.append(f"removed {Path('/') / Path(name).relative_to(root)}")
     if purge and state_root.exists():

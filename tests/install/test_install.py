@@ -193,3 +193,24 @@ def test_a_bad_spec_stops_install_before_it_writes_anything(root: Path, tmp_path
     result = qnix("install", "--root", str(root), "--spec", str(bad))
     assert result.returncode == 2, result.stderr
     assert listing(root) == before
+
+
+def test_uninstall_cleans_up_after_an_install_that_failed_half_way(root: Path) -> None:
+    # A file where the host identity's folder should be: age-keygen cannot write the key.
+    (root / "etc/qnix").write_text("not a folder\n")
+    with_venv(root)
+    before = listing(root)
+    failed = qnix("install", "--root", str(root))
+    assert failed.returncode == 1
+    assert "age-keygen -o" in failed.stderr
+    assert (root / "etc/systemd/system/qnix-boot.service").exists()  # written before it failed
+
+    again = qnix("install", "--root", str(root))
+    assert again.returncode == 1 and "already installed" in again.stderr
+    result = qnix("uninstall", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    after = listing(root)
+    # Gone: what install made, and the virtual environment (here the test's stand-in).
+    assert sorted(set(before) - set(after)) == ["drwxr-xr-x /opt/qnix"]  # listed one deep
+    assert [line for line in after if line not in before] == []
+    assert (root / "etc/qnix").read_text() == "not a folder\n"
