@@ -24,6 +24,7 @@ from tests.compile.nix.support import (
     same,
     stub_args,
     trees,
+    workstation,
     write_files,
 )
 
@@ -146,3 +147,14 @@ def test_flake_wires_modules_and_inputs(tmp_path: Path) -> None:
             },
             name,
         )
+
+
+def test_the_qnix_input_is_the_specs_flake_reference(tmp_path: Path) -> None:
+    ws = workstation({"qnix_flake": "git+file:///srv/src/qnix?ref=main"})
+    write_files(tmp_path / "ws", nix_files(ws))
+    wrapper = tmp_path / "flake.nix"
+    wrapper.write_text(flake_evaluation(tmp_path / "ws" / "flake.nix"))
+    assert nix_eval(wrapper)["inputs"]["qnix"] == {
+        "url": "git+file:///srv/src/qnix?ref=main",
+        "inputs": {"nixpkgs": {"follows": "nixpkgs"}},
+    }
