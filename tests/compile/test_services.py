@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +333,63 @@ def test_the_root_flake_has_its_outputs(tmp_path: Path) -> None:
             "module": ["module.nix"],
         },
     )
+
+
+def package_attributes(tmp_path: Path) -> Any:
+    """nix/package.nix called with stand-ins that return the attributes they are given, so
+    that what it asks of nixpkgs can be read (buildPythonApplication's argument)."""
+    wrapper = tmp_path / "package.nix"
+    wrapper.write_text(
+        f"""
+let
+  given = attrs: attrs;
+  python3Packages = {{
+    buildPythonApplication = given;
+    buildPythonPackage = attrs: {{ pyseccomp = attrs.pname; }};
+    click = "click"; nftables = "nftables"; pydantic = "pydantic"; pyroute2 = "pyroute2";
+    rich = "rich"; setuptools = "setuptools"; wheel = "wheel";
+  }};
+  lib = {{
+    importTOML = file: builtins.fromTOML (builtins.readFile file);
+    fileset = {{ toSource = args: "source"; unions = files: files; }};
+    getLib = package: package;
+    makeBinPath = packages: builtins.concatStringsSep ":" (map (p: p + "/bin") packages);
+    licenses.asl20 = "asl20";
+    platforms.linux = [ "linux" ];
+  }};
+  tools = builtins.listToAttrs (map (name: {{ inherit name; value = "/pkg/" + name; }}) [
+    "age" "aide" "bubblewrap" "btrfs-progs" "gnupg" "iproute2" "nftables" "openssh" "pass"
+    "procps" "util-linux"
+  ]);
+  package = import {render(str(ROOT / "nix" / "package.nix"))} (tools // {{
+    inherit lib python3Packages;
+    fetchPypi = args: args;
+    libseccomp = "libseccomp";
+  }});
+in {{
+  inherit (package) pname version pythonRemoveDeps pythonRelaxDeps makeWrapperArgs;
+  dependencies = map (d: if builtins.isAttrs d then d.pyseccomp else d) package.dependencies;
+  mainProgram = package.meta.mainProgram;
+}}
+"""
+    )
+    return nix_eval(wrapper)
+
+
+def test_the_package_takes_every_dependency_of_pyproject_from_nixpkgs(tmp_path: Path) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    package = package_attributes(tmp_path)
+    assert (package["pname"], package["version"]) == ("qnix", project["version"])
+    assert package["mainProgram"] == "qnix"
+    # Each requirement of pyproject.toml is a nixpkgs package of its name, built here
+    # (pyseccomp), or replaced: ansibleguy-nftables by nixpkgs' own nftables binding.
+    required = {re.split(r"[<>=!~ ]", spec, maxsplit=1)[0] for spec in project["dependencies"]}
+    provided = set(package["dependencies"]) | set(package["pythonRemoveDeps"])
+    assert required == provided - {"nftables"}
+    assert package["pythonRemoveDeps"] == ["ansibleguy-nftables"]
+    assert "nftables" in package["dependencies"]
+    assert set(package["pythonRelaxDeps"]) <= required
+    path = package["makeWrapperArgs"]
+    assert path[:3] == ["--prefix", "PATH", ":"]
+    tools = {"bubblewrap", "nftables", "iproute2", "age", "aide", "util-linux"}
+    assert {f"/pkg/{tool}/bin" for tool in tools} <= set(path[3].split(":"))
