@@ -1,5 +1,7 @@
 # Quick start: `make demo` runs qnix on this host, `make test` runs every test.
 # Both install what they need: apt-get on Debian 12 (as root); on NixOS they run inside shell.nix.
+# `make install` / `make uninstall` put qnix on a Debian (or other systemd) host for real
+# (docs/install.md); NixOS installs it with the flake instead.
 
 VENV      := .venv
 PY        := $(VENV)/bin/python
@@ -14,8 +16,11 @@ else
 SYSTEM_PACKAGES += qemu-system-x86 linux-image-amd64
 endif
 PYTHON    ?= python3
+# make install: qnix's own virtual environment, from the system's interpreter (python3-venv).
+PREFIX         := /opt/qnix
+INSTALL_PYTHON ?= /usr/bin/python3
 
-.PHONY: demo test lint deps system-deps bench clean
+.PHONY: demo test lint deps system-deps bench clean install uninstall
 
 # On NixOS (no apt-get, but nix-shell) every target runs inside shell.nix, which brings the tools.
 NIX_REEXEC := $(and $(if $(IN_NIX_SHELL),,1),$(if $(shell command -v apt-get 2>/dev/null),,1),$(shell command -v nix-shell 2>/dev/null))
@@ -72,3 +77,16 @@ $(STAMP): pyproject.toml | system-deps
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis .import_linter_cache .grimp_cache
 endif
+
+# SPEC=path/to/spec.toml configures its audit forwarding; PURGE=1 also removes the state.
+# NixOS installs qnix with the flake (its /etc is not the admin's to write units into).
+install:
+	@if [ -e /etc/NIXOS ]; then echo "on NixOS qnix is installed with the flake: see docs/install.md" >&2; exit 1; fi
+	@$(MAKE) --no-print-directory system-deps
+	@test ! -e $(PREFIX) || { echo "$(PREFIX) exists: make uninstall first" >&2; exit 1; }
+	$(INSTALL_PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/python -m pip install -q .
+	$(PREFIX)/bin/qnix install $(if $(SPEC),--spec $(SPEC))
+
+uninstall:
+	$(PREFIX)/bin/qnix uninstall $(if $(PURGE),--purge)

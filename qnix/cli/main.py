@@ -18,6 +18,7 @@ from qnix import __version__
 from qnix.cli.audit import audit
 from qnix.cli.broker import clip, copy, move, open_in_dvm
 from qnix.cli.drift import drift
+from qnix.cli.install import install, uninstall
 from qnix.cli.integrity import integrity
 from qnix.cli.options import runtime_options, runtime_paths
 from qnix.cli.policy import policy
@@ -355,6 +356,8 @@ cli.add_command(open_in_dvm)
 cli.add_command(audit)
 cli.add_command(drift)
 cli.add_command(integrity)
+cli.add_command(install)
+cli.add_command(uninstall)
 
 
 if __name__ == "__main__":

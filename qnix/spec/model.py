@@ -32,6 +32,12 @@ HOSTNAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 UNIX_USER_RE = r"^[a-z_][a-z0-9_-]{0,31}$"
 # A nixpkgs attribute path such as `firefox` or `python3Packages.requests`. Nix allows `'` in
 # identifiers, but no package a spec needs has one, and a name must never carry a quote.
+# A flake reference (`github:owner/repo`, `git+file:///path`, ...): a scheme, then no spaces,
+# quotes or `$`.
+FLAKE_REF_RE = r"^[a-z][a-z0-9+]*:[A-Za-z0-9_./~:@%?=&+-]+$"
+# Where the flake `qnix build` writes takes qnix (its package and nixosModules.qnix) from: the
+# name the project is to be published under; until then set `host.qnix_flake` to your copy.
+DEFAULT_QNIX_FLAKE = "github:qnix/qnix"
 PACKAGE_RE = r"^[A-Za-z_][A-Za-z0-9_-]{0,99}(\.[A-Za-z_][A-Za-z0-9_-]{0,99}){0,7}$"
 # A program name; a `.` only before another character, so never `..` and never a dot-file.
 APP_RE = r"^[A-Za-z0-9][A-Za-z0-9_+-]*(\.[A-Za-z0-9_+-]+)*$"
@@ -293,6 +299,7 @@ class Host(Model):
     # Resolvers that compartments with a `dns = true` firewall rule may ask; empty means any.
     dns_servers: Annotated[tuple[IpAddress, ...], _LIST, AfterValidator(_no_duplicates)] = ()
     state_version: Annotated[str, StringConstraints(pattern=r"^[0-9]{2}\.[0-9]{2}$")] = "25.11"
+    qnix_flake: Annotated[str, StringConstraints(pattern=FLAKE_REF_RE)] = DEFAULT_QNIX_FLAKE
 
     @model_validator(mode="after")
     def _hibernation_possible(self) -> Self:

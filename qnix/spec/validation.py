@@ -43,6 +43,11 @@ PATTERN_NAMES = {
         "recipient",
         "an age public key (age1...) or an ssh-ed25519 / ssh-rsa public key",
     ),
+    model.FLAKE_REF_RE: (
+        "flake reference",
+        "a flake reference such as github:owner/repo or git+file:///path/to/qnix, without "
+        "spaces, quotes or '$'",
+    ),
     model.PASS_ENTRY_RE: (
         "password-store entry",
         "a pass entry such as work/vpn: letters, digits, '.', '_', '@', '+' and '-' in "

@@ -279,6 +279,14 @@ CASES = [
         "did you mean 'bad-host'?",
     ),
     Bad("hostname-missing", "[host]\n", "host.hostname", "required key is missing"),
+    Bad(
+        "qnix-flake-breaks-out-of-its-string",
+        '[host]\nhostname = "h"\nqnix_flake = "github:a/b\\"; x = \\"${y}"\n',
+        "host.qnix_flake",
+        "is not a valid flake reference",
+        '"github:a/b\\"; x = \\"${y}"',
+        "github:owner/repo",
+    ),
     Bad("host-missing", "[compartments.a]\n", "host", "required key is missing"),
     Bad(
         "subnet-too-small",

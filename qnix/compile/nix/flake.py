@@ -1,7 +1,8 @@
 """The flake: `nixosModules.<concern>` (one file each under modules/), `nixosModules.default`
 importing them all, and `nixosConfigurations.<hostname>`.
 
-Inputs are only what the spec needs: lanzaboote with Secure Boot, microvm.nix with VMs.
+Inputs are only what the spec needs: lanzaboote with Secure Boot, microvm.nix with VMs; and
+qnix itself (`host.qnix_flake`), whose `nixosModules.qnix` runs the qnix services on the host.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ def flake_tree(ws: Workstation) -> dict[str, NixValue]:
     inputs: dict[str, NixValue] = {
         "disko": _follows_nixpkgs(DISKO_URL),
         "nixpkgs": {"url": NIXPKGS_URL},
+        "qnix": _follows_nixpkgs(ws.host.qnix_flake),
     }
-    params = ["self", "nixpkgs", "disko"]
-    modules: list[NixValue] = [Raw("self.nixosModules.default"), Raw("disko.nixosModules.disko")]
+    params = ["self", "nixpkgs", "disko", "qnix"]
+    modules: list[NixValue] = [
+        Raw("self.nixosModules.default"),
+        Raw("disko.nixosModules.disko"),
+        Raw("qnix.nixosModules.qnix"),
+        {"services": {"qnix": {"enable": True}}},
+    ]
     if ws.host.secure_boot:
         inputs["lanzaboote"] = _follows_nixpkgs(LANZABOOTE_URL)
         params.append("lanzaboote")

@@ -24,6 +24,7 @@ from tests.compile.nix.support import (
     same,
     stub_args,
     trees,
+    workstation,
     write_files,
 )
 
@@ -81,6 +82,7 @@ let
     disko = {{ nixosModules.disko = "disko"; }};
     lanzaboote = {{ nixosModules.lanzaboote = "lanzaboote"; }};
     microvm = {{ nixosModules.host = "microvm-host"; }};
+    qnix = {{ nixosModules.qnix = "qnix"; }};
   }};
   out = flake.outputs (inputs // {{ self = out; }});
   name = m: if m == out.nixosModules.default then "self.default" else m;
@@ -109,9 +111,16 @@ def test_flake_wires_modules_and_inputs(tmp_path: Path) -> None:
         inputs = {
             "nixpkgs": {"url": "github:NixOS/nixpkgs/nixos-25.11"},
             "disko": {"url": "github:nix-community/disko", "inputs": follows},
+            "qnix": {"url": ws.host.qnix_flake, "inputs": follows},
         }
-        arguments = ["disko", "nixpkgs", "self"]
-        configuration = ["self.default", "disko"]
+        arguments = ["disko", "nixpkgs", "qnix", "self"]
+        # The qnix services on the host (the root flake's nixosModules.qnix), enabled.
+        configuration: list[object] = [
+            "self.default",
+            "disko",
+            "qnix",
+            {"services": {"qnix": {"enable": True}}},
+        ]
         if ws.host.secure_boot:
             inputs["lanzaboote"] = {
                 "url": "github:nix-community/lanzaboote/v1.0.0",
@@ -138,3 +147,14 @@ def test_flake_wires_modules_and_inputs(tmp_path: Path) -> None:
             },
             name,
         )
+
+
+def test_the_qnix_input_is_the_specs_flake_reference(tmp_path: Path) -> None:
+    ws = workstation({"qnix_flake": "git+file:///srv/src/qnix?ref=main"})
+    write_files(tmp_path / "ws", nix_files(ws))
+    wrapper = tmp_path / "flake.nix"
+    wrapper.write_text(flake_evaluation(tmp_path / "ws" / "flake.nix"))
+    assert nix_eval(wrapper)["inputs"]["qnix"] == {
+        "url": "git+file:///srv/src/qnix?ref=main",
+        "inputs": {"nixpkgs": {"follows": "nixpkgs"}},
+    }

@@ -162,7 +162,7 @@ def test_hostile_specs_keep_the_structure_of_every_module(
             flakes[f"{index}/flake-inputs"] = f"builtins.attrNames (import {flake}).inputs"
             has_vms = any(c.isolation == "vm" for c in ws.compartments.values())
             expected[f"{index}/flake-inputs"] = sorted(
-                ["disko", "nixpkgs"]
+                ["disko", "nixpkgs", "qnix"]
                 + (["lanzaboote"] if ws.host.secure_boot else [])
                 + (["microvm"] if has_vms else [])
             )

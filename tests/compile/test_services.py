@@ -1,0 +1,395 @@
+"""The qnix services table (qnix.compile.services): its unit files pass `systemd-analyze verify`
+and reach the exposure level each unit's job allows (`systemd-analyze security --offline`,
+figures printed); its NixOS module is the committed nix/module.nix, parses, evaluates to the
+table, and sets only NixOS 25.11 options of the right type; the root flake parses and has the
+outputs it promises."""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qnix.compile import services
+from qnix.compile.nix.printer import Raw, render
+from qnix.runner import run
+from tests.compile.nix import reference
+from tests.compile.nix.support import nix_eval, nix_parse, same
+from tests.compile.nix.test_audit_module import full_reference, with_evaluated_strings
+from tests.conftest import ROOT, need
+
+# What each unit may be rated at most: the boot unit makes namespaces, links, tables and mounts
+# in the host's own mount namespace and starts the compartments, which inherit its limits; gc
+# undoes the same. The units that only touch files are closed in.
+LEVELS = ("SAFE", "OK", "MEDIUM", "EXPOSED", "UNSAFE")
+AIMS = {
+    "qnix-boot.service": "MEDIUM",
+    "qnix-gc.service": "MEDIUM",
+    "qnix-host-key.service": "OK",
+    "qnix-integrity.service": "OK",
+}
+_OVERALL = re.compile(r"Overall exposure level for (\S+): ([0-9.]+) ([A-Z]+)")
+
+
+def real_tools() -> dict[services.Tool, str]:
+    """Programs that exist here, so that `verify` checks the command lines for real."""
+    qnix = Path(sys.executable).with_name("qnix")  # this checkout's, beside the interpreter
+    assert qnix.is_file()
+    return {"qnix": str(qnix), "age-keygen": need("age-keygen")}
+
+
+def write_units(folder: Path, files: dict[str, str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in files.items():
+        (folder / name).write_text(text)
+        paths.append(folder / name)
+    return paths
+
+
+def verify(paths: list[Path]) -> Any:
+    return run(
+        [need("systemd-analyze"), "verify", "--man=no", *map(str, paths)],
+        check=False,
+        timeout=120,
+    )
+
+
+def exposure(unit: Path) -> tuple[float, str]:
+    result = run(
+        [need("systemd-analyze"), "security", "--offline=true", "--no-pager", str(unit)],
+        check=False,
+        timeout=120,
+    )
+    match = _OVERALL.search(result.stdout + result.stderr)
+    assert match, result.stdout + result.stderr
+    return float(match.group(2)), match.group(3)
+
+
+def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    paths = write_units(tmp_path, services.unit_files(real_tools()))
+    assert sorted(p.name for p in paths) == [
+        "qnix-boot.service",
+        "qnix-gc.service",
+        "qnix-gc.timer",
+        "qnix-host-key.service",
+        "qnix-integrity.service",
+        "qnix-integrity.timer",
+    ]
+    result = verify(paths)
+    assert result.returncode == 0, result.stderr
+
+
+def test_verify_catches_a_command_that_is_not_there(tmp_path: Path) -> None:
+    """The control: the same units with a qnix that does not exist fail `verify`."""
+    tools: dict[services.Tool, str] = {**real_tools(), "qnix": str(tmp_path / "no-such-qnix")}
+    paths = write_units(tmp_path / "units", services.unit_files(tools))
+    result = verify(paths)
+    assert result.returncode != 0
+    assert "no-such-qnix is not executable" in result.stderr
+
+
+def unhardened(text: str) -> str:
+    """The unit with only what makes it run: the description, the commands and the type."""
+    keep = ("[", "Description=", "ExecStart=", "ExecStop=", "Type=", "RemainAfterExit=")
+    return "".join(line + "\n" for line in text.splitlines() if line.startswith(keep))
+
+
+def test_each_unit_reaches_the_exposure_its_job_allows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = services.unit_files(real_tools())
+    hardened = write_units(tmp_path / "hardened", files)
+    bare = write_units(
+        tmp_path / "bare", {n: unhardened(t) for n, t in files.items() if n.endswith(".service")}
+    )
+    figures = {p.name: exposure(p) for p in hardened if p.name.endswith(".service")}
+    controls = {p.name: exposure(p) for p in bare}
+    with capsys.disabled():
+        print("\nsystemd-analyze security --offline=true (aim; without the hardening):")
+        for name, (score, level) in sorted(figures.items()):
+            bare_score, bare_level = controls[name]
+            print(
+                f"  {name:24} {score:4.1f} {level:8} (aim {AIMS[name]}; "
+                f"unhardened {bare_score:.1f} {bare_level})"
+            )
+    assert set(figures) == set(AIMS)
+    for name, (score, level) in figures.items():
+        assert LEVELS.index(level) <= LEVELS.index(AIMS[name]), (name, score, level)
+        # The control: without its directives the same unit is rated worse.
+        assert controls[name][0] > score, (name, controls[name], score)
+        assert controls[name][1] in ("EXPOSED", "UNSAFE"), (name, controls[name])
+
+
+def test_the_unit_files_are_exactly_the_table() -> None:
+    boot = services.unit_files({"qnix": "/opt/qnix/bin/qnix", "age-keygen": "/usr/bin/age-keygen"})
+    assert boot["qnix-gc.timer"] == (
+        "[Unit]\n"
+        "Description=qnix: remove what a crash left behind, daily\n"
+        "\n"
+        "[Timer]\n"
+        "OnBootSec=15min\n"
+        "OnUnitActiveSec=1d\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=timers.target\n"
+    )
+    text = boot["qnix-boot.service"]
+    assert text.startswith(
+        "[Unit]\n"
+        "Description=qnix: the host brought to the live generation\n"
+        "Wants=network-pre.target\n"
+        "After=network-pre.target nftables.service systemd-tmpfiles-setup.service"
+        " qnix-host-key.service\n"
+        "\n"
+        "[Service]\n"
+        "ExecStart=/opt/qnix/bin/qnix boot\n"
+        "ExecStop=/opt/qnix/bin/qnix down\n"
+    )
+    assert text.endswith("[Install]\nWantedBy=multi-user.target\n")
+    # The boot unit keeps the host's mount namespace: nothing that would make one of its own.
+    for directive in ("ProtectSystem", "PrivateTmp", "ReadWritePaths", "PrivateDevices"):
+        assert f"\n{directive}=" not in text
+    assert services.enabled_units() == (
+        "qnix-host-key.service",
+        "qnix-boot.service",
+        "qnix-gc.timer",
+        "qnix-integrity.timer",
+    )
+    assert services.tmpfiles_conf() == (
+        "d /etc/qnix 0700 root root -\n"
+        "d /var/lib/qnix 0700 root root -\n"
+        "d /var/lib/qnix/audit 0700 root root -\n"
+        "d /run/qnix 0700 root root -\n"
+    )
+
+
+# ---- the NixOS module and the root flake -----------------------------------------------------
+
+
+def test_the_committed_module_is_what_the_table_renders() -> None:
+    """nix/module.nix is generated; after a change of the table, regenerate it (its header and
+    docs/install.md say how) and commit both."""
+    assert (ROOT / services.MODULE_FILE).read_text() == services.module_file()
+
+
+def test_the_nix_files_parse() -> None:
+    nix_parse([ROOT / "flake.nix", ROOT / services.MODULE_FILE, ROOT / "nix" / "package.nix"])
+
+
+STUB_LIB = """{
+  mkIf = condition: value: if condition then value else { };
+  mkEnableOption = description: { enableOption = description; };
+  mkOption = option: option;
+  literalExpression = text: text;
+  types.package = "package";
+}"""
+
+
+def evaluate_module(tmp_path: Path, enable: bool) -> Any:
+    wrapper = tmp_path / f"module-{enable}.nix"
+    wrapper.write_text(
+        f"""
+import {render(str(ROOT / services.MODULE_FILE))} {{
+  lib = {STUB_LIB};
+  pkgs = {{
+    age = {{ outPath = "pkg:age"; }};
+    callPackage = path: args: {{ outPath = "pkg:" + baseNameOf path; }};
+  }};
+  config.services.qnix = {{ enable = {render(enable)}; package = {{ outPath = "pkg:qnix"; }}; }};
+}}
+"""
+    )
+    return nix_eval(wrapper)
+
+
+def nix_expected(value: Any) -> Any:
+    """What the table's tree evaluates to with the stand-ins above."""
+    if isinstance(value, Raw):
+        if value.code == "config.services.qnix.package":
+            return "pkg:qnix"  # JSON shows a derivation as its outPath
+        assert value.code.startswith('"${'), value.code
+        return (
+            value.code[1:-1]
+            .replace("${config.services.qnix.package}", "pkg:qnix")
+            .replace("${pkgs.age}", "pkg:age")
+        )
+    if isinstance(value, dict):
+        return {key: nix_expected(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [nix_expected(item) for item in value]
+    return value
+
+
+def test_the_module_evaluates_to_the_table(tmp_path: Path) -> None:
+    module = evaluate_module(tmp_path, enable=True)
+    same(module["config"], nix_expected(services.nixos_config()))
+    boot = module["config"]["systemd"]["services"]["qnix-boot"]
+    assert boot["serviceConfig"]["ExecStart"] == "pkg:qnix/bin/qnix boot"
+    # A switch must not stop the compartments (its ExecStop is `qnix down`).
+    assert boot["restartIfChanged"] is False
+    assert module["options"]["services"]["qnix"]["package"]["default"] == "pkg:package.nix"
+    # The integrity check is the generated flake's own AIDE unit on NixOS.
+    assert sorted(module["config"]["systemd"]["services"]) == [
+        "qnix-boot",
+        "qnix-gc",
+        "qnix-host-key",
+    ]
+
+
+def test_the_module_sets_nothing_unless_enabled(tmp_path: Path) -> None:
+    assert evaluate_module(tmp_path, enable=False)["config"] == {}
+
+
+NAMESPACES = ("environment", "systemd")
+OPTIONS_SET = {
+    "environment.systemPackages",
+    "systemd.services",
+    "systemd.services.<name>.after",
+    "systemd.services.<name>.before",
+    "systemd.services.<name>.restartIfChanged",
+    "systemd.services.<name>.serviceConfig",
+    "systemd.services.<name>.unitConfig",
+    "systemd.services.<name>.wantedBy",
+    "systemd.services.<name>.wants",
+    "systemd.timers",
+    "systemd.timers.<name>.timerConfig",
+    "systemd.timers.<name>.unitConfig",
+    "systemd.timers.<name>.wantedBy",
+    "systemd.tmpfiles.rules",
+}
+
+
+def test_every_option_set_is_a_25_11_one_of_the_right_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reference, "CHECKED", (*reference.CHECKED, *NAMESPACES))
+    config = services.nixos_config()
+    evaluated = evaluate_module(tmp_path, enable=True)["config"]
+    tree = with_evaluated_strings(config, evaluated)
+    assert isinstance(tree, dict)
+    report = reference.check(tree, full_reference())
+    assert report.errors == []
+    assert report.options == OPTIONS_SET
+    # The control: a setting NixOS has no option for is named.
+    bad = {"systemd": {"services": {"qnix-boot": {"ExecStart": "qnix boot"}}}}
+    errors = reference.check(bad, full_reference()).errors
+    assert len(errors) == 1 and errors[0].startswith("systemd.services.qnix-boot.ExecStart: no")
+
+
+def flake_outputs(tmp_path: Path) -> Any:
+    """The root flake's outputs, called with a stand-in nixpkgs (no network, no channel)."""
+    wrapper = tmp_path / "flake-outputs.nix"
+    wrapper.write_text(
+        f"""
+let
+  flake = import {render(str(ROOT / "flake.nix"))};
+  pkgsFor = system: {{
+    stdenv.hostPlatform.system = system;
+    callPackage = path: args: {{ outPath = "pkg:" + baseNameOf path; }};
+  }};
+  systems = [ "x86_64-linux" "aarch64-linux" "riscv64-linux" ];
+  nixpkgs = {{
+    lib.genAttrs = names: f: builtins.listToAttrs (map (n: {{ name = n; value = f n; }}) names);
+    legacyPackages = builtins.listToAttrs (map (s: {{ name = s; value = pkgsFor s; }}) systems);
+  }};
+  out = flake.outputs {{ self = out; inherit nixpkgs; }};
+  names = builtins.mapAttrs (_: builtins.attrNames);
+in {{
+  inputs = flake.inputs;
+  arguments = builtins.attrNames (builtins.functionArgs flake.outputs);
+  outputs = builtins.attrNames out;
+  packages = names out.packages;
+  apps = names out.apps;
+  devShells = names out.devShells;
+  nixosModules = builtins.attrNames out.nixosModules;
+  app = out.apps.x86_64-linux.default;
+  package = out.packages.aarch64-linux.qnix.outPath;
+  module = map baseNameOf out.nixosModules.qnix.imports;
+}}
+"""
+    )
+    return nix_eval(wrapper)
+
+
+def test_the_root_flake_has_its_outputs(tmp_path: Path) -> None:
+    systems = ["aarch64-linux", "riscv64-linux", "x86_64-linux"]
+    same(
+        flake_outputs(tmp_path),
+        {
+            "inputs": {"nixpkgs": {"url": "github:NixOS/nixpkgs/nixos-25.11"}},
+            "arguments": ["nixpkgs", "self"],
+            "outputs": ["apps", "devShells", "nixosModules", "packages"],
+            "packages": {s: ["default", "qnix"] for s in systems},
+            "apps": {s: ["default"] for s in systems},
+            "devShells": {s: ["default"] for s in systems},
+            "nixosModules": ["default", "qnix"],
+            "app": {"type": "app", "program": "pkg:package.nix/bin/qnix"},
+            "package": "pkg:package.nix",
+            "module": ["module.nix"],
+        },
+    )
+
+
+def package_attributes(tmp_path: Path) -> Any:
+    """nix/package.nix called with stand-ins that return the attributes they are given, so
+    that what it asks of nixpkgs can be read (buildPythonApplication's argument)."""
+    wrapper = tmp_path / "package.nix"
+    wrapper.write_text(
+        f"""
+let
+  given = attrs: attrs;
+  python3Packages = {{
+    buildPythonApplication = given;
+    buildPythonPackage = attrs: {{ pyseccomp = attrs.pname; }};
+    click = "click"; nftables = "nftables"; pydantic = "pydantic"; pyroute2 = "pyroute2";
+    rich = "rich"; setuptools = "setuptools"; wheel = "wheel";
+  }};
+  lib = {{
+    importTOML = file: builtins.fromTOML (builtins.readFile file);
+    fileset = {{ toSource = args: "source"; unions = files: files; }};
+    getLib = package: package;
+    makeBinPath = packages: builtins.concatStringsSep ":" (map (p: p + "/bin") packages);
+    licenses.asl20 = "asl20";
+    platforms.linux = [ "linux" ];
+  }};
+  tools = builtins.listToAttrs (map (name: {{ inherit name; value = "/pkg/" + name; }}) [
+    "age" "aide" "bubblewrap" "btrfs-progs" "gnupg" "iproute2" "nftables" "openssh" "pass"
+    "procps" "util-linux"
+  ]);
+  package = import {render(str(ROOT / "nix" / "package.nix"))} (tools // {{
+    inherit lib python3Packages;
+    fetchPypi = args: args;
+    libseccomp = "libseccomp";
+  }});
+in {{
+  inherit (package) pname version pythonRemoveDeps pythonRelaxDeps makeWrapperArgs;
+  dependencies = map (d: if builtins.isAttrs d then d.pyseccomp else d) package.dependencies;
+  mainProgram = package.meta.mainProgram;
+}}
+"""
+    )
+    return nix_eval(wrapper)
+
+
+def test_the_package_takes_every_dependency_of_pyproject_from_nixpkgs(tmp_path: Path) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    package = package_attributes(tmp_path)
+    assert (package["pname"], package["version"]) == ("qnix", project["version"])
+    assert package["mainProgram"] == "qnix"
+    # Each requirement of pyproject.toml is a nixpkgs package of its name, built here
+    # (pyseccomp), or replaced: ansibleguy-nftables by nixpkgs' own nftables binding.
+    required = {re.split(r"[<>=!~ ]", spec, maxsplit=1)[0] for spec in project["dependencies"]}
+    provided = set(package["dependencies"]) | set(package["pythonRemoveDeps"])
+    assert required == provided - {"nftables"}
+    assert package["pythonRemoveDeps"] == ["ansibleguy-nftables"]
+    assert "nftables" in package["dependencies"]
+    assert set(package["pythonRelaxDeps"]) <= required
+    path = package["makeWrapperArgs"]
+    assert path[:3] == ["--prefix", "PATH", ":"]
+    tools = {"bubblewrap", "nftables", "iproute2", "age", "aide", "util-linux"}
+    assert {f"/pkg/{tool}/bin" for tool in tools} <= set(path[3].split(":"))

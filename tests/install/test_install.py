@@ -1,0 +1,216 @@
+"""`qnix install` / `qnix uninstall` into a folder that stands for / (`--root`, as systemctl
+takes one), with the real systemctl, systemd-tmpfiles and age-keygen: what lands where, and
+that uninstall leaves the tree as it found it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qnix.compile import services
+from qnix.compile.inputs import load
+from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
+from qnix.runner import run
+from tests.conftest import EXAMPLES, need
+from tests.install.support import QNIX, listing
+
+OFFICE = EXAMPLES / "smb-office.toml"  # forwards its audit log to a remote syslog
+
+
+def qnix(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(QNIX), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A small Debian-like tree: the folders a host has before qnix comes."""
+    root = tmp_path / "root"
+    for folder in (
+        "etc/systemd/system/multi-user.target.wants",
+        "etc/tmpfiles.d",
+        "etc/rsyslog.d",
+        "usr/local/bin",
+        "var/lib",
+        "run",
+        "opt",
+    ):
+        (root / folder).mkdir(parents=True)
+    (root / "etc/systemd/system/multi-user.target.wants/ssh.service").symlink_to(
+        "/lib/systemd/system/ssh.service"
+    )
+    return root
+
+
+def with_venv(root: Path) -> None:
+    """What `make install` makes before it runs `qnix install`: /opt/qnix with bin/qnix (here
+    this checkout's own qnix)."""
+    (root / "opt/qnix/bin").mkdir(parents=True)
+    (root / "opt/qnix/bin/qnix").symlink_to(QNIX)
+
+
+def installed(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    with_venv(root)
+    result = qnix("install", "--root", str(root), *extra)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_install_puts_each_file_in_place_and_uninstall_leaves_the_tree_as_before(
+    root: Path,
+) -> None:
+    before = listing(root, skip="/nowhere")
+    result = installed(root)
+
+    tools: dict[services.Tool, str] = {
+        "qnix": "/opt/qnix/bin/qnix",
+        "age-keygen": need("age-keygen"),
+    }
+    for name, text in services.unit_files(tools).items():
+        assert (root / "etc/systemd/system" / name).read_text() == text
+    wants = root / "etc/systemd/system"
+    assert sorted(str(p.relative_to(wants)) for p in wants.glob("*.wants/qnix-*")) == [
+        "multi-user.target.wants/qnix-boot.service",
+        "multi-user.target.wants/qnix-host-key.service",
+        "timers.target.wants/qnix-gc.timer",
+        "timers.target.wants/qnix-integrity.timer",
+    ]
+    assert (wants / "multi-user.target.wants/qnix-boot.service").readlink() == Path(
+        "/etc/systemd/system/qnix-boot.service"
+    )
+    assert (root / "usr/local/bin/qnix").readlink() == Path("/opt/qnix/bin/qnix")
+    assert (root / "etc/tmpfiles.d/qnix.conf").read_text() == services.tmpfiles_conf()
+    for folder in ("etc/qnix", "var/lib/qnix", "var/lib/qnix/audit", "run/qnix"):
+        assert (root / folder).stat().st_mode & 0o777 == 0o700, folder
+    key = root / "etc/qnix/host.agekey"
+    assert key.stat().st_mode & 0o777 == 0o400
+    public = run([need("age-keygen"), "-y", str(key)]).stdout
+    assert public.startswith("age1")
+    assert not (root / "etc/rsyslog.d/qnix.conf").exists()  # no --spec
+    assert "note: no --spec" in result.stdout
+
+    result = qnix("uninstall", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    # The empty state root install made goes with the rest: nothing is left.
+    assert listing(root, skip="/nowhere") == before
+
+
+def test_uninstall_keeps_what_was_there_before_and_what_others_put_in_its_folders(
+    root: Path,
+) -> None:
+    (root / "etc/qnix").mkdir(mode=0o700)
+    key = root / "etc/qnix/host.agekey"
+    key.write_text("AGE-SECRET-KEY-1 (the host's own, from before)\n")
+    key.chmod(0o400)
+    before = listing(root)
+    result = installed(root)
+    assert "kept the host identity /etc/qnix/host.agekey" in result.stdout
+    assert key.read_text().startswith("AGE-SECRET-KEY-1 (the host's own")
+    # Someone else's drop-in in a folder install made: not install's to remove.
+    (root / "etc/systemd/system/timers.target.wants/other.timer").symlink_to("/dev/null")
+
+    assert qnix("uninstall", "--root", str(root)).returncode == 0
+    after = listing(root)
+    assert [line for line in after if line not in before] == [
+        "drwxr-xr-x /etc/systemd/system/timers.target.wants",
+        "lrwxrwxrwx /etc/systemd/system/timers.target.wants/other.timer -> /dev/null",
+    ]
+    assert [line for line in before if line not in after] == []
+
+
+def test_the_host_identity_stays_with_the_state_unless_purged(root: Path) -> None:
+    installed(root)
+    home = root / "var/lib/qnix/compartments/work/home"
+    home.mkdir(parents=True)
+    (home / "notes.txt").write_text("state")
+    result = qnix("uninstall", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "kept /etc/qnix/host.agekey: the state root /var/lib/qnix holds files" in result.stdout
+    assert "kept the state root /var/lib/qnix" in result.stdout
+    assert (root / "etc/qnix/host.agekey").exists()
+    assert (home / "notes.txt").read_text() == "state"
+    assert not (root / "opt/qnix").exists()
+
+    # Installed again (the identity is kept, not made), then purged: both go.
+    result = installed(root)
+    assert "kept the host identity" in result.stdout
+    result = qnix("uninstall", "--root", str(root), "--purge")
+    assert result.returncode == 0, result.stderr
+    assert "removed the state root /var/lib/qnix" in result.stdout
+    assert not (root / "var/lib/qnix").exists()
+    # The identity was there before this install: purging the state does not take it.
+    assert (root / "etc/qnix/host.agekey").exists()
+
+
+def test_purge_removes_the_identity_install_made(root: Path) -> None:
+    installed(root)
+    (root / "var/lib/qnix/audit/events.jsonl").write_text("{}\n")
+    result = qnix("uninstall", "--root", str(root), "--purge")
+    assert result.returncode == 0, result.stderr
+    assert not (root / "etc/qnix").exists()
+    assert not (root / "var/lib/qnix").exists()
+
+
+def test_a_spec_that_forwards_the_audit_log_gets_its_rsyslog_configuration(root: Path) -> None:
+    installed(root, "--spec", str(OFFICE))
+    text = (root / "etc/rsyslog.d/qnix.conf").read_text()
+    workstation = load(OFFICE).workstation
+    assert text == rsyslog_config(workstation, AUDIT_LOG)
+    assert workstation.audit.remote_syslog is not None
+    assert f'target="{workstation.audit.remote_syslog.host}"' in text
+    assert qnix("uninstall", "--root", str(root)).returncode == 0
+    assert not (root / "etc/rsyslog.d/qnix.conf").exists()
+
+
+def test_install_refuses_without_its_virtual_environment_and_twice(root: Path) -> None:
+    before = listing(root)
+    result = qnix("install", "--root", str(root))
+    assert result.returncode == 1
+    assert "opt/qnix/bin/qnix does not exist" in result.stderr
+    assert "make install" in result.stderr
+    assert listing(root) == before  # nothing written
+
+    installed(root)
+    again = qnix("install", "--root", str(root))
+    assert again.returncode == 1
+    assert "already installed" in again.stderr
+    assert qnix("uninstall", "--root", str(root)).returncode == 0
+    assert listing(root) == before
+
+    result = qnix("uninstall", "--root", str(root))
+    assert result.returncode == 1
+    assert "not installed" in result.stderr
+
+
+def test_a_bad_spec_stops_install_before_it_writes_anything(root: Path, tmp_path: Path) -> None:
+    with_venv(root)
+    before = listing(root)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[host]\nhostname = "Not A Hostname"\n')
+    result = qnix("install", "--root", str(root), "--spec", str(bad))
+    assert result.returncode == 2, result.stderr
+    assert listing(root) == before
+
+
+def test_uninstall_cleans_up_after_an_install_that_failed_half_way(root: Path) -> None:
+    # A file where the host identity's folder should be: age-keygen cannot write the key.
+    (root / "etc/qnix").write_text("not a folder\n")
+    with_venv(root)
+    before = listing(root)
+    failed = qnix("install", "--root", str(root))
+    assert failed.returncode == 1
+    assert "age-keygen -o" in failed.stderr
+    assert (root / "etc/systemd/system/qnix-boot.service").exists()  # written before it failed
+
+    again = qnix("install", "--root", str(root))
+    assert again.returncode == 1 and "already installed" in again.stderr
+    result = qnix("uninstall", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    after = listing(root)
+    # Gone: what install made, and the virtual environment (here the test's stand-in).
+    assert sorted(set(before) - set(after)) == ["drwxr-xr-x /opt/qnix"]  # listed one deep
+    assert [line for line in after if line not in before] == []
+    assert (root / "etc/qnix").read_text() == "not a folder\n"
