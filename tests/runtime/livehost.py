@@ -44,9 +44,13 @@ def describe_cgroups(names: set[str] | list[str]) -> dict[str, object]:
 
 
 class LiveHost:
-    """A stand-in host for qnix: run `close()` (or use the fixture) to remove all of it."""
+    """A stand-in host for qnix: run `close()` (or use the fixture) to remove all of it.
+    `age_identity`: the host's age identity its commands are given (QNIX_AGE_IDENTITY)."""
 
-    def __init__(self) -> None:
+    TIMEOUT = 60.0  # for one qnix command
+
+    def __init__(self, age_identity: Path | None = None) -> None:
+        self.age_identity = age_identity
         tag = TEST_TAG + secrets.token_hex(3)
         self.tag = tag
         self.prefix = f"{tag}-"
@@ -86,18 +90,23 @@ class LiveHost:
             "QNIX_RUN_ROOT": str(self.paths.run_root),
             "QNIX_NETNS_PREFIX": self.prefix,
             "QNIX_HOST_NETNS": self.host_netns,
+            **({"QNIX_AGE_IDENTITY": str(self.age_identity)} if self.age_identity else {}),
         }
 
     def qnix(
-        self, *args: str, input: str | None = None, timeout: float = 60
+        self,
+        *args: str,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [QNIX, *args],
             input=input,
             capture_output=True,
             text=True,
-            env=self.env,
-            timeout=timeout,
+            env=env or self.env,
+            timeout=timeout or self.TIMEOUT,
             check=False,
         )
 

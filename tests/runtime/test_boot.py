@@ -28,29 +28,13 @@ DEMO_KEY = EXAMPLES / "keys" / "demo-only.agekey"
 NO_DRIFT = "no drift: the host matches the live generation\n"
 
 
-class Office:
+class Office(LiveHost):
     """A stand-in host with the office example's secrets' key at hand."""
 
-    def __init__(self, host: LiveHost) -> None:
-        self.host = host
-        self.env = {**host.env, "QNIX_AGE_IDENTITY": str(DEMO_KEY)}
+    TIMEOUT = 300.0
 
-    def qnix(
-        self, *args: str, env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [QNIX, *args],
-            capture_output=True,
-            text=True,
-            env=env or self.env,
-            timeout=300,
-            check=False,
-        )
-
-    def ok(self, *args: str) -> str:
-        result = self.qnix(*args)
-        assert result.returncode == 0, f"qnix {' '.join(args)}: {result.stderr}"
-        return result.stdout
+    def __init__(self) -> None:
+        super().__init__(age_identity=DEMO_KEY)
 
     def states(self) -> dict[str, str]:
         return {row["name"]: row["state"] for row in json.loads(self.ok("ls", "--json"))}
@@ -58,11 +42,11 @@ class Office:
 
 @pytest.fixture
 def office() -> Iterator[Office]:
-    host = LiveHost()
+    made = Office()
     try:
-        yield Office(host)
+        yield made
     finally:
-        host.close()
+        made.close()
 
 
 def power_cut_and_reboot(host: LiveHost) -> None:
@@ -115,7 +99,7 @@ def count_events(host: LiveHost, event: str) -> int:
 
 
 def test_a_reboot_is_a_clean_start_equal_to_a_fresh_apply(office: Office) -> None:
-    host, paths = office.host, office.host.paths
+    host, paths = office, office.paths
     office.ok("apply", str(OFFICE))
     office.ok("run", "work", "--", "sh", "-c", "echo kept > ~/report.txt; echo x > /tmp/scratch")
     office.ok("run", "sys-net", "--", "sh", "-c", "echo x > /tmp/scratch")

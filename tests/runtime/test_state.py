@@ -32,7 +32,7 @@ from qnix.runtime import archives, state
 from qnix.runtime.archives import UnsafeMember
 from qnix.runtime.snapshots import SnapshotStore
 from tests.conftest import need
-from tests.runtime.livehost import QNIX, LiveHost
+from tests.runtime.livehost import LiveHost
 
 OWNER = (0x7ABC0001, 0x7ABC0001)
 
@@ -528,28 +528,12 @@ ln -s run.sh rel-link
 """
 
 
-class Live:
-    def __init__(self, host: LiveHost, key: Path) -> None:
-        self.host = host
+class Live(LiveHost):
+    TIMEOUT = 120.0
+
+    def __init__(self, key: Path) -> None:
+        super().__init__(age_identity=key)
         self.key = key
-        self.env = {**host.env, "QNIX_AGE_IDENTITY": str(key)}
-
-    def qnix(
-        self, *args: str, env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [QNIX, *args],
-            capture_output=True,
-            text=True,
-            env=env or self.env,
-            timeout=120,
-            check=False,
-        )
-
-    def ok(self, *args: str) -> str:
-        result = self.qnix(*args)
-        assert result.returncode == 0, f"qnix {' '.join(args)}: {result.stderr}"
-        return result.stdout
 
     def listed(self, name: str = "work") -> list[dict[str, object]]:
         rows = json.loads(self.ok("state", "ls", name, "--json"))
@@ -557,24 +541,23 @@ class Live:
         return rows
 
     def audit(self, event: str) -> list[dict[str, object]]:
-        lines = self.host.paths.audit_log.read_text().splitlines()
+        lines = self.paths.audit_log.read_text().splitlines()
         return [e for e in map(json.loads, lines) if e["event"] == event]
 
 
 @pytest.fixture(scope="module")
 def live(host_key: Path) -> Iterator[Live]:
-    host = LiveHost()
+    made = Live(host_key)
     try:
-        made = Live(host, host_key)
-        made.ok("apply", str(host.spec(SPEC.format(keep=3))))
+        made.ok("apply", str(made.spec(SPEC.format(keep=3))))
         yield made
         made.qnix("stop", "work")
     finally:
-        host.close()
+        made.close()
 
 
 def test_live_state_is_snapshotted_at_stop_encrypted_diffed_and_restored(live: Live) -> None:
-    paths = live.host.paths
+    paths = live.paths
     home = paths.home("work")
     marker = "m" + secrets.token_hex(12)
     live.ok("run", "work", "--", "sh", "-c", WRITE.format(m=marker))
@@ -650,7 +633,7 @@ def test_live_retention_follows_the_spec(live: Live) -> None:
         live.ok("state", "snapshot", "work")
     ids = [r["id"] for r in live.listed()]
     assert len(ids) == 3 and ids == sorted(ids)
-    live.ok("apply", str(live.host.spec(SPEC.format(keep=1))))
+    live.ok("apply", str(live.spec(SPEC.format(keep=1))))
     assert [(r["latest"], r["kept"]) for r in live.listed()] == [
         (False, False),
         (False, False),
@@ -667,14 +650,14 @@ def test_live_retention_follows_the_spec(live: Live) -> None:
     live.ok("run", "scratch", "--", "sh", "-c", "echo x > f")
     live.ok("stop", "scratch")
     assert live.ok("state", "ls", "scratch") == "scratch: no snapshots\n"
-    assert not (live.host.paths.state_dir("scratch") / "snapshots").exists()
+    assert not (live.paths.state_dir("scratch") / "snapshots").exists()
 
 
 def test_live_a_failed_snapshot_at_stop_still_stops(live: Live) -> None:
     live.ok("run", "work", "--", "true")
     # Neither the identity nor its recorded public key (tests/cli/test_office_admin.py: with
     # the key recorded, the same stop snapshots).
-    live.host.paths.recipient_file.unlink()
+    live.paths.recipient_file.unlink()
     without_key = {**live.env, "QNIX_AGE_IDENTITY": "/nonexistent/host.agekey"}
     result = live.qnix("stop", "work", env=without_key)
     assert (result.returncode, result.stdout) == (0, "work: stopped\n")
@@ -682,13 +665,13 @@ def test_live_a_failed_snapshot_at_stop_still_stops(live: Live) -> None:
         "work: stopped, but its state could not be snapshotted: no age identity at "
         "/nonexistent/host.agekey"
     ) in result.stderr
-    assert live.host.ls()["work"]["state"] == "stopped"
+    assert live.ls()["work"]["state"] == "stopped"
     last = live.audit("snapshot")[-1]
     assert last["result"] == "error: no age identity at /nonexistent/host.agekey"
 
 
 def test_live_a_hostile_snapshot_is_refused_and_the_home_kept(live: Live, tmp_path: Path) -> None:
-    paths = live.host.paths
+    paths = live.paths
     outside = tmp_path / "outside"
     outside.mkdir()
     hostile = tar_of(
@@ -710,7 +693,7 @@ def test_live_a_hostile_snapshot_is_refused_and_the_home_kept(live: Live, tmp_pa
 
 
 def test_gc_removes_what_an_interrupted_snapshot_or_restore_left(live: Live) -> None:
-    paths = live.host.paths
+    paths = live.paths
     work = paths.state_dir("work") / "snapshots" / ".tmp-interrupted"
     work.mkdir(parents=True)
     os.mkfifo(work / "pipe")
