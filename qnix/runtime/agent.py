@@ -71,6 +71,8 @@ def send_message(sock: _socket.socket, message: Mapping[str, Any], fds: Sequence
 
 
 def _recv_exact(sock: _socket.socket, size: int, fds: list[int]) -> bytes:
+    """`size` bytes; the descriptors that came with them are appended to `fds` (the caller
+    closes them if this raises)."""
     chunks: list[bytes] = []
     remaining = size
     while remaining:
@@ -79,10 +81,8 @@ def _recv_exact(sock: _socket.socket, size: int, fds: list[int]) -> bytes:
             if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                 fds.extend(_fds_of(payload))
         if flags & _socket.MSG_CTRUNC:
-            _close_all(fds)
             raise ProtocolError("too many file descriptors")
         if not data:
-            _close_all(fds)
             raise ProtocolError("connection closed mid-message" if chunks else "connection closed")
         chunks.append(data)
         remaining -= len(data)
@@ -90,24 +90,25 @@ def _recv_exact(sock: _socket.socket, size: int, fds: list[int]) -> bytes:
 
 
 def recv_message(sock: _socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """One message and the descriptors that came with it; ProtocolError if malformed."""
+    """One message and the descriptors that came with it; ProtocolError if malformed. On any
+    failure (also a timeout or a reset mid-message) the descriptors received are closed."""
     fds: list[int] = []
-    size = int.from_bytes(_recv_exact(sock, HEADER_SIZE, fds), "big")
-    if size > MAX_MESSAGE:
-        _close_all(fds)
-        raise ProtocolError(f"message of {size} bytes exceeds {MAX_MESSAGE}")
-    body = _recv_exact(sock, size, fds)
-    if len(fds) > MAX_FDS:
-        _close_all(fds)
-        raise ProtocolError("too many file descriptors")
     try:
-        message = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = int.from_bytes(_recv_exact(sock, HEADER_SIZE, fds), "big")
+        if size > MAX_MESSAGE:
+            raise ProtocolError(f"message of {size} bytes exceeds {MAX_MESSAGE}")
+        body = _recv_exact(sock, size, fds)
+        if len(fds) > MAX_FDS:
+            raise ProtocolError("too many file descriptors")
+        try:
+            message = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"not JSON: {exc}") from None
+        if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+            raise ProtocolError("a message is an object with a string 'op'")
+    except BaseException:
         _close_all(fds)
-        raise ProtocolError(f"not JSON: {exc}") from None
-    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
-        _close_all(fds)
-        raise ProtocolError("a message is an object with a string 'op'")
+        raise
     return message, fds
 
 

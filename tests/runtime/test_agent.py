@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+import contextlib
 import json
 import os
 import socket
@@ -239,3 +241,42 @@ def test_a_terminal_on_our_side_is_copied_where_splice_cannot_move_it(agent_sock
     finally:
         os.close(master)
         os.close(slave)
+
+
+def _with_descriptors(sock: socket.socket, data: bytes, fd: int, count: int = 3) -> None:
+    rights = array.array("i", [fd] * count)
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+
+
+def _open_devnulls() -> int:
+    """How many of this process's descriptors are open on /dev/null."""
+    count = 0
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
+            count += os.readlink(f"/proc/self/fd/{entry}") == os.devnull
+    return count
+
+
+def test_descriptors_of_a_message_cut_off_by_a_timeout_are_closed() -> None:
+    """A peer that sends descriptors and then stalls mid-message leaves none of them open here."""
+    with open(os.devnull, "rb") as null:
+        before = _open_devnulls()
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            header = (1000).to_bytes(agent.HEADER_SIZE, "big")
+            _with_descriptors(theirs, header + b"{", null.fileno())
+            ours.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                agent.recv_message(ours)
+        assert _open_devnulls() == before
+        # Control: the same descriptors with a whole message arrive, open, for the caller.
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            body = b'{"op": "x"}'
+            whole = len(body).to_bytes(agent.HEADER_SIZE, "big") + body
+            _with_descriptors(theirs, whole, null.fileno())
+            message, fds = agent.recv_message(ours)
+        assert message == {"op": "x"}
+        assert _open_devnulls() == before + 3
+        for fd in fds:
+            os.close(fd)
