@@ -27,8 +27,10 @@ import errno
 import functools
 import os
 import termios
+from typing import TYPE_CHECKING
 
-import pyseccomp
+if TYPE_CHECKING:  # imported where the filter is built: its import runs ldconfig twice
+    import pyseccomp
 
 # Grouped by what they reach; every name must be known to libseccomp (a test checks it).
 # Names that do not exist on the running architecture are accepted and have no effect.
@@ -112,10 +114,6 @@ DENIED_IOCTLS: tuple[tuple[str, int], ...] = (
 PERSONALITY_QUERY = 0xFFFFFFFF
 SAFE_PERSONALITIES: tuple[int, ...] = (0x0, 0x8, 0x20000, 0x20008, PERSONALITY_QUERY)
 
-REFUSAL = pyseccomp.ERRNO(errno.EPERM)
-# What happens to a call made through another architecture's ABI (see the module docstring).
-FOREIGN_ABI_ACTION = pyseccomp.KILL_PROCESS
-
 _TOP_BIT = 1 << 31
 
 
@@ -124,7 +122,7 @@ def personality_allowed(persona: int) -> bool:
     return persona in SAFE_PERSONALITIES
 
 
-def _add_personality_rules(filt: pyseccomp.SyscallFilter) -> None:
+def _add_personality_rules(filt: pyseccomp.SyscallFilter, refusal: int) -> None:
     """Refuse every personality value outside SAFE_PERSONALITIES.
 
     libseccomp compares one argument once per rule and rules are OR-ed, so the allow-list is
@@ -136,25 +134,31 @@ def _add_personality_rules(filt: pyseccomp.SyscallFilter) -> None:
     for value in SAFE_PERSONALITIES:
         if value != PERSONALITY_QUERY:
             safe_bits |= value
-    filt.add_rule(REFUSAL, "personality", pyseccomp.Arg(0, pyseccomp.GT, 0xFFFFFFFF))
+    import pyseccomp
+
+    filt.add_rule(refusal, "personality", pyseccomp.Arg(0, pyseccomp.GT, 0xFFFFFFFF))
     for bit in range(31):
         flag = 1 << bit
         mask = _TOP_BIT | flag
         if not safe_bits & flag:
-            filt.add_rule(REFUSAL, "personality", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, mask, flag))
-        filt.add_rule(REFUSAL, "personality", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, mask, _TOP_BIT))
+            filt.add_rule(refusal, "personality", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, mask, flag))
+        filt.add_rule(refusal, "personality", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, mask, _TOP_BIT))
 
 
 def _build() -> pyseccomp.SyscallFilter:
+    import pyseccomp
+
+    refusal = pyseccomp.ERRNO(errno.EPERM)
     filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    filt.set_attr(pyseccomp.Attr.ACT_BADARCH, FOREIGN_ABI_ACTION)
+    # A call made through another architecture's ABI ends the process (the module docstring).
+    filt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
     for name in DENIED_SYSCALLS:
-        filt.add_rule(REFUSAL, name)
+        filt.add_rule(refusal, name)
     for _name, request in DENIED_IOCTLS:
         # The request is an int in the kernel: compare the low 32 bits only, so garbage in the
         # upper half of the register cannot slip a refused request past the filter.
-        filt.add_rule(REFUSAL, "ioctl", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, 0xFFFFFFFF, request))
-    _add_personality_rules(filt)
+        filt.add_rule(refusal, "ioctl", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, 0xFFFFFFFF, request))
+    _add_personality_rules(filt, refusal)
     return filt
 
 
