@@ -186,12 +186,22 @@ STUB_LIB = """{
   mkEnableOption = description: { enableOption = description; };
   mkOption = option: option;
   literalExpression = text: text;
+  optionalString = condition: text: if condition then text else "";
   types.package = "package";
+  types.path = "path";
+  types.nullOr = type: "null or " + type;
 }"""
+# The generation option's value in the evaluations below: a string, as `./.` in a flake is a
+# path that interpolation would copy to the store.
+GENERATION = "/nix/store/0000000000000000000000000000000-source"
+OPTIONAL_GENERATION = (
+    '${lib.optionalString (config.services.qnix.generation != null) " --generation '
+    '${config.services.qnix.generation}"}'
+)
 
 
-def evaluate_module(tmp_path: Path, enable: bool) -> Any:
-    wrapper = tmp_path / f"module-{enable}.nix"
+def evaluate_module(tmp_path: Path, enable: bool, generation: str | None = None) -> Any:
+    wrapper = tmp_path / f"module-{enable}-{generation is None}.nix"
     wrapper.write_text(
         f"""
 import {render(str(ROOT / services.MODULE_FILE))} {{
@@ -200,14 +210,18 @@ import {render(str(ROOT / services.MODULE_FILE))} {{
     age = {{ outPath = "pkg:age"; }};
     callPackage = path: args: {{ outPath = "pkg:" + baseNameOf path; }};
   }};
-  config.services.qnix = {{ enable = {render(enable)}; package = {{ outPath = "pkg:qnix"; }}; }};
+  config.services.qnix = {{
+    enable = {render(enable)};
+    package = {{ outPath = "pkg:qnix"; }};
+    generation = {render(generation)};
+  }};
 }}
 """
     )
     return nix_eval(wrapper)
 
 
-def nix_expected(value: Any) -> Any:
+def nix_expected(value: Any, generation: str | None = None) -> Any:
     """What the table's tree evaluates to with the stand-ins above."""
     if isinstance(value, Raw):
         if value.code == "config.services.qnix.package":
@@ -217,11 +231,14 @@ def nix_expected(value: Any) -> Any:
             value.code[1:-1]
             .replace("${config.services.qnix.package}", "pkg:qnix")
             .replace("${pkgs.age}", "pkg:age")
+            .replace(
+                OPTIONAL_GENERATION, "" if generation is None else f" --generation {generation}"
+            )
         )
     if isinstance(value, dict):
-        return {key: nix_expected(item) for key, item in value.items()}
+        return {key: nix_expected(item, generation) for key, item in value.items()}
     if isinstance(value, list):
-        return [nix_expected(item) for item in value]
+        return [nix_expected(item, generation) for item in value]
     return value
 
 
@@ -229,16 +246,32 @@ def test_the_module_evaluates_to_the_table(tmp_path: Path) -> None:
     module = evaluate_module(tmp_path, enable=True)
     same(module["config"], nix_expected(services.nixos_config()))
     boot = module["config"]["systemd"]["services"]["qnix-boot"]
+    # No generation set: the one `qnix apply` installed.
     assert boot["serviceConfig"]["ExecStart"] == "pkg:qnix/bin/qnix boot"
     # A switch must not stop the compartments (its ExecStop is `qnix down`).
     assert boot["restartIfChanged"] is False
-    assert module["options"]["services"]["qnix"]["package"]["default"] == "pkg:package.nix"
+    options = module["options"]["services"]["qnix"]
+    assert options["package"]["default"] == "pkg:package.nix"
+    assert {k: v for k, v in options["generation"].items() if k != "description"} == {
+        "default": None,
+        "example": "./.",
+        "type": "null or path",
+    }
+    assert "qnix boot --generation" in options["generation"]["description"]
     # The integrity check is the generated flake's own AIDE unit on NixOS.
     assert sorted(module["config"]["systemd"]["services"]) == [
         "qnix-boot",
         "qnix-gc",
         "qnix-host-key",
     ]
+
+
+def test_with_a_generation_the_boot_unit_boots_from_it(tmp_path: Path) -> None:
+    module = evaluate_module(tmp_path, enable=True, generation=GENERATION)
+    same(module["config"], nix_expected(services.nixos_config(), GENERATION))
+    boot = module["config"]["systemd"]["services"]["qnix-boot"]["serviceConfig"]
+    assert boot["ExecStart"] == f"pkg:qnix/bin/qnix boot --generation {GENERATION}"
+    assert boot["ExecStop"] == "pkg:qnix/bin/qnix down"
 
 
 def test_the_module_sets_nothing_unless_enabled(tmp_path: Path) -> None:
