@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from qnix import __version__
+from qnix.compile.aide import DATABASE as AIDE_DATABASE
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw, render, string
 
 Host = Literal["nixos", "other"]
@@ -233,8 +234,9 @@ SERVICES: tuple[Service, ...] = (
         name="qnix-integrity",
         description="qnix: compare the files with the AIDE baseline",
         command=("qnix", ("integrity", "check")),
-        # Until `qnix integrity init` recorded a baseline there is nothing to compare with.
-        conditions={"ConditionPathIsDirectory": INTEGRITY_DIR},
+        # Until `qnix integrity init` recorded a baseline there is nothing to compare with
+        # (the folder alone is not enough: `qnix install --spec` puts aide.conf there).
+        conditions={"ConditionPathExists": f"{INTEGRITY_DIR}/{AIDE_DATABASE}"},
         service={
             **FILES_ONLY,
             "CapabilityBoundingSet": "CAP_DAC_READ_SEARCH",
