@@ -11,7 +11,7 @@ which puts in place, under `root` (`/`, or a folder that stands for it, as
 * /etc/rsyslog.d/qnix.conf when the spec given forwards the audit log to a remote syslog;
 * with a spec, its AIDE configuration where `qnix integrity init` writes it and the integrity
   unit's `qnix integrity check` reads it (<state root>/integrity/aide.conf), unless one is
-  there already (init wrote it for the live generation);
+  there already (init writes it for the live generation, which is what the baseline has);
 * the host's age identity /etc/qnix/host.agekey (0400), made when missing.
 
 VENV/installed.json records what install made, so that uninstall removes exactly that, the
@@ -126,7 +126,7 @@ def _put_aide_config(root: Path, text: str, record: Record, done: list[str]) -> 
     """aide.conf in the integrity folder (0700, as init makes it), after the state root."""
     target = under(root, AIDE_FILE)
     if target.exists():
-        done.append(f"kept the AIDE configuration {AIDE_FILE} (qnix integrity init wrote it)")
+        done.append(f"kept the AIDE configuration already in {AIDE_FILE}")
         return
     if not target.parent.exists():
         target.parent.mkdir(mode=0o700)

@@ -3,7 +3,7 @@ importing them all, and `nixosConfigurations.<hostname>`.
 
 Inputs are only what the spec needs: lanzaboote with Secure Boot, microvm.nix with VMs; and
 qnix itself (`host.qnix_flake`), whose `nixosModules.qnix` runs the qnix services on the host,
-booting from this flake's own source as the generation.
+booting from this flake's own folder as the generation.
 """
 
 from __future__ import annotations
