@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 
 from qnix.compile import services
+from qnix.compile.artifacts import compile_spec
+from qnix.compile.inputs import load
 from qnix.compile.nix.printer import Raw, render
 from qnix.runner import run
 from tests.compile.nix import reference
 from tests.compile.nix.support import nix_eval, nix_parse, same
 from tests.compile.nix.test_audit_module import full_reference, with_evaluated_strings
-from tests.conftest import ROOT, need
+from tests.conftest import EXAMPLES, ROOT, need
 
 # What each unit may be rated at most: the boot unit makes namespaces, links, tables and mounts
 # in the host's own mount namespace and starts the compartments, which inherit its limits; gc
@@ -272,6 +274,43 @@ def test_with_a_generation_the_boot_unit_boots_from_it(tmp_path: Path) -> None:
     boot = module["config"]["systemd"]["services"]["qnix-boot"]["serviceConfig"]
     assert boot["ExecStart"] == f"pkg:qnix/bin/qnix boot --generation {GENERATION}"
     assert boot["ExecStop"] == "pkg:qnix/bin/qnix down"
+
+
+def test_the_built_flake_boots_from_its_own_folder_in_the_store(tmp_path: Path) -> None:
+    """The flake `qnix build` writes, with this module: the boot unit's command names the
+    store copy of the flake's folder, the folder that holds manifest.json."""
+    folder = tmp_path / "office"
+    for relative, data in compile_spec(load(EXAMPLES / "smb-office.toml")).files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+    wrapper = tmp_path / "built.nix"
+    wrapper.write_text(
+        f"""
+let
+  flake = import {render(str(folder / "flake.nix"))};
+  stand-in = name: {{ nixosModules.${{name}} = name; }};
+  out = flake.outputs {{
+    self = out;
+    nixpkgs.lib.nixosSystem = args: args;
+    disko = stand-in "disko";
+    lanzaboote = stand-in "lanzaboote";
+    microvm = stand-in "host";
+    qnix = stand-in "qnix";
+  }};
+  settings = builtins.head (builtins.filter (m: m ? services)
+    (builtins.filter builtins.isAttrs out.nixosConfigurations.office-01.modules));
+  module = import {render(str(ROOT / services.MODULE_FILE))} {{
+    lib = {STUB_LIB};
+    pkgs = {{ age = "pkg:age"; callPackage = path: args: "pkg:qnix"; }};
+    config.services.qnix = settings.services.qnix // {{ package = "pkg:qnix"; }};
+  }};
+in module.config.systemd.services.qnix-boot.serviceConfig.ExecStart
+"""
+    )
+    # Evaluated without a store, Nix names the path the folder would be copied to.
+    assert re.fullmatch(
+        r"pkg:qnix/bin/qnix boot --generation /nix/store/[0-9a-z]{32}-office", nix_eval(wrapper)
+    )
 
 
 def test_the_module_sets_nothing_unless_enabled(tmp_path: Path) -> None:
