@@ -78,7 +78,7 @@ clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis .import_linter_cache .grimp_cache
 endif
 
-# SPEC=path/to/spec.toml configures its audit forwarding; PURGE=1 also removes the state.
+# SPEC=path/to/spec.toml configures its audit forwarding and AIDE; PURGE=1 also removes the state.
 # NixOS installs qnix with the flake (its /etc is not the admin's to write units into).
 install:
 	@if [ -e /etc/NIXOS ]; then echo "on NixOS qnix is installed with the flake: see docs/install.md" >&2; exit 1; fi

@@ -22,7 +22,7 @@
             CapabilityBoundingSet = [
               "~CAP_AUDIT_CONTROL CAP_AUDIT_READ CAP_BLOCK_SUSPEND CAP_LEASE CAP_LINUX_IMMUTABLE CAP_MAC_ADMIN CAP_MAC_OVERRIDE CAP_SYS_BOOT CAP_SYS_MODULE CAP_SYS_PACCT CAP_SYS_RAWIO CAP_SYS_TIME CAP_SYS_TTY_CONFIG CAP_SYSLOG CAP_WAKE_ALARM"
             ];
-            ExecStart = ("${config.services.qnix.package}/bin/qnix boot");
+            ExecStart = ("${config.services.qnix.package}/bin/qnix boot${lib.optionalString (config.services.qnix.generation != null) " --generation ${config.services.qnix.generation}"}");
             ExecStop = ("${config.services.qnix.package}/bin/qnix down");
             LockPersonality = true;
             NoNewPrivileges = true;
@@ -155,6 +155,12 @@
     services = {
       qnix = {
         enable = (lib.mkEnableOption "the qnix services: boot, gc timer, host key, state folders");
+        generation = (lib.mkOption {
+          default = null;
+          description = "A folder `qnix build` wrote (its manifest.json and the files it lists). When set, the boot unit runs `qnix boot --generation` on it at each boot: the generation is installed under /var/lib/qnix and the host brought to it, with no `qnix apply` by hand. The flake `qnix build` writes sets it to its own folder (`./.`). A switch to a new generation leaves the running compartments alone; the next boot, or `systemctl restart qnix-boot`, brings the host to it. Null: the generation `qnix apply` installed.";
+          example = (lib.literalExpression "./.");
+          type = (lib.types.nullOr lib.types.path);
+        });
         package = (lib.mkOption {
           default = (pkgs.callPackage ./package.nix { });
           defaultText = (lib.literalExpression "pkgs.callPackage ./package.nix { }");

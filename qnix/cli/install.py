@@ -32,12 +32,13 @@ def _report(outcome: Outcome) -> None:
 @click.option(
     "--spec",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="The spec whose audit forwarding (rsyslog) to configure.",
+    help="The spec whose audit forwarding (rsyslog) and AIDE configuration to install.",
 )
 def install(root: Path, spec: Path | None) -> None:
     """Install the qnix units (boot, gc and integrity timers, host key), tmpfiles rules, the
-    rsyslog forwarding SPEC asks for, /usr/local/bin/qnix and the host's age identity; enable
-    the units. qnix itself must already be in /opt/qnix (`make install` puts it there)."""
+    rsyslog forwarding and AIDE configuration SPEC asks for, /usr/local/bin/qnix and the host's
+    age identity; enable the units. qnix itself must already be in /opt/qnix (`make install`
+    puts it there)."""
     from qnix.runtime.install import install as run_install
 
     _report(run_install(root.absolute(), spec=spec))

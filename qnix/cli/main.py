@@ -192,13 +192,19 @@ def apply(spec: Path, state_root: Path | None, run_root: Path | None, purge: boo
 
 @cli.command()
 @runtime_options
-def boot(state_root: Path | None, run_root: Path | None) -> None:
+@click.option(
+    "--generation",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Install the generation `qnix build` wrote into this folder (its manifest's files, "
+    "checked) and boot from it; the NixOS module passes the flake's own.",
+)
+def boot(state_root: Path | None, run_root: Path | None, generation: Path | None) -> None:
     """Bring this host up from the installed generation after a reboot (the boot unit runs
     it): a clean start, whatever /run still holds; needs no spec file."""
     from qnix.runtime import reconcile
 
     paths = runtime_paths(state_root, run_root)
-    result = reconcile.boot(paths)
+    result = reconcile.boot(paths, generation)
     if result is None:
         click.echo(
             f"nothing to do: no generation is installed under {paths.installed_dir} "

@@ -10,6 +10,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from types import MappingProxyType
 
 from qnix import __version__
@@ -65,6 +66,23 @@ def checked_artifacts(files: Mapping[str, bytes]) -> Artifacts:
     if generation != sha256(json.dumps(hashes, sort_keys=True).encode()):
         raise ValueError(f"the generation in {MANIFEST} is not the hash of its files")
     return Artifacts(MappingProxyType(dict(sorted(files.items()))))
+
+
+def listed_files(manifest: bytes) -> tuple[str, ...]:
+    """The files a manifest lists, each a plain relative path (never absolute, never `.` or
+    `..`), so that they can be read from any folder that holds a generation; ValueError
+    otherwise."""
+    try:
+        hashes = json.loads(manifest)["files"]
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"{MANIFEST} is missing or unreadable") from None
+    if not isinstance(hashes, dict):
+        raise ValueError(f"{MANIFEST} lists no files")
+    for path in hashes:
+        parts = PurePosixPath(path).parts
+        if path != str(PurePosixPath(path)) or not parts or parts[0] == "/" or ".." in parts:
+            raise ValueError(f"{MANIFEST} lists {path!r}, not a path inside the generation")
+    return tuple(sorted(hashes))
 
 
 def canonical_spec(ws: Workstation) -> bytes:

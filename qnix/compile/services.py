@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from qnix import __version__
+from qnix.compile.aide import DATABASE as AIDE_DATABASE
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw, render, string
 
 Host = Literal["nixos", "other"]
@@ -50,6 +51,19 @@ INTEGRITY_DIR = f"{STATE_ROOT}/integrity"
 AUDIT_DIR = f"{STATE_ROOT}/audit"
 
 Value = str | int | bool | tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleOption:
+    """An argument taken from an option of the NixOS module: `FLAG VALUE` when the option is
+    set, nothing when it is null. Other hosts have no such option and leave it out."""
+
+    flag: str
+    option: str
+
+
+Argument = str | ModuleOption
+Command = tuple[Tool, tuple[Argument, ...]]
 
 # Capabilities no qnix unit uses: setting the clock, rebooting, loading modules (the kernel
 # loads veth and nft modules itself on a netlink request), MAC policy, the audit system's
@@ -127,9 +141,9 @@ class Service:
 
     name: str
     description: str
-    command: tuple[Tool, tuple[str, ...]]
+    command: Command
     service: Mapping[str, Value]
-    stop: tuple[Tool, tuple[str, ...]] | None = None
+    stop: Command | None = None
     after: tuple[str, ...] = ()
     wants: tuple[str, ...] = ()
     before: tuple[str, ...] = ()
@@ -166,7 +180,9 @@ SERVICES: tuple[Service, ...] = (
     Service(
         name="qnix-boot",
         description="qnix: the host brought to the live generation",
-        command=("qnix", ("boot",)),
+        # On NixOS the built flake sets the generation to its own folder: the host comes up
+        # from it with nothing applied by hand.
+        command=("qnix", ("boot", ModuleOption("--generation", "generation"))),
         stop=("qnix", ("down",)),
         # nftables.service flushes the whole ruleset when it starts: qnix's table comes after.
         after=(
@@ -185,7 +201,8 @@ SERVICES: tuple[Service, ...] = (
             "Type": "oneshot",
         },
         # Restarting it stops every compartment (`qnix down`): a switch to a new qnix package
-        # leaves them running, and the new qnix brings the host up at the next boot.
+        # or a new generation leaves them running, and the next boot (or a restart by hand)
+        # brings the host up from the new one. A switch that adds the unit starts it.
         restart_on_switch=False,
     ),
     Service(
@@ -217,8 +234,9 @@ SERVICES: tuple[Service, ...] = (
         name="qnix-integrity",
         description="qnix: compare the files with the AIDE baseline",
         command=("qnix", ("integrity", "check")),
-        # Until `qnix integrity init` recorded a baseline there is nothing to compare with.
-        conditions={"ConditionPathIsDirectory": INTEGRITY_DIR},
+        # Until `qnix integrity init` recorded a baseline there is nothing to compare with
+        # (the folder alone is not enough: `qnix install --spec` puts aide.conf there).
+        conditions={"ConditionPathExists": f"{INTEGRITY_DIR}/{AIDE_DATABASE}"},
         service={
             **FILES_ONLY,
             "CapabilityBoundingSet": "CAP_DAC_READ_SEARCH",
@@ -268,9 +286,9 @@ def _section(name: str, settings: Mapping[str, Value]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _exec(tools: Mapping[Tool, str], command: tuple[Tool, tuple[str, ...]]) -> str:
+def _exec(tools: Mapping[Tool, str], command: Command) -> str:
     tool, args = command
-    return " ".join((tools[tool], *args))
+    return " ".join((tools[tool], *(a for a in args if isinstance(a, str))))
 
 
 def _unit_section(service: Service, description: str) -> dict[str, Value]:
@@ -335,10 +353,19 @@ NIX_TOOLS: dict[Tool, Raw] = {
 }
 
 
-def _nix_exec(command: tuple[Tool, tuple[str, ...]]) -> Raw:
+def _nix_argument(argument: Argument) -> str:
+    """One argument inside the command's Nix string; a module option's only when set."""
+    if isinstance(argument, str):
+        return string(" " + argument)[1:-1]
+    option = f"config.{OPTION}.{argument.option}"
+    flag = string(" " + argument.flag + " ")[1:-1]
+    return f'${{lib.optionalString ({option} != null) "{flag}${{{option}}}"}}'
+
+
+def _nix_exec(command: Command) -> Raw:
     """`"${store path}/bin/tool arg…"`: the arguments are qnix's own words, escaped anyway."""
     tool, args = command
-    return Raw('"' + NIX_TOOLS[tool].code + "".join(string(" " + a)[1:-1] for a in args) + '"')
+    return Raw('"' + NIX_TOOLS[tool].code + "".join(map(_nix_argument, args)) + '"')
 
 
 def _nix_setting(value: Value) -> NixValue:
@@ -409,6 +436,23 @@ def nixos_module() -> Function:
                 "defaultText": Raw('lib.literalExpression "pkgs.callPackage ./package.nix { }"'),
                 "description": "The qnix package the services run.",
                 "type": Raw("lib.types.package"),
+            },
+        ),
+        "generation": Call(
+            Raw("lib.mkOption"),
+            {
+                "default": None,
+                "description": (
+                    "A folder `qnix build` wrote (its manifest.json and the files it lists). "
+                    "When set, the boot unit runs `qnix boot --generation` on it at each boot: "
+                    "the generation is installed under /var/lib/qnix and the host brought to "
+                    "it, with no `qnix apply` by hand. The flake `qnix build` writes sets it "
+                    "to its own folder (`./.`). A switch to a new generation leaves the running "
+                    "compartments alone; the next boot, or `systemctl restart qnix-boot`, "
+                    "brings the host to it. Null: the generation `qnix apply` installed."
+                ),
+                "example": Raw('lib.literalExpression "./."'),
+                "type": Raw("lib.types.nullOr lib.types.path"),
             },
         ),
     }

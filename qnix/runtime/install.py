@@ -9,12 +9,16 @@ which puts in place, under `root` (`/`, or a folder that stands for it, as
   which needs no running systemd); on a booted systemd host also loaded and the timers started;
 * /etc/tmpfiles.d/qnix.conf, and its folders made now (`systemd-tmpfiles --create`);
 * /etc/rsyslog.d/qnix.conf when the spec given forwards the audit log to a remote syslog;
+* with a spec, its AIDE configuration where `qnix integrity init` writes it and the integrity
+  unit's `qnix integrity check` reads it (<state root>/integrity/aide.conf), unless one is
+  there already (init writes it for the live generation, which is what the baseline has);
 * the host's age identity /etc/qnix/host.agekey (0400), made when missing.
 
 VENV/installed.json records what install made, so that uninstall removes exactly that, the
 virtual environment last. The state root stays unless `purge`; so does a host identity install
-made while the state root holds files (the age copies of the compartments' homes and the
-spec's secrets are encrypted to it), and one that was there before install.
+made while the state root holds files other than install's own (the age copies of the
+compartments' homes and the spec's secrets are encrypted to it), and one that was there before
+install.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qnix.compile import services
 from qnix.errors import QnixError
 from qnix.runner import require_tool, run
+from qnix.runtime import integrity
+from qnix.runtime.paths import RuntimePaths
 
 VENV = Path("/opt/qnix")
 COMMAND_LINK = Path("/usr/local/bin/qnix")
@@ -37,6 +44,9 @@ TMPFILES_FILE = Path("/etc/tmpfiles.d") / services.TMPFILES_NAME
 RSYSLOG_FILE = Path("/etc/rsyslog.d/qnix.conf")
 IDENTITY = Path(services.HOST_IDENTITY)
 STATE_ROOT = Path(services.STATE_ROOT)
+# The roots the units run qnix with (its defaults).
+UNIT_PATHS = RuntimePaths(state_root=STATE_ROOT, run_root=Path(services.RUN_ROOT))
+AIDE_FILE = integrity.own_files(UNIT_PATHS).config
 RECORD_NAME = "installed.json"
 # Where a booted systemd keeps its runtime state (sd_booted(3)).
 SYSTEMD_RUNNING = Path("/run/systemd/system")
@@ -92,16 +102,42 @@ def _write(root: Path, path: Path, text: str, mode: int, record: Record) -> None
     record.files.append(str(target))
 
 
-def _rsyslog_text(spec: Path | None) -> str:
+@dataclass(frozen=True)
+class SpecFiles:
+    """The configuration files a spec asks for: rsyslog forwarding ("" for none), aide.conf."""
+
+    rsyslog: str = ""
+    aide: str = ""
+
+
+def _spec_files(spec: Path | None) -> SpecFiles:
     if spec is None:
-        return ""
+        return SpecFiles()
     from qnix.compile.inputs import load
     from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
 
-    return rsyslog_config(load(spec).workstation, AUDIT_LOG)
+    ws = load(spec).workstation
+    return SpecFiles(
+        rsyslog=rsyslog_config(ws, AUDIT_LOG), aide=integrity.config_text(UNIT_PATHS, ws)
+    )
 
 
-def _put_in_place(root: Path, program: Path, rsyslog: str, record: Record, done: list[str]) -> None:
+def _put_aide_config(root: Path, text: str, record: Record, done: list[str]) -> None:
+    """aide.conf in the integrity folder (0700, as init makes it), after the state root."""
+    target = under(root, AIDE_FILE)
+    if target.exists():
+        done.append(f"kept the AIDE configuration already in {AIDE_FILE}")
+        return
+    if not target.parent.exists():
+        target.parent.mkdir(mode=0o700)
+        record.folders.append(str(target.parent))
+    _write(root, AIDE_FILE, text, 0o600, record)
+    done.append(f"wrote {AIDE_FILE} (the spec's AIDE configuration)")
+
+
+def _put_in_place(
+    root: Path, program: Path, configs: SpecFiles, record: Record, done: list[str]
+) -> None:
     """The link, the files, the folders, the identity and the enabled units, each recorded
     in `record` as soon as it is made."""
     link = under(root, COMMAND_LINK)
@@ -121,8 +157,8 @@ def _put_in_place(root: Path, program: Path, rsyslog: str, record: Record, done:
         done.append(f"wrote {UNIT_DIR / name}")
     _write(root, TMPFILES_FILE, services.tmpfiles_conf(), 0o644, record)
     done.append(f"wrote {TMPFILES_FILE}")
-    if rsyslog:
-        _write(root, RSYSLOG_FILE, rsyslog, 0o644, record)
+    if configs.rsyslog:
+        _write(root, RSYSLOG_FILE, configs.rsyslog, 0o644, record)
         done.append(f"wrote {RSYSLOG_FILE} (the audit log to the spec's remote syslog)")
 
     # The folders of the tmpfiles rules, now (at boot systemd makes them again).
@@ -133,6 +169,8 @@ def _put_in_place(root: Path, program: Path, rsyslog: str, record: Record, done:
             record.folders += [str(f) for f in [*new, target]]
     tmpfiles = require_tool("systemd-tmpfiles", "systemd")
     run([tmpfiles, f"--root={root}", "--create", str(under(root, TMPFILES_FILE))])
+    if configs.aide:
+        _put_aide_config(root, configs.aide, record, done)
 
     identity = under(root, IDENTITY)
     if identity.exists():
@@ -168,7 +206,7 @@ def install(root: Path = Path("/"), *, venv: Path = VENV, spec: Path | None = No
             f"qnix is already installed ({venv_dir / RECORD_NAME})",
             hint="`qnix uninstall` first, or `make uninstall install` to reinstall",
         )
-    rsyslog = _rsyslog_text(spec)  # a bad spec stops install before it writes anything
+    configs = _spec_files(spec)  # a bad spec stops install before it writes anything
     link = under(root, COMMAND_LINK)
     if link.is_symlink() or link.exists():
         raise QnixError(f"{link} exists", hint="remove it, or uninstall the other qnix first")
@@ -176,7 +214,7 @@ def install(root: Path = Path("/"), *, venv: Path = VENV, spec: Path | None = No
     done: list[str] = []
     notes: list[str] = []
     try:
-        _put_in_place(root, program, rsyslog, record, done)
+        _put_in_place(root, program, configs, record, done)
     finally:
         # Also after a failure: `qnix uninstall` then removes what was made.
         (venv_dir / RECORD_NAME).write_text(record.to_json())
@@ -197,7 +235,7 @@ def install(root: Path = Path("/"), *, venv: Path = VENV, spec: Path | None = No
         "to that generation at each boot"
     )
     if spec is None:
-        notes.append("no --spec: no rsyslog forwarding was configured")
+        notes.append("no --spec: no rsyslog forwarding and no AIDE configuration were written")
     notes.append("`qnix integrity init` records the AIDE baseline the daily check compares with")
     return Outcome(tuple(done), tuple(notes))
 
@@ -215,8 +253,11 @@ def _systemctl(root: Path, verb: str, *units: str) -> None:
         run([systemctl, verb, *units], timeout=300)
 
 
-def _holds_files(folder: Path) -> bool:
-    return folder.is_dir() and any(p.is_file() or p.is_symlink() for p in folder.rglob("*"))
+def _holds_files(folder: Path, besides: Set[str]) -> bool:
+    """Whether `folder` holds a file that is not one of `besides`."""
+    return folder.is_dir() and any(
+        (p.is_file() or p.is_symlink()) and str(p) not in besides for p in folder.rglob("*")
+    )
 
 
 def uninstall(root: Path = Path("/"), *, venv: Path = VENV, purge: bool = False) -> Outcome:
@@ -242,7 +283,9 @@ def uninstall(root: Path = Path("/"), *, venv: Path = VENV, purge: bool = False)
 
     identity = str(under(root, IDENTITY))
     state_root = under(root, STATE_ROOT)
-    keep_identity = record.made_identity and not purge and _holds_files(state_root)
+    keep_identity = (
+        record.made_identity and not purge and _holds_files(state_root, set(record.files))
+    )
     for name in reversed(record.files):
         if name == identity and keep_identity:
             notes.append(

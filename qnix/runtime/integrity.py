@@ -38,6 +38,7 @@ from qnix.runner import Result, require_tool, run
 from qnix.runtime import live
 from qnix.runtime.files import atomic_write
 from qnix.runtime.paths import RuntimePaths
+from qnix.spec.model import Workstation
 
 INTEGRITY_FOLDER = "integrity"
 CONFIG_NAME = "aide.conf"
@@ -232,6 +233,23 @@ def _failed(what: str, result: Result, hint: str) -> QnixError:
     )
 
 
+def config_text(
+    paths: RuntimePaths, ws: Workstation, host_paths: Sequence[str] = DEFAULT_HOST_PATHS
+) -> str:
+    """The aide.conf of qnix's own that `init` writes for `ws` (`qnix install --spec` puts the
+    same in place for the units' roots)."""
+    try:
+        return aide_config(
+            ws,
+            database_dir=str(own_files(paths).database.parent),
+            generation_dir=str(paths.generation_dir),
+            state_root=str(paths.state_root),
+            host_paths=host_paths,
+        )
+    except ValueError as exc:
+        raise QnixError(str(exc), hint="check --state-root and --host-path") from exc
+
+
 def _write_config(paths: RuntimePaths, host_paths: Sequence[str]) -> AideFiles:
     ws = live.live_workstation(paths)
     if ws is None:
@@ -240,16 +258,7 @@ def _write_config(paths: RuntimePaths, host_paths: Sequence[str]) -> AideFiles:
             hint="bring the host up first: qnix apply SPEC",
         )
     files = own_files(paths)
-    try:
-        text = aide_config(
-            ws,
-            database_dir=str(files.database.parent),
-            generation_dir=str(paths.generation_dir),
-            state_root=str(paths.state_root),
-            host_paths=host_paths,
-        )
-    except ValueError as exc:
-        raise QnixError(str(exc), hint="check --state-root and --host-path") from exc
+    text = config_text(paths, ws, host_paths)
     _private_folder(files.config.parent)
     atomic_write(files.config, text.encode(), mode=0o600)
     return files

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qnix.compile import names
-from qnix.compile.artifacts import SPEC_COPY, Artifacts, checked_artifacts
+from qnix.compile.artifacts import MANIFEST, SPEC_COPY, Artifacts, checked_artifacts, listed_files
 from qnix.errors import QnixError
 from qnix.runtime import btrfs
 from qnix.runtime.backends.namespace import HostIdentity
@@ -325,6 +325,30 @@ def installed_generation(paths: RuntimePaths) -> Artifacts | None:
             f"the installed generation {folder} is damaged: {exc}",
             hint="nothing was brought up; bring the host to its spec again: qnix apply SPEC",
         ) from None
+
+
+def built_generation(folder: Path) -> Artifacts:
+    """The generation `qnix build` wrote into `folder` (a flake folder, or its copy in the Nix
+    store): manifest.json and the files it lists, each checked against its hash. What else
+    the folder holds (flake.lock, .git, a result link) is not part of the generation and is
+    not read. A file listed that is missing or differs refuses the whole generation."""
+    files: dict[str, bytes] = {}
+    try:
+        files[MANIFEST] = (folder / MANIFEST).read_bytes()
+        for name in listed_files(files[MANIFEST]):
+            with contextlib.suppress(FileNotFoundError):  # checked_artifacts names it missing
+                files[name] = (folder / name).read_bytes()
+        return checked_artifacts(files)
+    except FileNotFoundError:
+        problem = f"{MANIFEST} is missing"
+    except OSError as exc:
+        problem = f"cannot read {exc.filename}: {exc.strerror}"
+    except ValueError as exc:
+        problem = str(exc)
+    raise QnixError(
+        f"the generation {folder} is damaged: {problem}",
+        hint="nothing was brought up; build it again: qnix build SPEC -o DIR",
+    )
 
 
 def compartment_of(ws: Workstation, name: str) -> Compartment:

@@ -10,7 +10,8 @@ nothing and says so. Compartments that left the spec are stopped and their names
 and run folder removed (their state too with `purge`). `apply` also keeps a copy of the
 generation under the state root (the installed generation): `boot`, which the boot unit runs,
 clears whatever the run root and the host still hold of qnix and brings the host to that copy
-through the same steps, so a reboot is a clean start and needs no spec file. `down` removes
+through the same steps, so a reboot is a clean start and needs no spec file; given the folder
+`qnix build` wrote (on NixOS, the flake's source), it installs that generation first. `down` removes
 all of qnix's runtime from the host and keeps the state; `gc` removes what a crash left behind.
 
 `apply`, `boot`, `down` and `gc` first make sure the host's network is not another qnix instance's
@@ -25,6 +26,7 @@ import json
 import re
 import shutil
 from collections.abc import Mapping, Set
+from pathlib import Path
 
 from qnix.audit import events
 from qnix.compile import names, openings
@@ -37,6 +39,7 @@ from qnix.runtime.files import atomic_write, replace_tree, temporaries_of
 from qnix.runtime.keeper import teardown_network
 from qnix.runtime.lifecycle import cleanup_run, start_locked, stop_locked
 from qnix.runtime.live import (
+    built_generation,
     ensure_root,
     ensure_state_dirs,
     host_identity,
@@ -126,21 +129,26 @@ def apply(paths: RuntimePaths, loaded: LoadedSpec, *, purge: bool = False) -> Ap
     )
 
 
-def boot(paths: RuntimePaths) -> ApplyResult | None:
+def boot(paths: RuntimePaths, generation: Path | None = None) -> ApplyResult | None:
     """A clean start from the installed generation, for the boot unit: /run is assumed empty
     and the state root not. Whatever a previous run left (running compartments, namespaces,
     links, the table, disposables, the run root's files, unfinished snapshots) is removed
     first, then the host is brought to the installed generation as `apply` brings it to a
     spec: autostart compartments started with fresh root trees, the pool refilled. One audit
-    entry `boot` records it. None: nothing was ever applied (nothing to do)."""
+    entry `boot` records it. None: nothing was ever applied (nothing to do).
+
+    `generation`: a folder `qnix build` wrote (on NixOS the flake's own source in the store),
+    checked whole before anything is touched and installed in place of the installed
+    generation, which the host is then brought to."""
     require_root()
-    artifacts = installed_generation(paths)
+    artifacts = installed_generation(paths) if generation is None else built_generation(generation)
     if artifacts is None:
         return None
     ws = Workstation.model_validate_json(artifacts.files[SPEC_COPY])
     net, warnings = _prepare(paths, ws)
     with locked(paths):
-        changes = _clear(paths, net, read_json(paths.applied_file))
+        changes = _install(paths, artifacts)
+        changes += _clear(paths, net, read_json(paths.applied_file))
         _remove_run_root_entries(paths, keep={paths.lock_file.name})
         changes += remove_leftovers(paths)  # a snapshot or restore cut off by the power
         try:
@@ -156,6 +164,14 @@ def boot(paths: RuntimePaths) -> ApplyResult | None:
         )
         events.record(paths, "boot", generation=artifacts.generation, running=started, result="ok")
     return ApplyResult(artifacts.generation, tuple(changes), tuple(notes), tuple(warnings))
+
+
+def _install(paths: RuntimePaths, artifacts: Artifacts) -> list[str]:
+    """The generation kept under the state root, what `qnix boot` brings up."""
+    if holds_exactly(paths.installed_dir, artifacts.files):
+        return []
+    replace_tree(paths.installed_dir, artifacts.files)
+    return [f"installed generation {artifacts.generation[:16]}"]
 
 
 def _prepare(paths: RuntimePaths, ws: Workstation) -> tuple[HostNetwork, list[str]]:
@@ -263,9 +279,7 @@ def _bring_to(
     if not holds_exactly(paths.generation_dir, artifacts.files):
         replace_tree(paths.generation_dir, artifacts.files)
         changes.append(f"live generation {artifacts.generation[:16]}")
-    if not holds_exactly(paths.installed_dir, artifacts.files):
-        replace_tree(paths.installed_dir, artifacts.files)  # what `qnix boot` brings up
-        changes.append(f"installed generation {artifacts.generation[:16]}")
+    changes += _install(paths, artifacts)
     if remember_recipient(paths):
         changes.append(f"host's age recipient {paths.recipient_file}")
     record = {

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from qnix.compile.artifacts import checked_artifacts, compile_spec
+from qnix.compile.artifacts import checked_artifacts, compile_spec, listed_files
 from qnix.compile.inputs import load
 from tests.conftest import EXAMPLES
 
@@ -120,3 +120,19 @@ def test_artifacts_read_back_are_taken_only_whole() -> None:
         with pytest.raises(ValueError) as raised:
             checked_artifacts(damaged)
         assert str(raised.value).startswith(message), name
+
+
+def test_a_manifest_lists_only_paths_inside_the_generation() -> None:
+    """`qnix boot --generation DIR` reads what the manifest lists from DIR: every name must
+    stay inside it."""
+    built = compile_spec(load(EXAMPLES / "smb-office.toml"))
+    assert listed_files(built.files["manifest.json"]) == tuple(
+        sorted(set(built.files) - {"manifest.json"})
+    )
+    for path in ("../etc/shadow", "/etc/shadow", "policy/../../x", "./spec.json", "a//b", ""):
+        manifest = json.dumps({"files": {path: "0" * 64}, "generation": "0" * 64}).encode()
+        with pytest.raises(ValueError) as raised:
+            listed_files(manifest)
+        assert str(raised.value) == (
+            f"manifest.json lists {path!r}, not a path inside the generation"
+        ), path

@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 
 from qnix.compile import services
+from qnix.compile.artifacts import compile_spec
+from qnix.compile.inputs import load
 from qnix.compile.nix.printer import Raw, render
 from qnix.runner import run
 from tests.compile.nix import reference
 from tests.compile.nix.support import nix_eval, nix_parse, same
 from tests.compile.nix.test_audit_module import full_reference, with_evaluated_strings
-from tests.conftest import ROOT, need
+from tests.conftest import EXAMPLES, ROOT, need
 
 # What each unit may be rated at most: the boot unit makes namespaces, links, tables and mounts
 # in the host's own mount namespace and starts the compartments, which inherit its limits; gc
@@ -186,12 +188,22 @@ STUB_LIB = """{
   mkEnableOption = description: { enableOption = description; };
   mkOption = option: option;
   literalExpression = text: text;
+  optionalString = condition: text: if condition then text else "";
   types.package = "package";
+  types.path = "path";
+  types.nullOr = type: "null or " + type;
 }"""
+# The generation option's value in the evaluations below: a string, as `./.` in a flake is a
+# path that interpolation would copy to the store.
+GENERATION = "/nix/store/0000000000000000000000000000000-source"
+OPTIONAL_GENERATION = (
+    '${lib.optionalString (config.services.qnix.generation != null) " --generation '
+    '${config.services.qnix.generation}"}'
+)
 
 
-def evaluate_module(tmp_path: Path, enable: bool) -> Any:
-    wrapper = tmp_path / f"module-{enable}.nix"
+def evaluate_module(tmp_path: Path, enable: bool, generation: str | None = None) -> Any:
+    wrapper = tmp_path / f"module-{enable}-{generation is None}.nix"
     wrapper.write_text(
         f"""
 import {render(str(ROOT / services.MODULE_FILE))} {{
@@ -200,14 +212,18 @@ import {render(str(ROOT / services.MODULE_FILE))} {{
     age = {{ outPath = "pkg:age"; }};
     callPackage = path: args: {{ outPath = "pkg:" + baseNameOf path; }};
   }};
-  config.services.qnix = {{ enable = {render(enable)}; package = {{ outPath = "pkg:qnix"; }}; }};
+  config.services.qnix = {{
+    enable = {render(enable)};
+    package = {{ outPath = "pkg:qnix"; }};
+    generation = {render(generation)};
+  }};
 }}
 """
     )
     return nix_eval(wrapper)
 
 
-def nix_expected(value: Any) -> Any:
+def nix_expected(value: Any, generation: str | None = None) -> Any:
     """What the table's tree evaluates to with the stand-ins above."""
     if isinstance(value, Raw):
         if value.code == "config.services.qnix.package":
@@ -217,11 +233,14 @@ def nix_expected(value: Any) -> Any:
             value.code[1:-1]
             .replace("${config.services.qnix.package}", "pkg:qnix")
             .replace("${pkgs.age}", "pkg:age")
+            .replace(
+                OPTIONAL_GENERATION, "" if generation is None else f" --generation {generation}"
+            )
         )
     if isinstance(value, dict):
-        return {key: nix_expected(item) for key, item in value.items()}
+        return {key: nix_expected(item, generation) for key, item in value.items()}
     if isinstance(value, list):
-        return [nix_expected(item) for item in value]
+        return [nix_expected(item, generation) for item in value]
     return value
 
 
@@ -229,16 +248,69 @@ def test_the_module_evaluates_to_the_table(tmp_path: Path) -> None:
     module = evaluate_module(tmp_path, enable=True)
     same(module["config"], nix_expected(services.nixos_config()))
     boot = module["config"]["systemd"]["services"]["qnix-boot"]
+    # No generation set: the one `qnix apply` installed.
     assert boot["serviceConfig"]["ExecStart"] == "pkg:qnix/bin/qnix boot"
     # A switch must not stop the compartments (its ExecStop is `qnix down`).
     assert boot["restartIfChanged"] is False
-    assert module["options"]["services"]["qnix"]["package"]["default"] == "pkg:package.nix"
+    options = module["options"]["services"]["qnix"]
+    assert options["package"]["default"] == "pkg:package.nix"
+    assert {k: v for k, v in options["generation"].items() if k != "description"} == {
+        "default": None,
+        "example": "./.",
+        "type": "null or path",
+    }
+    assert "qnix boot --generation" in options["generation"]["description"]
     # The integrity check is the generated flake's own AIDE unit on NixOS.
     assert sorted(module["config"]["systemd"]["services"]) == [
         "qnix-boot",
         "qnix-gc",
         "qnix-host-key",
     ]
+
+
+def test_with_a_generation_the_boot_unit_boots_from_it(tmp_path: Path) -> None:
+    module = evaluate_module(tmp_path, enable=True, generation=GENERATION)
+    same(module["config"], nix_expected(services.nixos_config(), GENERATION))
+    boot = module["config"]["systemd"]["services"]["qnix-boot"]["serviceConfig"]
+    assert boot["ExecStart"] == f"pkg:qnix/bin/qnix boot --generation {GENERATION}"
+    assert boot["ExecStop"] == "pkg:qnix/bin/qnix down"
+
+
+def test_the_built_flake_boots_from_its_own_folder_in_the_store(tmp_path: Path) -> None:
+    """The flake `qnix build` writes, with this module: the boot unit's command names the
+    store copy of the flake's folder, the folder that holds manifest.json."""
+    folder = tmp_path / "office"
+    for relative, data in compile_spec(load(EXAMPLES / "smb-office.toml")).files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+    wrapper = tmp_path / "built.nix"
+    wrapper.write_text(
+        f"""
+let
+  flake = import {render(str(folder / "flake.nix"))};
+  stand-in = name: {{ nixosModules.${{name}} = name; }};
+  out = flake.outputs {{
+    self = out;
+    nixpkgs.lib.nixosSystem = args: args;
+    disko = stand-in "disko";
+    lanzaboote = stand-in "lanzaboote";
+    microvm = stand-in "host";
+    qnix = stand-in "qnix";
+  }};
+  settings = builtins.head (builtins.filter (m: m ? services)
+    (builtins.filter builtins.isAttrs out.nixosConfigurations.office-01.modules));
+  module = import {render(str(ROOT / services.MODULE_FILE))} {{
+    lib = {STUB_LIB};
+    pkgs = {{ age = "pkg:age"; callPackage = path: args: "pkg:qnix"; }};
+    config.services.qnix = settings.services.qnix // {{ package = "pkg:qnix"; }};
+  }};
+in module.config.systemd.services.qnix-boot.serviceConfig.ExecStart
+"""
+    )
+    # Evaluated without a store, Nix names the path the folder would be copied to.
+    assert re.fullmatch(
+        r"pkg:qnix/bin/qnix boot --generation /nix/store/[0-9a-z]{32}-office", nix_eval(wrapper)
+    )
 
 
 def test_the_module_sets_nothing_unless_enabled(tmp_path: Path) -> None:

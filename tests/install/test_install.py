@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from qnix.compile import services
+from qnix.compile.aide import aide_config
 from qnix.compile.inputs import load
 from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
 from qnix.runner import run
@@ -90,7 +91,10 @@ def test_install_puts_each_file_in_place_and_uninstall_leaves_the_tree_as_before
     public = run([need("age-keygen"), "-y", str(key)]).stdout
     assert public.startswith("age1")
     assert not (root / "etc/rsyslog.d/qnix.conf").exists()  # no --spec
-    assert "note: no --spec" in result.stdout
+    assert not (root / AIDE_CONF).exists()
+    assert "note: no --spec: no rsyslog forwarding and no AIDE configuration were written" in (
+        result.stdout.splitlines()
+    )
 
     result = qnix("uninstall", "--root", str(root))
     assert result.returncode == 0, result.stderr
@@ -163,6 +167,60 @@ def test_a_spec_that_forwards_the_audit_log_gets_its_rsyslog_configuration(root:
     assert f'target="{workstation.audit.remote_syslog.host}"' in text
     assert qnix("uninstall", "--root", str(root)).returncode == 0
     assert not (root / "etc/rsyslog.d/qnix.conf").exists()
+
+
+AIDE_CONF = "var/lib/qnix/integrity/aide.conf"
+
+
+def test_a_spec_gets_its_aide_configuration_where_the_integrity_check_reads_it(
+    root: Path,
+) -> None:
+    before = listing(root, skip="/nowhere")
+    result = installed(root, "--spec", str(OFFICE))
+    assert "wrote /var/lib/qnix/integrity/aide.conf (the spec's AIDE configuration)" in (
+        result.stdout.splitlines()
+    )
+    conf = root / AIDE_CONF
+    # What `qnix integrity init` writes for this spec on the units' roots, the spec's own
+    # aide_paths among what it covers.
+    workstation = load(OFFICE).workstation
+    assert conf.read_text() == aide_config(
+        workstation,
+        database_dir="/var/lib/qnix/integrity",
+        generation_dir="/run/qnix/generation",
+        state_root="/var/lib/qnix",
+    )
+    assert workstation.audit.aide_paths == ("/srv/office-share",)
+    assert "\n/srv/office-share(/|\\z) QnixStatic\n" in conf.read_text()
+    assert conf.stat().st_mode & 0o777 == 0o600
+    assert conf.parent.stat().st_mode & 0o777 == 0o700
+    # AIDE itself takes it.
+    checked = run([need("aide"), f"--config={conf}", "--config-check"], check=False)
+    assert checked.returncode == 0, checked.stderr
+    # The integrity unit waits for the baseline init records, not for the folder install made.
+    unit = (root / "etc/systemd/system/qnix-integrity.service").read_text()
+    assert "\nConditionPathExists=/var/lib/qnix/integrity/aide.db\n" in unit
+    assert "ConditionPathIsDirectory" not in unit
+
+    result = qnix("uninstall", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "removed /var/lib/qnix/integrity/aide.conf" in result.stdout.splitlines()
+    # The host identity install made goes too: aide.conf is install's, not state encrypted to it.
+    assert listing(root, skip="/nowhere") == before
+
+
+def test_an_aide_configuration_init_wrote_is_kept(root: Path) -> None:
+    conf = root / AIDE_CONF
+    conf.parent.mkdir(parents=True, mode=0o700)
+    conf.write_text("# written by qnix integrity init for the live generation\n")
+    conf.chmod(0o600)
+    result = installed(root, "--spec", str(OFFICE))
+    assert "kept the AIDE configuration already in /var/lib/qnix/integrity/aide.conf" in (
+        result.stdout.splitlines()
+    )
+    assert conf.read_text() == "# written by qnix integrity init for the live generation\n"
+    assert qnix("uninstall", "--root", str(root)).returncode == 0
+    assert conf.read_text() == "# written by qnix integrity init for the live generation\n"
 
 
 def test_install_refuses_without_its_virtual_environment_and_twice(root: Path) -> None:

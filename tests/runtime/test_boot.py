@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from qnix.compile import names
+from qnix.compile.artifacts import compile_spec
+from qnix.compile.inputs import load
 from qnix.runtime import cgroups
 from qnix.runtime.quickrun import read_state
 from tests.conftest import EXAMPLES
@@ -164,6 +166,50 @@ def test_a_reboot_is_a_clean_start_equal_to_a_fresh_apply(office: Office) -> Non
     assert last_boot["running"] == sorted(["sys-net", "sys-firewall", "work", *disposables])
 
 
+# ---- from the folder `qnix build` wrote (what the NixOS boot unit passes) ---------------------
+
+
+def flake_folder(host: LiveHost, spec: Path) -> Path:
+    """`qnix build SPEC -o DIR`, and what a flake folder holds besides the generation: a
+    flake.lock and a git repository."""
+    folder = host.base / "flake"
+    host.ok("build", str(spec), "-o", str(folder))
+    (folder / "flake.lock").write_text('{"nodes": {"root": {}}, "root": "root", "version": 7}\n')
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    return folder
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_boot_from_a_built_flake_folder_equals_a_fresh_apply(office: Office) -> None:
+    host, paths = office.host, office.host.paths
+    # Built away from the spec: the policy folder the spec names (policy.d beside it) is not
+    # where the flake is; the flake holds its compiled copy.
+    folder = flake_folder(host, OFFICE)
+    built = compile_spec(load(OFFICE))
+    assert not paths.installed_dir.exists()
+
+    booted = office.ok("boot", "--generation", str(folder)).splitlines()
+    assert booted[0] == f"installed generation {built.generation[:16]}"
+    assert f"booted generation {built.generation[:16]}" in booted
+    # Installed: the generation's files, not the lock file or the repository.
+    assert files_under(paths.installed_dir) == sorted(built.files)
+    assert all((paths.installed_dir / n).read_bytes() == d for n, d in built.files.items())
+
+    assert office.ok("drift") == NO_DRIFT
+    assert office.ok("apply", str(OFFICE)).splitlines()[0] == "no changes"
+    running = {n for n, s in office.states().items() if s == "running"}
+    assert running == {"sys-net", "sys-firewall", "work"}
+    assert office.ok("run", "work", "--", "hostname") == "work\n"
+    # The next reboot needs no folder: the installed copy brings the same generation up.
+    power_cut_and_reboot(host)
+    assert f"booted generation {built.generation[:16]}" in office.ok("boot").splitlines()
+    assert office.ok("drift") == NO_DRIFT
+    assert count_events(host, "boot") == 2
+
+
 # ---- fail closed ------------------------------------------------------------------------------
 
 SMALL = """\
@@ -257,3 +303,38 @@ def test_boot_with_nothing_applied_has_nothing_to_do(host: LiveHost) -> None:
     assert not host.paths.run_root.exists()
     assert not host.paths.audit_log.exists()
     assert host.compartment_netns() == set()
+
+
+def test_a_built_folder_with_a_file_changed_is_refused_whole(host: LiveHost) -> None:
+    folder = flake_folder(host, host.spec(SMALL))
+    ruleset = folder / "nftables" / "qnix.nft"
+    whole = ruleset.read_bytes()
+    hint = "  hint: nothing was brought up; build it again: qnix build SPEC -o DIR\n"
+
+    ruleset.write_bytes(whole.replace(b"drop", b"accept"))
+    changed = host.qnix("boot", "--generation", str(folder))
+    assert (changed.returncode, changed.stdout, changed.stderr) == (
+        1,
+        "",
+        f"error: the generation {folder} is damaged: "
+        f"nftables/qnix.nft differs from its hash in manifest.json\n{hint}",
+    )
+    ruleset.unlink()
+    missing = host.qnix("boot", "--generation", str(folder))
+    assert (missing.returncode, missing.stderr) == (
+        1,
+        f"error: the generation {folder} is damaged: nftables/qnix.nft is missing\n{hint}",
+    )
+    # Nothing came up, and nothing was installed or recorded.
+    assert host.compartment_netns() == set()
+    assert host.net.table_listing() is None
+    assert not host.paths.installed_dir.exists()
+    assert not host.paths.run_root.exists()
+    assert not host.paths.audit_log.exists()
+
+    # The control: the same folder with the file as built boots.
+    ruleset.write_bytes(whole)
+    assert host.ok("boot", "--generation", str(folder)).startswith("installed generation ")
+    assert host.compartment_netns() == {"web"}
+    assert host.ok("run", "web", "--", "hostname") == "web\n"
+    assert host.ok("drift") == NO_DRIFT

@@ -2,7 +2,8 @@
 importing them all, and `nixosConfigurations.<hostname>`.
 
 Inputs are only what the spec needs: lanzaboote with Secure Boot, microvm.nix with VMs; and
-qnix itself (`host.qnix_flake`), whose `nixosModules.qnix` runs the qnix services on the host.
+qnix itself (`host.qnix_flake`), whose `nixosModules.qnix` runs the qnix services on the host,
+booting from this flake's own folder as the generation.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def flake_tree(ws: Workstation) -> dict[str, NixValue]:
         Raw("self.nixosModules.default"),
         Raw("disko.nixosModules.disko"),
         Raw("qnix.nixosModules.qnix"),
-        {"services": {"qnix": {"enable": True}}},
+        # The flake's own folder is the generation (manifest.json and the files it lists): the
+        # boot unit installs it and brings the host to it. `./.`, not `self`: in a git
+        # repository with the flake in a subfolder, `self` is the repository's root.
+        {"services": {"qnix": {"enable": True, "generation": Raw("./.")}}},
     ]
     if ws.host.secure_boot:
         inputs["lanzaboote"] = _follows_nixpkgs(LANZABOOTE_URL)
