@@ -184,7 +184,7 @@ def files_under(folder: Path) -> list[str]:
 
 
 def test_boot_from_a_built_flake_folder_equals_a_fresh_apply(office: Office) -> None:
-    host, paths = office.host, office.host.paths
+    host, paths = office, office.paths
     # Built away from the spec: the policy folder the spec names (policy.d beside it) is not
     # where the flake is; the flake holds its compiled copy.
     folder = flake_folder(host, OFFICE)
