@@ -110,18 +110,23 @@ def check(spec: Path) -> None:
     "output",
     required=True,
     type=click.Path(path_type=Path, file_okay=False),
-    help="Folder to write the flake into (replaced as a whole).",
+    help="Folder to write the flake into (what an earlier build wrote there is replaced; "
+    "other files, such as flake.lock or .git, stay).",
 )
 def build(spec: Path, output: Path) -> None:
     """Build SPEC into a NixOS flake in OUTPUT."""
     from rich.console import Console
     from rich.table import Table
 
-    from qnix.compile.artifacts import compile_spec
-    from qnix.runtime.files import replace_tree
+    from qnix.compile.artifacts import MANIFEST, compile_spec, listed_files
+    from qnix.runtime.files import update_tree
 
     artifacts = compile_spec(_load(spec))
-    replace_tree(output, artifacts.files)
+    try:
+        earlier = listed_files((output / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        earlier = ()  # no earlier build here (or not one whose list can be trusted)
+    update_tree(output, artifacts.files, stale=earlier, last=MANIFEST)
     table = Table(title=f"{output} — generation {artifacts.generation[:16]}", title_justify="left")
     table.add_column("file")
     table.add_column("bytes", justify="right")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from qnix.errors import QnixError
@@ -119,6 +120,43 @@ def replace_tree(target: Path, files: Mapping[str, bytes]) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def update_tree(target: Path, files: Mapping[str, bytes], stale: Iterable[str], last: str) -> None:
+    """Write `files` (relative path -> bytes) into `target`, each atomically, `last` after all
+    the others; before it, remove `stale` (what an earlier write put there that `files` no
+    longer holds) and the folders that leaves empty. Anything else in `target` stays: a flake's
+    flake.lock, its .git. A write killed half-way leaves the earlier `last` naming what is
+    there, so the next write finds the stale files again."""
+    target = target.absolute()
+    if target.exists() and not target.is_dir():
+        raise QnixError(f"{target} exists and is not a folder", hint="choose another -o folder")
+    target.mkdir(parents=True, exist_ok=True)
+    root = target.resolve()
+
+    def inside(relative: str) -> Path:
+        path = target / relative
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise QnixError(f"refusing to write outside the output folder: {relative}")
+        if not path.parent.resolve().is_relative_to(root) or path.is_symlink():
+            raise QnixError(
+                f"refusing to write {relative}: a symbolic link in {target} leads out of it",
+                hint="remove the link, or choose another -o folder",
+            )
+        return path
+
+    for relative, data in sorted(files.items()):
+        if relative != last:
+            path = inside(relative)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data)
+    for relative in sorted(set(stale) - set(files)):
+        path = inside(relative)
+        path.unlink(missing_ok=True)
+        for folder in path.relative_to(target).parents[:-1]:
+            with contextlib.suppress(OSError):  # not empty: something else is in it
+                (target / folder).rmdir()
+    atomic_write(inside(last), files[last])
 
 
 def draw_with_graphviz(dot_source: str, fmt: str, output: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,21 +67,48 @@ def test_missing_spec_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_build_writes_the_flake_and_replaces_stale_files(tmp_path: Path) -> None:
+def test_build_writes_the_flake_and_replaces_only_what_it_wrote(tmp_path: Path) -> None:
     out = tmp_path / "flake"
-    out.mkdir()
-    (out / "stale.nix").write_text("old")
     result = qnix("build", OFFICE, "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert not (out / "stale.nix").exists()
+    assert "generation" in result.stdout
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert "flake.nix" in written
     assert "manifest.json" in written
-    assert "generation" in result.stdout
     first = {p: (out / p).read_bytes() for p in written}
+    # What the flake's user adds stays: its lock, its repository.
+    (out / "flake.lock").write_text("{}")
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    # A file an earlier build wrote (its manifest lists it) and this one does not is removed.
+    (out / "old" / "gone.nix").parent.mkdir()
+    (out / "old" / "gone.nix").write_text("old")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["old/gone.nix"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
     assert qnix("build", OFFICE, "-o", str(out)).returncode == 0
     assert {p: (out / p).read_bytes() for p in written} == first
+    assert not (out / "old").exists()
+    assert (out / "flake.lock").read_text() == "{}"
+    assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_build_does_not_write_through_a_link_out_of_its_folder(tmp_path: Path) -> None:
+    out, elsewhere = tmp_path / "flake", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert qnix("build", OFFICE, "-o", str(out)).returncode == 0
+    modules = out / "modules"
+    shutil.rmtree(modules)
+    modules.symlink_to(elsewhere)
+    result = qnix("build", OFFICE, "-o", str(out))
+    assert result.returncode == 1
+    assert "a symbolic link in" in result.stderr
+    assert not list(elsewhere.iterdir())
+    # Control: with the folder a folder again, the same build writes it.
+    modules.unlink()
+    assert qnix("build", OFFICE, "-o", str(out)).returncode == 0
+    assert list(modules.iterdir())
 
 
 def test_build_refuses_a_file_as_output(tmp_path: Path) -> None:
