@@ -44,7 +44,7 @@ from pathlib import Path
 from types import FrameType
 
 from qnix.errors import QnixError
-from qnix.runtime import agent, cgroups, secrets, vmlink
+from qnix.runtime import agent, bytecode, cgroups, secrets, vmlink
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.files import atomic_write
@@ -53,8 +53,9 @@ from qnix.runtime.net import COMPARTMENT_IFNAME, HostNetwork
 from qnix.runtime.paths import CALL_DIR_INSIDE, CALL_SOCKET_NAME, RuntimePaths, call_dir
 from qnix.runtime.quickrun import process_start_time
 
-# Where the agent's code appears inside a compartment (a read-only file).
-AGENT_CODE_INSIDE = "/opt/qnix-agent/agent.py"
+# Where the agent's code appears inside a compartment (a read-only file): bytecode compiled by
+# the interpreter that runs it (qnix.runtime.bytecode), so no start compiles its source.
+AGENT_CODE_INSIDE = "/opt/qnix-agent/agent.pyc"
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
 # The other programs that run inside (qnix/inside/*.py), bound next to the agent.
 INSIDE_PROGRAMS_DIR = Path(__file__).parent.parent / "inside"
@@ -153,7 +154,13 @@ def _start_with(
         # The call socket's folder is root's and read-only inside: not replaceable from there.
         extra_ro_binds=((str(call_dir(config.run_dir)), CALL_DIR_INSIDE),),
     )
-    agent_fd = ns.sealed_memfd(AGENT_SOURCE.read_bytes(), "qnix-agent")
+    agent_code = AGENT_SOURCE.read_bytes()
+    if config.isolation != vm.ISOLATION:  # a VM's guest runs vmlink, compiled into its archive
+        run_root = config.runtime_paths().run_root
+        agent_code = bytecode.cached_bytecode(
+            config.interpreter, agent_code, AGENT_CODE_INSIDE, run_root
+        )
+    agent_fd = ns.sealed_memfd(agent_code, "qnix-agent")
     resolv_fd = ns.sealed_memfd(config.resolv_conf.encode(), "qnix-resolv.conf")
     programs = {
         f"{INSIDE_DIR}/{source.name}": ns.sealed_memfd(source.read_bytes(), f"qnix-{source.stem}")

@@ -70,6 +70,7 @@ RUN_ROOT_ENTRIES = (
     "spawner.json",
     "spawner.log",
     "vm-initramfs",  # the VM's base initramfs per kernel (qnix.runtime.backends.vm)
+    "bytecode",  # the agent compiled for the compartments' interpreter (qnix.runtime.bytecode)
 )
 
 AGENT_SOCKET_NAME = "agent.sock"

@@ -318,7 +318,7 @@ def test_usr_cannot_be_written(lab: Lab) -> None:
 
 
 def test_the_agent_and_etc_cannot_be_changed(lab: Lab) -> None:
-    for path in ("/opt/qnix-agent/agent.py", "/etc/passwd", "/etc/resolv.conf"):
+    for path in ("/opt/qnix-agent/agent.pyc", "/etc/passwd", "/etc/resolv.conf"):
         assert lab.inside(probes.write_file(path, "x")).report == {"write": "EROFS"}
     # Control: host root on a writable tree (still the launcher's private tmpfs).
     control = lab.weakened(

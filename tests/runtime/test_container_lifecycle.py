@@ -223,7 +223,7 @@ def test_a_container_gets_the_one_secret_it_lists_of_two_declared(lab: Lab) -> N
         lab.ok("stop", "other")
     assert sightings_of(in_box) == only_its_own(in_box, "token")
     assert sightings_of(in_other) == only_its_own(in_other, "spare")
-    assert {"/etc/passwd", "/opt/qnix-agent/agent.py"} <= set(in_box["scanned"])
+    assert {"/etc/passwd", "/opt/qnix-agent/agent.pyc"} <= set(in_box["scanned"])
 
 
 def test_a_container_disposable_comes_and_goes(lab: Lab) -> None:

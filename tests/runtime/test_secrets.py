@@ -346,7 +346,7 @@ def test_a_secret_reaches_only_its_compartment_and_leaves_no_plaintext_behind(
         seeker = probe(live_host, "other", SEEKER_PROBE, input=plaintext.decode().strip())
         assert (seeker["secret"], seeker["secrets_folder"], seeker["found"]) == (False, False, [])
         # Not vacuous: it read its home, /etc, /run and the agent's files.
-        assert {"/etc/passwd", "/etc/resolv.conf", "/opt/qnix-agent/agent.py"} <= set(
+        assert {"/etc/passwd", "/etc/resolv.conf", "/opt/qnix-agent/agent.pyc"} <= set(
             seeker["scanned"]
         )
 
@@ -457,7 +457,7 @@ def test_a_compartment_gets_the_one_secret_it_lists_of_two_declared(live_host: L
     assert sightings_of(in_alpha) == only_its_own(in_alpha, "first-key")
     assert sightings_of(in_beta) == only_its_own(in_beta, "second-key")
     # Not vacuous: it read the agent's files and /etc besides /run, /tmp and the home.
-    assert {"/etc/passwd", "/opt/qnix-agent/agent.py"} <= set(in_alpha["scanned"])
+    assert {"/etc/passwd", "/opt/qnix-agent/agent.pyc"} <= set(in_alpha["scanned"])
 
 
 def test_a_wrong_or_missing_identity_refuses_the_start_and_leaves_nothing(

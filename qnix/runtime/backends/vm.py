@@ -44,6 +44,7 @@ from pathlib import Path
 
 from qnix.errors import QnixError
 from qnix.runner import require_tool, run
+from qnix.runtime.bytecode import compiled_by, interpreter_identity
 from qnix.runtime.files import atomic_write
 
 log = logging.getLogger("qnix.vm")
@@ -249,35 +250,6 @@ def base_initramfs(
     return newc(entries)
 
 
-# Run by the guest's interpreter on the host: bytecode is for one interpreter version. The
-# .pyc is unchecked-hash (PEP 552): the source beside it in the archive cannot change. Hex
-# both ways, as the runner speaks text.
-_COMPILE = """\
-import importlib.util, marshal, sys
-source = bytes.fromhex(sys.stdin.read())
-code = compile(source, sys.argv[1], "exec", dont_inherit=True)
-flags = (1).to_bytes(4, "little")
-header = importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source)
-sys.stdout.write((header + marshal.dumps(code)).hex())
-"""
-
-
-def compiled_by(interpreter: str, source: bytes, filename: str) -> bytes:
-    """`source` compiled by `interpreter`, as a .pyc it runs as a script."""
-    compiled = run([interpreter, "-I", "-S", "-c", _COMPILE, filename], input=source.hex())
-    return bytes.fromhex(compiled.stdout)
-
-
-def _interpreter_identity(interpreter: str) -> bytes:
-    """What tells one build of an interpreter from another (an upgrade replaces the file)."""
-    real = os.path.realpath(interpreter)
-    try:
-        info = os.stat(real)
-    except OSError as exc:
-        raise QnixError(f"the guest's interpreter {interpreter} is missing: {exc}") from None
-    return f"{real}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}".encode()
-
-
 def cached_base_initramfs(
     kernel: Kernel, programs: Mapping[str, bytes], interpreter: str, cache_dir: Path
 ) -> bytes:
@@ -286,7 +258,7 @@ def cached_base_initramfs(
     /init, program or interpreter makes a new one, which replaces the kernel's older one. It
     never holds a secret: what is a compartment's is in the per-start archive only."""
     digest = hashlib.sha256(f"qnix-vm-base-1\0{kernel.version}\0{INIT}\0".encode())
-    digest.update(_interpreter_identity(interpreter))
+    digest.update(interpreter_identity(interpreter))
     for part in (_static_busybox(), (kernel.modules / "modules.dep").read_bytes()):
         digest.update(hashlib.sha256(part).digest())
     for path in module_order(kernel.modules):
