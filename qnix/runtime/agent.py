@@ -20,7 +20,6 @@ from __future__ import annotations
 # `array`, `contextlib` and `typing` together cost `qnix run` more than the rest of its work.
 import _socket
 import errno
-import json
 import os
 import sys
 
@@ -58,6 +57,8 @@ def _fds_of(payload: bytes) -> list[int]:
 
 
 def send_message(sock: _socket.socket, message: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+    import json  # where used: inside, the agent says "ready" before loading it (see serve)
+
     body = json.dumps(message, separators=(",", ":")).encode()
     if len(body) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
@@ -92,6 +93,8 @@ def _recv_exact(sock: _socket.socket, size: int, fds: list[int]) -> bytes:
 def recv_message(sock: _socket.socket) -> tuple[dict[str, Any], list[int]]:
     """One message and the descriptors that came with it; ProtocolError if malformed. On any
     failure (also a timeout or a reset mid-message) the descriptors received are closed."""
+    import json  # where used: inside, the agent says "ready" before loading it (see serve)
+
     fds: list[int] = []
     try:
         size = int.from_bytes(_recv_exact(sock, HEADER_SIZE, fds), "big")
@@ -344,21 +347,25 @@ def serve(listen_fd: int) -> None:
     report its end. One process: no fork per connection, only the command's own (each
     request costs one fork). A client that closes its connection (or speaks out of turn)
     before its command has ended takes the command with it."""
+    # Whatever the sandbox's setup left open: commands inherit nothing.
+    os.closerange(3, listen_fd)
+    os.closerange(listen_fd + 1, 65536)
+    os.set_inheritable(listen_fd, False)
+    listener = _socket.socket(fileno=listen_fd)
+    listener.listen(64)
+    listener.detach()  # the socket module wraps it below, once it is loaded
+    # The host waits for this line before it reports the compartment as running; the modules
+    # requests need load while it travels to the client and the client's request comes back.
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    import json  # noqa: F401 - for the first request
     import select
     import signal
     import socket
     import warnings  # noqa: F401 - os.execvpe imports it: once here, not in every command
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    # Whatever the sandbox's setup left open: commands inherit nothing.
-    os.closerange(3, listen_fd)
-    os.closerange(listen_fd + 1, 65536)
     server = socket.socket(fileno=listen_fd)
-    os.set_inheritable(listen_fd, False)
-    server.listen(64)
-    # The host waits for this line before it reports the compartment as running.
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
     running: dict[int, tuple[int, socket.socket | None]] = {}  # pidfd -> (pid, connection)
     clients: dict[int, int] = {}  # a running command's connection -> its pidfd
     listening = server.fileno()
