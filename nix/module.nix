@@ -22,6 +22,7 @@
             CapabilityBoundingSet = [
               "~CAP_AUDIT_CONTROL CAP_AUDIT_READ CAP_BLOCK_SUSPEND CAP_LEASE CAP_LINUX_IMMUTABLE CAP_MAC_ADMIN CAP_MAC_OVERRIDE CAP_SYS_BOOT CAP_SYS_MODULE CAP_SYS_PACCT CAP_SYS_RAWIO CAP_SYS_TIME CAP_SYS_TTY_CONFIG CAP_SYSLOG CAP_WAKE_ALARM"
             ];
+            ExecReload = ("${config.services.qnix.package}/bin/qnix gc");
             ExecStart = ("${config.services.qnix.package}/bin/qnix boot${lib.optionalString (config.services.qnix.generation != null) " --generation ${config.services.qnix.generation}"}");
             ExecStop = ("${config.services.qnix.package}/bin/qnix down");
             LockPersonality = true;
@@ -41,6 +42,7 @@
           };
           unitConfig = {
             Description = "qnix: the host brought to the live generation";
+            ReloadPropagatedFrom = "nftables.service";
           };
           wantedBy = [
             "multi-user.target"

@@ -144,6 +144,9 @@ class Service:
     command: Command
     service: Mapping[str, Value]
     stop: Command | None = None
+    reload: Command | None = None
+    # Units whose reload reloads this one too (ReloadPropagatedFrom=).
+    reload_with: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
     wants: tuple[str, ...] = ()
     before: tuple[str, ...] = ()
@@ -184,7 +187,11 @@ SERVICES: tuple[Service, ...] = (
         # from it with nothing applied by hand.
         command=("qnix", ("boot", ModuleOption("--generation", "generation"))),
         stop=("qnix", ("down",)),
-        # nftables.service flushes the whole ruleset when it starts: qnix's table comes after.
+        # nftables.service flushes the whole ruleset when it starts or reloads (a NixOS switch
+        # that changes the firewall reloads it): qnix's table comes after, and a reload of it
+        # makes `qnix gc` put back the table qnix loaded, running disposables' elements and all.
+        reload=("qnix", ("gc",)),
+        reload_with=("nftables.service",),
         after=(
             "network-pre.target",
             "nftables.service",
@@ -298,6 +305,8 @@ def _unit_section(service: Service, description: str) -> dict[str, Value]:
             unit[key] = " ".join(names)
     if service.before:
         unit["Before"] = " ".join(service.before)
+    if service.reload_with:
+        unit["ReloadPropagatedFrom"] = " ".join(service.reload_with)
     unit.update(service.conditions)
     return unit
 
@@ -309,6 +318,8 @@ def unit_files(tools: Mapping[Tool, str]) -> dict[str, str]:
         body: dict[str, Value] = {"ExecStart": _exec(tools, service.command)}
         if service.stop is not None:
             body["ExecStop"] = _exec(tools, service.stop)
+        if service.reload is not None:
+            body["ExecReload"] = _exec(tools, service.reload)
         body.update(sorted(service.service.items()))
         sections = [
             _section("Unit", _unit_section(service, service.description)),
@@ -382,8 +393,12 @@ def nixos_config() -> dict[str, NixValue]:
         body: dict[str, NixValue] = {"ExecStart": _nix_exec(service.command)}
         if service.stop is not None:
             body["ExecStop"] = _nix_exec(service.stop)
+        if service.reload is not None:
+            body["ExecReload"] = _nix_exec(service.reload)
         body.update({k: _nix_setting(v) for k, v in service.service.items()})
         unit: dict[str, NixValue] = {"Description": service.description}
+        if service.reload_with:
+            unit["ReloadPropagatedFrom"] = " ".join(service.reload_with)
         unit.update(service.conditions)
         entry: dict[str, NixValue] = {"serviceConfig": body, "unitConfig": unit}
         for option, names in (

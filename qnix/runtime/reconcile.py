@@ -379,8 +379,10 @@ def down(paths: RuntimePaths) -> list[str]:
 def gc(paths: RuntimePaths) -> list[str]:
     """Remove what a crash left: run folders and cgroups without a keeper, namespaces, links,
     rules and nft elements of compartments neither live nor running, the table without a
-    generation. qnix mounts nothing on the host (bubblewrap's mounts live and die in the
-    compartment's own mount namespace), so there are no mounts to remove."""
+    generation; and the table as it was loaded (host names resolved, running disposables'
+    elements) when a firewall reload flushed or replaced it. qnix mounts nothing on the host
+    (bubblewrap's mounts live and die in the compartment's own mount namespace), so there are
+    no mounts to remove."""
     require_root()
     net = network_for(paths)
     hostowner.require_host_network(paths, net)
@@ -426,9 +428,17 @@ def gc(paths: RuntimePaths) -> list[str]:
         listing = net.table_listing() if ws is not None else None
         # Elements name interfaces: one that belongs to nothing live is a crashed disposable's.
         stale = set(re.findall(r'"(qx[0-9a-f]{10})" \. ', listing or "")) - wanted_links
-        if stale and paths.nft_transaction_file.exists():
+        # A table that is gone, or not the one this instance loaded (its mark is missing): a
+        # firewall reload flushed the ruleset (nftables.service does, and reloads this unit).
+        replaced = ws is not None and (
+            listing is None or not hostowner.marked_by(paths, table_comment(listing))
+        )
+        if (stale or replaced) and paths.nft_transaction_file.exists():
             kept = disposables_statements(running_disposables(paths))
             statements = paths.nft_transaction_file.read_text() + kept
             net.load_table(statements, comment=hostowner.owner_mark(paths))
-            changes.append(f"removed the nft elements of {', '.join(sorted(stale))}")
+            if replaced:
+                changes.append(f"put back the nft table {TABLE} as qnix last loaded it")
+            else:
+                changes.append(f"removed the nft elements of {', '.join(sorted(stale))}")
     return changes

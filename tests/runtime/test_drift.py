@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from qnix.compile import names
+from qnix.runtime import hostowner
 from qnix.runtime.net import route_table
 from qnix.runtime.wanted import Difference, compare_listings, listing_of
 from tests.conftest import need
@@ -291,3 +292,23 @@ def test_without_a_live_generation_leftovers_are_drift(host: LiveHost) -> None:
     in_host(host, need("nft"), "add", "table", "inet", "qnix")
     assert drift(host) == (1, [difference("nft-table", "inet qnix", None, "present")])
     in_host(host, need("nft"), "delete", "table", "inet", "qnix")
+
+
+def test_a_firewall_reload_that_replaces_the_table_is_undone_by_gc(host: LiveHost) -> None:
+    """What a distribution's nftables.service does on reload (flush the ruleset, load its own
+    copy of the generation's table: no host names resolved, no owner mark), and then a flush
+    alone; the boot unit's reload runs `qnix gc`, which puts back the table qnix loaded."""
+    reapplied_clean(host)  # whatever the tests before left
+    nft = need("nft")
+    static = host.paths.generation_dir / "nftables" / "qnix.nft"
+    for replace in ([["flush", "ruleset"], ["-f", str(static)]], [["flush", "ruleset"]]):
+        for argv in replace:
+            in_host(host, nft, *argv)
+        # Control: the replaced (or missing) table is drift until gc runs.
+        assert drift(host)[0] == 1
+        assert host.net.table_comment() in (None, "")
+        assert "put back the nft table inet qnix as qnix last loaded it" in host.ok("gc")
+        assert drift(host) == (0, [])
+        assert host.net.table_comment() == hostowner.owner_mark(host.paths)
+    # Nothing replaced: gc leaves the table alone.
+    assert "nft table" not in host.ok("gc")
