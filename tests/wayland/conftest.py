@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from qnix.wayland import protocol
+from qnix.runtime.waylandproxy import load_protocols
 from qnix.wayland.protocol import Protocols
 
 
 @pytest.fixture(scope="session")
 def protocols() -> Protocols:
-    files = protocol.protocol_files(protocol.data_dirs({}), ("stable/xdg-shell/xdg-shell.xml",))
-    return protocol.load(files)
+    return load_protocols({})
