@@ -140,7 +140,20 @@ class Proxy:
             self.clients[sock] = pair
             self.selector.register(sock, selectors.EVENT_READ)
 
+    def _pass_last_words(self, pair: _Client) -> None:
+        """What the compositor sent before it closed (a wl_display.error saying why) still
+        reaches the client; best effort, the connection ends either way."""
+        with contextlib.suppress(Exception):
+            while True:
+                data, fds = _receive(pair.server.sock)
+                if not data:
+                    break
+                out = pair.session.from_server(data, fds)
+                pair.client.push(out.to_client)
+            pair.client.flush()
+
     def _end(self, pair: _Client) -> None:
+        self._pass_last_words(pair)
         for side in (pair.client, pair.server):
             if self.clients.pop(side.sock, None) is not None:
                 self.selector.unregister(side.sock)
@@ -182,8 +195,9 @@ class Proxy:
                 for side in (pair.client, pair.server):
                     side.flush()
                     self._watch_writes(side)
-            except (QnixError, OSError) as exc:
-                # Malformed, refused or gone: this client and its compositor connection end.
+            except Exception as exc:
+                # Malformed, refused, gone, or a bug in the rules: this client and its
+                # compositor connection end, never the filter and its other clients.
                 if not isinstance(exc, PeerClosed | ConnectionResetError):
                     print(f"client ended: {exc}", file=sys.stderr, flush=True)
                 self._end(pair)
@@ -202,7 +216,9 @@ def drop_privileges(uid: int, gid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qnix.runtime.waylandproxy")
-    parser.add_argument("--listen", required=True, help="the socket the compartment connects to")
+    parser.add_argument(
+        "--listen", required=True, help="the socket the compartment connects to (a new path)"
+    )
     parser.add_argument("--upstream", required=True, help="the compositor's socket")
     parser.add_argument("--compartment", required=True)
     parser.add_argument("--fullscreen", action="store_true")
@@ -215,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     marker = rules.MARKER_PREFIX + secrets.token_hex(16)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     listener.bind(args.listen)
+    # Who may connect is decided by the folder the socket is in (the compartment's alone).
+    os.chmod(args.listen, 0o666)  # noqa: S103 - the folder decides
     listener.listen(16)
     if args.user:
         uid, gid = (int(part) for part in args.user.split(":"))

@@ -111,7 +111,7 @@ SOURCES = {c.source for c in CLIPBOARDS}
 DEVICES = {c.device for c in CLIPBOARDS}
 OFFERS = {c.offer for c in CLIPBOARDS}
 # The device events that hand the client an offer it may read from.
-OFFER_EVENTS = {"selection": "id", "enter": "id"}
+OFFER_EVENTS = frozenset({"selection", "enter"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +309,7 @@ class Session:
         elif interface == "wl_registry":
             self._registry_event(decoded, out)
         elif interface in DEVICES and name == "data_offer":
-            offer = decoded.arg("id")
+            (offer,) = decoded.args
             assert isinstance(offer, int)
             self.pending[offer] = _Offer([(decoded.raw, [])])
         elif interface in OFFERS and decoded.object_id in self.pending:
@@ -341,7 +341,7 @@ class Session:
     def _offer_event(self, decoded: Decoded, out: Output) -> None:
         """selection or enter: the client sees the offer only if a source of this compartment
         made it."""
-        argument = OFFER_EVENTS[decoded.message.name]
+        (argument,) = (a.name for a in decoded.message.args if a.interface in OFFERS)
         offer = decoded.arg(argument)
         held = self.pending.pop(offer, None) if isinstance(offer, int) else None
         if held is None:
