@@ -26,7 +26,7 @@ from typing import Any
 from qnix.audit import events
 from qnix.compile import names
 from qnix.errors import QnixError
-from qnix.runtime import cgroups, hostowner, secrets
+from qnix.runtime import cgroups, hostowner, secrets, waylandproxy
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends.namespace import HostIdentity
 from qnix.runtime.files import atomic_write
@@ -125,6 +125,10 @@ def keeper_config(
         resolv_conf=resolv_conf(ws, compartment),
         state_root=str(paths.state_root),
         isolation=compartment.isolation,
+        wayland_display=waylandproxy.compositor_socket(dict(os.environ))
+        if compartment.gui
+        else None,
+        fullscreen=compartment.fullscreen,
         **secrets.keeper_fields(paths, ws, compartment),
         **disposable,
         **guest,
@@ -286,14 +290,48 @@ def restart(paths: RuntimePaths, name: str) -> None:
         start_locked(paths, ws, name)
 
 
-def run(paths: RuntimePaths, name: str, argv: Sequence[str], user: str | None = None) -> int:
-    """Run argv in `name` with our stdio (starting it first if needed); its exit code."""
+def check_gui_host(environ: dict[str, str]) -> None:
+    """A GUI app needs a Wayland compositor here; X11 is refused, not half-supported."""
+    if waylandproxy.compositor_socket(environ) is not None:
+        return
+    if environ.get("DISPLAY"):
+        raise QnixError(
+            "X11 apps are not supported: qnix shows GUI compartments through Wayland only"
+            " (DISPLAY is set, but there is no Wayland compositor)",
+            hint="run a Wayland session (sway, Hyprland, GNOME or KDE on Wayland); see docs/gui.md",
+        )
+    raise QnixError(
+        "no Wayland compositor found for a GUI app",
+        hint="run from your Wayland session (WAYLAND_DISPLAY set; keep it through sudo with"
+        " --preserve-env=WAYLAND_DISPLAY,XDG_RUNTIME_DIR), or set"
+        " QNIX_WAYLAND_DISPLAY=/run/user/UID/wayland-0",
+    )
+
+
+def run(
+    paths: RuntimePaths,
+    name: str,
+    argv: Sequence[str],
+    user: str | None = None,
+    *,
+    gui: bool = False,
+) -> int:
+    """Run argv in `name` with our stdio (starting it first if needed); its exit code. With
+    `gui`, the compartment must have `gui = true` and a display (its Wayland filter)."""
     ws = require_live(paths)
     state = running_state(paths, name)
     if name in ws.compartments or state is None or name not in running_disposables(paths):
-        inside = compartment_of(ws, name).user
+        compartment = compartment_of(ws, name)
+        inside, has_gui = compartment.user, compartment.gui
     else:
-        inside = str(state["user"])  # a running disposable
+        inside, has_gui = str(state["user"]), bool(state.get("gui"))  # a running disposable
+    if gui:
+        if not has_gui:
+            raise QnixError(
+                f"compartment {name} has no GUI",
+                hint=f"set gui = true for {name} (or its disposable template) and apply",
+            )
+        check_gui_host(dict(os.environ))
     if user is not None and user != inside:
         raise QnixError(
             f"compartment {name} has one user, {inside!r}; there is no {user!r} inside",
@@ -306,6 +344,12 @@ def run(paths: RuntimePaths, name: str, argv: Sequence[str], user: str | None = 
         state = running_state(paths, name)
         if state is None:
             raise QnixError(f"compartment {name} stopped right after it started")
+    if gui and not state.get("gui"):
+        raise QnixError(
+            f"compartment {name} runs without a display: there was no Wayland compositor when"
+            " it started",
+            hint=f"qnix restart {name} from your Wayland session",
+        )
     try:
         return execute(paths, name, state, argv)
     except Exception as exc:

@@ -19,9 +19,12 @@ import secrets
 import selectors
 import signal
 import socket
+import stat
+import subprocess
 import sys
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qnix.errors import QnixError
 from qnix.wayland import protocol, rules
@@ -35,6 +38,58 @@ MAX_FDS_PER_READ = 28
 MAX_QUEUED_FDS = 256
 MAX_QUEUED_BYTES = 4 * 1024 * 1024
 MAX_CLIENTS = 128
+# The filter's socket: in a root-owned folder of the compartment's run folder, bound read-only
+# at /run/user/1000/wayland-0 inside (never the compositor's runtime folder, which also holds
+# its IPC socket).
+FOLDER_NAME = "wayland"
+SOCKET_NAME = "wayland-0"
+
+
+def compositor_socket(environ: dict[str, str]) -> str | None:
+    """The compositor's socket, from the environment of the command that starts a compartment:
+    QNIX_WAYLAND_DISPLAY, else WAYLAND_DISPLAY (a path, or a name in XDG_RUNTIME_DIR); None
+    when that is not a socket."""
+    display = environ.get("QNIX_WAYLAND_DISPLAY") or environ.get("WAYLAND_DISPLAY")
+    if not display:
+        return None
+    if not display.startswith("/"):
+        runtime_dir = environ.get("XDG_RUNTIME_DIR")
+        if not runtime_dir:
+            return None
+        display = f"{runtime_dir}/{display}"
+    try:
+        return display if stat.S_ISSOCK(os.stat(display).st_mode) else None
+    except OSError:
+        return None
+
+
+def start(
+    run_dir: Path, upstream: str, compartment: str, *, fullscreen: bool, host_gid: int
+) -> subprocess.Popen[bytes]:
+    """The filter of one compartment, as the user who owns the compositor's socket; its socket
+    is connectable by `host_gid` (the compartment's host group) only. It ends when it is told
+    to (SIGTERM) or when its stdin, a pipe from the caller, closes (the caller is gone)."""
+    folder = run_dir / FOLDER_NAME
+    folder.mkdir(mode=0o755)
+    owner = os.stat(upstream)
+    argv = [
+        sys.executable,
+        "-I",
+        "-m",
+        "qnix.runtime.waylandproxy",
+        "--listen",
+        str(folder / SOCKET_NAME),
+        "--upstream",
+        upstream,
+        "--compartment",
+        compartment,
+        "--user",
+        f"{owner.st_uid}:{owner.st_gid}",
+        "--socket-group",
+        str(host_gid),
+        *(["--fullscreen"] if fullscreen else []),
+    ]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
 
 
 def load_protocols(environ: dict[str, str]) -> protocol.Protocols:
@@ -117,6 +172,11 @@ class Proxy:
         self.clients: dict[socket.socket, _Client] = {}
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ)
+        # stdin a pipe from the keeper: when it closes, the keeper is gone, and so is the filter.
+        self.parent: int | None = None
+        if stat.S_ISFIFO(os.fstat(0).st_mode):
+            self.parent = 0
+            self.selector.register(0, selectors.EVENT_READ)
 
     def _accept(self) -> None:
         try:
@@ -182,6 +242,10 @@ class Proxy:
     def step(self, timeout: float | None = None) -> None:
         for key, events in self.selector.select(timeout):
             sock = key.fileobj
+            if sock == self.parent:
+                if not os.read(0, 4096):
+                    raise SystemExit(0)
+                continue
             if sock is self.listener:
                 self._accept()
                 continue
@@ -223,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compartment", required=True)
     parser.add_argument("--fullscreen", action="store_true")
     parser.add_argument(
+        "--socket-group", type=int, required=True, help="the group that may connect"
+    )
+    parser.add_argument(
         "--user", metavar="UID:GID", help="drop to this user once listening (the compositor's)"
     )
     args = parser.parse_args(argv)
@@ -231,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     marker = rules.MARKER_PREFIX + secrets.token_hex(16)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     listener.bind(args.listen)
-    # Who may connect is decided by the folder the socket is in (the compartment's alone).
-    os.chmod(args.listen, 0o666)  # noqa: S103 - the folder decides
+    os.chown(args.listen, -1, args.socket_group)
+    os.chmod(args.listen, 0o660)
     listener.listen(16)
     if args.user:
         uid, gid = (int(part) for part in args.user.split(":"))

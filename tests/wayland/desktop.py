@@ -152,6 +152,8 @@ class Desktop:
             compartment,
             "--user",
             f"{self.uid}:{self.gid}",
+            "--socket-group",
+            str(self.gid),
             *(["--fullscreen"] if fullscreen else []),
         ]
         with (self.root / f"filter-{compartment}.log").open("wb") as log:
