@@ -23,6 +23,11 @@ subnet = "10.203.0.0/16"
 gui = true
 memory_mb = 256
 
+[compartments.boxed]
+isolation = "container"
+gui = true
+memory_mb = 256
+
 [compartments.plain]
 memory_mb = 128
 """
@@ -138,3 +143,29 @@ def test_run_gui_refuses_x11(host: LiveHost) -> None:
     result = qnix(host, "run", "--gui", "personal", "--", "true", DISPLAY=":0")
     assert result.returncode == 1
     assert "X11 apps are not supported" in result.stderr
+
+
+def test_a_gui_container_gets_the_same_filter(desktop: Desktop, host: LiveHost) -> None:
+    display = {"QNIX_WAYLAND_DISPLAY": str(desktop.display)}
+    started = qnix(host, "start", "boxed", **display)
+    assert started.returncode == 0, started.stderr
+    assert len(filters(host)) == 1
+    listing = qnix(host, "run", "boxed", "--", "ls", "-A", "/run/user/1000")
+    assert (listing.returncode, listing.stdout) == (0, "wayland-0\n")
+    ipc = qnix(host, "run", "boxed", "--", "test", "-e", str(desktop.ipc))
+    assert ipc.returncode == 1
+    app = subprocess.Popen(
+        [QNIX, "run", "--gui", "boxed", "--", need("foot"), "--app-id", "x", "-e", "sleep", "600"],
+        env={**host.env, **display},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert desktop.window("qnix-boxed.")["app_id"] == "qnix-boxed.x"
+    finally:
+        app.terminate()
+        app.wait(30)
+    stopped = qnix(host, "stop", "boxed")
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: not filters(host), "the filter to end with the container")
