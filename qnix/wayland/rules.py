@@ -170,8 +170,9 @@ class Session:
 
     # The two feeds -------------------------------------------------------------------------
 
-    def from_client(self, data: bytes, fds: list[int]) -> Output:
-        return self._feed(True, data, fds)
+    def from_client(self, untrusted_data: bytes, untrusted_fds: list[int]) -> Output:
+        """What the compartment's client sent: every message is checked before it passes."""
+        return self._feed(True, untrusted_data, untrusted_fds)
 
     def from_server(self, data: bytes, fds: list[int]) -> Output:
         return self._feed(False, data, fds)
