@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from qnix.audit import events
@@ -308,6 +309,38 @@ def check_gui_host(environ: dict[str, str]) -> None:
     )
 
 
+# A GUI app waits, as a shell inside, until the host has moved it into its scope, and only
+# then becomes the app: nothing it starts can be left behind in the compartment's own cgroup.
+WAIT_FOR_SCOPE = (
+    'start=$(cat /proc/self/cgroup); while [ "$(cat /proc/self/cgroup)" = "$start" ];'
+    ' do sleep 0.01; done; exec "$@"'
+)
+
+
+def run_gui_app(paths: RuntimePaths, name: str, state: dict[str, Any], argv: Sequence[str]) -> int:
+    """argv in a cgroup scope of its own inside the compartment's (app-<pid inside>)."""
+    tree = container.cgroup_tree(cgroups.cgroup_of(str(state["cgroup"]), cgroups.detect()))
+    scopes: list[Path] = []
+
+    def into_scope(untrusted_pid: int) -> None:
+        scopes.append(cgroups.scope(tree, f"app-{untrusted_pid}", untrusted_pid))
+
+    try:
+        return execute(
+            paths,
+            name,
+            state,
+            ["/bin/sh", "-c", WAIT_FOR_SCOPE, "sh", *argv],
+            on_started=into_scope,
+        )
+    except Exception as exc:
+        raise QnixError(f"cannot run in {name}: {exc}") from exc
+    finally:
+        for folder in scopes:  # what the app left running keeps it until the compartment ends
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
 def run(
     paths: RuntimePaths,
     name: str,
@@ -350,6 +383,8 @@ def run(
             " it started",
             hint=f"qnix restart {name} from your Wayland session",
         )
+    if gui:
+        return run_gui_app(paths, name, state, argv)
     try:
         return execute(paths, name, state, argv)
     except Exception as exc:

@@ -23,7 +23,7 @@ from qnix.runtime.paths import PathError, RuntimePaths, check_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import: only the type checker reads these
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import Any
 
 # The state.json fields the fast path relies on, with their types.
@@ -105,10 +105,12 @@ def execute(
     stdio: Sequence[int] = (0, 1, 2),
     *,
     event: str = "run",
+    on_started: Callable[[int], None] | None = None,
     **audit: events.FieldValue,
 ) -> int:
     """Run argv in the running compartment with our stdio; its exit code. Audited as `event`
-    (`run`, or `dispose` with the template) once the command has ended."""
+    (`run`, or `dispose` with the template) once the command has ended. `on_started`: see
+    agent.execute."""
     terminal = os.isatty(stdio[0]) and os.isatty(stdio[1])
     env = command_env(state, os.isatty(stdio[0]))
     fields: dict[str, events.FieldValue] = {"compartment": name, **audit, "argv": list(argv)}
@@ -123,6 +125,7 @@ def execute(
             stdio=stdio,
             peer_uid=state["host_uid"],
             terminal=terminal,
+            on_started=on_started,
         )
     except (agent.AgentError, agent.ProtocolError) as exc:
         events.record(paths, event, **fields, result=f"error: {exc}")

@@ -3,6 +3,7 @@ lives and dies with the compartment, and `qnix run --gui` refuses what it cannot
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from qnix.errors import QnixError
+from qnix.runtime import cgroups
+from qnix.runtime.backends.container import cgroup_tree
 from tests.conftest import need
 from tests.runtime.livehost import QNIX, LiveHost
 from tests.wayland.desktop import Desktop, wait_for
@@ -75,6 +79,17 @@ def filters(host: LiveHost) -> list[int]:
     return found
 
 
+def app_scopes(host: LiveHost, name: str) -> dict[str, set[str]]:
+    """Each app-* scope of compartment `name`'s cgroups: the commands of its processes."""
+    top = cgroups.cgroup_of(host.paths.cgroup_name(name), cgroups.detect())
+    found: dict[str, set[str]] = {}
+    for folder in cgroup_tree(top).paths:
+        if folder.name.startswith("app-"):
+            pids = (folder / "cgroup.procs").read_text().split()
+            found[folder.name] = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids}
+    return found
+
+
 def test_a_gui_compartment_sees_only_its_filter(desktop: Desktop, host: LiveHost) -> None:
     display = {"QNIX_WAYLAND_DISPLAY": str(desktop.display)}
     started = qnix(host, "start", "personal", **display)
@@ -117,6 +132,13 @@ def test_a_gui_compartment_sees_only_its_filter(desktop: Desktop, host: LiveHost
     try:
         window = desktop.window("qnix-personal.")
         assert (window["app_id"], window["fullscreen_mode"]) == ("qnix-personal.qnix-banking.x", 0)
+        # In a scope of its own, with what it started.
+        (scope,) = app_scopes(host, "personal").values()
+        assert {"foot", "sleep"} <= scope
+        # An agent that lies about the pid cannot have a host process moved.
+        top = cgroups.cgroup_of(host.paths.cgroup_name("personal"), cgroups.detect())
+        with pytest.raises(QnixError, match="no process"):
+            cgroups.scope(cgroup_tree(top), "app-lie", os.getpid())
         # Nothing to capture the screen with inside.
         grim = qnix(host, "run", "--gui", "personal", "--", need("grim"), "/tmp/x.png", **display)
         assert grim.returncode != 0
@@ -124,6 +146,8 @@ def test_a_gui_compartment_sees_only_its_filter(desktop: Desktop, host: LiveHost
     finally:
         app.terminate()
         app.wait(30)
+    # A killed `qnix run` takes its app along; the empty scope goes with the compartment.
+    wait_for(lambda: not any(app_scopes(host, "personal").values()), "the app to end")
 
     stopped = qnix(host, "stop", "personal")
     assert stopped.returncode == 0, stopped.stderr
@@ -163,6 +187,8 @@ def test_a_gui_container_gets_the_same_filter(desktop: Desktop, host: LiveHost) 
     )
     try:
         assert desktop.window("qnix-boxed.")["app_id"] == "qnix-boxed.x"
+        (scope,) = app_scopes(host, "boxed").values()
+        assert {"foot", "sleep"} <= scope
     finally:
         app.terminate()
         app.wait(30)
