@@ -170,6 +170,10 @@ class Desktop:
         assert result.returncode == 0, result.stderr
         return result.stdout.decode()
 
+    def filter_log(self, compartment: str) -> str:
+        """Why the filter of `compartment` ended clients, so far."""
+        return (self.root / f"filter-{compartment}.log").read_text()
+
     def tree(self) -> list[dict[str, object]]:
         """Every window sway holds (get_tree, flattened)."""
         windows: list[dict[str, object]] = []

@@ -93,9 +93,17 @@ def test_capture_by_a_guessed_global_name(
     with connected(desktop.display, protocols) as client:
         assert count_colour(capture(client, names), VICTIM_RGB) > 10000
 
+    screencopy = names["zwlr_screencopy_manager_v1"]
     filtered = desktop.filter("guess") / "wayland-0"
+    # Before the registry is even read, and after: either way the bind ends the client.
     with connected(filtered, protocols) as client, pytest.raises(Disconnected):
+        client.bind(screencopy, "zwlr_screencopy_manager_v1")
+        client.roundtrip()
+    with connected(filtered, protocols) as client, pytest.raises(Disconnected):
+        assert "zwlr_screencopy_manager_v1" not in client.globals()
         capture(client, names)
+    refusal = f"client ended: a bind to global {screencopy}, which this client was not shown\n"
+    wait_for(lambda: desktop.filter_log("guess") == refusal * 2, "the filter's two refusals")
 
 
 def test_typing_into_another_window(desktop: Desktop) -> None:
@@ -157,6 +165,8 @@ def test_listing_other_windows(
         client.bind(names[manager], manager)
         with pytest.raises(Disconnected):
             client.roundtrip()
+    refusal = f"client ended: a bind to global {names[manager]}, which this client was not shown\n"
+    wait_for(lambda: desktop.filter_log("lister") == refusal, "the filter's refusal")
 
 
 # Without data-control, wl-copy and wl-paste map a window to get focus and attach a buffer
