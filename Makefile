@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) bench/runtime.py
 	$(PY) bench/broker.py
 	$(PY) bench/audit.py
+	$(PY) bench/gui.py
 
 system-deps:
 	@if [ -n "$(IN_NIX_SHELL)" ]; then exit 0; fi; \

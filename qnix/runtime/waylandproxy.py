@@ -262,7 +262,7 @@ class Proxy:
             except Exception as exc:
                 # Malformed, refused, gone, or a bug in the rules: this client and its
                 # compositor connection end, never the filter and its other clients.
-                if not isinstance(exc, PeerClosed | ConnectionResetError):
+                if not isinstance(exc, PeerClosed | ConnectionResetError | BrokenPipeError):
                     print(f"client ended: {exc}", file=sys.stderr, flush=True)
                 self._end(pair)
 
