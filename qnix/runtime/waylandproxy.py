@@ -69,9 +69,15 @@ def start(
     """The filter of one compartment, as the user who owns the compositor's socket; its socket
     is connectable by `host_gid` (the compartment's host group) only. It ends when it is told
     to (SIGTERM) or when its stdin, a pipe from the caller, closes (the caller is gone)."""
+    owner = os.stat(upstream)
+    if owner.st_uid == 0:
+        raise QnixError(
+            f"the compositor's socket {upstream} belongs to root: the Wayland filter would parse"
+            " a compartment's bytes as root",
+            hint="run the compositor as your own user, not root",
+        )
     folder = run_dir / FOLDER_NAME
     folder.mkdir(mode=0o755)
-    owner = os.stat(upstream)
     argv = [
         sys.executable,
         "-I",

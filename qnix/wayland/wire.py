@@ -24,6 +24,9 @@ MAX_MESSAGE_SIZE = 4096
 # Ids the server allocates (new_id in events) start here; clients allocate below it.
 SERVER_ID_START = 0xFF000000
 DISPLAY_ID = 1
+# Objects one connection may hold at once (live or not yet freed): far above what a browser
+# needs, far below what would let one client fill the filter's memory.
+MAX_OBJECTS = 1 << 17
 
 
 class WireError(QnixError):
@@ -228,6 +231,8 @@ class Objects:
         known = self.entries.get(object_id)
         if known is not None and (known.live or not by_server):
             raise WireError(f"new object id {object_id} is in use")
+        if known is None and len(self.entries) >= MAX_OBJECTS:
+            raise WireError(f"more than {MAX_OBJECTS} objects")
         found = self.protocols.get(interface)
         if found is None:
             raise WireError(f"an object of the unknown interface {interface}")

@@ -4,6 +4,7 @@ lives and dies with the compartment, and `qnix run --gui` refuses what it cannot
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qnix.errors import QnixError
-from qnix.runtime import cgroups
+from qnix.runtime import cgroups, waylandproxy
 from qnix.runtime.backends.container import cgroup_tree
 from tests.conftest import need
 from tests.runtime.livehost import QNIX, LiveHost
@@ -195,3 +196,17 @@ def test_a_gui_container_gets_the_same_filter(desktop: Desktop, host: LiveHost) 
     stopped = qnix(host, "stop", "boxed")
     assert stopped.returncode == 0, stopped.stderr
     wait_for(lambda: not filters(host), "the filter to end with the container")
+
+
+def test_the_filter_never_runs_as_root(tmp_path: Path) -> None:
+    """A compositor whose socket is root's would have the filter parse as root: refused."""
+    compositor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    compositor.bind(str(tmp_path / "wayland-9"))
+    try:
+        with pytest.raises(QnixError, match="belongs to root"):
+            waylandproxy.start(
+                tmp_path, str(tmp_path / "wayland-9"), "personal", fullscreen=False, host_gid=1
+            )
+        assert not (tmp_path / waylandproxy.FOLDER_NAME).exists()
+    finally:
+        compositor.close()

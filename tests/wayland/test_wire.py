@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from qnix.wayland.protocol import Arg, Protocols
 from qnix.wayland.wire import (
+    MAX_OBJECTS,
     Fd,
     Objects,
     UntypedNewId,
@@ -131,6 +132,16 @@ def test_objects_follow_creation_and_deletion(protocols: Protocols) -> None:
     objects.forget(2)
     objects.create(2, "wl_callback", 1, by_server=False)
     assert objects.live(2, "wl_callback").version == 1
+
+
+def test_a_client_cannot_hold_unbounded_objects(protocols: Protocols) -> None:
+    objects = Objects(protocols)
+    for object_id in range(2, MAX_OBJECTS + 1):
+        objects.create(object_id, "wl_callback", 1, by_server=False)
+    with pytest.raises(WireError, match=f"more than {MAX_OBJECTS} objects"):
+        objects.create(MAX_OBJECTS + 1, "wl_callback", 1, by_server=False)
+    objects.forget(2)
+    objects.create(MAX_OBJECTS + 1, "wl_callback", 1, by_server=False)
 
 
 @given(st.binary(max_size=256), st.booleans())
