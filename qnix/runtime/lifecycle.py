@@ -27,7 +27,7 @@ from typing import Any
 from qnix.audit import events
 from qnix.compile import names
 from qnix.errors import QnixError
-from qnix.runtime import cgroups, hostowner, secrets, waylandproxy
+from qnix.runtime import cgroups, hostowner, secrets
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends.namespace import HostIdentity
 from qnix.runtime.files import atomic_write
@@ -55,6 +55,7 @@ from qnix.runtime.net import (
 )
 from qnix.runtime.paths import RuntimePaths
 from qnix.runtime.quickrun import (
+    compositor_socket,
     execute,
     keeper_alive,
     read_state,
@@ -99,6 +100,8 @@ def keeper_config(
 ) -> KeeperConfig:
     interpreter, prefix = agent_interpreter()
     name = compartment.name
+    # A disposable's compositor: the one of the `qnix dispose` that asked the spawner.
+    requested = disposable.pop("compositor", None)
     guest: dict[str, Any] = {}
     if compartment.isolation == vm.ISOLATION:
         guest["cpus"] = compartment.cpus
@@ -126,7 +129,7 @@ def keeper_config(
         resolv_conf=resolv_conf(ws, compartment),
         state_root=str(paths.state_root),
         isolation=compartment.isolation,
-        wayland_display=waylandproxy.compositor_socket(dict(os.environ))
+        wayland_display=(requested or compositor_socket(dict(os.environ)))
         if compartment.gui
         else None,
         fullscreen=compartment.fullscreen,
@@ -293,7 +296,7 @@ def restart(paths: RuntimePaths, name: str) -> None:
 
 def check_gui_host(environ: dict[str, str]) -> None:
     """A GUI app needs a Wayland compositor here; X11 is refused, not half-supported."""
-    if waylandproxy.compositor_socket(environ) is not None:
+    if compositor_socket(environ) is not None:
         return
     if environ.get("DISPLAY"):
         raise QnixError(

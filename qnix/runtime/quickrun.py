@@ -276,6 +276,26 @@ def _ask_spawner(paths: RuntimePaths, request: dict[str, Any]) -> _socket.socket
     return connection
 
 
+def compositor_socket(environ: dict[str, str]) -> str | None:
+    """The Wayland compositor's socket, from the environment of the command that starts a
+    compartment: QNIX_WAYLAND_DISPLAY, else WAYLAND_DISPLAY (a path, or a name in
+    XDG_RUNTIME_DIR); None when that is not a socket. (Here, not beside the filter, because
+    `qnix dispose` passes it to the spawner on the fast path.)"""
+    display = environ.get("QNIX_WAYLAND_DISPLAY") or environ.get("WAYLAND_DISPLAY")
+    if not display:
+        return None
+    if not display.startswith("/"):
+        runtime_dir = environ.get("XDG_RUNTIME_DIR")
+        if not runtime_dir:
+            return None
+        display = f"{runtime_dir}/{display}"
+    try:
+        mode = os.stat(display).st_mode
+    except OSError:
+        return None
+    return display if mode & 0o170000 == 0o140000 else None  # S_IFSOCK, without `stat`
+
+
 def spawned_disposable(
     paths: RuntimePaths, template: str | None
 ) -> tuple[str, _socket.socket] | None:
@@ -283,7 +303,11 @@ def spawned_disposable(
     connection that owns it (closed, also by the kernel when this process dies, the
     disposable ends). None if no spawner runs or it could not make one (the full command line
     then builds one itself, and says why if it cannot)."""
-    connection = _ask_spawner(paths, {"op": "dispose", "template": template})
+    # The compositor of the session asking, for a GUI template (the spawner has none of its own).
+    compositor = compositor_socket(dict(os.environ))
+    connection = _ask_spawner(
+        paths, {"op": "dispose", "template": template, "compositor": compositor}
+    )
     if connection is None:
         return None
     answer = b""

@@ -45,24 +45,6 @@ FOLDER_NAME = "wayland"
 SOCKET_NAME = "wayland-0"
 
 
-def compositor_socket(environ: dict[str, str]) -> str | None:
-    """The compositor's socket, from the environment of the command that starts a compartment:
-    QNIX_WAYLAND_DISPLAY, else WAYLAND_DISPLAY (a path, or a name in XDG_RUNTIME_DIR); None
-    when that is not a socket."""
-    display = environ.get("QNIX_WAYLAND_DISPLAY") or environ.get("WAYLAND_DISPLAY")
-    if not display:
-        return None
-    if not display.startswith("/"):
-        runtime_dir = environ.get("XDG_RUNTIME_DIR")
-        if not runtime_dir:
-            return None
-        display = f"{runtime_dir}/{display}"
-    try:
-        return display if stat.S_ISSOCK(os.stat(display).st_mode) else None
-    except OSError:
-        return None
-
-
 def start(
     run_dir: Path, upstream: str, compartment: str, *, fullscreen: bool, host_gid: int
 ) -> subprocess.Popen[bytes]:

@@ -3,7 +3,9 @@ lives and dies with the compartment, and `qnix run --gui` refuses what it cannot
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -35,6 +37,10 @@ memory_mb = 256
 
 [compartments.plain]
 memory_mb = 128
+
+[disposable_templates.gui-dvm]
+gui = true
+memory_mb = 256
 """
 
 
@@ -196,6 +202,24 @@ def test_a_gui_container_gets_the_same_filter(desktop: Desktop, host: LiveHost) 
     stopped = qnix(host, "stop", "boxed")
     assert stopped.returncode == 0, stopped.stderr
     wait_for(lambda: not filters(host), "the filter to end with the container")
+
+
+def test_a_gui_disposable_gets_its_filter(desktop: Desktop, host: LiveHost) -> None:
+    display = {"QNIX_WAYLAND_DISPLAY": str(desktop.display)}
+    listing = qnix(host, "dispose", "-t", "gui-dvm", "--", "ls", "-A", "/run/user/1000", **display)
+    assert (listing.returncode, listing.stdout) == (0, "wayland-0\n"), listing.stderr
+    host.disposables_gone()
+    wait_for(lambda: not filters(host), "the filter to end with the disposable")
+
+
+def test_the_filter_dies_with_a_killed_keeper(desktop: Desktop, host: LiveHost) -> None:
+    started = qnix(host, "start", "personal", QNIX_WAYLAND_DISPLAY=str(desktop.display))
+    assert started.returncode == 0, started.stderr
+    assert len(filters(host)) == 1
+    state = json.loads(host.paths.state_file("personal").read_text())
+    os.kill(state["keeper_pid"], signal.SIGKILL)
+    wait_for(lambda: not filters(host), "the filter to end with its keeper")
+    assert qnix(host, "gc").returncode == 0
 
 
 def test_the_filter_never_runs_as_root(tmp_path: Path) -> None:
