@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -130,7 +131,12 @@ def app_id(compartment: str, untrusted_app_id: str | None) -> str:
 
 
 def title(compartment: str, untrusted_title: str | None) -> str:
-    return f"[{compartment}] {(untrusted_title or '')[:500]}".rstrip()
+    """`[<compartment>] <title>`, without control and format characters (a newline or a bidi
+    override could make the rest read as another compartment's label)."""
+    shown = "".join(
+        c for c in (untrusted_title or "")[:500] if unicodedata.category(c) not in ("Cc", "Cf")
+    )
+    return f"[{compartment}] {shown}".rstrip()
 
 
 Chunk = tuple[bytes, list[int]]

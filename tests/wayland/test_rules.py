@@ -121,6 +121,7 @@ def test_fullscreen_passes_where_the_spec_allows_it(protocols: Protocols) -> Non
 def test_app_ids_keep_only_plain_characters(untrusted: str | None, expected: str) -> None:
     assert app_id("personal", untrusted) == expected
     assert title("personal", "x" * 600) == "[personal] " + "x" * 500
+    assert title("personal", "\n[banking] Login\u202e") == "[personal] [banking] Login"
 
 
 def data_device(protocols: Protocols, filtered: Session) -> None:
