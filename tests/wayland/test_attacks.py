@@ -242,7 +242,8 @@ messages = st.builds(
     lambda object_id, opcode, body, size_error: (
         _header(object_id, 8 + len(body) + size_error, opcode) + body
     ),
-    st.sampled_from([1, 2, 3, 0, 0xFF000000, 0xFFFFFFFF]),
+    # The display, the registry, the objects bound first (see below), and ids that are none.
+    st.sampled_from([1, 2, 4, 5, 6, 3, 0, 0xFF000000, 0xFFFFFFFF]),
     st.integers(0, 9),
     st.binary(max_size=64).map(lambda b: b + b"\0" * (-len(b) % 4)),
     st.sampled_from([0, 0, 0, -4, 4, 2, 0x10000]),
@@ -262,6 +263,10 @@ def test_malformed_streams_end_only_their_client(
     pipes = [os.pipe() for _ in range(fd_count)]
     try:
         with connected(folder / "wayland-0", protocols) as attacker:
+            # Objects of real interfaces first (4, 5, 6), so the stream reaches their decoding.
+            shown = attacker.globals()
+            for interface in ("wl_compositor", "wl_shm", "xdg_wm_base"):
+                attacker.bind(shown[interface][0], interface)
             attacker.send_raw(b"".join(stream), [r for r, _ in pipes])
             with contextlib.suppress(Disconnected, WireError):
                 attacker.roundtrip(timeout=2)
