@@ -9,6 +9,9 @@ QNIX      := $(VENV)/bin/qnix
 STAMP     := $(VENV)/.installed
 SYSTEM_PACKAGES := bubblewrap nftables libnftables1 nix-bin age graphviz iproute2 systemd-container python3-venv \
                    gnupg openssh-client pass rsyslog rsyslog-gnutls aide btrfs-progs busybox-static cpio
+# GUI compartments: the Wayland filter reads the protocol files (libwayland-dev ships
+# wayland.xml); its tests run sway headless and attack it with grim, wtype and wl-clipboard.
+SYSTEM_PACKAGES += wayland-protocols libwayland-dev sway grim wtype wl-clipboard foot
 # VM compartments: QEMU and a kernel for the guests, for this machine's architecture.
 ifeq ($(shell dpkg --print-architecture 2>/dev/null),arm64)
 SYSTEM_PACKAGES += qemu-system-arm linux-image-arm64
@@ -56,6 +59,7 @@ bench: $(STAMP)
 	$(PY) bench/runtime.py
 	$(PY) bench/broker.py
 	$(PY) bench/audit.py
+	$(PY) bench/gui.py
 
 system-deps:
 	@if [ -n "$(IN_NIX_SHELL)" ]; then exit 0; fi; \

@@ -20,6 +20,13 @@ pkgs.mkShell {
     btrfs-progs
     qemu
     pkgsStatic.busybox
+    wayland # wayland.xml, for the GUI compartments' Wayland filter
+    wayland-protocols
+    sway # the filter's tests: sway headless, attacked with grim, wtype and wl-clipboard
+    grim
+    wtype
+    wl-clipboard
+    foot
     firejail  # make bench: the nearest peer
   ];
 }

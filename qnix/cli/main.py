@@ -302,6 +302,9 @@ def restart(name: str, state_root: Path | None, run_root: Path | None) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @runtime_options
 @click.option("--user", "-u", help="The user to run as: only the compartment's user exists.")
+@click.option(
+    "--gui", is_flag=True, help="A GUI app: NAME must have gui = true (Wayland only, docs/gui.md)."
+)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -310,12 +313,14 @@ def run(
     state_root: Path | None,
     run_root: Path | None,
     user: str | None,
+    gui: bool,
 ) -> None:
     """Run COMMAND in compartment NAME with this terminal's input and output; exit with its
     exit code. NAME is started first if it is not running. Put `--` before COMMAND."""
     from qnix.runtime import lifecycle
 
-    ctx.exit(lifecycle.run(runtime_paths(state_root, run_root), name, command, user))
+    paths = runtime_paths(state_root, run_root)
+    ctx.exit(lifecycle.run(paths, name, command, user, gui=gui))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

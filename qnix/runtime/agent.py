@@ -26,7 +26,7 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any
 
 MAX_MESSAGE = 64 * 1024
@@ -459,9 +459,12 @@ def execute(
     stdio: Sequence[int] = (0, 1, 2),
     peer_uid: int | None = None,
     terminal: bool = False,
+    on_started: Callable[[int], None] | None = None,
 ) -> int:
     """Run argv in the compartment with our stdio; return its exit code (128+N for signal N).
-    `peer_uid`: refuse unless the agent runs as this host uid (see connect).
+    `peer_uid`: refuse unless the agent runs as this host uid (see connect). `on_started`
+    gets the pid the agent reports for the command (in the compartment's pid namespace;
+    untrusted: the agent runs inside).
 
     Our descriptors never enter the compartment: the command gets pipes of ours, relayed to
     `stdio` until it ends (StdioRelay), or — with `terminal` (stdin and stdout are our
@@ -488,6 +491,12 @@ def execute(
                 stdio_relay.pump_until_readable(sock.fileno())
             untrusted, fds = recv_message(sock)
             op = untrusted.get("op")
+            if op == "started" and on_started is not None:
+                untrusted_pid = untrusted.get("pid")
+                if not isinstance(untrusted_pid, int) or isinstance(untrusted_pid, bool):
+                    _close_all(fds)
+                    raise AgentError(f"agent reported a bad pid: {untrusted_pid!r}")
+                on_started(untrusted_pid)
             if op == "started" and terminal:
                 master = relay.checked_master(fds)
                 try:

@@ -238,6 +238,35 @@ def attach(cgroup: Cgroup, pid: int) -> None:
         _write(procs, str(pid))
 
 
+def inside_pid(host_pid: int) -> int | None:
+    """The pid a process has in its own (innermost) pid namespace; None if it is gone."""
+    try:
+        status = Path(f"/proc/{host_pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return None
+
+
+def scope(tree: Cgroup, name: str, untrusted_inside_pid: int) -> Path:
+    """Move the process of `tree` (a compartment's cgroup folders) whose pid inside is
+    `untrusted_inside_pid` into a sub-cgroup `name` of the folder it is in: a scope of its own
+    under the compartment's limits. Only a process already in the compartment moves."""
+    _check_name(name)
+    for folder in tree.paths:
+        for host_pid in processes(Cgroup(tree.name, (folder,))):
+            if inside_pid(host_pid) == untrusted_inside_pid:
+                (folder / name).mkdir()
+                _write(folder / name / "cgroup.procs", str(host_pid))
+                return folder / name
+    raise QnixError(
+        f"no process {untrusted_inside_pid} in compartment {tree.name}'s cgroup to give a scope",
+        hint="it ended at once, or the compartment's agent reported a wrong pid",
+    )
+
+
 def processes(cgroup: Cgroup) -> frozenset[int]:
     pids: set[int] = set()
     for procs in cgroup.procs_files:

@@ -102,6 +102,7 @@ def plan_disposable(
     *,
     preload: bool = False,
     owner_pid: int | None = None,
+    compositor: str | None = None,
 ) -> tuple[KeeperConfig, Uplink | None]:
     """A fresh disposable from a template, planned: its name, link, elements and keeper
     configuration. It ends when `owner_pid` exits, or — preloaded — when the `qnix dispose`
@@ -139,6 +140,7 @@ def plan_disposable(
         "netns_prefix": paths.netns_prefix,
         "host_netns": paths.host_netns,
         "claim_socket": str(paths.pool_dir(chosen) / f"{name}.sock") if preload else None,
+        "compositor": compositor,
     }
     if uplink is not None:
         elements = disposable_elements(ws, chosen, uplink.host_ifname, link.address)

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import FrameType
 
 from qnix.errors import QnixError
-from qnix.runtime import agent, bytecode, cgroups, secrets, vmlink
+from qnix.runtime import agent, bytecode, cgroups, secrets, vmlink, waylandproxy
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.files import atomic_write
@@ -60,6 +60,9 @@ AGENT_SOURCE = Path(__file__).with_name("agent.py")
 # The other programs that run inside (qnix/inside/*.py), bound next to the agent.
 INSIDE_PROGRAMS_DIR = Path(__file__).parent.parent / "inside"
 INSIDE_DIR = "/opt/qnix-agent"
+# A GUI compartment's display inside: the filter's socket in the user's runtime folder.
+RUNTIME_DIR_INSIDE = "/run/user/1000"
+GUI_DISPLAY = "wayland-0"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -84,7 +87,51 @@ def compartment_env(plan: ns.SandboxPlan) -> dict[str, str]:
         "PATH": ns.DEFAULT_PATH,
         "LANG": "C.UTF-8",
         "XDG_RUNTIME_DIR": plan.runtime_dir,
+        **dict(plan.env),
     }
+
+
+def gui_binds(config: KeeperConfig) -> tuple[tuple[str, str], ...]:
+    """A GUI compartment's one display: its Wayland filter's socket, read-only (a socket is
+    connectable on a read-only mount; nothing inside can replace it)."""
+    if config.wayland_display is None:
+        return ()
+    folder = Path(config.run_dir) / waylandproxy.FOLDER_NAME
+    return ((str(folder / waylandproxy.SOCKET_NAME), f"{RUNTIME_DIR_INSIDE}/{GUI_DISPLAY}"),)
+
+
+def gui_env(config: KeeperConfig) -> tuple[tuple[str, str], ...]:
+    return () if config.wayland_display is None else (("WAYLAND_DISPLAY", GUI_DISPLAY),)
+
+
+def _start_gui(config: KeeperConfig, stop: _Stop) -> subprocess.Popen[bytes] | None:
+    """The compartment's Wayland filter, started before the compartment and ended after it."""
+    if config.wayland_display is None:
+        return None
+    process = waylandproxy.start(
+        Path(config.run_dir),
+        config.wayland_display,
+        config.name,
+        fullscreen=config.fullscreen,
+        host_gid=config.host_gid,
+    )
+    try:
+        _wait_line(process, stop, b"ready\n", READY_TIMEOUT, "the Wayland filter")
+    except BaseException:
+        _end_gui(process)
+        raise
+    return process
+
+
+def _end_gui(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None:
+        return
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 class _Stop:
@@ -152,7 +199,8 @@ def _start_with(
         home=Path(config.home) if config.home is not None else None,
         user=config.user,
         # The call socket's folder is root's and read-only inside: not replaceable from there.
-        extra_ro_binds=((str(call_dir(config.run_dir)), CALL_DIR_INSIDE),),
+        extra_ro_binds=((str(call_dir(config.run_dir)), CALL_DIR_INSIDE), *gui_binds(config)),
+        env=gui_env(config),
     )
     agent_code = AGENT_SOURCE.read_bytes()
     if config.isolation != vm.ISOLATION:  # a VM's guest runs vmlink, compiled into its archive
@@ -270,6 +318,7 @@ def _started(
         "env": compartment_env(plan),
         "cwd": plan.home_inside,
         "cgroup": config.cgroup,
+        "gui": config.wayland_display is not None,
         "started": time.time(),
     }
     atomic_write(Path(config.state_file), (json.dumps(state, indent=2) + "\n").encode(), 0o600)
@@ -592,6 +641,7 @@ def keep(
     spawner sets a disposable's link up then); a failure there ends the start."""
     stop = _Stop()
     cgroup: cgroups.Cgroup | None = None
+    gui: subprocess.Popen[bytes] | None = None
     try:
         if owner is None and config.owner_pid is not None:
             owner = os.pidfd_open(config.owner_pid)
@@ -603,6 +653,7 @@ def keep(
         # The call socket exists before the sandbox binds its folder; calls are answered
         # once the compartment runs.
         call_listener = listen_for_calls(call_dir(config.run_dir), config.host_gid)
+        gui = _start_gui(config, stop)
         process = _start(config, cgroup, stop, while_starting)
         if serve_calls is None:
             call_listener.close()  # nobody answers: a call finds no socket and fails at once
@@ -617,6 +668,7 @@ def keep(
         print(f"keeper: {message}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError):
             os.write(notify, f"error: {message}\n".encode())
+        _end_gui(gui)
         teardown(config, cgroup)
         return 1
     on_ready()
@@ -627,6 +679,7 @@ def keep(
         _wait(process, stop, owner, claim)
     finally:
         _end(process, cgroup, grace=config.stop_grace if stop.requested else 0)
+        _end_gui(gui)
         teardown(config, cgroup)
     return 0
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from qnix.audit import events
@@ -54,6 +55,7 @@ from qnix.runtime.net import (
 )
 from qnix.runtime.paths import RuntimePaths
 from qnix.runtime.quickrun import (
+    compositor_socket,
     execute,
     keeper_alive,
     read_state,
@@ -98,6 +100,8 @@ def keeper_config(
 ) -> KeeperConfig:
     interpreter, prefix = agent_interpreter()
     name = compartment.name
+    # A disposable's compositor: the one of the `qnix dispose` that asked the spawner.
+    requested = disposable.pop("compositor", None)
     guest: dict[str, Any] = {}
     if compartment.isolation == vm.ISOLATION:
         guest["cpus"] = compartment.cpus
@@ -125,6 +129,10 @@ def keeper_config(
         resolv_conf=resolv_conf(ws, compartment),
         state_root=str(paths.state_root),
         isolation=compartment.isolation,
+        wayland_display=(requested or compositor_socket(dict(os.environ)))
+        if compartment.gui
+        else None,
+        fullscreen=compartment.fullscreen,
         **secrets.keeper_fields(paths, ws, compartment),
         **disposable,
         **guest,
@@ -286,14 +294,80 @@ def restart(paths: RuntimePaths, name: str) -> None:
         start_locked(paths, ws, name)
 
 
-def run(paths: RuntimePaths, name: str, argv: Sequence[str], user: str | None = None) -> int:
-    """Run argv in `name` with our stdio (starting it first if needed); its exit code."""
+def check_gui_host(environ: dict[str, str]) -> None:
+    """A GUI app needs a Wayland compositor here; X11 is refused, not half-supported."""
+    if compositor_socket(environ) is not None:
+        return
+    if environ.get("DISPLAY"):
+        raise QnixError(
+            "X11 apps are not supported: qnix shows GUI compartments through Wayland only"
+            " (DISPLAY is set, but there is no Wayland compositor)",
+            hint="run a Wayland session (sway, Hyprland, GNOME or KDE on Wayland); see docs/gui.md",
+        )
+    raise QnixError(
+        "no Wayland compositor found for a GUI app",
+        hint="run from your Wayland session (WAYLAND_DISPLAY set; keep it through sudo with"
+        " --preserve-env=WAYLAND_DISPLAY,XDG_RUNTIME_DIR), or set"
+        " QNIX_WAYLAND_DISPLAY=/run/user/UID/wayland-0",
+    )
+
+
+# A GUI app waits, as a shell inside, until the host has moved it into its scope, and only
+# then becomes the app: nothing it starts can be left behind in the compartment's own cgroup.
+WAIT_FOR_SCOPE = (
+    'start=$(cat /proc/self/cgroup); while [ "$(cat /proc/self/cgroup)" = "$start" ];'
+    ' do sleep 0.01; done; exec "$@"'
+)
+
+
+def run_gui_app(paths: RuntimePaths, name: str, state: dict[str, Any], argv: Sequence[str]) -> int:
+    """argv in a cgroup scope of its own inside the compartment's (app-<pid inside>)."""
+    tree = container.cgroup_tree(cgroups.cgroup_of(str(state["cgroup"]), cgroups.detect()))
+    scopes: list[Path] = []
+
+    def into_scope(untrusted_pid: int) -> None:
+        scopes.append(cgroups.scope(tree, f"app-{untrusted_pid}", untrusted_pid))
+
+    try:
+        return execute(
+            paths,
+            name,
+            state,
+            ["/bin/sh", "-c", WAIT_FOR_SCOPE, "sh", *argv],
+            on_started=into_scope,
+        )
+    except Exception as exc:
+        raise QnixError(f"cannot run in {name}: {exc}") from exc
+    finally:
+        for folder in scopes:  # what the app left running keeps it until the compartment ends
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def run(
+    paths: RuntimePaths,
+    name: str,
+    argv: Sequence[str],
+    user: str | None = None,
+    *,
+    gui: bool = False,
+) -> int:
+    """Run argv in `name` with our stdio (starting it first if needed); its exit code. With
+    `gui`, the compartment must have `gui = true` and a display (its Wayland filter)."""
     ws = require_live(paths)
     state = running_state(paths, name)
     if name in ws.compartments or state is None or name not in running_disposables(paths):
-        inside = compartment_of(ws, name).user
+        compartment = compartment_of(ws, name)
+        inside, has_gui = compartment.user, compartment.gui
     else:
-        inside = str(state["user"])  # a running disposable
+        inside, has_gui = str(state["user"]), bool(state.get("gui"))  # a running disposable
+    if gui:
+        if not has_gui:
+            raise QnixError(
+                f"compartment {name} has no GUI",
+                hint=f"set gui = true for {name} (or its disposable template) and apply",
+            )
+        check_gui_host(dict(os.environ))
     if user is not None and user != inside:
         raise QnixError(
             f"compartment {name} has one user, {inside!r}; there is no {user!r} inside",
@@ -306,6 +380,14 @@ def run(paths: RuntimePaths, name: str, argv: Sequence[str], user: str | None = 
         state = running_state(paths, name)
         if state is None:
             raise QnixError(f"compartment {name} stopped right after it started")
+    if gui and not state.get("gui"):
+        raise QnixError(
+            f"compartment {name} runs without a display: there was no Wayland compositor when"
+            " it started",
+            hint=f"qnix restart {name} from your Wayland session",
+        )
+    if gui:
+        return run_gui_app(paths, name, state, argv)
     try:
         return execute(paths, name, state, argv)
     except Exception as exc:

@@ -102,6 +102,11 @@ class KeeperConfig:
     cpus: int = 1
     guest_address: str | None = None
     guest_gateway: str | None = None
+    # A GUI compartment: the compositor's socket its Wayland filter connects to (None: no
+    # display, also when `gui = true` but no compositor was found at start), and whether its
+    # windows may go fullscreen.
+    wayland_display: str | None = None
+    fullscreen: bool = False
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()

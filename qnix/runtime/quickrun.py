@@ -23,7 +23,7 @@ from qnix.runtime.paths import PathError, RuntimePaths, check_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import: only the type checker reads these
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import Any
 
 # The state.json fields the fast path relies on, with their types.
@@ -105,10 +105,12 @@ def execute(
     stdio: Sequence[int] = (0, 1, 2),
     *,
     event: str = "run",
+    on_started: Callable[[int], None] | None = None,
     **audit: events.FieldValue,
 ) -> int:
     """Run argv in the running compartment with our stdio; its exit code. Audited as `event`
-    (`run`, or `dispose` with the template) once the command has ended."""
+    (`run`, or `dispose` with the template) once the command has ended. `on_started`: see
+    agent.execute."""
     terminal = os.isatty(stdio[0]) and os.isatty(stdio[1])
     env = command_env(state, os.isatty(stdio[0]))
     fields: dict[str, events.FieldValue] = {"compartment": name, **audit, "argv": list(argv)}
@@ -123,6 +125,7 @@ def execute(
             stdio=stdio,
             peer_uid=state["host_uid"],
             terminal=terminal,
+            on_started=on_started,
         )
     except (agent.AgentError, agent.ProtocolError) as exc:
         events.record(paths, event, **fields, result=f"error: {exc}")
@@ -273,6 +276,26 @@ def _ask_spawner(paths: RuntimePaths, request: dict[str, Any]) -> _socket.socket
     return connection
 
 
+def compositor_socket(environ: dict[str, str]) -> str | None:
+    """The Wayland compositor's socket, from the environment of the command that starts a
+    compartment: QNIX_WAYLAND_DISPLAY, else WAYLAND_DISPLAY (a path, or a name in
+    XDG_RUNTIME_DIR); None when that is not a socket. (Here, not beside the filter, because
+    `qnix dispose` passes it to the spawner on the fast path.)"""
+    display = environ.get("QNIX_WAYLAND_DISPLAY") or environ.get("WAYLAND_DISPLAY")
+    if not display:
+        return None
+    if not display.startswith("/"):
+        runtime_dir = environ.get("XDG_RUNTIME_DIR")
+        if not runtime_dir:
+            return None
+        display = f"{runtime_dir}/{display}"
+    try:
+        mode = os.stat(display).st_mode
+    except OSError:
+        return None
+    return display if mode & 0o170000 == 0o140000 else None  # S_IFSOCK, without `stat`
+
+
 def spawned_disposable(
     paths: RuntimePaths, template: str | None
 ) -> tuple[str, _socket.socket] | None:
@@ -280,7 +303,11 @@ def spawned_disposable(
     connection that owns it (closed, also by the kernel when this process dies, the
     disposable ends). None if no spawner runs or it could not make one (the full command line
     then builds one itself, and says why if it cannot)."""
-    connection = _ask_spawner(paths, {"op": "dispose", "template": template})
+    # The compositor of the session asking, for a GUI template (the spawner has none of its own).
+    compositor = compositor_socket(dict(os.environ))
+    connection = _ask_spawner(
+        paths, {"op": "dispose", "template": template, "compositor": compositor}
+    )
     if connection is None:
         return None
     answer = b""

@@ -55,7 +55,7 @@ from qnix.runtime.keeper import ServeCalls, keep, teardown_network
 from qnix.runtime.lifecycle import cleanup_run, end_process, read_line
 from qnix.runtime.live import KEEPER_MAIN, READY_TIMEOUT, ensure_root, live_workstation
 from qnix.runtime.paths import RuntimePaths, check_name
-from qnix.runtime.quickrun import process_start_time
+from qnix.runtime.quickrun import compositor_socket, process_start_time
 from qnix.spec.model import Workstation
 
 REQUEST_TIMEOUT = 5.0
@@ -109,6 +109,13 @@ def _request(conn: socket.socket) -> dict[str, Any] | None:
             check_name(template)
         except (ValueError, TypeError):
             return None
+    # Only root can ask (the socket is root's); still only a socket is taken for a compositor.
+    compositor = request.get("compositor")
+    if compositor is not None and (
+        not isinstance(compositor, str)
+        or compositor_socket({"WAYLAND_DISPLAY": compositor}) is None
+    ):
+        return None
     return request
 
 
@@ -187,7 +194,9 @@ def _handle(
         with contextlib.suppress(QnixError):
             refill_pools(paths)
         return 0
-    return _dispose(conn, request.get("template"), paths, workstation, serve_calls)
+    return _dispose(
+        conn, request.get("template"), paths, workstation, serve_calls, request.get("compositor")
+    )
 
 
 def _dispose(
@@ -196,8 +205,10 @@ def _dispose(
     paths: RuntimePaths,
     workstation: Workstation | None,
     serve_calls: ServeCalls | None,
+    compositor: str | None = None,
 ) -> int:
-    """A disposable of `template` owned by `conn` (see the module's description)."""
+    """A disposable of `template` owned by `conn` (see the module's description); a GUI
+    template's is shown on `compositor` (the asking session's)."""
     conn.settimeout(None)
     try:  # never made here: a `down` since the request may have removed the run root
         lock = os.open(paths.lock_file, os.O_RDWR | os.O_CLOEXEC)
@@ -209,7 +220,7 @@ def _dispose(
         # Looked at again under the lock: a `down` that came between took the host away.
         if workstation is None or not (paths.generation_dir / SPEC_COPY).exists():
             raise QnixError(f"no live generation under {paths.run_root}")
-        config, uplink = plan_disposable(paths, workstation, template)
+        config, uplink = plan_disposable(paths, workstation, template, compositor=compositor)
     except BaseException as exc:
         os.close(lock)
         _refuse(conn, exc)

@@ -376,6 +376,10 @@ class CompartmentBase(Model):
     user: UnixUser = "user"
     # Delivered at /run/secrets/<name> while it runs (a disposable gets its template's).
     secrets: Annotated[tuple[SecretName, ...], _LIST, AfterValidator(_no_duplicates)] = ()
+    # GUI apps: a Wayland filter of its own (docs/gui.md) is its only display; `fullscreen`
+    # lets its windows go fullscreen (else the filter drops the request).
+    gui: bool = False
+    fullscreen: bool = False
 
     @field_validator("network")
     @classmethod
@@ -383,6 +387,22 @@ class CompartmentBase(Model):
         if value in (NETWORK_NONE, NETWORK_UPLINK) or re.fullmatch(COMPARTMENT_NAME_RE, value):
             return value
         raise ValueError('must be "none", "uplink" or the name of a net compartment')
+
+    @model_validator(mode="after")
+    def _gui_where_it_exists(self) -> Self:
+        if self.fullscreen and not self.gui:
+            raise SpecRuleError(
+                "fullscreen is about GUI windows, but gui is not set",
+                "fullscreen",
+                hint="set gui = true, or drop fullscreen",
+            )
+        if self.gui and self.isolation == "vm":
+            raise SpecRuleError(
+                "GUI apps in VM compartments are not supported yet (they need waypipe)",
+                "gui",
+                hint='use isolation = "namespace" or "container" for a GUI compartment',
+            )
+        return self
 
     @model_validator(mode="after")
     def _firewall_needs_network(self) -> Self:

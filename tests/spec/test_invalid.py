@@ -21,7 +21,8 @@ AGE_KEY = "age14etvufpqjyhty3mmt88xdph427sglwpa699jkxhe3m9n9vrssg5st08shd"
 SECRET = f'[secrets.work-vpn]\nfile = "vpn.age"\nrecipients = ["{AGE_KEY}"]\n'
 UPLINK = '[compartments.a]\nnetwork = "uplink"\n'
 FIELDS = (
-    "apps, autostart, cpus, devices, firewall, isolation, label, memory_mb, name, network, "
+    "apps, autostart, cpus, devices, firewall, fullscreen, gui, isolation, label, memory_mb, name, "
+    "network, "
     "packages, persistence, persistent_paths, pids, provides_network, secrets, snapshots, tags, "
     "user"
 )
@@ -645,6 +646,30 @@ CASES = [
         "is not a folder",
         '"policy.d"',
         "a path relative to the spec file",
+    ),
+    # ---- GUI
+    Bad(
+        "fullscreen-without-gui",
+        toml("[compartments.a]\nfullscreen = true\n"),
+        "compartments.a.fullscreen",
+        "fullscreen is about GUI windows, but gui is not set",
+        "true",
+        "set gui = true",
+    ),
+    Bad(
+        "gui-in-a-vm",
+        toml('[compartments.a]\nisolation = "vm"\ngui = true\n'),
+        "compartments.a.gui",
+        "GUI apps in VM compartments are not supported yet",
+        "true",
+        'isolation = "namespace"',
+    ),
+    Bad(
+        "gui-not-a-boolean",
+        toml('[disposable_templates.t]\ngui = "x11"\n'),
+        "disposable_templates.t.gui",
+        "must be true or false",
+        '"x11"',
     ),
     # ---- paths, packages, lists
     Bad(
