@@ -21,7 +21,6 @@ import pytest
 from qnix.runtime import archives, btrfs, state
 from qnix.runtime.snapshots import SnapshotStore
 from tests.conftest import need
-from tests.runtime.livehost import LiveHost
 from tests.runtime.test_state import (
     CHANGE,
     SPEC,
@@ -48,25 +47,24 @@ def subvolumes(root: Path) -> list[str]:
 
 
 def snapshot_folders(live: Live, name: str = "work") -> list[Path]:
-    folder = live.host.paths.state_dir(name) / "snapshots"
+    folder = live.paths.state_dir(name) / "snapshots"
     return sorted(folder.glob("*.snap"))
 
 
 @pytest.fixture(scope="module")
 def live(host_key: Path) -> Iterator[Live]:
-    host = LiveHost()
+    made = Live(host_key)
     try:
-        host.state_on_btrfs()
-        made = Live(host, host_key)
-        made.ok("apply", str(host.spec(SPEC.format(keep=3))))
+        made.state_on_btrfs()
+        made.ok("apply", str(made.spec(SPEC.format(keep=3))))
         yield made
         made.qnix("stop", "work")
     finally:
-        host.close()
+        made.close()
 
 
 def test_the_home_is_a_subvolume_and_a_stop_takes_a_read_only_btrfs_snapshot(live: Live) -> None:
-    paths = live.host.paths
+    paths = live.paths
     home = paths.home("work")
     assert btrfs.is_subvolume(home)
     assert not btrfs.is_subvolume(paths.state_dir("work"))
@@ -98,7 +96,7 @@ def test_the_home_is_a_subvolume_and_a_stop_takes_a_read_only_btrfs_snapshot(liv
 
 
 def test_a_running_compartment_is_snapshotted_diffed_and_restored(live: Live) -> None:
-    paths = live.host.paths
+    paths = live.paths
     home = paths.home("work")
     live.ok("run", "work", "--", "sh", "-c", f"rm -rf ./* && {WRITE.format(m='second')}")
     live.ok("stop", "work")
@@ -141,7 +139,7 @@ def test_an_age_snapshot_of_a_plain_folder_restores_into_a_subvolume(
 ) -> None:
     # A home made before the state root moved to btrfs is a plain folder: its snapshots are
     # encrypted copies; a restore makes it a subvolume, and btrfs snapshots follow.
-    paths = live.host.paths
+    paths = live.paths
     home = paths.home("work")
     plain = paths.state_dir("work") / "plain"
     plain.mkdir()
@@ -174,7 +172,7 @@ print(time.monotonic() - began, flush=True)
 
 
 def test_sigkill_during_a_btrfs_snapshot_never_shows_a_partial_one(live: Live) -> None:
-    paths = live.host.paths
+    paths = live.paths
     source = paths.state_dir("scratch") / "source"
     btrfs.create(source)
     make_tree(source, "k")
@@ -236,7 +234,7 @@ def test_sigkill_during_a_btrfs_snapshot_never_shows_a_partial_one(live: Live) -
 
 
 def test_gc_and_purge_remove_read_only_subvolumes(live: Live) -> None:
-    paths = live.host.paths
+    paths = live.paths
     home = paths.home("scratch")
     # What a snapshot killed between `btrfs subvolume snapshot` and its rename leaves.
     leftover = paths.state_dir("scratch") / "snapshots" / ".tmp-interrupted.snap"
@@ -256,9 +254,9 @@ def test_gc_and_purge_remove_read_only_subvolumes(live: Live) -> None:
     live.ok("state", "snapshot", "scratch")  # explicit: taken even with snapshots = 0
     assert len(snapshot_folders(live, "scratch")) == 1
     only_work = SPEC.format(keep=3).split("[compartments.scratch]")[0]
-    live.ok("apply", str(live.host.spec(only_work, "work-only.toml")), "--purge")
+    live.ok("apply", str(live.spec(only_work, "work-only.toml")), "--purge")
     assert not paths.state_dir("scratch").exists()
     assert all("scratch" not in path for path in subvolumes(paths.state_root))
-    live.ok("apply", str(live.host.spec(SPEC.format(keep=3))))
+    live.ok("apply", str(live.spec(SPEC.format(keep=3))))
     assert btrfs.is_subvolume(paths.home("scratch"))
     json.dumps(live.listed("scratch"))  # empty again, and listable
