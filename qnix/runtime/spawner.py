@@ -43,7 +43,7 @@ from typing import Any
 
 from qnix.compile.artifacts import SPEC_COPY
 from qnix.errors import QnixError
-from qnix.runtime import agent, net
+from qnix.runtime import agent, net, seccomp
 from qnix.runtime.disposables import (
     link_disposable,
     plan_disposable,
@@ -135,6 +135,7 @@ def serve(paths: RuntimePaths, serve_calls: ServeCalls | None) -> int:
         signal.signal(number, stop)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # each keeper forked is reaped by the kernel
     net.preload()  # once here, not in each disposable's fork
+    seccomp.compartment_filter_bpf()  # built (and cached) once here: each fork finds it made
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     try:
