@@ -10,6 +10,43 @@
     };
     systemd = {
       services = {
+        qnix-audit-seal = {
+          serviceConfig = {
+            CapabilityBoundingSet = "";
+            ExecStart = ("${config.services.qnix.package}/bin/qnix audit seal");
+            IPAddressDeny = "any";
+            LockPersonality = true;
+            MemoryDenyWriteExecute = true;
+            NoNewPrivileges = true;
+            PrivateDevices = true;
+            PrivateNetwork = true;
+            PrivateTmp = true;
+            ProtectClock = true;
+            ProtectControlGroups = true;
+            ProtectHome = "read-only";
+            ProtectHostname = true;
+            ProtectKernelLogs = true;
+            ProtectKernelModules = true;
+            ProtectKernelTunables = true;
+            ProtectSystem = "strict";
+            ReadWritePaths = "/var/lib/qnix/audit";
+            RestrictAddressFamilies = "AF_UNIX";
+            RestrictNamespaces = true;
+            RestrictRealtime = true;
+            RestrictSUIDSGID = true;
+            SystemCallArchitectures = "native";
+            SystemCallFilter = [
+              "@system-service"
+              "~@privileged"
+            ];
+            Type = "oneshot";
+            UMask = "0077";
+          };
+          unitConfig = {
+            ConditionPathExists = "/var/lib/qnix/audit/events.sealkey";
+            Description = "qnix: seal the audit log with a forward-secure key";
+          };
+        };
         qnix-boot = {
           after = [
             "network-pre.target"
@@ -128,6 +165,18 @@
         };
       };
       timers = {
+        qnix-audit-seal = {
+          timerConfig = {
+            OnBootSec = "1min";
+            OnUnitActiveSec = "15min";
+          };
+          unitConfig = {
+            Description = "qnix: seal the audit log every 15 minutes";
+          };
+          wantedBy = [
+            "timers.target"
+          ];
+        };
         qnix-gc = {
           timerConfig = {
             OnBootSec = "15min";

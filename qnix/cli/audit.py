@@ -20,6 +20,7 @@ from qnix.errors import QnixError
 
 if TYPE_CHECKING:
     from qnix.audit.events import Entry
+    from qnix.audit.seal import SealVerification
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 FORMATS = ("jsonl", "rfc5424")
@@ -129,15 +130,27 @@ def show(
     "received (one a line; the head is then not checked).",
 )
 @click.option("--json", "as_json", is_flag=True, help="The result as one JSON object.")
+@click.option(
+    "--verify-key",
+    help="The verification key `qnix audit seal --init` showed ('-': read it from standard "
+    "input): also check the seals, and say up to which entry the log is proven.",
+)
 @click.pass_context
 def verify(
-    ctx: click.Context, state_root: Path | None, log_file: Path | None, fmt: str, as_json: bool
+    ctx: click.Context,
+    state_root: Path | None,
+    log_file: Path | None,
+    fmt: str,
+    as_json: bool,
+    verify_key: str | None,
 ) -> None:
     """Verify the hash chain: exit 0 if intact, 1 naming the first bad entry."""
+    from qnix.audit.events import split_lines
     from qnix.audit.verify import verify as verify_log
     from qnix.audit.verify import verify_lines
 
     log = _log_path(state_root, log_file)
+    key = None if verify_key is None else _verification_key(verify_key)
     repeats = 0
     try:
         if fmt == "rfc5424":
@@ -145,24 +158,115 @@ def verify(
             result = verify_lines(lines, None, check_head=False)
         else:
             result = verify_log(log)
+            lines = split_lines(log.read_bytes()) if key is not None and log.exists() else []
     except OSError as exc:
         raise _unreadable(log, exc) from exc
+    sealed = None
+    if key is not None:
+        from qnix.audit.seal import read_seal_key, seal_key_path, verify_seals
+
+        sealed = verify_seals(
+            lines,
+            result,
+            key,
+            read_seal_key(seal_key_path(log)),
+            host_key_checked=fmt == "jsonl",
+        )
+    ok = result.ok and (sealed is None or sealed.problem is None)
     if as_json:
-        click.echo(json.dumps({"log": str(log), **result.to_json()}, indent=2))
+        body = {"log": str(log), **result.to_json()}
+        if sealed is not None:
+            body["ok"] = ok
+            body["seals"] = sealed.to_json()
+        click.echo(json.dumps(body, indent=2))
     elif result.problem is not None:
         click.echo(f"{log}: NOT intact: first bad entry {result.problem}")
+    elif sealed is not None and sealed.problem is not None:
+        click.echo(f"{log}: NOT intact: first bad entry {sealed.problem}")
     elif result.entries == 0:
         click.echo(f"{log}: no entries yet")
-    else:
+    elif sealed is None:
         head = f", head {result.head.seq} {result.head.hash[:16]}" if result.head else ""
         click.echo(f"{log}: intact, {result.entries} entries{head}")
     if not as_json:
-        for note in result.notes:
+        if sealed is not None:
+            _echo_proven(log, result.entries, sealed)
+        for note in [*result.notes, *(sealed.notes if sealed else ())]:
             click.echo(f"note: {note}")
         if repeats:
             plural = "s" if repeats != 1 else ""
             click.echo(f"note: {repeats} repeated message{plural} skipped (sent again by a relay)")
-    ctx.exit(0 if result.ok else 1)
+    ctx.exit(0 if ok else 1)
+
+
+def _echo_proven(log: Path, entries: int, sealed: SealVerification) -> None:
+    if sealed.last_epoch is None:
+        click.echo(f"{log}: proven through no entry: there is no good seal")
+    else:
+        click.echo(
+            f"{log}: proven through entry {sealed.proven_through} (sealed by entry "
+            f"{sealed.proven_through + 1}, epoch {sealed.last_epoch}), of {entries}"
+        )
+    if sealed.unproven is not None:
+        first, last = sealed.unproven
+        which = f"entry {first}" if first == last else f"entries {first}-{last}"
+        click.echo(f"{log}: {which} unproven: written after the last seal")
+
+
+def _verification_key(text: str) -> bytes:
+    from qnix.audit.seal import parse_key_text
+
+    if text == "-":
+        text = sys.stdin.readline()
+    try:
+        return parse_key_text(text)
+    except ValueError as exc:
+        raise QnixError(
+            f"--verify-key: {exc}", hint="give the key `qnix audit seal --init` showed"
+        ) from exc
+
+
+@audit.command()
+@log_options
+@click.option(
+    "--init",
+    is_flag=True,
+    help="Start sealing: seal the log as it is and show the verification key, once.",
+)
+def seal(state_root: Path | None, log_file: Path | None, init: bool) -> None:
+    """Seal the audit log so far with a key that is then destroyed (forward-secure)."""
+    from qnix.audit import seal as sealing
+
+    log = log_file if log_file is not None else runtime_paths(state_root, None).audit_log
+    try:
+        if not init:
+            epoch, seq = sealing.seal(log)
+            click.echo(f"{log}: sealed through entry {seq - 1} (entry {seq}, epoch {epoch})")
+            return
+        key, seq = sealing.init(log)
+    except sealing.SealingError as exc:
+        hint = "qnix audit seal --init" if not init else "verify with the key shown at --init"
+        raise QnixError(str(exc), hint=hint) from exc
+    except OSError as exc:
+        raise QnixError(f"cannot seal {log}: {exc.strerror or exc}") from exc
+    text = sealing.key_text(key)
+    click.echo(f"{log}: sealed through entry {seq - 1} (entry {seq}, epoch 0)")
+    click.echo("verification key (shown this once; keep it off this machine):")
+    click.echo(f"  {text}")
+    click.echo(_qr_code(text), nl=False)
+    click.echo(f"check later with: qnix audit verify --verify-key {text}")
+
+
+def _qr_code(text: str) -> str:
+    import io
+
+    import qrcode
+
+    code = qrcode.QRCode(border=2)
+    code.add_data(text)
+    out = io.StringIO()
+    code.print_ascii(out=out, invert=True)
+    return out.getvalue()
 
 
 def _messages(received: Path) -> tuple[list[bytes], int]:

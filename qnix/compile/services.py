@@ -214,6 +214,23 @@ SERVICES: tuple[Service, ...] = (
         ),
     ),
     Service(
+        name="qnix-audit-seal",
+        description="qnix: seal the audit log with a forward-secure key",
+        command=("qnix", ("audit", "seal")),
+        # Until `qnix audit seal --init` showed the verification key there is no key to seal with.
+        conditions={"ConditionPathExists": f"{AUDIT_DIR}/events.sealkey"},
+        service={
+            **FILES_ONLY,
+            "CapabilityBoundingSet": "",
+            "ReadWritePaths": AUDIT_DIR,
+            "Type": "oneshot",
+        },
+        timer=Timer(
+            description="qnix: seal the audit log every 15 minutes",
+            settings={"OnBootSec": "1min", "OnUnitActiveSec": "15min"},
+        ),
+    ),
+    Service(
         name="qnix-integrity",
         description="qnix: compare the files with the AIDE baseline",
         command=("qnix", ("integrity", "check")),

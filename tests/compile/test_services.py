@@ -27,6 +27,7 @@ from tests.conftest import ROOT, need
 # undoes the same. The units that only touch files are closed in.
 LEVELS = ("SAFE", "OK", "MEDIUM", "EXPOSED", "UNSAFE")
 AIMS = {
+    "qnix-audit-seal.service": "OK",
     "qnix-boot.service": "MEDIUM",
     "qnix-gc.service": "MEDIUM",
     "qnix-host-key.service": "OK",
@@ -73,6 +74,8 @@ def exposure(unit: Path) -> tuple[float, str]:
 def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     paths = write_units(tmp_path, services.unit_files(real_tools()))
     assert sorted(p.name for p in paths) == [
+        "qnix-audit-seal.service",
+        "qnix-audit-seal.timer",
         "qnix-boot.service",
         "qnix-gc.service",
         "qnix-gc.timer",
@@ -158,6 +161,7 @@ def test_the_unit_files_are_exactly_the_table() -> None:
         "qnix-host-key.service",
         "qnix-boot.service",
         "qnix-gc.timer",
+        "qnix-audit-seal.timer",
         "qnix-integrity.timer",
     )
     assert services.tmpfiles_conf() == (
@@ -235,6 +239,7 @@ def test_the_module_evaluates_to_the_table(tmp_path: Path) -> None:
     assert module["options"]["services"]["qnix"]["package"]["default"] == "pkg:package.nix"
     # The integrity check is the generated flake's own AIDE unit on NixOS.
     assert sorted(module["config"]["systemd"]["services"]) == [
+        "qnix-audit-seal",
         "qnix-boot",
         "qnix-gc",
         "qnix-host-key",
@@ -347,6 +352,7 @@ let
     buildPythonApplication = given;
     buildPythonPackage = attrs: {{ pyseccomp = attrs.pname; }};
     click = "click"; nftables = "nftables"; pydantic = "pydantic"; pyroute2 = "pyroute2";
+    qrcode = "qrcode";
     rich = "rich"; setuptools = "setuptools"; wheel = "wheel";
   }};
   lib = {{

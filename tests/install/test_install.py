@@ -75,6 +75,7 @@ def test_install_puts_each_file_in_place_and_uninstall_leaves_the_tree_as_before
     assert sorted(str(p.relative_to(wants)) for p in wants.glob("*.wants/qnix-*")) == [
         "multi-user.target.wants/qnix-boot.service",
         "multi-user.target.wants/qnix-host-key.service",
+        "timers.target.wants/qnix-audit-seal.timer",
         "timers.target.wants/qnix-gc.timer",
         "timers.target.wants/qnix-integrity.timer",
     ]

@@ -14,6 +14,8 @@ from tests.conftest import ROOT, need
 from tests.install.support import listing
 
 UNITS = (
+    "qnix-audit-seal.service",
+    "qnix-audit-seal.timer",
     "qnix-boot.service",
     "qnix-gc.service",
     "qnix-gc.timer",
