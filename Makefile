@@ -8,7 +8,8 @@ PY        := $(VENV)/bin/python
 QNIX      := $(VENV)/bin/qnix
 STAMP     := $(VENV)/.installed
 SYSTEM_PACKAGES := bubblewrap nftables libnftables1 nix-bin age graphviz iproute2 systemd-container python3-venv \
-                   gnupg openssh-client pass rsyslog rsyslog-gnutls aide btrfs-progs busybox-static cpio
+                   gnupg openssh-client pass rsyslog rsyslog-gnutls rsyslog-relp aide btrfs-progs busybox-static cpio \
+                   openssl e2fsprogs
 # VM compartments: QEMU and a kernel for the guests, for this machine's architecture.
 ifeq ($(shell dpkg --print-architecture 2>/dev/null),arm64)
 SYSTEM_PACKAGES += qemu-system-arm linux-image-arm64

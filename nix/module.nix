@@ -163,6 +163,43 @@
             "multi-user.target"
           ];
         };
+        qnix-received-append-only = {
+          serviceConfig = {
+            CapabilityBoundingSet = "CAP_LINUX_IMMUTABLE";
+            ExecStart = ("${config.services.qnix.package}/bin/qnix audit protect-received /var/log/qnix-remote");
+            IPAddressDeny = "any";
+            LockPersonality = true;
+            MemoryDenyWriteExecute = true;
+            NoNewPrivileges = true;
+            PrivateDevices = true;
+            PrivateNetwork = true;
+            PrivateTmp = true;
+            ProtectClock = true;
+            ProtectControlGroups = true;
+            ProtectHome = "read-only";
+            ProtectHostname = true;
+            ProtectKernelLogs = true;
+            ProtectKernelModules = true;
+            ProtectKernelTunables = true;
+            ProtectSystem = "strict";
+            ReadWritePaths = "/var/log/qnix-remote";
+            RestrictAddressFamilies = "AF_UNIX";
+            RestrictNamespaces = true;
+            RestrictRealtime = true;
+            RestrictSUIDSGID = true;
+            SystemCallArchitectures = "native";
+            SystemCallFilter = [
+              "@system-service"
+              "~@privileged"
+            ];
+            Type = "oneshot";
+            UMask = "0077";
+          };
+          unitConfig = {
+            ConditionPathIsDirectory = "/var/log/qnix-remote";
+            Description = "qnix: make the received copies of other hosts' audit logs append-only";
+          };
+        };
       };
       timers = {
         qnix-audit-seal = {
@@ -184,6 +221,18 @@
           };
           unitConfig = {
             Description = "qnix: remove what a crash left behind, daily";
+          };
+          wantedBy = [
+            "timers.target"
+          ];
+        };
+        qnix-received-append-only = {
+          timerConfig = {
+            OnBootSec = "1min";
+            OnUnitActiveSec = "1min";
+          };
+          unitConfig = {
+            Description = "qnix: make new received audit logs append-only, every minute";
           };
           wantedBy = [
             "timers.target"

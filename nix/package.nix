@@ -9,6 +9,7 @@
   aide,
   bubblewrap,
   btrfs-progs,
+  e2fsprogs,
   gnupg,
   iproute2,
   nftables,
@@ -73,6 +74,7 @@ python3Packages.buildPythonApplication {
       aide
       bubblewrap
       btrfs-progs
+      e2fsprogs
       gnupg
       iproute2
       nftables

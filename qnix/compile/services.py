@@ -34,6 +34,7 @@ from typing import Literal
 
 from qnix import __version__
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw, render, string
+from qnix.spec.model import RECEIVED_DIR
 
 Host = Literal["nixos", "other"]
 HOSTS: tuple[Host, ...] = ("nixos", "other")
@@ -228,6 +229,23 @@ SERVICES: tuple[Service, ...] = (
         timer=Timer(
             description="qnix: seal the audit log every 15 minutes",
             settings={"OnBootSec": "1min", "OnUnitActiveSec": "15min"},
+        ),
+    ),
+    Service(
+        name="qnix-received-append-only",
+        description="qnix: make the received copies of other hosts' audit logs append-only",
+        command=("qnix", ("audit", "protect-received", RECEIVED_DIR)),
+        # Only on a log server: the folder exists once the receiver has written to it.
+        conditions={"ConditionPathIsDirectory": RECEIVED_DIR},
+        service={
+            **FILES_ONLY,
+            "CapabilityBoundingSet": "CAP_LINUX_IMMUTABLE",
+            "ReadWritePaths": RECEIVED_DIR,
+            "Type": "oneshot",
+        },
+        timer=Timer(
+            description="qnix: make new received audit logs append-only, every minute",
+            settings={"OnBootSec": "1min", "OnUnitActiveSec": "1min"},
         ),
     ),
     Service(

@@ -28,6 +28,7 @@ from tests.conftest import ROOT, need
 LEVELS = ("SAFE", "OK", "MEDIUM", "EXPOSED", "UNSAFE")
 AIMS = {
     "qnix-audit-seal.service": "OK",
+    "qnix-received-append-only.service": "OK",
     "qnix-boot.service": "MEDIUM",
     "qnix-gc.service": "MEDIUM",
     "qnix-host-key.service": "OK",
@@ -82,6 +83,8 @@ def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         "qnix-host-key.service",
         "qnix-integrity.service",
         "qnix-integrity.timer",
+        "qnix-received-append-only.service",
+        "qnix-received-append-only.timer",
     ]
     result = verify(paths)
     assert result.returncode == 0, result.stderr
@@ -162,6 +165,7 @@ def test_the_unit_files_are_exactly_the_table() -> None:
         "qnix-boot.service",
         "qnix-gc.timer",
         "qnix-audit-seal.timer",
+        "qnix-received-append-only.timer",
         "qnix-integrity.timer",
     )
     assert services.tmpfiles_conf() == (
@@ -243,6 +247,7 @@ def test_the_module_evaluates_to_the_table(tmp_path: Path) -> None:
         "qnix-boot",
         "qnix-gc",
         "qnix-host-key",
+        "qnix-received-append-only",
     ]
 
 
@@ -364,8 +369,8 @@ let
     platforms.linux = [ "linux" ];
   }};
   tools = builtins.listToAttrs (map (name: {{ inherit name; value = "/pkg/" + name; }}) [
-    "age" "aide" "bubblewrap" "btrfs-progs" "gnupg" "iproute2" "nftables" "openssh" "pass"
-    "procps" "util-linux"
+    "age" "aide" "bubblewrap" "btrfs-progs" "e2fsprogs" "gnupg" "iproute2" "nftables" "openssh"
+    "pass" "procps" "util-linux"
   ]);
   package = import {render(str(ROOT / "nix" / "package.nix"))} (tools // {{
     inherit lib python3Packages;

@@ -22,6 +22,8 @@ UNITS = (
     "qnix-host-key.service",
     "qnix-integrity.service",
     "qnix-integrity.timer",
+    "qnix-received-append-only.service",
+    "qnix-received-append-only.timer",
 )
 
 
