@@ -8,11 +8,17 @@ into `services.rsyslogd.extraConfig`; the build also writes it as `rsyslog/qnix.
   (`PersistStateInterval="1"`, `persistStateAfterSubmission="on"`), so a restart carries on
   where the last run stopped: nothing sent twice after an orderly stop, nothing skipped; a first
   start sends the whole log.
-* Lines go to a ruleset of their own (not to the host's other log rules), whose one action is
-  omfwd, retried without end. The ruleset has a disk queue, each message synced before imfile
-  moves its state on: a server that is down delays events, a restart or a crash of rsyslogd
-  loses none (after a crash, messages sent but not yet marked done are sent again: the
-  server may see an entry twice; `qnix audit verify --format rfc5424` skips exact repeats).
+* Lines go to a ruleset of their own (not to the host's other log rules) whose queue is Direct:
+  each line goes straight to one action per receiver, each with a disk queue of its own
+  (synced, its index written after every message), retried without end. One receiver that is
+  down or frozen holds up only its own queue; a restart of rsyslogd loses nothing (messages
+  sent but not yet marked done are sent again: a receiver may see an entry twice;
+  `qnix audit verify` skips exact repeats).
+* `relp` (omrelp): the receiver acknowledges every message and what it did not acknowledge is
+  sent again, so a receiver that freezes or dies loses nothing. With TLS both sides show
+  certificates: the receiver's must chain to `ca_file` and carry its name as given in `hosts`.
+* `tcp`/`udp` (omfwd): TCP counts a message delivered once the kernel took it, so what a
+  frozen receiver had in its socket buffers when it died is lost; UDP cannot tell at all.
 * Each line leaves as an RFC 5424 message, the same shape `qnix audit export --format rfc5424`
   writes: `<109>1 TIMESTAMP HOSTNAME qnix - audit - {entry JSON}` — facility 13 (log audit),
   severity 5 (notice); TIMESTAMP is when rsyslog read the line (the entry's own time is in the
@@ -21,9 +27,11 @@ into `services.rsyslogd.extraConfig`; the build also writes it as `rsyslog/qnix.
   they fit rsyslog's default 8 KiB message size.
 * TCP uses octet-counted framing (RFC 6587, what RFC 5425 asks for over TLS). With `tls = true`
   the connection is TLS (gtls, StreamDriverMode 1) and the server's certificate must chain to
-  the system's CA bundle and name the configured host (auth mode x509/name); give a DNS name,
-  not an address, as the host for TLS. UDP (tls = false only) sends one datagram a message, and
-  cannot tell when one is lost.
+  `ca_file` and name the configured host (auth mode x509/name); give a DNS name, not an
+  address, as the host for TLS. UDP (tls = false only) sends one datagram a message.
+
+`receiver_config(receiver, folder)` is the other end: imrelp with TLS, one file per sending
+host, each message in its file before it is acknowledged.
 
 Every string goes through `_quoted`, the one RainerScript string writer: it refuses anything but
 printable ASCII and escapes backslash, double quote and dollar (a `$` in a double-quoted
@@ -111,6 +119,9 @@ def _action(remote: RemoteSyslog, host: str, index: int) -> list[tuple[str, str]
         ("queue.type", "Disk"),
         ("queue.filename", _queue_file(remote, index)),
         ("queue.syncQueueFiles", "on"),
+        # The queue's index is written after every message too: without it, a crash leaves
+        # an index that names files already gone, and rsyslog drops what they held.
+        ("queue.checkpointInterval", "1"),
         ("queue.maxDiskSpace", QUEUE_MAX_DISK),
         ("queue.saveOnShutdown", "on"),
         ("action.resumeRetryCount", "-1"),

@@ -3,7 +3,8 @@
 Two senders (rsyslogd with the generated configuration, each following its own audit log) and
 two receivers (rsyslogd with the generated receiver configuration) in a network namespace the
 test makes, on 127.0.0.1 and 127.0.0.2. One receiver is frozen (SIGSTOP) at entry 1,000 of a
-4,000-entry burst, killed (SIGKILL) at 2,000 and restarted. With RELP every receiver's copy
+4,000-entry burst, killed (SIGKILL) at 2,000 and restarted; one sender is stopped at 3,000 and
+started again. With RELP every receiver's copy
 ends up holding every entry; the control, the same run over plain TCP (omfwd to imtcp), loses
 what the frozen receiver had been handed but not written.
 """
@@ -32,7 +33,7 @@ from tests.conftest import need
 
 PORT = 12514
 BURST = 4000
-FREEZE_AT, KILL_AT = 1000, 2000
+FREEZE_AT, KILL_AT, SENDER_RESTART_AT = 1000, 2000, 3000
 RECEIVERS = {"logs-a.example.com": "127.0.0.1", "logs-b.example.com": "127.0.0.2"}
 SENDERS = ("sender-a", "sender-b")
 
@@ -208,7 +209,8 @@ def burst(
     namespace: Namespace, tmp_path: Path, authority: Authority, protocol: str
 ) -> tuple[dict[str, list[Receiver]], dict[str, list[bytes]]]:
     """Both senders write BURST entries each; receiver A is frozen at FREEZE_AT, killed at
-    KILL_AT and started again. Returns the receivers and each sender's own log lines once
+    KILL_AT and started again; the second sender is stopped at SENDER_RESTART_AT and
+    started again. Returns the receivers and each sender's own log lines once
     receiver B (never touched) holds everything."""
     make = (
         (lambda name: relp_receiver(authority, tmp_path, name))
@@ -219,9 +221,8 @@ def burst(
     daemon_a = start_receiver(namespace, receiver_a)
     start_receiver(namespace, receiver_b)
     logs = {sender: tmp_path / sender / "events.jsonl" for sender in SENDERS}
-    for sender in SENDERS:
-        ws = sender_workstation(authority, sender, protocol, tuple(RECEIVERS))
-        start_sender(namespace, tmp_path, sender, ws, logs[sender])
+    settings = {s: sender_workstation(authority, s, protocol, tuple(RECEIVERS)) for s in SENDERS}
+    senders = {s: start_sender(namespace, tmp_path, s, settings[s], logs[s]) for s in SENDERS}
     for number in range(1, BURST + 1):
         for sender in SENDERS:
             events.append(logs[sender], "run", {"compartment": "work", "n": number})
@@ -230,6 +231,12 @@ def burst(
         if number == KILL_AT:
             namespace.stop(daemon_a, signal.SIGKILL)
             daemon_a = start_receiver(namespace, receiver_a)
+        if number == SENDER_RESTART_AT:
+            # The second sender restarts meanwhile: its disk queues and imfile's state carry
+            # on. (An orderly stop: see docs/audit.md on a SIGKILL of the sender.)
+            last = SENDERS[-1]
+            namespace.stop(senders[last])
+            senders[last] = start_sender(namespace, tmp_path, last, settings[last], logs[last])
     written = {sender: events.split_lines(logs[sender].read_bytes()) for sender in SENDERS}
     for sender in SENDERS:
         wait_for(
