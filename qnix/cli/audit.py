@@ -311,7 +311,7 @@ def seal(state_root: Path | None, log_file: Path | None, init: bool) -> None:
     click.echo("verification key (shown this once; keep it off this machine):")
     click.echo(f"  {text}")
     click.echo(_qr_code(text), nl=False)
-    click.echo(f"check later with: qnix audit verify --verify-key {text}")
+    click.echo("check later with: qnix audit verify --verify-key -  (and type the key)")
 
 
 def _qr_code(text: str) -> str:

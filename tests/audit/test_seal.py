@@ -245,3 +245,44 @@ def test_a_seal_interrupted_before_the_key_was_replaced_is_finished_next_time(
     chain = verify(log)
     result = seal.verify_log_seals(log, chain, verification_key)
     assert (result.problem, result.proven_through, result.last_epoch) == (None, 4, 2)
+
+
+def test_a_syslog_servers_copy_is_checked_with_the_key_too(tmp_path: Path) -> None:
+    """The seals travel in the chain: a receiver's copy is proven as far as its last seal
+    (there is no key file there to show seals cut off the end, and verify says so)."""
+    log = tmp_path / "audit" / "events.jsonl"
+    append_entries(log, 3)
+    key, _ = seal.init(log)
+    append_entries(log, 2)
+    exported = qnix("audit", "export", "--log", str(log), "--format", "rfc5424")
+    copy = tmp_path / "received.log"
+    copy.write_text(exported.stdout)
+    text = seal.key_text(key)
+    proven = subprocess.run(
+        [QNIX, "audit", "verify", "--format", "rfc5424", "--log", str(copy), "--verify-key", "-"],
+        input=text + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (proven.returncode, proven.stdout.splitlines()[:2]) == (
+        0,
+        [
+            f"{copy}: proven through entry 3 (sealed by entry 4, epoch 0), of 6",
+            f"{copy}: entries 5-6 unproven: written after the last seal",
+        ],
+    )
+    assert "seals cut off the end cannot be seen" in proven.stdout
+    # The control: a copy whose entry 2 was rewritten, hashes recomputed, verifies without
+    # the key and fails with it.
+    lines = rewrite(split_lines(log.read_bytes()), 2)
+    forged = tmp_path / "forged.jsonl"
+    forged.write_bytes(b"".join(lines))
+    chain_only = qnix("audit", "verify", "--log", str(forged), "--log", str(forged))
+    assert chain_only.returncode == 0, chain_only.stdout
+    with_key = qnix(
+        "audit", "verify", "--log", str(forged), "--log", str(forged), "--verify-key", text
+    )
+    assert with_key.returncode == 1
+    assert "sealed: the seal of epoch 0 does not match entries 1-3" in with_key.stdout
