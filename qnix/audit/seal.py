@@ -143,7 +143,7 @@ def init(log: Path) -> tuple[bytes, int]:
     which seals everything already in the log. The key is returned once, never stored."""
     path = seal_key_path(log)
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with _seal_lock(log):
+    with _SealLock(log):
         if path.exists():
             raise SealingError(f"{path} exists: this log is sealed already")
         verification_key = secrets.token_bytes(KEY_BYTES)
@@ -153,7 +153,7 @@ def init(log: Path) -> tuple[bytes, int]:
 
 def seal(log: Path) -> tuple[int, int]:
     """Seal everything in `log` so far with the current key, then evolve it: (epoch, seq)."""
-    with _seal_lock(log):
+    with _SealLock(log):
         key = read_seal_key(seal_key_path(log))
         if key is None:
             raise SealingError(f"{log} is not sealed: there is no {seal_key_path(log).name}")
@@ -172,7 +172,7 @@ def _seal_with(log: Path, key: SealKey) -> int:
     return seq
 
 
-class _seal_lock:
+class _SealLock:
     """An exclusive lock on `events.seallock`: one seal at a time (the chain's own lock is
     taken inside, by `append`)."""
 
@@ -251,7 +251,12 @@ def verify_seals(
     seals: list[_Seal] = []
     for number, line in enumerate(lines[:intact], 1):
         if SEAL_MARK in line:
-            entry = decode(line)
+            try:
+                entry = decode(line)
+            except ValueError as exc:
+                # The chain's cheap check links it, but it is not a line qnix writes.
+                reason = f"not an entry qnix writes: {exc}"
+                return SealVerification(0, None, None, Problem(number, number, "modified", reason))
             if entry.event == SEAL_EVENT:
                 seals.append(_Seal(number, entry))
     proven, last_epoch = 0, None

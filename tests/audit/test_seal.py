@@ -136,6 +136,15 @@ def test_a_seal_stopped_before_its_key_was_replaced_proves_nothing_yet() -> None
     assert "stopped before its key was replaced" in result.notes[0]
 
 
+def test_a_seal_that_is_not_a_canonical_entry_is_refused_not_trusted() -> None:
+    lines, host_key = build(5, {5})
+    lines[-1] = lines[-1].replace(b'"epoch":0', b'"epoch": 0')  # the chain's framing holds
+    result = check(lines, host_key)  # the control inside: the chain alone finds nothing
+    assert result.problem is not None
+    assert (result.problem.seq, result.problem.kind) == (6, "modified")
+    assert result.proven_through == 0
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     count=st.integers(min_value=3, max_value=40),
