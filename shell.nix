@@ -15,7 +15,11 @@ pkgs.mkShell {
     gnupg
     openssh
     pass
-    rsyslog
+    # imrelp/omrelp and the gtls driver (both on by default in nixpkgs; said here because the
+    # forwarding tests need them).
+    (rsyslog.override { withRelp = true; withGnutls = true; })
+    openssl # the forwarding tests' certificates
+    e2fsprogs # chattr
     aide
     btrfs-progs
     qemu

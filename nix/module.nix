@@ -10,6 +10,43 @@
     };
     systemd = {
       services = {
+        qnix-audit-seal = {
+          serviceConfig = {
+            CapabilityBoundingSet = "";
+            ExecStart = ("${config.services.qnix.package}/bin/qnix audit seal");
+            IPAddressDeny = "any";
+            LockPersonality = true;
+            MemoryDenyWriteExecute = true;
+            NoNewPrivileges = true;
+            PrivateDevices = true;
+            PrivateNetwork = true;
+            PrivateTmp = true;
+            ProtectClock = true;
+            ProtectControlGroups = true;
+            ProtectHome = "read-only";
+            ProtectHostname = true;
+            ProtectKernelLogs = true;
+            ProtectKernelModules = true;
+            ProtectKernelTunables = true;
+            ProtectSystem = "strict";
+            ReadWritePaths = "/var/lib/qnix/audit";
+            RestrictAddressFamilies = "AF_UNIX";
+            RestrictNamespaces = true;
+            RestrictRealtime = true;
+            RestrictSUIDSGID = true;
+            SystemCallArchitectures = "native";
+            SystemCallFilter = [
+              "@system-service"
+              "~@privileged"
+            ];
+            Type = "oneshot";
+            UMask = "0077";
+          };
+          unitConfig = {
+            ConditionPathExists = "/var/lib/qnix/audit/events.sealkey";
+            Description = "qnix: seal the audit log with a forward-secure key";
+          };
+        };
         qnix-boot = {
           after = [
             "network-pre.target"
@@ -128,8 +165,57 @@
             "multi-user.target"
           ];
         };
+        qnix-received-append-only = {
+          serviceConfig = {
+            CapabilityBoundingSet = "CAP_LINUX_IMMUTABLE";
+            ExecStart = ("${config.services.qnix.package}/bin/qnix audit protect-received /var/log/qnix-remote");
+            IPAddressDeny = "any";
+            LockPersonality = true;
+            MemoryDenyWriteExecute = true;
+            NoNewPrivileges = true;
+            PrivateDevices = true;
+            PrivateNetwork = true;
+            PrivateTmp = true;
+            ProtectClock = true;
+            ProtectControlGroups = true;
+            ProtectHome = "read-only";
+            ProtectHostname = true;
+            ProtectKernelLogs = true;
+            ProtectKernelModules = true;
+            ProtectKernelTunables = true;
+            ProtectSystem = "strict";
+            ReadWritePaths = "/var/log/qnix-remote";
+            RestrictAddressFamilies = "AF_UNIX";
+            RestrictNamespaces = true;
+            RestrictRealtime = true;
+            RestrictSUIDSGID = true;
+            SystemCallArchitectures = "native";
+            SystemCallFilter = [
+              "@system-service"
+              "~@privileged"
+            ];
+            Type = "oneshot";
+            UMask = "0077";
+          };
+          unitConfig = {
+            ConditionPathIsDirectory = "/var/log/qnix-remote";
+            Description = "qnix: make the received copies of other hosts' audit logs append-only";
+          };
+        };
       };
       timers = {
+        qnix-audit-seal = {
+          timerConfig = {
+            OnBootSec = "1min";
+            OnUnitActiveSec = "15min";
+          };
+          unitConfig = {
+            Description = "qnix: seal the audit log every 15 minutes";
+          };
+          wantedBy = [
+            "timers.target"
+          ];
+        };
         qnix-gc = {
           timerConfig = {
             OnBootSec = "15min";
@@ -137,6 +223,18 @@
           };
           unitConfig = {
             Description = "qnix: remove what a crash left behind, daily";
+          };
+          wantedBy = [
+            "timers.target"
+          ];
+        };
+        qnix-received-append-only = {
+          timerConfig = {
+            OnBootSec = "1min";
+            OnUnitActiveSec = "1min";
+          };
+          unitConfig = {
+            Description = "qnix: make new received audit logs append-only, every minute";
           };
           wantedBy = [
             "timers.target"

@@ -9,6 +9,7 @@
   aide,
   bubblewrap,
   btrfs-progs,
+  e2fsprogs,
   gnupg,
   iproute2,
   nftables,
@@ -48,7 +49,7 @@ python3Packages.buildPythonApplication {
     fileset = lib.fileset.unions [ ../pyproject.toml ../README.md ../qnix ];
   };
   build-system = [ python3Packages.setuptools ];
-  # Each from nixpkgs: pkgs/development/python-modules/{pydantic,click,rich,pyroute2}/default.nix;
+  # Each from nixpkgs: pkgs/development/python-modules/{pydantic,click,rich,pyroute2,qrcode}/default.nix;
   # nftables is libnftables' own binding, built from the nftables package
   # (pkgs/top-level/python-packages.nix: nftables = callPackage
   # ../os-specific/linux/nftables/python.nix), the module PyPI's ansibleguy-nftables copies.
@@ -57,6 +58,7 @@ python3Packages.buildPythonApplication {
     python3Packages.nftables
     python3Packages.pydantic
     python3Packages.pyroute2
+    python3Packages.qrcode
     python3Packages.rich
     pyseccomp
   ];
@@ -72,6 +74,7 @@ python3Packages.buildPythonApplication {
       aide
       bubblewrap
       btrfs-progs
+      e2fsprogs
       gnupg
       iproute2
       nftables

@@ -116,7 +116,7 @@ def test_examples_only_name_reserved_example_hosts_and_addresses(spec: Path) -> 
     ]
     hosts = [rule.host for rule in rules if rule.host]
     if ws.audit.remote_syslog is not None:
-        hosts.append(ws.audit.remote_syslog.host)
+        hosts += ws.audit.remote_syslog.hosts
     assert hosts
     for host in hosts:
         assert host in RESERVED_DOMAINS or host.endswith(tuple(f".{d}" for d in RESERVED_DOMAINS))

@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - Python 3.12 and later call it _sha2
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
     from typing import Any, Protocol
 
@@ -284,8 +284,16 @@ def record(paths: HasAuditLog, event: str, **fields: FieldValue) -> None:
     append(paths.audit_log, event, fields)
 
 
-def append(log: Path, event: str, fields: Mapping[str, FieldValue]) -> int:
-    """Append one entry to the chain in `log`; its seq once it is on disk (fsynced)."""
+def append(
+    log: Path,
+    event: str,
+    fields: Mapping[str, FieldValue],
+    fields_at: Callable[[int, str], Mapping[str, FieldValue]] | None = None,
+) -> int:
+    """Append one entry to the chain in `log`; its seq once it is on disk (fsynced).
+
+    `fields_at(seq, prev)`, if given, adds fields that depend on where the entry lands (its seq
+    and the hash it chains from), computed under the lock (qnix.audit.seal's seals)."""
     if not isinstance(event, str) or not is_event_name(event):
         raise ValueError(f"{event!r} is not an audit event name: [a-z][a-z0-9.-]{{0,63}}")
     checked = check_fields(fields)
@@ -297,8 +305,10 @@ def append(log: Path, event: str, fields: Mapping[str, FieldValue]) -> int:
         try:
             base, repairs, data = _base(log, log_fd)
             seq, prev = base.seq, base.hash
-            for name, values in [*repairs, (event, checked)]:
+            for index, (name, values) in enumerate([*repairs, (event, checked)]):
                 seq += 1
+                if fields_at is not None and index == len(repairs):
+                    values = {**values, **check_fields(fields_at(seq, prev))}
                 line = fit(seq, now(), name, values, prev)
                 prev = line_hash(line)
                 data += line
@@ -440,11 +450,16 @@ def read_head(path: Path) -> Head | str | None:
 
 
 def _replace_head(log: Path, head: Head) -> None:
-    path = head_path(log)
+    replace_file(head_path(log), head.encode())
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace `path` (0600) atomically and durably: temporary file, fsync, rename, fsync of
+    the folder."""
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(fd, head.encode())
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

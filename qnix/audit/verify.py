@@ -20,8 +20,8 @@ Two states a crashed writer leaves behind are accepted, with a note: one complet
 the head that links to it (the writer stopped before moving the head on), and part of a line
 after the head (it stopped inside write(); the line was never acknowledged). The next append
 settles both. A consequence: without a secret, one well-formed entry appended after the head
-cannot be told from that crash; the copy forwarded to a remote syslog is the defence against
-someone able to write the log.
+cannot be told from that crash; the seals (qnix.audit.seal) and the copy forwarded to a remote
+syslog are the defence against someone able to write the log.
 """
 
 from __future__ import annotations

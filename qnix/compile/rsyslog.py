@@ -8,11 +8,17 @@ into `services.rsyslogd.extraConfig`; the build also writes it as `rsyslog/qnix.
   (`PersistStateInterval="1"`, `persistStateAfterSubmission="on"`), so a restart carries on
   where the last run stopped: nothing sent twice after an orderly stop, nothing skipped; a first
   start sends the whole log.
-* Lines go to a ruleset of their own (not to the host's other log rules), whose one action is
-  omfwd, retried without end. The ruleset has a disk queue, each message synced before imfile
-  moves its state on: a server that is down delays events, a restart or a crash of rsyslogd
-  loses none (after a crash, messages sent but not yet marked done are sent again: the
-  server may see an entry twice; `qnix audit verify --format rfc5424` skips exact repeats).
+* Lines go to a ruleset of their own (not to the host's other log rules) whose queue is Direct:
+  each line goes straight to one action per receiver, each with a disk queue of its own
+  (synced, its index written after every message), retried without end. One receiver that is
+  down or frozen holds up only its own queue; a restart of rsyslogd loses nothing (messages
+  sent but not yet marked done are sent again: a receiver may see an entry twice;
+  `qnix audit verify` skips exact repeats).
+* `relp` (omrelp): the receiver acknowledges every message and what it did not acknowledge is
+  sent again, so a receiver that freezes or dies loses nothing. With TLS both sides show
+  certificates: the receiver's must chain to `ca_file` and carry its name as given in `hosts`.
+* `tcp`/`udp` (omfwd): TCP counts a message delivered once the kernel took it, so what a
+  frozen receiver had in its socket buffers when it died is lost; UDP cannot tell at all.
 * Each line leaves as an RFC 5424 message, the same shape `qnix audit export --format rfc5424`
   writes: `<109>1 TIMESTAMP HOSTNAME qnix - audit - {entry JSON}` — facility 13 (log audit),
   severity 5 (notice); TIMESTAMP is when rsyslog read the line (the entry's own time is in the
@@ -21,9 +27,11 @@ into `services.rsyslogd.extraConfig`; the build also writes it as `rsyslog/qnix.
   they fit rsyslog's default 8 KiB message size.
 * TCP uses octet-counted framing (RFC 6587, what RFC 5425 asks for over TLS). With `tls = true`
   the connection is TLS (gtls, StreamDriverMode 1) and the server's certificate must chain to
-  the system's CA bundle and name the configured host (auth mode x509/name); give a DNS name,
-  not an address, as the host for TLS. UDP (tls = false only) sends one datagram a message, and
-  cannot tell when one is lost.
+  `ca_file` and name the configured host (auth mode x509/name); give a DNS name, not an
+  address, as the host for TLS. UDP (tls = false only) sends one datagram a message.
+
+`receiver_config(receiver, folder)` is the other end: imrelp with TLS, one file per sending
+host, each message in its file before it is acknowledged.
 
 Every string goes through `_quoted`, the one RainerScript string writer: it refuses anything but
 printable ASCII and escapes backslash, double quote and dollar (a `$` in a double-quoted
@@ -36,7 +44,7 @@ from __future__ import annotations
 
 from qnix.audit.rfc5424 import APP_NAME, MSGID, PRI
 from qnix.compile.nix.compartments import STATE_ROOT
-from qnix.spec.model import RemoteSyslog, Workstation
+from qnix.spec.model import LogReceiver, RemoteSyslog, Workstation
 
 # Where the runtime keeps the audit log on a host built from the flake (qnix.runtime.paths).
 AUDIT_LOG = f"{STATE_ROOT}/audit/events.jsonl"
@@ -44,9 +52,12 @@ AUDIT_LOG = f"{STATE_ROOT}/audit/events.jsonl"
 TEMPLATE = "qnix_audit_rfc5424"
 RULESET = "qnix_audit_forward"
 QUEUE_FILE = "qnix_audit_forward"
-CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 QUEUE_MAX_DISK = "1g"
 RETRY_INTERVAL_SECONDS = 10
+
+RECEIVE_RULESET = "qnix_audit_receive"
+RECEIVED_LINE = "qnix_received_line"
+RECEIVED_FILE = "qnix_received_file"
 
 
 def _quoted(value: str) -> str:
@@ -61,40 +72,65 @@ def _parameters(pairs: list[tuple[str, str]], indent: str) -> str:
     return "\n".join(f"{indent}{name}={_quoted(value)}" for name, value in pairs)
 
 
-def _action(remote: RemoteSyslog) -> list[tuple[str, str]]:
-    pairs = [
-        ("type", "omfwd"),
-        ("target", remote.host),
-        ("port", str(remote.port)),
-        ("protocol", remote.protocol),
-        ("template", TEMPLATE),
-    ]
-    if remote.protocol == "tcp":
-        pairs.append(("TCP_Framing", "octet-counted"))
-    if remote.tls:
-        pairs += [
-            ("StreamDriver", "gtls"),
-            ("StreamDriverMode", "1"),
-            ("StreamDriverAuthMode", "x509/name"),
-            ("StreamDriverPermittedPeers", remote.host),
-            ("StreamDriver.CAFile", CA_FILE),
+def _queue_file(remote: RemoteSyslog, index: int) -> str:
+    return QUEUE_FILE if len(remote.hosts) == 1 else f"{QUEUE_FILE}_{index + 1}"
+
+
+def _action(remote: RemoteSyslog, host: str, index: int) -> list[tuple[str, str]]:
+    if remote.protocol == "relp":
+        pairs = [
+            ("type", "omrelp"),
+            ("target", host),
+            ("port", str(remote.port)),
+            ("template", TEMPLATE),
         ]
-    pairs += [
+        if remote.tls:
+            pairs += [
+                ("tls", "on"),
+                ("tls.caCert", remote.ca_file),
+                ("tls.myCert", remote.cert_file),
+                ("tls.myPrivKey", remote.key_file),
+                ("tls.authMode", "name"),
+                ("tls.permittedPeer", host),
+            ]
+    else:
+        pairs = [
+            ("type", "omfwd"),
+            ("target", host),
+            ("port", str(remote.port)),
+            ("protocol", str(remote.protocol)),
+            ("template", TEMPLATE),
+        ]
+        if remote.protocol == "tcp":
+            pairs.append(("TCP_Framing", "octet-counted"))
+        if remote.tls:
+            pairs += [
+                ("StreamDriver", "gtls"),
+                ("StreamDriverMode", "1"),
+                ("StreamDriverAuthMode", "x509/name"),
+                ("StreamDriverPermittedPeers", host),
+                ("StreamDriver.CAFile", remote.ca_file),
+            ]
+    # Each receiver's action has a disk queue of its own, each message synced: one receiver
+    # that is down or frozen holds up only its own queue, and what imfile has read survives a
+    # crash of rsyslogd, not only an orderly stop.
+    return [
+        *pairs,
+        ("queue.type", "Disk"),
+        ("queue.filename", _queue_file(remote, index)),
+        ("queue.syncQueueFiles", "on"),
+        # The queue's index is written after every message too: without it, a crash leaves
+        # an index that names files already gone, and rsyslog drops what they held.
+        ("queue.checkpointInterval", "1"),
+        ("queue.maxDiskSpace", QUEUE_MAX_DISK),
+        ("queue.saveOnShutdown", "on"),
         ("action.resumeRetryCount", "-1"),
         ("action.resumeInterval", str(RETRY_INTERVAL_SECONDS)),
     ]
-    return pairs
 
 
-# The ruleset's own queue is on disk, each message synced before imfile moves its state on:
-# what imfile has read survives a crash of rsyslogd, not only an orderly stop.
-RULESET_QUEUE = [
-    ("queue.type", "Disk"),
-    ("queue.filename", QUEUE_FILE),
-    ("queue.syncQueueFiles", "on"),
-    ("queue.maxDiskSpace", QUEUE_MAX_DISK),
-    ("queue.saveOnShutdown", "on"),
-]
+# imfile hands each line straight to the actions' queues (no in-memory queue between).
+RULESET_QUEUE = [("queue.type", "Direct")]
 
 
 def rsyslog_config(ws: Workstation, audit_log_path: str) -> str:
@@ -104,11 +140,14 @@ def rsyslog_config(ws: Workstation, audit_log_path: str) -> str:
         return ""
     if not audit_log_path.startswith("/"):
         raise ValueError(f"the audit log path must be absolute: {audit_log_path!r}")
-    transport = f"{remote.protocol}, TLS" if remote.tls else remote.protocol
+    transport = f"{remote.protocol}, TLS" if remote.tls else str(remote.protocol)
     header = (
-        f"# qnix: forward the audit log to {remote.host} port {remote.port} ({transport}) as "
-        "RFC 5424. Generated from the spec."
+        f"# qnix: forward the audit log to {' and '.join(remote.hosts)} port {remote.port} "
+        f"({transport}) as RFC 5424. Generated from the spec."
     )
+    modules = ['module(load="imfile" mode="inotify")']
+    if remote.protocol == "relp":
+        modules.append('module(load="omrelp")')
     input_pairs = [
         ("type", "imfile"),
         ("File", audit_log_path),
@@ -118,10 +157,13 @@ def rsyslog_config(ws: Workstation, audit_log_path: str) -> str:
         ("persistStateAfterSubmission", "on"),
         ("freshStartTail", "off"),
     ]
+    actions: list[str] = []
+    for index, host in enumerate(remote.hosts):
+        actions += ["  action(", _parameters(_action(remote, host, index), "    "), "  )"]
     return "\n".join(
         [
             header,
-            'module(load="imfile" mode="inotify")',
+            *modules,
             "",
             f'template(name={_quoted(TEMPLATE)} type="list") {{',
             f"  constant(value={_quoted(f'<{PRI}>1 ')})",
@@ -135,13 +177,69 @@ def rsyslog_config(ws: Workstation, audit_log_path: str) -> str:
             "ruleset(",
             _parameters([("name", RULESET), *RULESET_QUEUE], "  "),
             ") {",
+            *actions,
+            "}",
+            "",
+            "input(",
+            _parameters(input_pairs, "  "),
+            ")",
+            "",
+        ]
+    )
+
+
+def receiver_config(receiver: LogReceiver, directory: str) -> str:
+    """The configuration of a host that receives audit logs: imrelp with TLS, each peer's
+    certificate checked against `peers`; each message written, unchanged, to
+    `<directory>/<sending host>.log` before imrelp acknowledges it."""
+    if not directory.startswith("/") or "%" in directory:
+        raise ValueError(f"not an absolute path without %: {directory!r}")
+    folder = _quoted(directory)[1:-1]
+    peers = ", ".join(_quoted(peer) for peer in receiver.peers)
+    address = [] if receiver.address is None else [("address", receiver.address)]
+    input_pairs = [
+        ("type", "imrelp"),
+        *address,
+        ("port", str(receiver.port)),
+        ("ruleset", RECEIVE_RULESET),
+        ("tls", "on"),
+        ("tls.caCert", receiver.ca_file),
+        ("tls.myCert", receiver.cert_file),
+        ("tls.myPrivKey", receiver.key_file),
+        ("tls.authMode", "name"),
+    ]
+    file_pairs = [
+        ("type", "omfile"),
+        ("dynaFile", RECEIVED_FILE),
+        ("template", RECEIVED_LINE),
+        ("dirCreateMode", "0700"),
+        ("fileCreateMode", "0600"),
+        ("flushOnTXEnd", "on"),
+        ("sync", "on"),
+    ]
+    return "\n".join(
+        [
+            f"# qnix: receive audit logs over RELP with TLS on port {receiver.port}, one file "
+            f"per sending host in {directory}. Generated from the spec.",
+            'module(load="imrelp")',
+            "",
+            f'template(name={_quoted(RECEIVED_LINE)} type="string" string="%rawmsg%\\n")',
+            # The HOSTNAME the sender claims names its file; path characters are replaced.
+            f'template(name={_quoted(RECEIVED_FILE)} type="string"'
+            f' string="{folder}/%hostname:::secpath-replace%.log")',
+            "",
+            # Direct: the line is in its file before imrelp acknowledges it.
+            "ruleset(",
+            _parameters([("name", RECEIVE_RULESET), ("queue.type", "Direct")], "  "),
+            ") {",
             "  action(",
-            _parameters(_action(remote), "    "),
+            _parameters(file_pairs, "    "),
             "  )",
             "}",
             "",
             "input(",
             _parameters(input_pairs, "  "),
+            f"  tls.permittedPeer=[{peers}]",
             ")",
             "",
         ]

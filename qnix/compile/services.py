@@ -35,6 +35,7 @@ from typing import Literal
 from qnix import __version__
 from qnix.compile.aide import DATABASE as AIDE_DATABASE
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw, render, string
+from qnix.spec.model import RECEIVED_DIR
 
 Host = Literal["nixos", "other"]
 HOSTS: tuple[Host, ...] = ("nixos", "other")
@@ -235,6 +236,40 @@ SERVICES: tuple[Service, ...] = (
         timer=Timer(
             description="qnix: remove what a crash left behind, daily",
             settings={"OnBootSec": "15min", "OnUnitActiveSec": "1d"},
+        ),
+    ),
+    Service(
+        name="qnix-audit-seal",
+        description="qnix: seal the audit log with a forward-secure key",
+        command=("qnix", ("audit", "seal")),
+        # Until `qnix audit seal --init` showed the verification key there is no key to seal with.
+        conditions={"ConditionPathExists": f"{AUDIT_DIR}/events.sealkey"},
+        service={
+            **FILES_ONLY,
+            "CapabilityBoundingSet": "",
+            "ReadWritePaths": AUDIT_DIR,
+            "Type": "oneshot",
+        },
+        timer=Timer(
+            description="qnix: seal the audit log every 15 minutes",
+            settings={"OnBootSec": "1min", "OnUnitActiveSec": "15min"},
+        ),
+    ),
+    Service(
+        name="qnix-received-append-only",
+        description="qnix: make the received copies of other hosts' audit logs append-only",
+        command=("qnix", ("audit", "protect-received", RECEIVED_DIR)),
+        # Only on a log server: the folder exists once the receiver has written to it.
+        conditions={"ConditionPathIsDirectory": RECEIVED_DIR},
+        service={
+            **FILES_ONLY,
+            "CapabilityBoundingSet": "CAP_LINUX_IMMUTABLE",
+            "ReadWritePaths": RECEIVED_DIR,
+            "Type": "oneshot",
+        },
+        timer=Timer(
+            description="qnix: make new received audit logs append-only, every minute",
+            settings={"OnBootSec": "1min", "OnUnitActiveSec": "1min"},
         ),
     ),
     Service(

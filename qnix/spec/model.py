@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
@@ -514,23 +514,119 @@ class Secret(Model):
         return self
 
 
+RELP_PORT = 2514
+SYSLOG_TLS_PORT = 6514
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# The host's own TLS certificate and key, as RELP's mutual TLS presents them (deployed by the
+# administrator, like any host certificate).
+HOST_CERT = "/etc/qnix/tls/host.crt"
+HOST_KEY = "/etc/qnix/tls/host.key"
+MAX_RECEIVERS = 4
+MAX_PEERS = 256
+
+
+def _one_to(most: int) -> Callable[[tuple[_T, ...]], tuple[_T, ...]]:
+    """A list of at least one and at most `most` items (checked after the items themselves,
+    so a bad item is the one problem reported)."""
+
+    def check(items: tuple[_T, ...]) -> tuple[_T, ...]:
+        if not 1 <= len(items) <= most:
+            raise SpecRuleError(
+                f"needs 1 to {most} items, not {len(items)}", hint="list them in [...]"
+            )
+        return items
+
+    return check
+
+
+def _peer_name(value: str) -> str:
+    """A certificate name a receiver admits: a DNS name, or `*.` and one."""
+    _hostname(value.removeprefix("*."))
+    return value
+
+
+PeerName = Annotated[str, AfterValidator(_peer_name)]
+
+
 class RemoteSyslog(Model):
-    host: DnsName
-    port: int = Field(default=6514, ge=1, le=65535)
-    protocol: Literal["tcp", "udp"] = "tcp"
+    """Where the audit log is forwarded: one receiver, or several (an HA pair), each written
+    to on its own."""
+
+    hosts: Annotated[
+        tuple[DnsName, ...],
+        _LIST,
+        AfterValidator(_one_to(MAX_RECEIVERS)),
+        AfterValidator(_no_duplicates),
+    ]
+    port: int = Field(default=SYSLOG_TLS_PORT, ge=1, le=65535)
+    # Required (see _protocol_given); None only while validating.
+    protocol: Literal["relp", "tcp", "udp"] | None = None
     tls: bool = True
+    ca_file: AbsPath = CA_BUNDLE
+    cert_file: AbsPath = HOST_CERT
+    key_file: AbsPath = HOST_KEY
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """`host` (one receiver) is `hosts` of one; RELP's port is 2514, the others' 6514.
+        The protocol must be said: older specs that left it out meant TCP, and RELP is what
+        loses nothing."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        if "host" in data:
+            if "hosts" in data:
+                raise SpecRuleError(
+                    "give host or hosts, not both", "host", hint="hosts = [...] lists them all"
+                )
+            data["hosts"] = [data.pop("host")]
+        if "port" not in data and data.get("protocol") == "relp":
+            data["port"] = RELP_PORT
+        return data
 
     @model_validator(mode="after")
-    def _tls_over_tcp(self) -> Self:
-        if self.tls and self.protocol != "tcp":
+    def _tls_over_a_stream(self) -> Self:
+        if self.protocol is None:
             raise SpecRuleError(
-                'tls needs protocol = "tcp"', "protocol", hint='use "tcp", or set tls = false'
+                "the protocol must be given",
+                "protocol",
+                hint='protocol = "relp" loses no entry when a receiver stops (the server needs '
+                'imrelp); "tcp" is what qnix used when none was given, and can lose entries',
+            )
+        if self.tls and self.protocol == "udp":
+            raise SpecRuleError(
+                'tls needs protocol = "relp" or "tcp"',
+                "protocol",
+                hint='use "relp", or set tls = false',
             )
         return self
 
 
+RECEIVED_DIR = "/var/log/qnix-remote"
+
+
+class LogReceiver(Model):
+    """This host receives other hosts' audit logs over RELP with TLS: one append-only file per
+    sending host in RECEIVED_DIR."""
+
+    peers: Annotated[
+        tuple[PeerName, ...],
+        _LIST,
+        AfterValidator(_one_to(MAX_PEERS)),
+        AfterValidator(_no_duplicates),
+    ]
+    port: int = Field(default=RELP_PORT, ge=1, le=65535)
+    # Listen on this address only (default: every address of the host).
+    address: IpAddress | None = None
+    ca_file: AbsPath = CA_BUNDLE
+    cert_file: AbsPath = HOST_CERT
+    key_file: AbsPath = HOST_KEY
+
+
 class Audit(Model):
     remote_syslog: RemoteSyslog | None = None
+    receive: LogReceiver | None = None
     aide_paths: Annotated[tuple[AbsPath, ...], _LIST, AfterValidator(_no_duplicates)] = ()
 
 

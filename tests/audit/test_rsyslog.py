@@ -16,9 +16,9 @@ from qnix.audit import events
 from qnix.audit.rfc5424 import parse_message
 from qnix.audit.verify import verify_lines
 from qnix.compile.inputs import load
-from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
+from qnix.compile.rsyslog import AUDIT_LOG, receiver_config, rsyslog_config
 from qnix.runtime.paths import RuntimePaths
-from qnix.spec.model import Workstation
+from qnix.spec.model import LogReceiver, Workstation
 from tests.conftest import EXAMPLES, need
 
 PORT = 10514
@@ -26,8 +26,9 @@ LOG = "/var/lib/qnix/audit/events.jsonl"
 
 
 def workstation(**remote: object) -> Workstation:
+    """Forwarding as `remote` says, over TCP unless it names a protocol."""
     return Workstation.model_validate(
-        {"host": {"hostname": "ws"}, "audit": {"remote_syslog": remote}}
+        {"host": {"hostname": "ws"}, "audit": {"remote_syslog": {"protocol": "tcp", **remote}}}
     )
 
 
@@ -51,11 +52,7 @@ def test_tls_forwarding_config_is_exactly_this() -> None:
         "\n"
         "ruleset(\n"
         '  name="qnix_audit_forward"\n'
-        '  queue.type="Disk"\n'
-        '  queue.filename="qnix_audit_forward"\n'
-        '  queue.syncQueueFiles="on"\n'
-        '  queue.maxDiskSpace="1g"\n'
-        '  queue.saveOnShutdown="on"\n'
+        '  queue.type="Direct"\n'
         ") {\n"
         "  action(\n"
         '    type="omfwd"\n'
@@ -69,6 +66,12 @@ def test_tls_forwarding_config_is_exactly_this() -> None:
         '    StreamDriverAuthMode="x509/name"\n'
         '    StreamDriverPermittedPeers="logs.example.com"\n'
         '    StreamDriver.CAFile="/etc/ssl/certs/ca-certificates.crt"\n'
+        '    queue.type="Disk"\n'
+        '    queue.filename="qnix_audit_forward"\n'
+        '    queue.syncQueueFiles="on"\n'
+        '    queue.checkpointInterval="1"\n'
+        '    queue.maxDiskSpace="1g"\n'
+        '    queue.saveOnShutdown="on"\n'
         '    action.resumeRetryCount="-1"\n'
         '    action.resumeInterval="10"\n'
         "  )\n"
@@ -94,6 +97,84 @@ def test_plain_tcp_and_udp_leave_out_what_they_do_not_use() -> None:
     udp = rsyslog_config(workstation(host="2001:db8::1", protocol="udp", tls=False), LOG)
     assert '    target="2001:db8::1"\n    port="6514"\n    protocol="udp"\n' in udp
     assert "TCP_Framing" not in udp and "StreamDriver" not in udp
+
+
+def test_relp_to_a_pair_gives_each_receiver_an_action_and_a_disk_queue_of_its_own() -> None:
+    ws = workstation(hosts=["logs-a.example.com", "logs-b.example.com"], protocol="relp")
+    text = rsyslog_config(ws, LOG)
+    assert text.startswith(
+        "# qnix: forward the audit log to logs-a.example.com and logs-b.example.com port 2514 "
+        "(relp, TLS) as RFC 5424. Generated from the spec.\n"
+        'module(load="imfile" mode="inotify")\n'
+        'module(load="omrelp")\n'
+    )
+    actions = text[text.index("  action(\n") : text.index("}\n\ninput(")]
+    assert actions == "".join(
+        "  action(\n"
+        '    type="omrelp"\n'
+        f'    target="logs-{side}.example.com"\n'
+        '    port="2514"\n'
+        '    template="qnix_audit_rfc5424"\n'
+        '    tls="on"\n'
+        '    tls.caCert="/etc/ssl/certs/ca-certificates.crt"\n'
+        '    tls.myCert="/etc/qnix/tls/host.crt"\n'
+        '    tls.myPrivKey="/etc/qnix/tls/host.key"\n'
+        '    tls.authMode="name"\n'
+        f'    tls.permittedPeer="logs-{side}.example.com"\n'
+        '    queue.type="Disk"\n'
+        f'    queue.filename="qnix_audit_forward_{number}"\n'
+        '    queue.syncQueueFiles="on"\n'
+        '    queue.checkpointInterval="1"\n'
+        '    queue.maxDiskSpace="1g"\n'
+        '    queue.saveOnShutdown="on"\n'
+        '    action.resumeRetryCount="-1"\n'
+        '    action.resumeInterval="10"\n'
+        "  )\n"
+        for number, side in ((1, "a"), (2, "b"))
+    )
+
+
+def test_the_receiver_config_is_exactly_this() -> None:
+    receiver = LogReceiver(peers=("*.example.com", "ws-1.example.net"), address="192.0.2.9")
+    assert receiver_config(receiver, "/var/log/qnix-remote") == (
+        "# qnix: receive audit logs over RELP with TLS on port 2514, one file per sending host "
+        "in /var/log/qnix-remote. Generated from the spec.\n"
+        'module(load="imrelp")\n'
+        "\n"
+        'template(name="qnix_received_line" type="string" string="%rawmsg%\\n")\n'
+        'template(name="qnix_received_file" type="string"'
+        ' string="/var/log/qnix-remote/%hostname:::secpath-replace%.log")\n'
+        "\n"
+        "ruleset(\n"
+        '  name="qnix_audit_receive"\n'
+        '  queue.type="Direct"\n'
+        ") {\n"
+        "  action(\n"
+        '    type="omfile"\n'
+        '    dynaFile="qnix_received_file"\n'
+        '    template="qnix_received_line"\n'
+        '    dirCreateMode="0700"\n'
+        '    fileCreateMode="0600"\n'
+        '    flushOnTXEnd="on"\n'
+        '    sync="on"\n'
+        "  )\n"
+        "}\n"
+        "\n"
+        "input(\n"
+        '  type="imrelp"\n'
+        '  address="192.0.2.9"\n'
+        '  port="2514"\n'
+        '  ruleset="qnix_audit_receive"\n'
+        '  tls="on"\n'
+        '  tls.caCert="/etc/ssl/certs/ca-certificates.crt"\n'
+        '  tls.myCert="/etc/qnix/tls/host.crt"\n'
+        '  tls.myPrivKey="/etc/qnix/tls/host.key"\n'
+        '  tls.authMode="name"\n'
+        '  tls.permittedPeer=["*.example.com", "ws-1.example.net"]\n'
+        ")\n"
+    )
+    with pytest.raises(ValueError, match="absolute path without %"):
+        receiver_config(receiver, "/var/log/%hostname%")
 
 
 def test_no_remote_syslog_means_no_configuration() -> None:
@@ -185,7 +266,7 @@ def namespace(tmp_path: Path) -> Iterator[Namespace]:
     )
 
 
-def receiver_config(base: Path, received: Path) -> Path:
+def tcp_receiver_config(base: Path, received: Path) -> Path:
     work = base / "receiver"
     work.mkdir()
     config = base / "receiver.conf"
@@ -230,7 +311,7 @@ def test_events_reach_a_syslog_server_as_rfc5424_with_the_json_intact(
 ) -> None:
     log = tmp_path / "audit" / "events.jsonl"
     received = tmp_path / "received.log"
-    namespace.start("receiver", receiver_config(tmp_path, received))
+    namespace.start("receiver", tcp_receiver_config(tmp_path, received))
     wait_for(lambda: namespace.listening(PORT), "the receiver to listen")
 
     # Entries written before the forwarder ever ran are sent too.

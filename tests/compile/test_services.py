@@ -29,6 +29,8 @@ from tests.conftest import EXAMPLES, ROOT, need
 # undoes the same. The units that only touch files are closed in.
 LEVELS = ("SAFE", "OK", "MEDIUM", "EXPOSED", "UNSAFE")
 AIMS = {
+    "qnix-audit-seal.service": "OK",
+    "qnix-received-append-only.service": "OK",
     "qnix-boot.service": "MEDIUM",
     "qnix-gc.service": "MEDIUM",
     "qnix-host-key.service": "OK",
@@ -75,12 +77,16 @@ def exposure(unit: Path) -> tuple[float, str]:
 def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     paths = write_units(tmp_path, services.unit_files(real_tools()))
     assert sorted(p.name for p in paths) == [
+        "qnix-audit-seal.service",
+        "qnix-audit-seal.timer",
         "qnix-boot.service",
         "qnix-gc.service",
         "qnix-gc.timer",
         "qnix-host-key.service",
         "qnix-integrity.service",
         "qnix-integrity.timer",
+        "qnix-received-append-only.service",
+        "qnix-received-append-only.timer",
     ]
     result = verify(paths)
     assert result.returncode == 0, result.stderr
@@ -162,6 +168,8 @@ def test_the_unit_files_are_exactly_the_table() -> None:
         "qnix-host-key.service",
         "qnix-boot.service",
         "qnix-gc.timer",
+        "qnix-audit-seal.timer",
+        "qnix-received-append-only.timer",
         "qnix-integrity.timer",
     )
     assert services.tmpfiles_conf() == (
@@ -264,9 +272,11 @@ def test_the_module_evaluates_to_the_table(tmp_path: Path) -> None:
     assert "qnix boot --generation" in options["generation"]["description"]
     # The integrity check is the generated flake's own AIDE unit on NixOS.
     assert sorted(module["config"]["systemd"]["services"]) == [
+        "qnix-audit-seal",
         "qnix-boot",
         "qnix-gc",
         "qnix-host-key",
+        "qnix-received-append-only",
     ]
 
 
@@ -422,6 +432,7 @@ let
     buildPythonApplication = given;
     buildPythonPackage = attrs: {{ pyseccomp = attrs.pname; }};
     click = "click"; nftables = "nftables"; pydantic = "pydantic"; pyroute2 = "pyroute2";
+    qrcode = "qrcode";
     rich = "rich"; setuptools = "setuptools"; wheel = "wheel";
   }};
   lib = {{
@@ -433,8 +444,8 @@ let
     platforms.linux = [ "linux" ];
   }};
   tools = builtins.listToAttrs (map (name: {{ inherit name; value = "/pkg/" + name; }}) [
-    "age" "aide" "bubblewrap" "btrfs-progs" "gnupg" "iproute2" "nftables" "openssh" "pass"
-    "procps" "util-linux"
+    "age" "aide" "bubblewrap" "btrfs-progs" "e2fsprogs" "gnupg" "iproute2" "nftables" "openssh"
+    "pass" "procps" "util-linux"
   ]);
   package = import {render(str(ROOT / "nix" / "package.nix"))} (tools // {{
     inherit lib python3Packages;

@@ -76,8 +76,10 @@ def test_install_puts_each_file_in_place_and_uninstall_leaves_the_tree_as_before
     assert sorted(str(p.relative_to(wants)) for p in wants.glob("*.wants/qnix-*")) == [
         "multi-user.target.wants/qnix-boot.service",
         "multi-user.target.wants/qnix-host-key.service",
+        "timers.target.wants/qnix-audit-seal.timer",
         "timers.target.wants/qnix-gc.timer",
         "timers.target.wants/qnix-integrity.timer",
+        "timers.target.wants/qnix-received-append-only.timer",
     ]
     assert (wants / "multi-user.target.wants/qnix-boot.service").readlink() == Path(
         "/etc/systemd/system/qnix-boot.service"
@@ -164,7 +166,7 @@ def test_a_spec_that_forwards_the_audit_log_gets_its_rsyslog_configuration(root:
     workstation = load(OFFICE).workstation
     assert text == rsyslog_config(workstation, AUDIT_LOG)
     assert workstation.audit.remote_syslog is not None
-    assert f'target="{workstation.audit.remote_syslog.host}"' in text
+    assert f'target="{workstation.audit.remote_syslog.hosts[0]}"' in text
     assert qnix("uninstall", "--root", str(root)).returncode == 0
     assert not (root / "etc/rsyslog.d/qnix.conf").exists()
 

@@ -14,12 +14,16 @@ from tests.conftest import ROOT, need
 from tests.install.support import listing
 
 UNITS = (
+    "qnix-audit-seal.service",
+    "qnix-audit-seal.timer",
     "qnix-boot.service",
     "qnix-gc.service",
     "qnix-gc.timer",
     "qnix-host-key.service",
     "qnix-integrity.service",
     "qnix-integrity.timer",
+    "qnix-received-append-only.service",
+    "qnix-received-append-only.timer",
 )
 
 

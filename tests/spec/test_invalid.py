@@ -821,9 +821,62 @@ CASES = [
         "tls-over-udp",
         toml('[audit.remote_syslog]\nhost = "logs.example.com"\nprotocol = "udp"\n'),
         "audit.remote_syslog.protocol",
-        'tls needs protocol = "tcp"',
+        'tls needs protocol = "relp" or "tcp"',
         '"udp"',
         "set tls = false",
+    ),
+    Bad(
+        "syslog-without-protocol",
+        toml('[audit.remote_syslog]\nhost = "logs.example.com"\n'),
+        "audit.remote_syslog.protocol",
+        "the protocol must be given",
+        None,
+        'protocol = "relp" loses no entry',
+    ),
+    Bad(
+        "syslog-host-and-hosts",
+        toml(
+            '[audit.remote_syslog]\nhost = "a.example.com"\nhosts = ["b.example.com"]\n'
+            'protocol = "relp"\n'
+        ),
+        "audit.remote_syslog.host",
+        "give host or hosts, not both",
+        '"a.example.com"',
+        "hosts = [...]",
+    ),
+    Bad(
+        "syslog-receiver-twice",
+        toml(
+            '[audit.remote_syslog]\nhosts = ["a.example.com", "a.example.com"]\nprotocol = "relp"\n'
+        ),
+        "audit.remote_syslog.hosts[1]",
+        "is listed twice",
+        '"a.example.com"',
+        "drop it",
+    ),
+    Bad(
+        "syslog-without-receivers",
+        toml('[audit.remote_syslog]\nhosts = []\nprotocol = "relp"\n'),
+        "audit.remote_syslog.hosts",
+        "needs 1 to 4 items, not 0",
+        "[]",
+        "list them",
+    ),
+    Bad(
+        "receiver-without-peers",
+        toml("[audit.receive]\nport = 2514\n"),
+        "audit.receive.peers",
+        "missing",
+        None,
+        None,
+    ),
+    Bad(
+        "receiver-peer-not-a-name",
+        toml('[audit.receive]\npeers = ["*.exa mple.com"]\n'),
+        "audit.receive.peers[0]",
+        "",
+        '"*.exa mple.com"',
+        None,
     ),
     # ---- documents that do not parse
     Bad(

@@ -1,8 +1,12 @@
 """Kernel and host hardening per profile, and the host's identity.
 
 Profiles build on each other: `strict` is `baseline` plus the Kernel Self Protection Project's
-recommended sysctls and boot parameters, `paranoid` is `strict` plus settings that cost
-performance or features (no SMT, no io_uring, kernel lockdown, panic on oops).
+recommended sysctls and boot parameters (and the CIS network settings), `paranoid` is `strict`
+plus settings that cost performance or features (no SMT, no io_uring, no ptrace at all, kernel
+lockdown, panic on oops).
+
+kernel-hardening-checker's sysctl checks are the yardstick: `paranoid` passes every one of them
+but the two in `CHECKER_EXCEPTIONS`, `strict` every one but those and the two paranoid settings.
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ STRICT_SYSCTL: Final[dict[str, int]] = {
     "fs.protected_symlinks": 1,
     "fs.suid_dumpable": 0,
     "kernel.kexec_load_disabled": 1,
+    # Past this many oopses or warnings the kernel panics: an exploit that keeps trying
+    # (each miss an oops) is stopped, a single bug does not take the machine down.
+    "kernel.oops_limit": 100,
     "kernel.perf_event_paranoid": 3,
     "kernel.randomize_va_space": 2,
     "kernel.sysrq": 0,
     "kernel.unprivileged_bpf_disabled": 1,
+    "kernel.warn_limit": 100,
+    # Only root may attach to a process: no compartment needs a debugger on the host.
     "kernel.yama.ptrace_scope": 2,
     "net.core.bpf_jit_harden": 2,
     "net.ipv4.conf.all.accept_redirects": 0,
@@ -43,15 +52,33 @@ STRICT_SYSCTL: Final[dict[str, int]] = {
     "net.ipv4.conf.default.secure_redirects": 0,
     "net.ipv4.conf.default.send_redirects": 0,
     "net.ipv4.icmp_echo_ignore_broadcasts": 1,
+    "net.ipv4.icmp_ignore_bogus_error_responses": 1,
+    "net.ipv6.conf.all.accept_ra": 0,
     "net.ipv6.conf.all.accept_redirects": 0,
     "net.ipv6.conf.all.accept_source_route": 0,
+    # The kernel ignores router advertisements; NetworkManager, systemd-networkd and dhcpcd
+    # take them in user space and configure IPv6 themselves.
+    "net.ipv6.conf.default.accept_ra": 0,
     "net.ipv6.conf.default.accept_redirects": 0,
     "net.ipv6.conf.default.accept_source_route": 0,
+    # No mapping below 64 KiB: a kernel NULL dereference cannot reach user-controlled memory.
+    "vm.mmap_min_addr": 65536,
     "vm.unprivileged_userfaultfd": 0,
 }
 PARANOID_SYSCTL: Final[dict[str, int]] = {
     "kernel.io_uring_disabled": 2,
     "kernel.yama.ptrace_scope": 3,
+}
+# The checker's sysctls no profile sets, and why.
+CHECKER_EXCEPTIONS: Final[dict[str, str]] = {
+    "user.max_user_namespaces": (
+        "0 would forbid user namespaces, which namespace compartments (bubblewrap) and"
+        " container compartments (nspawn's private users) are made of"
+    ),
+    "kernel.modules_disabled": (
+        "set to 1 at run time by NixOS's security.lockKernelModules once the boot has loaded"
+        " its modules; as a boot-time sysctl it would stop the boot loading them"
+    ),
 }
 
 STRICT_KERNEL_PARAMS: Final = (

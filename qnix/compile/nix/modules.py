@@ -24,8 +24,8 @@ from qnix.compile.nix.disk import disk_module
 from qnix.compile.nix.hardening import hardening_module
 from qnix.compile.nix.printer import Call, NixValue, Raw, attr_path, string
 from qnix.compile.nix.vms import vms_module
-from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
-from qnix.spec.model import NETWORK_NONE, Compartment, Workstation
+from qnix.compile.rsyslog import AUDIT_LOG, receiver_config, rsyslog_config
+from qnix.spec.model import NETWORK_NONE, RECEIVED_DIR, Compartment, Workstation
 
 CONCERNS = (
     "compartments",
@@ -258,9 +258,21 @@ def audit_module(ws: Workstation) -> dict[str, NixValue]:
             "settings": {"packs": {OSQUERY_PACK: osquery_pack(ws)}},
         }
     }
-    if ws.audit.remote_syslog is not None:
-        services["rsyslogd"] = {"enable": True, "extraConfig": rsyslog_config(ws, AUDIT_LOG)}
+    receive = ws.audit.receive
+    configs = [rsyslog_config(ws, AUDIT_LOG)]
+    if receive is not None:
+        configs.append(receiver_config(receive, RECEIVED_DIR))
+    if any(configs):
+        services["rsyslogd"] = {"enable": True, "extraConfig": "\n".join(filter(None, configs))}
+    systemd = _aide_units()
+    extra: dict[str, NixValue] = {}
+    if receive is not None:
+        # The folder exists from boot on, so that the unit that makes the received copies
+        # append-only (qnix's own module) runs; the port is open to the senders.
+        systemd["tmpfiles"] = {"rules": [f"d {RECEIVED_DIR} 0700 root root -"]}
+        extra["networking"] = {"firewall": {"allowedTCPPorts": [receive.port]}}
     return {
+        **extra,
         "environment": {
             # Copied (not linked to the store) and root-only: it lists what is watched.
             "etc": {AIDE_ETC: {"mode": "0600", "text": aide_conf}},
@@ -271,7 +283,7 @@ def audit_module(ws: Workstation) -> dict[str, NixValue]:
             "auditd": {"enable": True},
         },
         "services": services,
-        "systemd": _aide_units(),
+        "systemd": systemd,
     }
 
 

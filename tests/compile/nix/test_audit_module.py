@@ -30,7 +30,7 @@ from qnix.compile.nix.modules import (
     osquery_pack,
 )
 from qnix.compile.nix.printer import NixValue, Raw, render
-from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
+from qnix.compile.rsyslog import AUDIT_LOG, receiver_config, rsyslog_config
 from qnix.spec.model import Workstation
 from tests.compile.nix import reference
 from tests.compile.nix.support import (
@@ -66,6 +66,17 @@ def workstations() -> dict[str, Workstation]:
         {"hardening": "paranoid", "system": "aarch64-linux"},
         MIXED_COMPARTMENTS,
         audit={"aide_paths": HOSTILE_AIDE_PATHS},
+    )
+    cases["log-server"] = workstation(
+        None,
+        None,
+        audit={
+            "receive": {"peers": ["*.example.com"], "port": 2514},
+            "remote_syslog": {
+                "hosts": ["logs-a.example.com", "logs-b.example.com"],
+                "protocol": "relp",
+            },
+        },
     )
     return cases
 
@@ -192,6 +203,7 @@ OPTIONS_SET = {
     "systemd.services.<name>.path",
     "systemd.services.<name>.script",
     "systemd.services.<name>.serviceConfig",
+    "systemd.tmpfiles.rules",
     "systemd.timers",
     "systemd.timers.<name>.documentation",
     "systemd.timers.<name>.timerConfig",
@@ -333,7 +345,7 @@ def test_the_aide_check_runs_daily_and_fails_on_differences() -> None:
 
 
 def test_the_audit_log_goes_to_the_remote_syslog_only_when_the_spec_names_one() -> None:
-    remote = {"remote_syslog": {"host": "logs.example.com", "port": 6514}}
+    remote = {"remote_syslog": {"host": "logs.example.com", "port": 6514, "protocol": "tcp"}}
     forwarding = workstation(None, None, audit=remote)
     services = audit_module(forwarding)["services"]
     assert isinstance(services, Mapping)
@@ -345,6 +357,23 @@ def test_the_audit_log_goes_to_the_remote_syslog_only_when_the_spec_names_one() 
     assert "logs.example.com" in services["rsyslogd"]["extraConfig"]
     silent = audit_module(workstation())["services"]
     assert isinstance(silent, Mapping) and sorted(silent) == ["osquery"]
+
+
+def test_a_log_server_receives_over_relp_into_one_folder_it_makes_at_boot() -> None:
+    server = WORKSTATIONS["log-server"]
+    assert server.audit.receive is not None
+    module = audit_module(server)
+    assert module["services"]["rsyslogd"] == {  # type: ignore[index]
+        "enable": True,
+        "extraConfig": rsyslog_config(server, AUDIT_LOG)
+        + "\n"
+        + receiver_config(server.audit.receive, "/var/log/qnix-remote"),
+    }
+    assert module["systemd"]["tmpfiles"] == {  # type: ignore[index]
+        "rules": ["d /var/log/qnix-remote 0700 root root -"]
+    }
+    assert module["networking"] == {"firewall": {"allowedTCPPorts": [2514]}}
+    assert "networking" not in audit_module(workstation())
 
 
 def test_the_uid_ranges_hold_every_compartment_and_each_container() -> None:
