@@ -14,6 +14,7 @@ pkgs.mkShell {
     util-linux
     gnupg
     openssh
+    git # qnix pull: fetch, verify-commit (SSH signatures)
     pass
     rsyslog
     aide

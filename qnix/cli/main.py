@@ -23,6 +23,7 @@ from qnix.cli.install import install, uninstall
 from qnix.cli.integrity import integrity
 from qnix.cli.options import runtime_options, runtime_paths
 from qnix.cli.policy import policy
+from qnix.cli.pull import pull
 from qnix.cli.secret import secret
 from qnix.cli.state import state
 from qnix.errors import QnixError
@@ -370,6 +371,7 @@ cli.add_command(drift)
 cli.add_command(integrity)
 cli.add_command(install)
 cli.add_command(fleet)
+cli.add_command(pull)
 cli.add_command(uninstall)
 
 

@@ -3,7 +3,6 @@
     [fleet]
     name = "acme"
     policy_dir = "policy.d"            # shared by every host (optional)
-    allowed_signers = "allowed_signers"  # who may sign changes (OpenSSH format)
 
     [roles.office.compartments.work]   # a role: a fragment of a spec
     memory_mb = 1024
@@ -54,6 +53,7 @@ from qnix.spec.validation import problems_from_validation
 from qnix.spec.wording import did_you_mean, format_path, show
 
 FLEET_FILE = "fleet.toml"
+SIGNERS_FILE = "allowed_signers"  # beside it: who may sign changes (OpenSSH format)
 MAX_FLEET_BYTES = 16 * 1024 * 1024
 
 RoleName = Annotated[str, StringConstraints(pattern=TAG_RE)]
@@ -63,7 +63,6 @@ HostName = Annotated[str, StringConstraints(pattern=HOSTNAME_RE)]
 class FleetSettings(Model):
     name: HostName
     policy_dir: RelPath | None = None
-    allowed_signers: RelPath = "allowed_signers"
 
 
 class FleetHost(Model):
@@ -91,7 +90,7 @@ class Fleet:
 
     @property
     def allowed_signers(self) -> Path:
-        return self.base_dir / self.file.fleet.allowed_signers
+        return self.base_dir / SIGNERS_FILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,9 +265,9 @@ def check_fleet(fleet: Fleet) -> dict[str, LoadedSpec]:
         problems.append(
             Problem(
                 str(fleet.path),
-                "fleet.allowed_signers",
-                "file not found",
-                show(fleet.file.fleet.allowed_signers),
+                "",
+                f"{SIGNERS_FILE} beside it: file not found",
+                "",
                 "the OpenSSH allowed_signers file of the keys that may sign changes",
             )
         )
@@ -276,9 +275,9 @@ def check_fleet(fleet: Fleet) -> dict[str, LoadedSpec]:
         problems.append(
             Problem(
                 str(fleet.path),
-                "fleet.allowed_signers",
-                "lists no key",
-                show(fleet.file.fleet.allowed_signers),
+                "",
+                f"{SIGNERS_FILE} beside it lists no key",
+                "",
                 "one line per admin: PRINCIPAL ssh-ed25519 AAAA... (ssh-keygen -Y, OpenSSH)",
             )
         )

@@ -144,7 +144,7 @@ def test_the_allowed_signers_file_must_be_there(tmp_path: Path) -> None:
     path = copy_of_example(tmp_path)
     (path.parent / "allowed_signers").unlink()
     assert [(p.path, p.message) for p in problems_of(path)] == [
-        ("fleet.allowed_signers", "file not found")
+        ("", "allowed_signers beside it: file not found")
     ]
 
 
