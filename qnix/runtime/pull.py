@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from qnix.audit import events
+from qnix.compile.artifacts import MANIFEST
 from qnix.errors import QnixError
 from qnix.fleet.inventory import FLEET_FILE, SIGNERS_FILE, host_spec, read_fleet
 from qnix.runner import Result, require_tool, run
@@ -163,6 +164,11 @@ def pull(paths: RuntimePaths) -> PullResult:
     with _pull_lock(files):
         trust = read_trust(files)
         state = _read_json(files.status) or {}
+        # A pull killed halfway (or a hand-made change) can leave the host off the deployed
+        # generation: back to it first, whatever is fetched next.
+        off = _off_deployed(paths, trust)
+        if off is not None:
+            state = _report_back(paths, files, config, state, trust, trust.commit or "", off)
         try:
             tip = _fetch(files, config)
         except QnixError as exc:
@@ -183,33 +189,61 @@ def pull(paths: RuntimePaths) -> PullResult:
             return result
         try:
             generation, changes = _deploy(paths, files, config, tip)
-        except QnixError as exc:
-            reason = exc.message
-            try:
-                back = _roll_back(paths, files, config, trust)
-            except QnixError as failed:
-                events.record(
-                    paths,
-                    "pull.rolled-back",
-                    commit=tip,
-                    deployed=trust.commit,
-                    reason=reason,
-                    result=f"error: {failed.message}",
-                )
-                _report(files, config, state, PullResult("rolled-back", tip, trust.commit, reason))
-                raise
-            result = PullResult("rolled-back", tip, trust.commit, reason, tuple(back))
-            events.record(
-                paths, "pull.rolled-back", commit=tip, deployed=trust.commit, reason=reason
-            )
-            _report(files, config, state, result)
-            return result
+        except (QnixError, OSError, ValueError) as exc:  # anything: the deployed one is back
+            reason = exc.message if isinstance(exc, QnixError) else f"{type(exc).__name__}: {exc}"
+            _report_back(paths, files, config, state, trust, tip, reason)
+            return PullResult("rolled-back", tip, trust.commit, reason)
         _git(files, "update-ref", DEPLOYED_REF, tip)
         _write_trust(files, Trust(signers, tip, generation))
         result = PullResult("applied", tip, tip, "", tuple(changes))
         events.record(paths, "pull.applied", commit=tip, generation=generation)
         _report(files, config, state, result)
         return result
+
+
+def _off_deployed(paths: RuntimePaths, trust: Trust) -> str | None:
+    """Why the host is not at the deployed generation, or None when it is."""
+    if trust.commit is None:
+        return None
+    for folder in (paths.generation_dir, paths.installed_dir):
+        try:
+            manifest = json.loads((folder / MANIFEST).read_bytes())
+        except (OSError, ValueError):
+            manifest = {}
+        if manifest.get("generation") != trust.generation:
+            return f"the host is not at the deployed generation ({folder} differs)"
+    found = drift.drift(paths)
+    if found:
+        return f"the host is not at the deployed generation: {found[0].render()}"
+    return None
+
+
+def _report_back(
+    paths: RuntimePaths,
+    files: PullFiles,
+    config: PullConfig,
+    state: Mapping[str, Any],
+    trust: Trust,
+    commit: str,
+    reason: str,
+) -> dict[str, Any]:
+    """The deployed generation applied again, recorded; the status written."""
+    result = PullResult("rolled-back", commit, trust.commit, reason)
+    try:
+        _roll_back(paths, files, config, trust)
+    except QnixError as failed:
+        events.record(
+            paths,
+            "pull.rolled-back",
+            commit=commit,
+            deployed=trust.commit,
+            reason=reason,
+            result=f"error: {failed.message}",
+        )
+        _report(files, config, state, result)
+        raise
+    events.record(paths, "pull.rolled-back", commit=commit, deployed=trust.commit, reason=reason)
+    return _report(files, config, state, result)
 
 
 # ---- git --------------------------------------------------------------------------------------
@@ -329,20 +363,18 @@ def _deploy(
     return result.generation, list(result.changes)
 
 
-def _roll_back(
-    paths: RuntimePaths, files: PullFiles, config: PullConfig, trust: Trust
-) -> list[str]:
+def _roll_back(paths: RuntimePaths, files: PullFiles, config: PullConfig, trust: Trust) -> None:
     """The deployed commit's generation applied again; with none deployed yet, qnix taken
     off the host (what it was before the first pull brought anything)."""
     if trust.commit is None:
-        return reconcile.down(paths)
-    generation, changes = _deploy(paths, files, config, trust.commit)
+        reconcile.down(paths)
+        return
+    generation, _ = _deploy(paths, files, config, trust.commit)
     if generation != trust.generation:
         raise QnixError(
             f"rolling back to {trust.commit} gave generation {generation}, "
             f"not the deployed {trust.generation}"
         )
-    return changes
 
 
 # ---- state files ------------------------------------------------------------------------------
@@ -381,7 +413,7 @@ def _write_trust(files: PullFiles, trust: Trust) -> None:
 
 def _report(
     files: PullFiles, config: PullConfig, before: Mapping[str, Any], result: PullResult
-) -> None:
+) -> dict[str, Any]:
     """status.json and metrics.prom, after each pull."""
     counts = dict(before.get("counts") or {})
     counts[result.outcome] = int(counts.get(result.outcome, 0)) + 1
@@ -398,6 +430,7 @@ def _report(
     }
     atomic_write(files.status, (json.dumps(status, indent=2) + "\n").encode())
     atomic_write(files.metrics, metrics_text(status).encode())
+    return status
 
 
 def _label(value: object) -> str:

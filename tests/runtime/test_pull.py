@@ -145,6 +145,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         made = Fleet(server, hosts, admin, admin_line, declared_key, base)
         made.change((), admin, allowed_signers=admin_line)
         server.publish()
+        for name in HOSTS:  # each test starts from a deployed commit
+            made.lands((), name)
         yield made
     finally:
         for host in hosts.values():
@@ -153,8 +155,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def test_a_signed_change_lands_on_both_hosts(fleet: Fleet) -> None:
-    for name in HOSTS:
-        fleet.lands((), name)
+    fleet.server.reset(fleet.trust("lab-b")["commit"])
     fleet.change(("notes",), fleet.admin)
     fleet.server.publish()
     for name in HOSTS:
@@ -291,27 +292,42 @@ def test_a_change_that_breaks_apply_is_rolled_back(fleet: Fleet) -> None:
 
 
 def test_a_pull_killed_at_any_point_ends_at_the_old_or_the_new_generation(fleet: Fleet) -> None:
+    """Killed, then either pulled again (the new commit lands) or, with the branch put back
+    to the old commit, pulled again (the host is back at the old generation, or stays at
+    the new one if the kill came after it was deployed: going back is no fast-forward)."""
     host = fleet.hosts["lab-b"]
-    fleet.at_deployed()
-    old = fleet.trust("lab-b")
-    rounds = random.Random(7)  # the same kill points on every run
-    for round_number in range(4):
-        extras = tuple(c for c in fleet.compartments("lab-b") if c != "work")
-        new_extras = (*extras, f"kill{round_number}")
-        fleet.change(new_extras, fleet.admin)
+    start = fleet.at_deployed()
+    assert fleet.pull("lab-b").returncode == 0  # lab-b catches up with lab-a
+    extras_of = {start: tuple(c for c in fleet.compartments("lab-b") if c != "work")}
+    # How long a whole pull of one change takes here: the kills fall across it.
+    extras_of[fleet.change((*extras_of[start], "timed"), fleet.admin)] = (
+        *extras_of[start],
+        "timed",
+    )
+    fleet.server.publish()
+    began = time.monotonic()
+    assert fleet.pull("lab-b").returncode == 0
+    duration = time.monotonic() - began
+    kill_points = random.Random(7)  # the same kill points on every run
+    for round_number in range(8):
+        old = fleet.trust("lab-b")["commit"]
+        new_extras = (*extras_of[old], f"kill{round_number}")
+        new = fleet.change(new_extras, fleet.admin)
+        extras_of[new] = new_extras
         fleet.server.publish()
-        new_tip = fleet.server.head()
         process = subprocess.Popen(
             [QNIX, "pull"], env=host.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        time.sleep(rounds.uniform(0.05, 2.5))  # a pull here takes about 2 s
+        time.sleep(kill_points.uniform(0.0, 1.1) * duration)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        interrupted = fleet.trust("lab-b")
-        assert interrupted["commit"] in (old["commit"], new_tip)
+        assert fleet.trust("lab-b")["commit"] in (old, new)
+        if round_number % 2:
+            fleet.server.reset(old)
         result = fleet.pull("lab-b")
-        assert result.returncode == 0, result.stderr
-        assert fleet.trust("lab-b")["commit"] == new_tip
-        assert fleet.compartments("lab-b") == sorted(["work", *new_extras])
+        deployed = fleet.trust("lab-b")["commit"]
+        assert deployed in (old, new)
+        assert result.returncode == (1 if deployed != fleet.server.head() else 0), result.stderr
+        assert fleet.compartments("lab-b") == sorted(["work", *extras_of[deployed]])
         assert host.ok("drift") == NO_DRIFT
-        old = fleet.trust("lab-b")
+        fleet.server.reset(deployed)
