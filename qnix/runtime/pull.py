@@ -32,6 +32,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -162,6 +163,8 @@ def pull(paths: RuntimePaths) -> PullResult:
     files = PullFiles.of(paths)
     config = read_config(files)
     with _pull_lock(files):
+        for left in (*files.folder.glob(".tree-*"), *files.folder.glob(".verify-*")):
+            shutil.rmtree(left, ignore_errors=True)  # of a pull killed while it used them
         trust = read_trust(files)
         state = _read_json(files.status) or {}
         # A pull killed halfway (or a hand-made change) can leave the host off the deployed

@@ -330,4 +330,6 @@ def test_a_pull_killed_at_any_point_ends_at_the_old_or_the_new_generation(fleet:
         assert result.returncode == (1 if deployed != fleet.server.head() else 0), result.stderr
         assert fleet.compartments("lab-b") == sorted(["work", *extras_of[deployed]])
         assert host.ok("drift") == NO_DRIFT
+        pulled = host.paths.state_root / "pull"
+        assert not [*pulled.glob(".tree-*"), *pulled.glob(".verify-*")]
         fleet.server.reset(deployed)
