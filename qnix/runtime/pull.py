@@ -48,9 +48,11 @@ from qnix.runner import Result, require_tool, run
 from qnix.runtime import drift, reconcile
 from qnix.runtime.files import atomic_write
 from qnix.runtime.paths import RuntimePaths
+from qnix.spec.model import HOSTNAME_RE
 
 GIT_TIMEOUT = 300.0
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+BRANCH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}")
 FETCHED_REF = "refs/qnix/fetched"
 DEPLOYED_REF = "refs/qnix/deployed"  # keeps the deployed commit's objects in the repository
 
@@ -121,6 +123,10 @@ def init(paths: RuntimePaths, url: str, host: str, branch: str, signers: Path) -
     """Set the host up to follow `url`'s `branch` as fleet host `host`, trusting the keys of
     the allowed signers file `signers` (OpenSSH format) from now on."""
     files = PullFiles.of(paths)
+    if not re.fullmatch(HOSTNAME_RE, host):
+        raise QnixError(f"{host!r} is not a host name", hint="the host's name in fleet.toml")
+    if not BRANCH_RE.fullmatch(branch) or ".." in branch:
+        raise QnixError(f"{branch!r} is not a branch name", hint="such as main")
     if files.trust.exists():
         raise QnixError(
             f"this host already follows a fleet repository ({files.config})",
@@ -138,6 +144,7 @@ def init(paths: RuntimePaths, url: str, host: str, branch: str, signers: Path) -
     config = {"url": url, "host": host, "branch": branch}
     atomic_write(files.config, (json.dumps(config, indent=2) + "\n").encode(), 0o600)
     _write_trust(files, Trust(text, None, None))
+    events.record(paths, "pull.init", url=url, host=host, branch=branch)
 
 
 def read_config(files: PullFiles) -> PullConfig:
@@ -147,14 +154,22 @@ def read_config(files: PullFiles) -> PullConfig:
             "this host follows no fleet repository",
             hint="set it up once: qnix pull --init URL --host NAME --signers FILE",
         )
-    return PullConfig(str(data["url"]), str(data["host"]), str(data["branch"]))
+    try:
+        return PullConfig(str(data["url"]), str(data["host"]), str(data["branch"]))
+    except KeyError as exc:
+        raise QnixError(
+            f"{files.config} has no {exc}", hint="qnix pull --init sets it up"
+        ) from None
 
 
 def read_trust(files: PullFiles) -> Trust:
     data = _read_json(files.trust)
     if data is None:
         raise QnixError(f"{files.trust} is missing", hint="qnix pull --init sets it up")
-    return Trust(str(data["allowed_signers"]), data["commit"], data["generation"])
+    try:
+        return Trust(str(data["allowed_signers"]), data["commit"], data["generation"])
+    except KeyError as exc:
+        raise QnixError(f"{files.trust} has no {exc}", hint="qnix pull --init sets it up") from None
 
 
 def pull(paths: RuntimePaths) -> PullResult:
@@ -287,6 +302,7 @@ def _fetch(files: PullFiles, config: PullConfig) -> str:
         "fetch",
         "--quiet",
         "--no-tags",
+        "--",
         config.url,
         f"+refs/heads/{config.branch}:{FETCHED_REF}",
     )

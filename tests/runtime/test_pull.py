@@ -333,3 +333,44 @@ def test_a_pull_killed_at_any_point_ends_at_the_old_or_the_new_generation(fleet:
         pulled = host.paths.state_root / "pull"
         assert not [*pulled.glob(".tree-*"), *pulled.glob(".verify-*")]
         fleet.server.reset(deployed)
+
+
+def test_the_trust_is_pinned_once(fleet: Fleet) -> None:
+    """`--init` is recorded; a second one (which would replace the pinned signers) is refused,
+    as is a branch name git would read as something else."""
+    [entry] = fleet.events("pull.init")
+    assert (entry["url"], entry["host"], entry["branch"]) == (fleet.server.url, "lab-a", "main")
+    pinned = fleet.trust()
+    _, stranger_line = ssh_key(fleet.base, "usurper")
+    (fleet.base / "usurper_signers").write_text(stranger_line)
+    again = fleet.hosts["lab-a"].qnix(
+        "pull",
+        "--init",
+        fleet.server.url,
+        "--host",
+        "lab-a",
+        "--signers",
+        str(fleet.base / "usurper_signers"),
+    )
+    assert again.returncode == 1
+    assert "error: this host already follows a fleet repository" in again.stderr
+    assert fleet.trust() == pinned
+    fresh = LiveHost()
+    try:
+        bad = fresh.qnix(
+            "pull",
+            "--init",
+            fleet.server.url,
+            "--host",
+            "lab-a",
+            "--branch",
+            "main:refs/x",
+            "--signers",
+            str(fleet.base / "trusted_signers"),
+        )
+        assert (bad.returncode, bad.stderr) == (
+            1,
+            "error: 'main:refs/x' is not a branch name\n  hint: such as main\n",
+        )
+    finally:
+        fresh.close()
