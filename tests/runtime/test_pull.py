@@ -6,6 +6,7 @@ a pull killed at any point and run again leaves the old or the new generation.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
@@ -149,9 +150,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             made.lands((), name)
         yield made
     finally:
-        for host in hosts.values():
-            host.close()
-        server.close()
+        with contextlib.ExitStack() as closing:  # each closed even if another fails to
+            closing.callback(server.close)
+            for host in hosts.values():
+                closing.callback(host.close)
 
 
 def test_a_signed_change_lands_on_both_hosts(fleet: Fleet) -> None:
