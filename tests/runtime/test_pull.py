@@ -289,8 +289,30 @@ def test_a_change_that_breaks_apply_is_rolled_back(fleet: Fleet) -> None:
         entry["reason"],
     )
     metrics = (fleet.hosts["lab-a"].paths.state_root / "pull" / "metrics.prom").read_text()
-    assert f'qnix_pull_deployment_info{{commit_id="{start}",status="failed"}} 1\n' in metrics
-    assert "qnix_pull_last_deployment_failed 1\n" in metrics
+    fetches = sum(status["counts"].values())
+    assert metrics == (
+        "# HELP qnix_pull_deployment_info The deployed commit and how the last pull ended.\n"
+        "# TYPE qnix_pull_deployment_info gauge\n"
+        f'qnix_pull_deployment_info{{commit_id="{start}",status="failed"}} 1\n'
+        "# HELP qnix_pull_fetch_count Fetches of the fleet repository, by result.\n"
+        "# TYPE qnix_pull_fetch_count counter\n"
+        f'qnix_pull_fetch_count{{remote_name="{fleet.server.url}",status="succeeded"}} '
+        f"{fetches}\n"
+        f'qnix_pull_fetch_count{{remote_name="{fleet.server.url}",status="failed"}} 0\n'
+        "# HELP qnix_pull_last_fetch_failed Whether the last fetch failed.\n"
+        "# TYPE qnix_pull_last_fetch_failed gauge\n"
+        "qnix_pull_last_fetch_failed 0\n"
+        "# HELP qnix_pull_last_deployment_failed Whether the last change fetched was rolled "
+        "back.\n"
+        "# TYPE qnix_pull_last_deployment_failed gauge\n"
+        "qnix_pull_last_deployment_failed 1\n"
+        "# HELP qnix_pull_last_rejected Whether the last change fetched was refused unverified.\n"
+        "# TYPE qnix_pull_last_rejected gauge\n"
+        "qnix_pull_last_rejected 0\n"
+        "# HELP qnix_pull_last_run_timestamp_seconds When the last pull ended.\n"
+        "# TYPE qnix_pull_last_run_timestamp_seconds gauge\n"
+        f"qnix_pull_last_run_timestamp_seconds {status['time']}\n"
+    )
 
 
 def test_a_pull_killed_at_any_point_ends_at_the_old_or_the_new_generation(fleet: Fleet) -> None:
