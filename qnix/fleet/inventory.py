@@ -209,6 +209,19 @@ def host_spec(fleet: Fleet, name: str) -> LoadedSpec:
             ]
         )
     document = host_document(fleet, name)
+    written = document.origins.get("host.hostname", "")
+    if written != f"hosts.{name}":  # a role or an override named the host otherwise
+        raise SpecError(
+            [
+                Problem(
+                    file,
+                    written,
+                    "a host's name is its key under [hosts]; roles and overrides cannot set it",
+                    show(document.data["host"].get("hostname")),
+                    "remove this key",
+                )
+            ]
+        )
     raw = (json.dumps(document.data, indent=2, sort_keys=True) + "\n").encode()
     try:
         workstation = Workstation.model_validate(document.data)

@@ -159,3 +159,18 @@ def test_the_command_prints_every_host_and_exits_2_on_a_problem(tmp_path: Path) 
     bad = subprocess.run([QNIX, "fleet", "check", str(path.parent)], capture_output=True, text=True)
     assert bad.returncode == 2
     assert f"{path}: hosts.desk-05.overrides.host.hardening: must be one of" in bad.stderr
+
+
+def test_a_role_or_override_cannot_rename_a_host(tmp_path: Path) -> None:
+    path = copy_of_example(
+        tmp_path, ('overrides.host.hardening = "paranoid"', 'overrides.host.hostname = "ceo"')
+    )
+    assert problems_of(path) == [
+        Problem(
+            str(path),
+            "hosts.desk-05.overrides.host.hostname",
+            "a host's name is its key under [hosts]; roles and overrides cannot set it",
+            '"ceo"',
+            "remove this key",
+        )
+    ]
