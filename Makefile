@@ -9,7 +9,7 @@ QNIX      := $(VENV)/bin/qnix
 STAMP     := $(VENV)/.installed
 SYSTEM_PACKAGES := bubblewrap nftables libnftables1 nix-bin age graphviz iproute2 systemd-container python3-venv \
                    gnupg openssh-client pass rsyslog rsyslog-gnutls rsyslog-relp aide btrfs-progs busybox-static cpio \
-                   openssl e2fsprogs
+                   openssl e2fsprogs git
 # GUI compartments: the Wayland filter reads the protocol files (libwayland-dev ships
 # wayland.xml); its tests run sway headless and attack it with grim, wtype and wl-clipboard.
 SYSTEM_PACKAGES += wayland-protocols libwayland-dev sway grim wtype wl-clipboard foot
@@ -24,13 +24,13 @@ PYTHON    ?= python3
 PREFIX         := /opt/qnix
 INSTALL_PYTHON ?= /usr/bin/python3
 
-.PHONY: demo test lint deps system-deps bench clean install uninstall
+.PHONY: demo fleet-demo test lint deps system-deps bench clean install uninstall
 
 # On NixOS (no apt-get, but nix-shell) every target runs inside shell.nix, which brings the tools.
 NIX_REEXEC := $(and $(if $(IN_NIX_SHELL),,1),$(if $(shell command -v apt-get 2>/dev/null),,1),$(shell command -v nix-shell 2>/dev/null))
 
 ifneq ($(NIX_REEXEC),)
-demo test bench clean:
+demo fleet-demo test bench clean:
 	nix-shell shell.nix --run '$(MAKE) $@'
 else
 
@@ -44,6 +44,9 @@ demo: $(STAMP)
 	@echo "Drew build/smb-office.svg"
 	@echo
 	bash examples/live-demo.sh $(QNIX)
+
+fleet-demo: $(STAMP)
+	bash examples/fleet-demo.sh $(QNIX)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check qnix tests bench

@@ -14,6 +14,7 @@ pkgs.mkShell {
     util-linux
     gnupg
     openssh
+    git # qnix pull: fetch, verify-commit (SSH signatures)
     pass
     # imrelp/omrelp and the gtls driver (both on by default in nixpkgs; said here because the
     # forwarding tests need them).

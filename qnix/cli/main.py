@@ -18,10 +18,12 @@ from qnix import __version__
 from qnix.cli.audit import audit
 from qnix.cli.broker import clip, copy, move, open_in_dvm
 from qnix.cli.drift import drift
+from qnix.cli.fleet import fleet
 from qnix.cli.install import install, uninstall
 from qnix.cli.integrity import integrity
 from qnix.cli.options import runtime_options, runtime_paths
 from qnix.cli.policy import policy
+from qnix.cli.pull import pull
 from qnix.cli.secret import secret
 from qnix.cli.state import state
 from qnix.errors import QnixError
@@ -373,6 +375,8 @@ cli.add_command(audit)
 cli.add_command(drift)
 cli.add_command(integrity)
 cli.add_command(install)
+cli.add_command(fleet)
+cli.add_command(pull)
 cli.add_command(uninstall)
 
 

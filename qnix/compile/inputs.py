@@ -39,8 +39,20 @@ def load(path: Path, *, missing_secrets_ok: bool = False) -> LoadedSpec:
     `missing_secrets_ok`: an age secret whose file does not exist yet is no problem (for
     `qnix secret add`, which writes it); it is left out of `secret_files`.
     """
-    file = str(path)
     raw, workstation = read_workstation(path)
+    loaded, problems = check_workstation(path, raw, workstation, missing_secrets_ok)
+    if problems:
+        raise SpecError(problems)
+    return loaded
+
+
+def check_workstation(
+    path: Path, raw: bytes, workstation: Workstation, missing_secrets_ok: bool = False
+) -> tuple[LoadedSpec, list[Problem]]:
+    """A validated workstation read from `raw` (at `path`, whose folder holds its policy.d
+    folder and secrets) with those files, and every problem of the whole: for a spec file
+    (`load`) and for a host resolved from a fleet file (qnix.fleet)."""
+    file = str(path)
     policy_files, problems = _read_policy_dir(path.parent, file, workstation)
     problems += check_references(file, workstation, policy_files)
     problems += _check_subnet(file, workstation)
@@ -48,9 +60,7 @@ def load(path: Path, *, missing_secrets_ok: bool = False) -> LoadedSpec:
         path.parent, file, workstation, missing_secrets_ok
     )
     problems += secret_problems
-    if problems:
-        raise SpecError(problems)
-    return LoadedSpec(path, raw, workstation, policy_files, secret_files)
+    return LoadedSpec(path, raw, workstation, policy_files, secret_files), problems
 
 
 def check_references(

@@ -43,6 +43,13 @@ def temporaries_of(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
 
 
+def tree_leftovers(target: Path) -> list[Path]:
+    """What replace_tree of `target` can leave when killed: the new tree it was writing
+    (`.NAME.new-*`) or the old one it had not removed yet (`.NAME.old-PID`)."""
+    name = glob_escape(target.name)
+    return sorted([*target.parent.glob(f".{name}.new-*"), *target.parent.glob(f".{name}.old-*")])
+
+
 def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
@@ -97,6 +104,8 @@ def replace_tree(target: Path, files: Mapping[str, bytes]) -> None:
     if target.exists() and not target.is_dir():
         raise QnixError(f"{target} exists and is not a folder", hint="choose another -o folder")
     target.parent.mkdir(parents=True, exist_ok=True)
+    for left in tree_leftovers(target):  # of a replacement killed before it finished
+        shutil.rmtree(left, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.new-"))
     try:
         staging.chmod(0o755)

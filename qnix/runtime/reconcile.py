@@ -35,7 +35,7 @@ from qnix.compile.nft import TABLE, hostname_sets
 from qnix.errors import QnixError
 from qnix.runtime import btrfs, cgroups, hostowner, spawner, storage
 from qnix.runtime.disposables import fill_pools, write_pool_file
-from qnix.runtime.files import atomic_write, replace_tree, temporaries_of
+from qnix.runtime.files import atomic_write, replace_tree, temporaries_of, tree_leftovers
 from qnix.runtime.keeper import teardown_network
 from qnix.runtime.lifecycle import cleanup_run, start_locked, stop_locked
 from qnix.runtime.live import (
@@ -356,6 +356,8 @@ def _remove_run_root_entries(paths: RuntimePaths, keep: Set[str] = frozenset()) 
             path.unlink(missing_ok=True)
         for left in temporaries_of(path):  # of a write killed just before its rename
             left.unlink(missing_ok=True)
+        for tree in tree_leftovers(path):  # of a replace_tree killed halfway
+            shutil.rmtree(tree, ignore_errors=True)
 
 
 def down(paths: RuntimePaths) -> list[str]:

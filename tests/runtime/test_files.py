@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qnix.runtime.files import atomic_write, temporaries_of
+from qnix.runtime.files import atomic_write, replace_tree, temporaries_of, tree_leftovers
 
 KILLS = 20
 WRITER = """\
@@ -52,3 +52,21 @@ def test_a_writer_killed_part_way_leaves_at_most_its_temporary_name(tmp_path: Pa
             (tmp_path / name).unlink()
         if target.exists():
             assert target.read_bytes() == b"x" * (1 << 20)
+
+
+def test_a_tree_replacement_killed_halfway_is_cleared_by_the_next(tmp_path: Path) -> None:
+    """What a killed replace_tree leaves beside the target (its new tree half-written, or the
+    old one not yet removed) is removed by the next replacement; the control: without a
+    replacement both stay, and `tree_leftovers` names them (`qnix down` removes them)."""
+    target = tmp_path / "generation"
+    replace_tree(target, {"a": b"1"})
+    (tmp_path / ".generation.new-abc").mkdir()
+    (tmp_path / ".generation.old-4242").mkdir()
+    (tmp_path / ".generation.old-4242" / "a").write_bytes(b"0")
+    assert [p.name for p in tree_leftovers(target)] == [
+        ".generation.new-abc",
+        ".generation.old-4242",
+    ]
+    replace_tree(target, {"a": b"2"})
+    assert sorted(os.listdir(tmp_path)) == ["generation"]
+    assert (target / "a").read_bytes() == b"2"
