@@ -30,30 +30,45 @@ def _follows_nixpkgs(url: str) -> dict[str, NixValue]:
     return {"inputs": {"nixpkgs": {"follows": "nixpkgs"}}, "url": url}
 
 
-def flake_tree(ws: Workstation) -> dict[str, NixValue]:
+def flake_inputs(ws: Workstation) -> dict[str, NixValue]:
+    """The flake inputs the host's configuration needs, by name."""
     inputs: dict[str, NixValue] = {
         "disko": _follows_nixpkgs(DISKO_URL),
         "nixpkgs": {"url": NIXPKGS_URL},
         "qnix": _follows_nixpkgs(ws.host.qnix_flake),
     }
-    params = ["self", "nixpkgs", "disko", "qnix"]
+    if ws.host.secure_boot:
+        inputs["lanzaboote"] = _follows_nixpkgs(LANZABOOTE_URL)
+    if vms(ws):
+        inputs["microvm"] = _follows_nixpkgs(MICROVM_URL)
+    return dict(sorted(inputs.items()))
+
+
+def nixos_modules(ws: Workstation, modules_of: str, folder: str) -> list[NixValue]:
+    """The modules of the host's `nixosSystem`: `modules_of` is the Nix expression holding
+    its `nixosModules` (`self`), `folder` the path literal of the flake's own folder (`./.`).
+    Both are code qnix writes, never spec text."""
     modules: list[NixValue] = [
-        Raw("self.nixosModules.default"),
+        Raw(f"{modules_of}.nixosModules.default"),
         Raw("disko.nixosModules.disko"),
         Raw("qnix.nixosModules.qnix"),
         # The flake's own folder is the generation (manifest.json and the files it lists): the
         # boot unit installs it and brings the host to it. `./.`, not `self`: in a git
         # repository with the flake in a subfolder, `self` is the repository's root.
-        {"services": {"qnix": {"enable": True, "generation": Raw("./.")}}},
+        {"services": {"qnix": {"enable": True, "generation": Raw(folder)}}},
     ]
     if ws.host.secure_boot:
-        inputs["lanzaboote"] = _follows_nixpkgs(LANZABOOTE_URL)
-        params.append("lanzaboote")
         modules.append(Raw("lanzaboote.nixosModules.lanzaboote"))
     if vms(ws):
-        inputs["microvm"] = _follows_nixpkgs(MICROVM_URL)
-        params.append("microvm")
         modules.append(Raw("microvm.nixosModules.host"))
+    return modules
+
+
+def flake_tree(ws: Workstation) -> dict[str, NixValue]:
+    inputs = flake_inputs(ws)
+    params = ["self", "nixpkgs", "disko", "qnix"]
+    params += [name for name in ("lanzaboote", "microvm") if name in inputs]
+    modules = nixos_modules(ws, "self", "./.")
 
     paths = {concern: Raw(f"./{module_path(concern)}") for concern in CONCERNS}
     outputs: dict[str, NixValue] = {
@@ -64,7 +79,7 @@ def flake_tree(ws: Workstation) -> dict[str, NixValue]:
     }
     return {
         "description": f"qnix workstation {ws.host.hostname}",
-        "inputs": dict(sorted(inputs.items())),
+        "inputs": inputs,
         "outputs": Function(tuple(params), outputs),
     }
 

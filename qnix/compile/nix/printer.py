@@ -82,6 +82,19 @@ def attr_path(*parts: str) -> Raw:
     return Raw(".".join(attr_name(p) if i else identifier(p) for i, p in enumerate(parts)))
 
 
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._+-]+")
+
+
+def path_literal(relative: str, up: int = 0) -> Raw:
+    """`./hosts/desk-01/flake.nix` (or, `up` folders higher, `../allowed_signers`): a relative
+    path literal; refuses what Nix would read otherwise (an empty, `.` or `..` segment, or a
+    character a path literal cannot hold)."""
+    segments = relative.split("/")
+    if not all(_PATH_SEGMENT.fullmatch(s) and s not in {".", ".."} for s in segments):
+        raise ValueError(f"not a plain relative path: {relative!r}")
+    return Raw(("../" * up or "./") + relative)
+
+
 def _int(value: int) -> str:
     if not _INT_MIN <= value <= _INT_MAX:
         raise ValueError(f"{value} does not fit a Nix integer")

@@ -15,7 +15,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qnix.compile.nix.printer import Function, Raw, attr_name, attr_path, identifier, render, string
+from qnix.compile.nix.printer import (
+    Function,
+    Raw,
+    attr_name,
+    attr_path,
+    identifier,
+    path_literal,
+    render,
+    string,
+)
 from tests.compile.nix.support import nix_eval, same
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -159,3 +168,17 @@ def test_functions_and_code_in_lists_are_parenthesised() -> None:
     assert render({"f": Function(("pkgs",), {"a": 1})}) == (
         "{\n  f = ({ pkgs, ... }:\n  {\n    a = 1;\n  });\n}"
     )
+
+
+def test_a_path_literal_is_a_plain_relative_path_and_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / "hosts/desk-01").mkdir(parents=True)
+    (tmp_path / "hosts/desk-01/flake.nix").write_text("41\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/probe.nix").write_text(
+        f"(import {path_literal('hosts/desk-01/flake.nix', up=1).code}) + 1\n"
+    )
+    assert nix_eval(tmp_path / "a/probe.nix") == 42
+    assert path_literal("hosts/desk-01/flake.nix") == Raw("./hosts/desk-01/flake.nix")
+    for bad in ("", "a//b", "../etc", "a/./b", "a b", "a/${x}", "/etc/passwd", "a/"):
+        with pytest.raises(ValueError, match="not a plain relative path"):
+            path_literal(bad)
