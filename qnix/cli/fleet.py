@@ -1,4 +1,4 @@
-"""`qnix fleet check`: every host of a fleet repository, checked as `qnix check` checks one."""
+"""`qnix fleet check`, `qnix fleet build`: a fleet repository's hosts, checked and built."""
 
 from __future__ import annotations
 
@@ -37,3 +37,41 @@ def check(repository: Path) -> None:
             f"roles {', '.join(entry.roles) or 'none'}, {len(ws.compartments)} compartments"
         )
     click.echo(f"{path}: ok — fleet {found.file.fleet.name}, {len(hosts)} hosts")
+
+
+@fleet.command()
+@click.argument("repository", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder to write the fleet flake into.",
+)
+@click.option(
+    "--remote", required=True, help="The URL the NixOS hosts pull the fleet from (comin)."
+)
+@click.option("--branch", default="main", show_default=True, help="The branch they follow.")
+@click.option(
+    "--subdirectory",
+    default=".",
+    show_default=True,
+    help="The folder of the repository that holds the built flake (OUTPUT, as committed).",
+)
+def build(repository: Path, output: Path, remote: str, branch: str, subdirectory: str) -> None:
+    """Build every NixOS host of REPOSITORY into one flake in OUTPUT: nixosConfigurations,
+    a colmena hive, and each host's comin settings (docs/fleet.md)."""
+    from qnix.compile.artifacts import MANIFEST, listed_files
+    from qnix.fleet.build import FleetSource, build_fleet
+    from qnix.fleet.inventory import read_fleet
+    from qnix.runtime.files import update_tree
+
+    found = read_fleet(fleet_file(repository))
+    files = build_fleet(found, FleetSource(remote, branch, subdirectory))
+    try:
+        earlier = listed_files((output / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        earlier = ()  # no earlier build here (or not one whose list can be trusted)
+    update_tree(output, files, stale=earlier, last=MANIFEST)
+    hosts = [path.split("/")[1] for path in files if path.endswith("/manifest.json")]
+    click.echo(f"{output}: fleet {found.file.fleet.name}, NixOS hosts {', '.join(hosts)}")
