@@ -1,4 +1,4 @@
-"""`qnix fleet check`, `qnix fleet build`: a fleet repository's hosts, checked and built."""
+"""`qnix fleet check`, `build`, `init`: a fleet repository checked, built, or begun."""
 
 from __future__ import annotations
 
@@ -75,3 +75,30 @@ def build(repository: Path, output: Path, remote: str, branch: str, subdirectory
     update_tree(output, files, stale=earlier, last=MANIFEST)
     hosts = [path.split("/")[1] for path in files if path.endswith("/manifest.json")]
     click.echo(f"{output}: fleet {found.file.fleet.name}, NixOS hosts {', '.join(hosts)}")
+
+
+@fleet.command()
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--name", default="acme", show_default=True, help="The fleet's name.")
+@click.option(
+    "--signer",
+    "signers",
+    multiple=True,
+    metavar="LINE",
+    help='An admin\'s allowed_signers line: "PRINCIPAL ssh-ed25519 AAAA..." (repeatable).',
+)
+def init(directory: Path, name: str, signers: tuple[str, ...]) -> None:
+    """Write a starter fleet repository into DIRECTORY (new or empty): fleet.toml, policy.d/,
+    allowed_signers, a Gitea Actions workflow and a pre-receive hook (docs/fleet.md)."""
+    from qnix.errors import QnixError
+    from qnix.fleet.starter import EXECUTABLE, starter_files
+    from qnix.runtime.files import atomic_write
+
+    files = starter_files(name, signers)
+    if directory.exists() and any(directory.iterdir()):
+        raise QnixError(f"{directory} is not empty", hint="choose a new or empty folder")
+    for path, data in files.items():
+        atomic_write(directory / path, data, 0o755 if path in EXECUTABLE else 0o644)
+    click.echo(f"{directory}: fleet {name}, {len(files)} files")
+    if not signers:
+        click.echo("add the admins' keys to allowed_signers (qnix fleet check asks for one)")
