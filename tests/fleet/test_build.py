@@ -288,3 +288,62 @@ def test_hosts_that_disagree_on_the_qnix_flake_are_refused(tmp_path: Path) -> No
     path.write_text(text)
     with pytest.raises(QnixError, match="host desk-02 needs input qnix from elsewhere"):
         build_fleet(read_fleet(path), SOURCE)
+
+
+# The fleet flake's outputs with stand-ins for its inputs (no nixpkgs, comin or colmena here):
+# what is wired to what, each host's own flake imported with itself as `self`.
+WIRING_PROBE = """\
+let
+  flake = import ./flake.nix;
+  inputs = {
+    nixpkgs = { outPath = ./stand-in; lib.nixosSystem = args: args; };
+    colmena.lib.makeHive = hive: { made = builtins.attrNames hive; };
+    disko.nixosModules.disko = "disko";
+    qnix.nixosModules.qnix = "qnix";
+    comin.nixosModules.comin = "comin";
+  };
+  self = flake.outputs (inputs // { inherit self; });
+  nodes = removeAttrs self.colmena [ "meta" ];
+  configs = self.nixosConfigurations;
+  at = builtins.elemAt;
+  generation = modules: toString (at modules 3).services.qnix.generation;
+in {
+  tags = builtins.mapAttrs (n: node: node.deployment.tags) nodes;
+  hive = self.colmenaHive;
+  nodeNixpkgs = self.colmena.meta.nodeNixpkgs;
+  ownModules = builtins.mapAttrs (n: c:
+    builtins.head c.modules == self.qnixHosts.${n}.nixosModules.default) configs;
+  nodeModules = builtins.mapAttrs (n: node:
+    builtins.head node.imports == self.qnixHosts.${n}.nixosModules.default) nodes;
+  rest = builtins.mapAttrs (n: c:
+    [ (at c.modules 1) (at c.modules 2) (at c.modules 4) (baseNameOf (at c.modules 5)) ]) configs;
+  generations = builtins.mapAttrs (n: c: baseNameOf (generation c.modules)) configs;
+  hostConfigurations = builtins.mapAttrs (n: h: builtins.attrNames h.nixosConfigurations)
+    self.qnixHosts;
+}
+"""
+
+
+def test_the_fleet_flake_wires_each_host_to_its_own_folder(tmp_path: Path) -> None:
+    files = build_fleet(read_fleet(FLEET / "fleet.toml"), SOURCE)
+    for path, data in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    (tmp_path / "stand-in").mkdir()
+    (tmp_path / "stand-in/default.nix").write_text("{ system }: { standInFor = system; }\n")
+    (tmp_path / "probe.nix").write_text(WIRING_PROBE)
+    hosts = ("desk-01", "desk-02", "desk-03")
+    assert nix_eval(tmp_path / "probe.nix") == {
+        "tags": {
+            "desk-01": ["office"],
+            "desk-02": ["office", "developer"],
+            "desk-03": ["office", "finance"],
+        },
+        "hive": {"made": [*hosts, "meta"]},
+        "nodeNixpkgs": {host: {"standInFor": "x86_64-linux"} for host in hosts},
+        "ownModules": dict.fromkeys(hosts, True),
+        "nodeModules": dict.fromkeys(hosts, True),
+        "rest": {host: ["disko", "qnix", "comin", f"{host}.nix"] for host in hosts},
+        "generations": {host: host for host in hosts},
+        "hostConfigurations": {host: [host] for host in hosts},
+    }
