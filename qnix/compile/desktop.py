@@ -30,11 +30,17 @@ _BADGE_TEXT = {"yellow": "000000"}
 SWAY_BORDER_PIXELS = 3
 # sway enables pango markup in title_format only with a `pango:` font (sway(5), font).
 SWAY_FONT = "pango:monospace 10"
-# Desktop entries and the sway include are named with this prefix, so `qnix apply` knows
-# which files it wrote.
+# Desktop entries and the rule files are named with this prefix (on a live host: the
+# instance's namespace prefix), so that `qnix apply` knows which files it wrote.
 ENTRY_PREFIX = "qnix-"
-SWAY_FRAGMENT_NAME = "50-qnix-labels"
-HYPRLAND_RULES_NAME = "qnix-labels.conf"
+
+
+def sway_fragment_name(prefix: str = ENTRY_PREFIX) -> str:
+    return f"50-{prefix}labels.conf"
+
+
+def hyprland_rules_name(prefix: str = ENTRY_PREFIX) -> str:
+    return f"{prefix}labels.conf"
 
 
 def gui_compartments(ws: Workstation) -> list[Compartment]:
@@ -123,13 +129,14 @@ def launch_argv(compartment: Compartment, app: str) -> list[str]:
     return ["qnix", "run", *gui, compartment.name, "--", app]
 
 
-def entry_name(compartment: str, app: str) -> str:
+def entry_name(compartment: str, app: str, prefix: str = ENTRY_PREFIX) -> str:
     """The file's name without `.desktop`: `qnix-work-firefox`."""
-    return f"{ENTRY_PREFIX}{compartment}-{app}"
+    return f"{prefix}{compartment}-{app}"
 
 
-def desktop_entries(ws: Workstation) -> dict[str, str]:
-    """Every spec `apps` entry as a desktop entry "[work] firefox", by file name."""
+def desktop_entries(ws: Workstation, prefix: str = ENTRY_PREFIX) -> dict[str, str]:
+    """Every spec `apps` entry as a desktop entry "[work] firefox", by file name (`prefix`: a
+    qnix instance's own, so that it knows its files)."""
     entries = {}
     for compartment in ws.compartments.values():
         for app in compartment.apps:
@@ -140,5 +147,6 @@ def desktop_entries(ws: Workstation) -> dict[str, str]:
                 "Terminal": "false",
             }
             body = "".join(f"{key}={value}\n" for key, value in fields.items())
-            entries[f"{entry_name(compartment.name, app)}.desktop"] = "[Desktop Entry]\n" + body
+            name = entry_name(compartment.name, app, prefix)
+            entries[f"{name}.desktop"] = "[Desktop Entry]\n" + body
     return entries

@@ -12,15 +12,15 @@ from collections.abc import Callable
 
 from qnix.compile.aide import aide_config
 from qnix.compile.desktop import (
-    HYPRLAND_RULES_NAME,
-    SWAY_FRAGMENT_NAME,
     desktop_string,
     entry_name,
     exec_line,
     gui_compartments,
     hyprland_rules,
+    hyprland_rules_name,
     launch_argv,
     sway_fragment,
+    sway_fragment_name,
 )
 from qnix.compile.names import CONTAINER_RANGE_SIZE, HOST_ID_BASE, unix_user
 from qnix.compile.nix.compartments import (
@@ -55,8 +55,8 @@ NETWORK_KERNEL_MODULES = ("veth",)
 # A system user's login shell: none.
 NOLOGIN = Raw('"${pkgs.shadow}/bin/nologin"')
 # Where the label colours' window rules go (below /etc).
-SWAY_ETC = f"sway/config.d/{SWAY_FRAGMENT_NAME}.conf"
-HYPRLAND_ETC = f"qnix/{HYPRLAND_RULES_NAME}"
+SWAY_ETC = f"sway/config.d/{sway_fragment_name()}"
+HYPRLAND_ETC = f"qnix/{hyprland_rules_name()}"
 
 
 def network_module(ws: Workstation, nft_table_body: str) -> dict[str, NixValue]:
