@@ -497,7 +497,7 @@ def test_desktop_has_hyprland_the_lid_and_a_menu_entry_per_app() -> None:
         Raw("pkgs.makeDesktopItem"),
         {
             "desktopName": "[work] libreoffice",
-            "exec": "qnix run work -- libreoffice",
+            "exec": "qnix run --gui work -- libreoffice",
             "name": "qnix-work-libreoffice",
         },
     )
