@@ -26,11 +26,25 @@ COLOURS = {name: bytes.fromhex(LABEL_COLOURS[c.label]) for name, c in WS.compart
 BADGE_PIXELS = 200
 
 
+# work's window claims banking's badge in its title: the title is text, never markup.
+HOSTILE_TITLE = "<span background='#73d216'> banking </span>"
+
+
 def open_windows(desktop: Desktop) -> dict[str, dict[str, object]]:
     """A foot window in each compartment, through that compartment's filter."""
     for name in WS.compartments:
+        title = HOSTILE_TITLE if name == "work" else name
         desktop.spawn(
-            [need("foot"), "-o", "colors.background=101010", "-e", "sleep", "3600"],
+            [
+                need("foot"),
+                "--title",
+                title,
+                "-o",
+                "colors.background=101010",
+                "-e",
+                "sleep",
+                "3600",
+            ],
             desktop.filter(name),
         )
         desktop.window(f"qnix-{name}.")
@@ -80,6 +94,7 @@ def unlabelled() -> Iterator[Desktop]:
 
 def test_each_window_wears_its_labels_colour(labelled: Desktop) -> None:
     windows = open_windows(labelled)
+    assert windows["work"]["name"] == f"[work] {HOSTILE_TITLE}"
     # Side by side, as sway tiles them.
     assert windows["work"]["rect"] != windows["banking"]["rect"]
     for name, window in windows.items():
