@@ -47,10 +47,21 @@ def gui_compartments(ws: Workstation) -> list[Compartment]:
     return [c for c in ws.compartments.values() if c.gui]
 
 
+# What a compartment's name may hold to go into a rule unquoted (the spec allows no more).
+_RULE_WORD = re.compile(r"[a-z][a-z0-9-]*")
+
+
+def rule_word(name: str) -> str:
+    """`name` as it goes into a sway or Hyprland rule: checked, since it is not quoted there."""
+    if not _RULE_WORD.fullmatch(name):
+        raise ValueError(f"not a compartment name for a window rule: {name!r}")
+    return name
+
+
 def app_id_prefix(compartment: str) -> str:
     """A regex for the app ids of `compartment`'s windows ([.] rather than an escape: sway's
     config reader and Hyprland's each treat backslashes their own way)."""
-    return f"^qnix-{compartment}[.]"
+    return f"^qnix-{rule_word(compartment)}[.]"
 
 
 def sway_fragment(ws: Workstation) -> str:
@@ -69,7 +80,7 @@ def sway_fragment(ws: Workstation) -> str:
         badge = f"<span background='#{colour}' foreground='#{text}'> {compartment.name} </span>"
         lines.append(
             f'for_window [app_id="{app_id_prefix(compartment.name)}"] '
-            f"mark --add qnix-{compartment.name}, border normal {SWAY_BORDER_PIXELS}, "
+            f"mark --add qnix-{rule_word(compartment.name)}, border normal {SWAY_BORDER_PIXELS}, "
             f'title_format "{badge} %title"'
         )
     return "\n".join(lines) + "\n"

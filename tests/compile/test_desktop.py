@@ -10,6 +10,7 @@ from qnix.compile.desktop import (
     desktop_string,
     exec_line,
     hyprland_rules,
+    rule_word,
     sway_fragment,
 )
 from tests.compile.nix.support import workstation
@@ -104,3 +105,10 @@ def test_exec_line_quotes_reserved_characters_and_doubles_percent() -> None:
         '"a b" "say \\\\"hi\\\\"" "\\\\$HOME" "c:\\\\\\\\x"'
     )
     assert exec_line(["100%", "%f"]) == "100%% %%f"
+
+
+@pytest.mark.parametrize("name", ["Work", 'work"]', "work, exec x", "work\nexec x", ""])
+def test_a_name_that_is_not_a_compartment_name_never_reaches_a_rule(name: str) -> None:
+    assert rule_word("sys-net2") == "sys-net2"
+    with pytest.raises(ValueError, match="not a compartment name"):
+        rule_word(name)
