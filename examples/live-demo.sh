@@ -40,6 +40,9 @@ case $code in
   *) echo "could not probe (exit code $code): is python3 under /usr on this host?" >&2; exit 1 ;;
 esac
 
+echo "== GUI: a window in work and one in banking, each with its label's colour"
+python3 examples/desktop-demo.py "$qnix"
+
 echo "== the vault has no network but loopback"
 "$qnix" run vault -- sh -c 'echo "interfaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " " | tr "\n" " ")"'
 

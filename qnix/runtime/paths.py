@@ -10,8 +10,11 @@ host's and a test's) never touch each other's objects.
 
 `host_netns` names the network namespace that stands for the host (None: the one qnix runs in).
 It is a testing aid: tests give a namespace they made, so they never touch the real host's
-routes, links or nftables ruleset. Each field can come from the environment (QNIX_STATE_ROOT,
-QNIX_RUN_ROOT, QNIX_NETNS_PREFIX, QNIX_HOST_NETNS) so that a command run as a subprocess gets it.
+routes, links or nftables ruleset. `desktop_root` stands for `/` where `qnix apply` writes the
+desktop's files (menu entries under usr/local/share/applications, the label colours' window
+rules under etc/): tests point it at a folder of their own. Each field can come from the
+environment (QNIX_STATE_ROOT, QNIX_RUN_ROOT, QNIX_NETNS_PREFIX, QNIX_HOST_NETNS,
+QNIX_DESKTOP_ROOT) so that a command run as a subprocess gets it.
 
 Standard library only, and cheap to import: `qnix run` reads these paths on its fast path, so
 neither `re` nor `typing` is imported here (each costs milliseconds of every `qnix run`).
@@ -36,6 +39,8 @@ ENV_STATE_ROOT = "QNIX_STATE_ROOT"
 ENV_RUN_ROOT = "QNIX_RUN_ROOT"
 ENV_NETNS_PREFIX = "QNIX_NETNS_PREFIX"
 ENV_HOST_NETNS = "QNIX_HOST_NETNS"
+ENV_DESKTOP_ROOT = "QNIX_DESKTOP_ROOT"
+DEFAULT_DESKTOP_ROOT = Path("/")
 
 
 def is_prefix(text: str) -> bool:
@@ -98,12 +103,13 @@ class RuntimePaths(Record):
     dataclasses or typing costs `qnix run` more than everything else it imports.
     `from_options` validates; code that builds one directly calls `checked()`."""
 
-    __slots__ = ("host_netns", "netns_prefix", "run_root", "state_root")
-    _FIELDS = ("state_root", "run_root", "netns_prefix", "host_netns")
+    __slots__ = ("desktop_root", "host_netns", "netns_prefix", "run_root", "state_root")
+    _FIELDS = ("state_root", "run_root", "netns_prefix", "host_netns", "desktop_root")
     state_root: Path
     run_root: Path
     netns_prefix: str
     host_netns: str | None
+    desktop_root: Path
 
     def __init__(
         self,
@@ -111,8 +117,9 @@ class RuntimePaths(Record):
         run_root: Path = DEFAULT_RUN_ROOT,
         netns_prefix: str = DEFAULT_NETNS_PREFIX,
         host_netns: str | None = None,
+        desktop_root: Path = DEFAULT_DESKTOP_ROOT,
     ) -> None:
-        super().__init__(state_root, run_root, netns_prefix, host_netns)
+        super().__init__(state_root, run_root, netns_prefix, host_netns, desktop_root)
 
     def checked(self) -> RuntimePaths:
         for root in (self.state_root, self.run_root):
@@ -120,6 +127,8 @@ class RuntimePaths(Record):
                 raise PathError(f"{root} must be an absolute path")
             if root == root.parent:
                 raise PathError(f"{root} cannot be a state or run root: name a folder of its own")
+        if not self.desktop_root.is_absolute():
+            raise PathError(f"{self.desktop_root} must be an absolute path")
         if not is_prefix(self.netns_prefix):
             raise PathError(
                 f"namespace prefix {self.netns_prefix!r} must be lower-case letters, digits "
@@ -145,6 +154,7 @@ class RuntimePaths(Record):
             run_root=Path(os.path.abspath(run)),
             netns_prefix=env.get(ENV_NETNS_PREFIX) or DEFAULT_NETNS_PREFIX,
             host_netns=env.get(ENV_HOST_NETNS) or None,
+            desktop_root=Path(os.path.abspath(env.get(ENV_DESKTOP_ROOT) or DEFAULT_DESKTOP_ROOT)),
         ).checked()
 
     # ---- run root ------------------------------------------------------------------------
@@ -257,6 +267,23 @@ class RuntimePaths(Record):
         return self.state_root / "host.recipient"
 
     # ---- host object names ---------------------------------------------------------------
+
+    # ---- the desktop (docs/gui.md "Colours and menus") -------------------------------------
+
+    @property
+    def applications_dir(self) -> Path:
+        """The XDG applications folder of the host's menus (for software not from the distro)."""
+        return self.desktop_root / "usr/local/share/applications"
+
+    @property
+    def sway_config_dir(self) -> Path:
+        """What sway's default config includes (`include /etc/sway/config.d/*`)."""
+        return self.desktop_root / "etc/sway/config.d"
+
+    @property
+    def hyprland_rules_dir(self) -> Path:
+        """Where the Hyprland rules go; a Hyprland config sources the file."""
+        return self.desktop_root / "etc/qnix"
 
     def netns(self, name: str) -> str:
         return self.netns_prefix + check_name(name)

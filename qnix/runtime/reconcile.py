@@ -4,7 +4,8 @@
 `apply` compiles the spec and makes the host match it, in an order that never leaves a moment
 with forwarding on and no filter: the nft table first (one transaction), then forwarding, then
 each compartment's namespace and link (a net compartment before its clients), its state
-folders, the live generation, and last the autostart compartments and the preloaded
+folders, the live generation, the desktop's files (menu entries and the label colours' window
+rules, qnix.runtime.desktop), and last the autostart compartments and the preloaded
 disposables. Every step looks before it acts (qnix.runtime.wanted), so a second apply changes
 nothing and says so. Compartments that left the spec are stopped and their namespace, link
 and run folder removed (their state too with `purge`). `apply` also keeps a copy of the
@@ -33,7 +34,7 @@ from qnix.compile import names, openings
 from qnix.compile.artifacts import RULESET, SPEC_COPY, Artifacts, compile_spec
 from qnix.compile.nft import TABLE, hostname_sets
 from qnix.errors import QnixError
-from qnix.runtime import btrfs, cgroups, hostowner, spawner, storage
+from qnix.runtime import btrfs, cgroups, desktop, hostowner, spawner, storage
 from qnix.runtime.disposables import fill_pools, write_pool_file
 from qnix.runtime.files import atomic_write, replace_tree, temporaries_of, tree_leftovers
 from qnix.runtime.keeper import teardown_network
@@ -280,6 +281,7 @@ def _bring_to(
         replace_tree(paths.generation_dir, artifacts.files)
         changes.append(f"live generation {artifacts.generation[:16]}")
     changes += _install(paths, artifacts)
+    changes += desktop.sync(paths, ws)
     if remember_recipient(paths):
         changes.append(f"host's age recipient {paths.recipient_file}")
     record = {
@@ -368,6 +370,7 @@ def down(paths: RuntimePaths) -> list[str]:
     had_run_root = paths.run_root.exists()
     with locked(paths):
         changes = _clear(paths, net, read_json(paths.applied_file))
+        changes += desktop.sync(paths, None)
         _remove_run_root_entries(paths)
         try:  # the run root itself only when nothing else is left in it
             paths.run_root.rmdir()  # (the lock above made it, if it was not there)

@@ -66,6 +66,7 @@ class LiveHost:
             run_root=self.base / "run",
             netns_prefix=self.prefix,
             host_netns=self.host_netns,
+            desktop_root=self.base / "desktop",
         ).checked()
         self.net = HostNetwork(prefix=self.prefix, host_netns=self.host_netns)
         self.mounts: list[Path] = []
@@ -90,6 +91,7 @@ class LiveHost:
             "QNIX_RUN_ROOT": str(self.paths.run_root),
             "QNIX_NETNS_PREFIX": self.prefix,
             "QNIX_HOST_NETNS": self.host_netns,
+            "QNIX_DESKTOP_ROOT": str(self.paths.desktop_root),
             **({"QNIX_AGE_IDENTITY": str(self.age_identity)} if self.age_identity else {}),
         }
 

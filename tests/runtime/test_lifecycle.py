@@ -217,9 +217,10 @@ def test_paths_come_from_options_then_environment() -> None:
         "QNIX_RUN_ROOT": "/srv/run",
         "QNIX_NETNS_PREFIX": "lab-",
         "QNIX_HOST_NETNS": "labhost",
+        "QNIX_DESKTOP_ROOT": "/srv/desktop",
     }
     assert RuntimePaths.from_options(environ=env) == RuntimePaths(
-        Path("/srv/state"), Path("/srv/run"), "lab-", "labhost"
+        Path("/srv/state"), Path("/srv/run"), "lab-", "labhost", Path("/srv/desktop")
     )
     assert RuntimePaths.from_options("/a", None, environ=env).state_root == Path("/a")
     assert RuntimePaths.from_options(environ={}) == RuntimePaths()
@@ -227,6 +228,8 @@ def test_paths_come_from_options_then_environment() -> None:
     assert paths.agent_socket("work") == Path("/run/qnix/compartments/work/agent.sock")
     assert paths.home("work") == Path("/var/lib/qnix/compartments/work/home")
     assert paths.netns("work") == "qnix-work"
+    assert paths.applications_dir == Path("/usr/local/share/applications")
+    assert paths.sway_config_dir == Path("/etc/sway/config.d")
     with pytest.raises(ValueError, match="not a compartment name"):
         paths.run_dir("../etc")
     with pytest.raises(ValueError, match="prefix"):

@@ -28,8 +28,10 @@ def wait_for(condition: object, what: str, timeout: float = TIMEOUT) -> None:
 
 
 class Desktop:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, include: str = "") -> None:
+        """`include`: a sway config fragment the config includes (as a file of its own)."""
         self.root = root
+        self.include = include
         self.user = "qnixgui" + secrets.token_hex(3)
         self.processes: list[subprocess.Popen[bytes]] = []
         root.chmod(0o755)
@@ -55,6 +57,12 @@ class Desktop:
             os.chown(folder, self.uid, self.gid)
         config = root / "sway.config"
         config.write_text("output HEADLESS-1 resolution 640x480\ndefault_border none\n")
+        if self.include:
+            fragment = root / "include.config"
+            fragment.write_text(self.include)
+            fragment.chmod(0o644)
+            with config.open("a") as appended:
+                appended.write(f"include {fragment}\n")
         self.sway = self.spawn(
             [need("sway"), "-c", str(config)],
             self.run,
@@ -169,6 +177,15 @@ class Desktop:
         result = self.run_as_user([need("swaymsg"), "-s", str(self.ipc), "-t", kind], self.run)
         assert result.returncode == 0, result.stderr
         return result.stdout.decode()
+
+    def screenshot(self) -> tuple[int, int, bytes]:
+        """The whole output, by grim on the raw socket: (width, height, R G B rows)."""
+        shot = self.run_as_user([need("grim"), "-t", "ppm", "-"], self.run)
+        assert shot.returncode == 0, shot.stderr
+        header_end = shot.stdout.index(b"255\n") + 4
+        magic, width, height, _depth = shot.stdout[:header_end].split()
+        assert magic == b"P6"
+        return int(width), int(height), shot.stdout[header_end:]
 
     def filter_log(self, compartment: str) -> str:
         """Why the filter of `compartment` ended clients, so far."""

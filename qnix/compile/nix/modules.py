@@ -11,6 +11,17 @@ import re
 from collections.abc import Callable
 
 from qnix.compile.aide import aide_config
+from qnix.compile.desktop import (
+    desktop_string,
+    entry_name,
+    exec_line,
+    gui_compartments,
+    hyprland_rules,
+    hyprland_rules_name,
+    launch_argv,
+    sway_fragment,
+    sway_fragment_name,
+)
 from qnix.compile.names import CONTAINER_RANGE_SIZE, HOST_ID_BASE, unix_user
 from qnix.compile.nix.compartments import (
     SECRETS_RUNTIME_DIR,
@@ -43,8 +54,9 @@ NFT_TABLE = "qnix"
 NETWORK_KERNEL_MODULES = ("veth",)
 # A system user's login shell: none.
 NOLOGIN = Raw('"${pkgs.shadow}/bin/nologin"')
-# Characters a desktop entry's Exec line may hold unquoted (the spec's names only ever have these).
-_EXEC_SAFE = re.compile(r"[A-Za-z0-9_.+-]+")
+# Where the label colours' window rules go (below /etc).
+SWAY_ETC = f"sway/config.d/{sway_fragment_name()}"
+HYPRLAND_ETC = f"qnix/{hyprland_rules_name()}"
 
 
 def network_module(ws: Workstation, nft_table_body: str) -> dict[str, NixValue]:
@@ -379,29 +391,36 @@ def secrets_module(ws: Workstation) -> dict[str, NixValue]:
 
 
 def desktop_items(ws: Workstation) -> list[dict[str, str]]:
-    """One menu entry per app of each compartment, Qubes-style: `[work] firefox`."""
-    items = []
-    for compartment in ws.compartments.values():
-        for app in compartment.apps:
-            if not (_EXEC_SAFE.fullmatch(compartment.name) and _EXEC_SAFE.fullmatch(app)):
-                raise ValueError(f"unsafe desktop entry: {compartment.name!r} {app!r}")
-            items.append(
-                {
-                    "desktopName": f"[{compartment.name}] {app}",
-                    "exec": f"qnix run {compartment.name} -- {app}",
-                    "name": f"qnix-{compartment.name}-{app}",
-                }
-            )
-    return items
+    """One menu entry per app of each compartment, Qubes-style: `[work] firefox`. makeDesktopItem
+    writes its values as they are, so each is escaped as the Desktop Entry spec asks first."""
+    return [
+        {
+            "desktopName": desktop_string(f"[{compartment.name}] {app}"),
+            "exec": exec_line(launch_argv(compartment, app)),
+            "name": entry_name(compartment.name, app),
+        }
+        for compartment in ws.compartments.values()
+        for app in compartment.apps
+    ]
 
 
 def desktop_module(ws: Workstation) -> dict[str, NixValue]:
     config: dict[str, NixValue] = {}
+    environment: dict[str, NixValue] = {}
     items = desktop_items(ws)
     if items:
-        config["environment"] = {
-            "systemPackages": [Call(attr_path("pkgs", "makeDesktopItem"), item) for item in items]
+        environment["systemPackages"] = [
+            Call(attr_path("pkgs", "makeDesktopItem"), item) for item in items
+        ]
+    if gui_compartments(ws):
+        # The label colours as window rules: sway's default config includes
+        # /etc/sway/config.d/*; a Hyprland config sources the rules file (docs/gui.md).
+        environment["etc"] = {
+            SWAY_ETC: {"text": sway_fragment(ws)},
+            HYPRLAND_ETC: {"text": hyprland_rules(ws)},
         }
+    if environment:
+        config["environment"] = environment
     if ws.host.desktop.hyprland:
         config["programs"] = {"hyprland": {"enable": True}}
     config["services"] = {

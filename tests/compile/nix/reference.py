@@ -35,6 +35,7 @@ CHECKED = (
     "containers",
     "microvm",
     "networking.nftables",
+    "programs.hyprland",
     "security.allow",
     "security.apparmor",
     "security.audit",

@@ -120,6 +120,8 @@ MIXED_COMPARTMENTS: dict[str, Any] = {
         "persistence": "disposable",
         "packages": ["firefox"],
         "apps": ["firefox"],
+        "gui": True,
+        "label": "orange",
         "user": "alice",
         "firewall": [{"dns": True}, {"proto": "tcp", "cidr": "0.0.0.0/0", "ports": [443]}],
     },

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from qnix.compile.desktop import hyprland_rules, sway_fragment
 from qnix.compile.names import (
     allocate_container_ranges,
     allocate_links,
@@ -20,6 +21,7 @@ from qnix.compile.names import (
 from qnix.compile.nix.modules import module_trees
 from qnix.compile.nix.printer import Call, Function, NixValue, Raw
 from qnix.runtime import live
+from tests.compile.nix import reference
 from tests.compile.nix.support import (
     MIXED_COMPARTMENTS,
     TEMPLATES,
@@ -495,12 +497,49 @@ def test_desktop_has_hyprland_the_lid_and_a_menu_entry_per_app() -> None:
         Raw("pkgs.makeDesktopItem"),
         {
             "desktopName": "[work] libreoffice",
-            "exec": "qnix run work -- libreoffice",
+            "exec": "qnix run --gui work -- libreoffice",
             "name": "qnix-work-libreoffice",
         },
     )
     apps = [(c.name, app) for c in ws.compartments.values() for app in c.apps]
     assert [e.argument["desktopName"] for e in entries] == [f"[{c}] {a}" for c, a in apps]
+
+
+def test_desktop_installs_the_label_colours_window_rules_for_gui_compartments() -> None:
+    ws = workstation(
+        {"desktop": {"hyprland": True}},
+        {
+            "work": {"label": "blue", "gui": True, "apps": ["firefox"]},
+            "plain": {"label": "red"},
+        },
+    )
+    desktop = module(ws, "desktop")
+    assert get(desktop, "environment", "etc") == {
+        "sway/config.d/50-qnix-labels.conf": {"text": sway_fragment(ws)},
+        "qnix/qnix-labels.conf": {"text": hyprland_rules(ws)},
+    }
+    assert get(desktop, "environment", "systemPackages") == [
+        Call(
+            Raw("pkgs.makeDesktopItem"),
+            {
+                "desktopName": "[work] firefox",
+                "exec": "qnix run --gui work -- firefox",
+                "name": "qnix-work-firefox",
+            },
+        )
+    ]
+    # environment.* is in the audit namespaces' reference; every option set is declared there.
+    lines = [*reference.reference_lines(), *reference.tsv_lines(reference.AUDIT_OPTIONS_TSV)]
+    checked = ("environment", "programs", "services.logind")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reference, "CHECKED", checked)
+        report = reference.check(desktop, reference.tree_of(lines))
+    assert report.errors == []
+    assert {
+        "environment.etc.<name>.text",
+        "environment.systemPackages",
+        "programs.hyprland.enable",
+    } <= report.options
 
 
 @pytest.mark.parametrize("action", ["suspend", "hibernate", "lock", "poweroff", "ignore"])
