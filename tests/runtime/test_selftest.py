@@ -1,7 +1,8 @@
 """`qnix selftest` on the office example: the clean host reports no violation (the control);
-then, one at a time, a weakening made by hand — an nft rule opening a port the policy denies,
-a secret bound into a compartment that does not declare it, a compartment started without its
-seccomp filter — makes it exit 1 naming exactly that violation. The last two start the
+with one `qnix.Net` opening added, that port is allowed and open. Then, one at a time, a
+weakening made by hand makes it exit 1 naming exactly that violation: an nft rule opening a
+port the policy denies, one dropping the port it opens, a secret bound into a compartment that
+does not declare it, a compartment started without its seccomp filter. The last two start the
 compartment through the library from this test process, its keeper patched here; the shipped
 command line has no switch for any of it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -237,3 +239,56 @@ def test_on_nixos_a_sysctl_unlike_the_profile_is_a_violation(office: Office) -> 
     set_to(wanted)  # the control: as the profile says, no violation
     on_nixos = {s.key: s for s in sysctl_checks(office.paths, ws, enforced=True)}
     assert (on_nixos[key].actual, on_nixos[key].violated) == (wanted, False)
+
+
+# ---- an opening of the policy ------------------------------------------------------------------
+
+OPENING = "qnix.Net +tcp+8443 work sys-firewall allow"
+
+
+@pytest.fixture
+def office_with_an_opening() -> Iterator[Office]:
+    """The office example with one `qnix.Net` line: work may open tcp/8443 of sys-firewall."""
+    made = Office()
+    try:
+        copied = made.base / "examples"
+        shutil.copytree(OFFICE.parent, copied)
+        spec = copied / OFFICE.name
+        text = spec.read_text()
+        assert text.count("rules = [\n") == 1
+        spec.write_text(text.replace("rules = [\n", f'rules = [\n  "{OPENING}",\n'))
+        made.ok("apply", str(spec))
+        yield made
+    finally:
+        made.close()
+
+
+def test_an_opening_is_allowed_and_open_and_a_rule_closing_it_a_violation(
+    office_with_an_opening: Office,
+) -> None:
+    office = office_with_an_opening
+    code, report = selftest(office)
+    assert (code, report["violations"]) == (0, [])
+    opened = [c for c in report["connections"] if c["allowed"]]
+    assert opened == [
+        {
+            "source": "work",
+            "target": "sys-firewall",
+            "proto": "tcp",
+            "port": 8443,
+            "allowed": True,
+            "open": True,
+            "rule": "00-spec.policy:2",  # the generation's copy of the spec's rules
+            "violation": False,
+        }
+    ]
+    # The weakening the other way: a rule dropping what the policy opens.
+    address = addresses(office)
+    rule = f"ip saddr {address['work']} ip daddr {address['sys-firewall']} tcp dport 8443 drop"
+    office.nft("insert", "rule", "inet", "qnix", "admitted", *rule.split())
+    code, report = selftest(office)
+    assert (code, report["violations"]) == (
+        1,
+        ["work -> sys-firewall tcp/8443: closed, the policy says allowed"],
+    )
+    assert not probes_left()
