@@ -17,7 +17,8 @@ LISTEN_SECONDS at the latest).
   only on NixOS (the flake's hardening module): there a mismatch is a violation, on any other
   host a warning about the host's own configuration.
 
-Recorded in the audit log as event `selftest`, with the counts.
+Recorded in the audit log as event `selftest`: the compartments probed, the numbers of checks
+and connections, and the violations.
 """
 
 from __future__ import annotations
@@ -381,10 +382,9 @@ def sysctl_checks(paths: RuntimePaths, ws: Workstation, enforced: bool) -> list[
     ]
 
 
-def selftest(paths: RuntimePaths, *, nixos: bool | None = None) -> Report:
-    """Probe every running compartment of the live generation; recorded in the audit log
-    (event `selftest`). `nixos`: whether qnix configured this host's kernel parameters
-    (default: /etc/NIXOS exists)."""
+def selftest(paths: RuntimePaths) -> Report:
+    """Probe every running compartment of the live generation (disposables are not probed);
+    recorded in the audit log (event `selftest`)."""
     require_root()
     ws = require_live(paths)
     running = [n for n in sorted(ws.compartments) if running_state(paths, n) is not None]
@@ -394,7 +394,7 @@ def selftest(paths: RuntimePaths, *, nixos: bool | None = None) -> Report:
     for name, inside in insides.items():
         checks += compartment_checks(ws, name, inside.answer("status"), host_pid_ns)
     connections = connection_matrix(ws, insides, live_openings(paths, ws))
-    enforced = NIXOS_MARKER.exists() if nixos is None else nixos
+    enforced = NIXOS_MARKER.exists()  # only there did qnix set the kernel parameters
     report = Report(
         tuple(checks), tuple(connections), tuple(sysctl_checks(paths, ws, enforced)), enforced
     )
