@@ -51,3 +51,6 @@ echo "== a disposable, gone when its command ends"
 echo "== a preloaded disposable (default-dvm keeps one waiting), another started behind it"
 "$qnix" dispose -- sh -c 'echo "in $(hostname), started before it was asked for"'
 "$qnix" ls
+
+echo "== the host proves its isolation, probed from inside each running compartment"
+"$qnix" selftest

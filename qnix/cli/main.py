@@ -25,6 +25,7 @@ from qnix.cli.options import runtime_options, runtime_paths
 from qnix.cli.policy import policy
 from qnix.cli.pull import pull
 from qnix.cli.secret import secret
+from qnix.cli.selftest import selftest
 from qnix.cli.state import state
 from qnix.errors import QnixError
 
@@ -378,6 +379,7 @@ cli.add_command(install)
 cli.add_command(fleet)
 cli.add_command(pull)
 cli.add_command(uninstall)
+cli.add_command(selftest)
 
 
 if __name__ == "__main__":
