@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qnix.runtime.install import COMMAND_LINK, UNIT_DIR, VENV
+from qnix.runtime.install import COMMAND_LINK, IDENTITY, STATE_ROOT, UNIT_DIR, VENV
 from tests.conftest import ROOT, need
 from tests.install.support import listing
 
@@ -45,6 +45,10 @@ def test_make_install_then_make_uninstall(capsys: pytest.CaptureFixture[str]) ->
         assert "on NixOS qnix is installed with the flake" in refused.stderr
         return
     assert not VENV.exists(), f"{VENV} exists: this test installs qnix there itself"
+    # A state root with files in it (say, `make demo` ran first) keeps the host key install
+    # makes: uninstall cannot tell whether those files are encrypted to it.
+    keeps_identity = not IDENTITY.exists() and STATE_ROOT.is_dir() and any(STATE_ROOT.iterdir())
+    made_config_dir = not IDENTITY.parent.exists()
     before = listing(Path("/"))
     installed = make("install")
     try:
@@ -73,5 +77,10 @@ def test_make_install_then_make_uninstall(capsys: pytest.CaptureFixture[str]) ->
     finally:
         uninstalled = make("uninstall")
     assert uninstalled.returncode == 0, uninstalled.stdout + uninstalled.stderr
+    if keeps_identity:
+        assert f"kept {IDENTITY}: the state root {STATE_ROOT} holds files" in uninstalled.stdout
+        IDENTITY.unlink()  # what `qnix uninstall --purge` would remove, with the state
+        if made_config_dir:
+            IDENTITY.parent.rmdir()
     assert listing(Path("/")) == before
     assert not VENV.exists() and not COMMAND_LINK.is_symlink()
