@@ -9,7 +9,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,16 +24,6 @@ from tests.wayland.desktop import Desktop, wait_for
 
 VICTIM_RGB = (0x12, 0xAB, 0x34)
 FILTER_ARGV = [sys.executable, "-m", "qnix.runtime.waylandproxy"]
-
-
-@pytest.fixture(scope="module")
-def desktop() -> Iterator[Desktop]:
-    # Not below pytest's own temporary folder: the test user could not enter it.
-    running = Desktop(Path(tempfile.mkdtemp(prefix="qnix-gui-")))
-    try:
-        yield running
-    finally:
-        running.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,15 +41,6 @@ memory_mb = 128
 gui = true
 memory_mb = 256
 """
-
-
-@pytest.fixture(scope="module")
-def desktop() -> Iterator[Desktop]:
-    running = Desktop(Path(tempfile.mkdtemp(prefix="qnix-gui-")))
-    try:
-        yield running
-    finally:
-        running.close()
 
 
 @pytest.fixture(scope="module")
