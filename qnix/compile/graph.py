@@ -22,20 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from qnix.compile.desktop import LABEL_COLOURS as QUBES_LABEL_COLOURS
 from qnix.policy.parse import INLINE_POLICY_FILE, Rule, Token, parse_line, parse_text
 from qnix.spec.load import LoadedSpec
 from qnix.spec.model import NETWORK_NONE, NETWORK_UPLINK, CompartmentBase, Workstation
 
-# Qubes' label colours (Tango palette, as in Qubes' own icons): (fill, text) for contrast.
+# Qubes' label colours (qnix.compile.desktop, the one table): (fill, text) for contrast.
+_DARK_TEXT = {"orange", "yellow", "green"}
 LABEL_COLOURS = {
-    "red": ("#cc0000", "white"),
-    "orange": ("#f57900", "black"),
-    "yellow": ("#edd400", "black"),
-    "green": ("#73d216", "black"),
-    "gray": ("#555753", "white"),
-    "blue": ("#3465a4", "white"),
-    "purple": ("#75507b", "white"),
-    "black": ("#000000", "white"),
+    label: (f"#{rgb}", "black" if label in _DARK_TEXT else "white")
+    for label, rgb in QUBES_LABEL_COLOURS.items()
 }
 ACTION_COLOURS = {"allow": "#4e9a06", "ask": "#c4a000"}
 LEVEL_TITLES = {
