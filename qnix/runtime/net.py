@@ -408,9 +408,12 @@ class HostNetwork:
     def nft_listing(self, netns: str | None, table: str, *, terse: bool = False) -> str | None:
         """`nft list table` of a table in a namespace, or None if there is no such table;
         `terse` leaves out the elements of its sets and maps."""
-        if f"table {table}" not in self.nft(netns, "list tables").splitlines():
-            return None
-        return self.nft(netns, f"list table {table}", terse=terse)
+        try:
+            return self.nft(netns, f"list table {table}", terse=terse)
+        except QnixError as exc:
+            if NO_SUCH_TABLE in exc.message:
+                return None
+            raise
 
     def add_elements(self, elements: Sequence[tuple[str, str]]) -> None:
         """Add elements to sets and maps of the table, in one transaction."""
@@ -443,15 +446,8 @@ class HostNetwork:
         return self.table_listing() is not None
 
     def table_comment(self) -> str | None:
-        """The `inet qnix` table's own comment (None: no table, or no comment). One listing,
-        not `nft_listing`'s two: every disposable's start asks it."""
-        try:
-            listing = self.nft(self.host_netns, f"list table {TABLE}", terse=True)
-        except QnixError as exc:
-            if NO_SUCH_TABLE in exc.message:
-                return None
-            raise
-        return table_comment(listing)
+        """The `inet qnix` table's own comment (None: no table, or no comment)."""
+        return table_comment(self.nft_listing(self.host_netns, TABLE, terse=True) or "")
 
     def delete_table(self) -> bool:
         if self.nft_listing(self.host_netns, TABLE, terse=True) is None:
