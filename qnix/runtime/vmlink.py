@@ -594,9 +594,11 @@ def guest() -> None:
         config = read_config(handle.read())
     user = _set_up_guest(config)
     device = _port_device()
+    os.write(2, f"qnix: set up, saying hello on {device}\n".encode())  # the console
     port = io.FileIO(device, "r+")  # a port opens once: one descriptor both ways
     link = Link(port, port)
     link.send(0, HELLO)
+    os.write(2, b"qnix: said hello\n")
     # The host's frames wait in the port meanwhile: the call socket is there before any
     # command runs, and what every command needs is loaded before the first one arrives.
     _serve_calls(link, user)

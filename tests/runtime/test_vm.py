@@ -205,6 +205,15 @@ def test_a_command_runs_in_the_guest_with_stdio_exit_code_and_its_own_kernel(lab
     status = Path(f"/proc/{qemu}/status").read_text()
     uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
     assert set(uids) == {str(0x70000000 + names.link_slot(lab.links["box"].gateway, SUBNET))}
+    # The console says each stage of the guest's start, so a start that hangs shows where.
+    console = (lab.host.paths.run_dir("box") / vm.CONSOLE_LOG).read_text().splitlines()
+    stages = [line for line in console if line.startswith("qnix: ")]
+    assert [stage.split(",")[0] for stage in stages] == [
+        "qnix: init",
+        "qnix: shares mounted",
+        "qnix: set up",
+        "qnix: said hello",
+    ]
 
 
 def test_the_secret_is_in_the_guest_only_and_never_on_disk(lab: Lab) -> None:

@@ -72,10 +72,12 @@ INSIDE_DIR = "/opt/qnix-agent"  # as in a namespace compartment
 # read-only shares are cached in the guest (cache=loose, meant for read-only mounts): without
 # it every page of the interpreter and every module lookup is a round trip to QEMU, which
 # under TCG costs the guest seconds per start; the read-write home is never cached, so each
-# write is on the host when it returns.
+# write is on the host when it returns. Each stage says its name on the console (the kernel is
+# quiet), so a start that hangs shows how far the guest got.
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
+echo "qnix: init"
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -94,6 +96,7 @@ if [ -n "$prefix" ]; then
   mkdir -p "$prefix"
   mount -t 9p -o $ro prefix "$prefix"
 fi
+echo "qnix: shares mounted"
 read -r interpreter < /qnix/interpreter
 agent=/qnix/vmlink.py
 if [ -e /qnix/vmlink.pyc ]; then agent=/qnix/vmlink.pyc; fi
