@@ -332,6 +332,13 @@ def run(
 @click.option(
     "--template", "-t", help="Disposable template (default: the spec's default_disposable)."
 )
+@click.option(
+    "--gui",
+    "gui_template",
+    metavar="TEMPLATE",
+    help="COMMAND is a GUI app, in a disposable of TEMPLATE, which must have gui = true "
+    "(Wayland only, docs/gui.md).",
+)
 @click.pass_context
 def dispose(
     ctx: click.Context,
@@ -339,12 +346,20 @@ def dispose(
     state_root: Path | None,
     run_root: Path | None,
     template: str | None,
+    gui_template: str | None,
 ) -> None:
     """Run COMMAND in a fresh disposable compartment with this terminal's input and output;
     when it ends, nothing of the disposable is left. Put `--` before COMMAND."""
     from qnix.runtime import disposables
 
-    ctx.exit(disposables.dispose(runtime_paths(state_root, run_root), command, template))
+    if gui_template is not None and template not in (None, gui_template):
+        raise click.BadParameter(
+            f"--gui {gui_template} and --template {template} name two templates",
+            param_hint="--gui",
+        )
+    paths = runtime_paths(state_root, run_root)
+    chosen = gui_template or template
+    ctx.exit(disposables.dispose(paths, command, chosen, gui=gui_template is not None))
 
 
 @cli.command()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from qnix.spec.model import Compartment, Label, Workstation
+from qnix.spec.model import Compartment, DisposableTemplate, Label, Workstation
 
 # Qubes' own label colours (RGB, hex).
 LABEL_COLOURS: dict[Label, str] = {
@@ -140,6 +140,12 @@ def launch_argv(compartment: Compartment, app: str) -> list[str]:
     return ["qnix", "run", *gui, compartment.name, "--", app]
 
 
+def dispose_argv(template_name: str, template: DisposableTemplate, app: str) -> list[str]:
+    """A disposable template's app: a fresh disposable each time it is started."""
+    option = "--gui" if template.gui else "--template"
+    return ["qnix", "dispose", option, template_name, "--", app]
+
+
 def entry_name(compartment: str, app: str, prefix: str = ENTRY_PREFIX) -> str:
     """The file's name without `.desktop`: `qnix-work-firefox`."""
     return f"{prefix}{compartment}-{app}"
@@ -147,17 +153,27 @@ def entry_name(compartment: str, app: str, prefix: str = ENTRY_PREFIX) -> str:
 
 def desktop_entries(ws: Workstation, prefix: str = ENTRY_PREFIX) -> dict[str, str]:
     """Every spec `apps` entry as a desktop entry "[work] firefox", by file name (`prefix`: a
-    qnix instance's own, so that it knows its files)."""
+    qnix instance's own, so that it knows its files); a disposable template's apps as "[dvm]
+    firefox", which starts it in a fresh disposable of the template each time. Compartments
+    and templates share one namespace of names (spec), so their entries cannot collide."""
+    launchers = [
+        (compartment.name, app, launch_argv(compartment, app))
+        for compartment in ws.compartments.values()
+        for app in compartment.apps
+    ]
+    launchers += [
+        (name, app, dispose_argv(name, template, app))
+        for name, template in ws.disposable_templates.items()
+        for app in template.apps
+    ]
     entries = {}
-    for compartment in ws.compartments.values():
-        for app in compartment.apps:
-            fields = {
-                "Type": "Application",
-                "Name": desktop_string(f"[{compartment.name}] {app}"),
-                "Exec": exec_line(launch_argv(compartment, app)),
-                "Terminal": "false",
-            }
-            body = "".join(f"{key}={value}\n" for key, value in fields.items())
-            name = entry_name(compartment.name, app, prefix)
-            entries[f"{name}.desktop"] = "[Desktop Entry]\n" + body
+    for owner, app, argv in launchers:
+        fields = {
+            "Type": "Application",
+            "Name": desktop_string(f"[{owner}] {app}"),
+            "Exec": exec_line(argv),
+            "Terminal": "false",
+        }
+        body = "".join(f"{key}={value}\n" for key, value in fields.items())
+        entries[f"{entry_name(owner, app, prefix)}.desktop"] = "[Desktop Entry]\n" + body
     return entries

@@ -28,12 +28,20 @@ from qnix.audit import events
 from qnix.compile import names
 from qnix.compile.nft import disposable_elements
 from qnix.errors import QnixError
-from qnix.runtime import hostowner
+from qnix.runtime import cgroups, hostowner
 from qnix.runtime.agent import AgentError, ProtocolError
+from qnix.runtime.backends.container import cgroup_tree
 from qnix.runtime.backends.namespace import HostIdentity
 from qnix.runtime.files import atomic_write
 from qnix.runtime.keeper import teardown_network
-from qnix.runtime.lifecycle import cleanup_run, keeper_config, spawn_keeper, stop_locked
+from qnix.runtime.lifecycle import (
+    WAIT_FOR_SCOPE,
+    check_gui_host,
+    cleanup_run,
+    keeper_config,
+    spawn_keeper,
+    stop_locked,
+)
 from qnix.runtime.live import (
     READY_TIMEOUT,
     KeeperConfig,
@@ -317,19 +325,70 @@ def _claimed_disposable(
             time.sleep(0.02)
 
 
-def dispose(paths: RuntimePaths, argv: Sequence[str], template: str | None = None) -> int:
+def _check_gui_template(ws: Workstation, template: str | None) -> None:
+    """`qnix dispose --gui`: the template must have `gui = true`, and there must be a Wayland
+    compositor to show it on (X11 is refused)."""
+    chosen = template or ws.default_disposable
+    found = ws.disposable_templates.get(chosen) if chosen is not None else None
+    if found is not None and not found.gui:
+        raise QnixError(
+            f"disposable template {chosen} has no GUI",
+            hint=f"set gui = true for disposable_templates.{chosen} and apply",
+        )
+    check_gui_host(dict(os.environ))
+
+
+def _run_gui_app(
+    paths: RuntimePaths,
+    name: str,
+    state: dict[str, Any],
+    argv: Sequence[str],
+    template: str | None,
+) -> int:
+    """argv in a cgroup scope of its own inside the disposable's (as `qnix run --gui` runs an
+    app: the shell inside waits until the host has moved it there, then becomes the app); the
+    scope goes with the disposable's cgroup."""
+    tree = cgroup_tree(cgroups.cgroup_of(str(state["cgroup"]), cgroups.detect()))
+
+    def into_scope(untrusted_pid: int) -> None:
+        cgroups.scope(tree, f"app-{untrusted_pid}", untrusted_pid)
+
+    return execute(
+        paths,
+        name,
+        state,
+        ["/bin/sh", "-c", WAIT_FOR_SCOPE, "sh", *argv],
+        event="dispose",
+        on_started=into_scope,
+        template=template,
+        gui=True,
+    )
+
+
+def dispose(
+    paths: RuntimePaths, argv: Sequence[str], template: str | None = None, *, gui: bool = False
+) -> int:
     """Run argv in a fresh disposable with our stdio; when it ends (or this command is
-    stopped or killed) nothing of the disposable is left. Its exit code."""
+    stopped or killed) nothing of the disposable is left. Its exit code. With `gui`, argv is
+    a GUI app: the template must have `gui = true`; the disposable's own Wayland filter shows
+    it on this session's compositor, and it runs in a cgroup scope of its own."""
     require_root()
     with locked(paths):
-        config = _create_disposable(paths, require_live(paths), template)
+        ws = require_live(paths)
+        if gui:
+            _check_gui_template(ws, template)
+        config = _create_disposable(paths, ws, template)
     name = config.name
     previous = {number: signal.signal(number, _exit_on_signal) for number in DISPOSE_SIGNALS}
     try:
         state = running_state(paths, name)
         if state is None:
             raise QnixError(f"disposable {name} ended before its command could run")
+        if gui and not state.get("gui"):
+            raise QnixError(f"disposable {name} started without its Wayland filter")
         try:
+            if gui:
+                return _run_gui_app(paths, name, state, argv, config.template)
             return execute(paths, name, state, argv, event="dispose", template=config.template)
         except (AgentError, ProtocolError) as exc:
             raise QnixError(f"cannot run in disposable {name}: {exc}") from exc

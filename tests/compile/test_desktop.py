@@ -20,7 +20,11 @@ WS = workstation(
         "work": {"label": "blue", "gui": True, "apps": ["firefox", "org.gnome.Nautilus"]},
         "banking": {"label": "yellow", "gui": True, "fullscreen": True},
         "vault": {"label": "black", "apps": ["keepassxc"]},
-    }
+    },
+    disposable_templates={
+        "dvm": {"label": "red", "gui": True, "apps": ["firefox"]},
+        "cli-dvm": {"apps": ["htop"]},
+    },
 )
 
 
@@ -74,6 +78,17 @@ def test_a_desktop_entry_per_app_running_it_through_qnix() -> None:
         "Type=Application\n"
         "Name=[vault] keepassxc\n"
         "Exec=qnix run vault -- keepassxc\n"
+        "Terminal=false\n",
+        # A disposable template's app: a fresh disposable each time, through its own filter.
+        "qnix-dvm-firefox.desktop": "[Desktop Entry]\n"
+        "Type=Application\n"
+        "Name=[dvm] firefox\n"
+        "Exec=qnix dispose --gui dvm -- firefox\n"
+        "Terminal=false\n",
+        "qnix-cli-dvm-htop.desktop": "[Desktop Entry]\n"
+        "Type=Application\n"
+        "Name=[cli-dvm] htop\n"
+        "Exec=qnix dispose --template cli-dvm -- htop\n"
         "Terminal=false\n",
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,9 @@ memory_mb = 128
 [disposable_templates.gui-dvm]
 gui = true
 memory_mb = 256
+
+[disposable_templates.cli-dvm]
+memory_mb = 128
 """
 
 
@@ -200,6 +204,48 @@ def test_a_gui_disposable_gets_its_filter(desktop: Desktop, host: LiveHost) -> N
     assert (listing.returncode, listing.stdout) == (0, "wayland-0\n"), listing.stderr
     host.disposables_gone()
     wait_for(lambda: not filters(host), "the filter to end with the disposable")
+
+
+def test_a_gui_app_in_a_disposable(desktop: Desktop, host: LiveHost) -> None:
+    """`qnix dispose --gui TEMPLATE -- APP`: the disposable's own filter shows the app, named
+    after the disposable; the filter ends with it."""
+    display = {"QNIX_WAYLAND_DISPLAY": str(desktop.display)}
+    app = subprocess.Popen(
+        [QNIX, "dispose", "--gui", "gui-dvm", "--", need("foot"), "-e", "sleep", "600"],
+        env={**{k: v for k, v in host.env.items() if k != "WAYLAND_DISPLAY"}, **display},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        window = desktop.window("qnix-disp")
+        matched = re.fullmatch(r"qnix-(disp[0-9]+)[.]foot", str(window["app_id"]))
+        assert matched is not None, window["app_id"]
+        name = matched.group(1)
+        assert host.paths.run_dir(name).is_dir()
+        assert len(filters(host)) == 1
+        (scope,) = app_scopes(host, name).values()
+        assert {"foot", "sleep"} <= scope
+    finally:
+        app.terminate()
+        app.wait(30)
+    host.disposables_gone()
+    wait_for(lambda: not filters(host), "the filter to end with the disposable")
+    gone = str(window["app_id"])
+    wait_for(lambda: all(w.get("app_id") != gone for w in desktop.tree()), "the window to go")
+
+
+def test_dispose_gui_refuses_a_template_without_gui(desktop: Desktop, host: LiveHost) -> None:
+    display = {"QNIX_WAYLAND_DISPLAY": str(desktop.display)}
+    result = qnix(host, "dispose", "--gui", "cli-dvm", "--", "true", **display)
+    assert result.returncode == 1
+    assert "error: disposable template cli-dvm has no GUI" in result.stderr
+    # The control: the same template runs the command without --gui.
+    assert qnix(host, "dispose", "--template", "cli-dvm", "--", "true").returncode == 0
+    x11 = qnix(host, "dispose", "--gui", "gui-dvm", "--", "true", DISPLAY=":0")
+    assert x11.returncode == 1
+    assert "X11 apps are not supported" in x11.stderr
+    host.disposables_gone()
 
 
 def test_the_filter_dies_with_a_killed_keeper(desktop: Desktop, host: LiveHost) -> None:
