@@ -17,6 +17,8 @@ from pathlib import Path
 from tests.conftest import ROOT, need
 
 TIMEOUT = 20.0
+# The system's interpreter, which has GTK4's introspection (python3-gi, gir1.2-gtk-4.0).
+GTK_PYTHON = "/usr/bin/python3"
 
 
 def wait_for(condition: object, what: str, timeout: float = TIMEOUT) -> None:
@@ -34,6 +36,8 @@ class Desktop:
         self.include = include
         self.user = "qnixgui" + secrets.token_hex(3)
         self.processes: list[subprocess.Popen[bytes]] = []
+        # Each filter started by `filter`, by compartment.
+        self.filters: dict[str, subprocess.Popen[bytes]] = {}
         root.chmod(0o755)
         self.home = root / "home"
         self.run = root / "run"
@@ -169,9 +173,31 @@ class Desktop:
                 argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
             )
         self.processes.append(process)
+        self.filters[compartment] = process
         assert process.stdout is not None
         assert process.stdout.readline() == b"ready\n"
         return folder
+
+    def gtk_window(
+        self, runtime_dir: Path, app_id: str, title: str, *, stay: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """A GTK4 window (tests/wayland/gtk_window.py, cairo renderer: no GPU) on the display
+        in `runtime_dir`; it prints `frame` once its first frame is on the compositor."""
+        script = Path(__file__).with_name("gtk_window.py")
+        return self.spawn(
+            [GTK_PYTHON, "-I", str(script), app_id, title, *(["--stay"] if stay else [])],
+            runtime_dir,
+            GSK_RENDERER="cairo",
+            GDK_BACKEND="wayland",
+            GTK_A11Y="none",
+            NO_AT_BRIDGE="1",
+        )
+
+    def rss_kib(self, compartment: str) -> int:
+        """The resident memory of the filter of `compartment` (VmRSS, KiB)."""
+        status = Path(f"/proc/{self.filters[compartment].pid}/status").read_text()
+        (line,) = (line for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1])
 
     def swaymsg(self, kind: str) -> str:
         result = self.run_as_user([need("swaymsg"), "-s", str(self.ipc), "-t", kind], self.run)
