@@ -8,6 +8,14 @@ too many descriptors or more than it reads is disconnected alone: the other clie
 compositor carry on. Run as `python -m qnix.runtime.waylandproxy`, as the user who owns the
 compositor's socket: started as root it binds its socket, reads the protocol files and then
 drops to `--user` for good. The keeper starts it beside the compartment.
+
+`--control PATH`: a socket only root can connect to (bound as root, mode 0600), through which
+`qnix clip` reads the compartment's selection and grants it one paste (qnix.broker.clipboard):
+
+  copy                         -> `ok MIME` and a pipe's read end (SCM_RIGHTS) the owning
+                                  client writes its selection into, or `error WHY`
+  paste SIZE MIME [MIME...]    then SIZE bytes -> `ok`: the compartment's clients are offered
+                                  them as their selection, for one receive
 """
 
 from __future__ import annotations
@@ -16,19 +24,22 @@ import argparse
 import contextlib
 import os
 import secrets
+import select
 import selectors
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qnix.errors import QnixError
 from qnix.wayland import protocol, rules
-from qnix.wayland.rules import Chunk, Output, Rules, Session
+from qnix.wayland.rules import Chunk, Grant, Output, Rules, Session, Shared, clip_type
 
 READ_SIZE = 16384
 # libwayland sends at most 28 descriptors with one sendmsg; a client's queue of descriptors
@@ -43,6 +54,18 @@ MAX_CLIENTS = 128
 # its IPC socket).
 FOLDER_NAME = "wayland"
 SOCKET_NAME = "wayland-0"
+# `qnix clip`'s way in (root's only), beside the filter's socket in the same root folder.
+CONTROL_NAME = "control"
+CONTROL_TIMEOUT = 5.0
+MAX_GRANT_BYTES = 16 * 1024 * 1024
+MAX_CONTROL_LINE = 4096
+# How long a granted paste may take to be read by the client that asked for it.
+DELIVER_TIMEOUT = 30.0
+
+
+def control_socket(run_dir: Path) -> Path:
+    """Where `qnix clip` reaches the filter of the compartment whose run folder is `run_dir`."""
+    return run_dir / FOLDER_NAME / CONTROL_NAME
 
 
 def start(
@@ -75,6 +98,8 @@ def start(
         f"{owner.st_uid}:{owner.st_gid}",
         "--socket-group",
         str(host_gid),
+        "--control",
+        str(control_socket(run_dir)),
         *(["--fullscreen"] if fullscreen else []),
     ]
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
@@ -139,6 +164,53 @@ class _Client:
         self.server.close()
 
 
+def _deliver(fd: int, data: bytes) -> None:
+    """A granted paste written into the descriptor the client gave (in a thread of its own:
+    a client that does not read holds up only this), then closed; given up after
+    DELIVER_TIMEOUT."""
+    deadline = time.monotonic() + DELIVER_TIMEOUT
+    view = memoryview(data)
+    try:
+        os.set_blocking(fd, False)
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [fd], [], left)[1]:
+                return
+            try:
+                view = view[os.write(fd, view[:65536]) :]
+            except BlockingIOError:
+                continue
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+
+
+def _read_control_request(conn: socket.socket) -> tuple[list[str], bytes]:
+    """One request line (words) and, for a paste, its data."""
+    buffer = b""
+    while b"\n" not in buffer:
+        chunk = conn.recv(MAX_CONTROL_LINE)
+        if not chunk or len(buffer) > MAX_CONTROL_LINE:
+            raise QnixError("a malformed control request")
+        buffer += chunk
+    line, _, data = buffer.partition(b"\n")
+    words = line.decode("utf-8", errors="strict").split(" ")
+    if words[0] != "paste":
+        return words, b""
+    if len(words) < 3 or not words[1].isdigit() or int(words[1]) > MAX_GRANT_BYTES:
+        raise QnixError("a malformed paste request")
+    size = int(words[1])
+    while len(data) < size:
+        chunk = conn.recv(min(size - len(data), 1 << 16))
+        if not chunk:
+            raise QnixError("the paste's data ended early")
+        data += chunk
+    if len(data) != size:
+        raise QnixError("more data than the paste announced")
+    return words, data
+
+
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     data, fds, flags, _ = socket.recv_fds(sock, READ_SIZE, MAX_FDS_PER_READ)
     if flags & socket.MSG_CTRUNC:
@@ -150,16 +222,26 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 class Proxy:
     def __init__(
-        self, listener: socket.socket, upstream: str, rules_: Rules, protocols: protocol.Protocols
+        self,
+        listener: socket.socket,
+        upstream: str,
+        rules_: Rules,
+        protocols: protocol.Protocols,
+        control: socket.socket | None = None,
     ) -> None:
         self.listener = listener
         self.upstream = upstream
         self.rules = rules_
         self.protocols = protocols
+        self.shared = Shared()
         self.selector = selectors.DefaultSelector()
         self.clients: dict[socket.socket, _Client] = {}
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ)
+        self.control = control
+        if control is not None:
+            control.setblocking(False)
+            self.selector.register(control, selectors.EVENT_READ)
         # stdin a pipe from the keeper: when it closes, the keeper is gone, and so is the filter.
         self.parent: int | None = None
         if stat.S_ISFIFO(os.fstat(0).st_mode):
@@ -183,7 +265,7 @@ class Proxy:
             return
         client.setblocking(False)
         server.setblocking(False)
-        pair = _Client(client, server, Session(self.protocols, self.rules))
+        pair = _Client(client, server, Session(self.protocols, self.rules, self.shared))
         for sock in (client, server):
             self.clients[sock] = pair
             self.selector.register(sock, selectors.EVENT_READ)
@@ -201,6 +283,7 @@ class Proxy:
             pair.client.flush()
 
     def _end(self, pair: _Client) -> None:
+        pair.session.close()
         self._pass_last_words(pair)
         for side in (pair.client, pair.server):
             if self.clients.pop(side.sock, None) is not None:
@@ -226,6 +309,81 @@ class Proxy:
             raise QnixError("descriptors without messages")
         pair.server.push(out.to_server)
         pair.client.push(out.to_client)
+        for fd, data in out.deliver:
+            threading.Thread(target=_deliver, args=(fd, data), daemon=True).start()
+        if out.deliver:
+            self._refresh_selections()  # the grant is gone: show what the compositor holds
+
+    def _pairs(self) -> list[_Client]:
+        return list({id(pair): pair for pair in self.clients.values()}.values())
+
+    def _send(self, pair: _Client, out: Output) -> None:
+        """What the filter itself sends on a client's connections (not in answer to it)."""
+        try:
+            pair.server.push(out.to_server)
+            pair.client.push(out.to_client)
+            for side in (pair.client, pair.server):
+                side.flush()
+                self._watch_writes(side)
+        except Exception as exc:
+            print(f"client ended: {exc}", file=sys.stderr, flush=True)
+            self._end(pair)
+
+    def _refresh_selections(self) -> None:
+        for pair in self._pairs():
+            if pair.client.sock in self.clients:
+                self._send(pair, pair.session.refresh_selection())
+
+    def _copy(self, conn: socket.socket) -> None:
+        """The compartment's selection: the owning client is asked to write it into a pipe
+        whose read end goes to the caller."""
+        owner = self.shared.owner
+        pair = next((p for p in self._pairs() if owner and p.session is owner[0]), None)
+        if owner is None or pair is None:
+            conn.sendall(b"error the compartment has no selection\n")
+            return
+        session, source = owner
+        mime = clip_type(session.sources.get(source, []))
+        if mime is None:
+            conn.sendall(b"error its selection offers no type\n")
+            return
+        reader, writer = os.pipe2(os.O_CLOEXEC)
+        try:
+            socket.send_fds(conn, [f"ok {mime}\n".encode()], [reader])
+        finally:
+            os.close(reader)
+        out = Output(to_client=[session.ask_source(source, mime, writer)])
+        self._send(pair, out)  # the write end is closed once sent
+
+    def _paste(self, words: list[str], data: bytes, conn: socket.socket) -> None:
+        """A grant of one paste to the compartment's clients, shown to them at once."""
+        types = tuple(words[2:])
+        if not all(0 < len(t) <= 255 and t.isprintable() and " " not in t for t in types):
+            raise QnixError("a malformed type in a paste request")
+        self.shared.grant = Grant(types, data)
+        self._refresh_selections()
+        conn.sendall(b"ok\n")
+
+    def _control(self) -> None:
+        """One request of `qnix clip` (root), answered at once; any error refuses it."""
+        assert self.control is not None
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(CONTROL_TIMEOUT)
+            try:
+                words, data = _read_control_request(conn)
+                if words == ["copy"]:
+                    self._copy(conn)
+                elif words[0] == "paste":
+                    self._paste(words, data, conn)
+                else:
+                    raise QnixError("an unknown control request")
+            except (QnixError, OSError, UnicodeDecodeError) as exc:
+                with contextlib.suppress(OSError):
+                    conn.sendall(f"error {exc}\n".encode())
 
     def step(self, timeout: float | None = None) -> None:
         for key, events in self.selector.select(timeout):
@@ -236,6 +394,9 @@ class Proxy:
                 continue
             if sock is self.listener:
                 self._accept()
+                continue
+            if sock is self.control:
+                self._control()
                 continue
             assert isinstance(sock, socket.socket)
             pair = self.clients.get(sock)
@@ -280,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--user", metavar="UID:GID", help="drop to this user once listening (the compositor's)"
     )
+    parser.add_argument("--control", help="a socket for `qnix clip` (a new path; root's only)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     protocols = load_protocols(dict(os.environ))
@@ -289,12 +451,25 @@ def main(argv: list[str] | None = None) -> int:
     os.chown(args.listen, -1, args.socket_group)
     os.chmod(args.listen, 0o660)
     listener.listen(16)
+    control = None
+    if args.control:
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        previous = os.umask(0o177)  # 0600 from the start: no moment in which others connect
+        try:
+            control.bind(args.control)
+        finally:
+            os.umask(previous)
+        control.listen(4)
     if args.user:
         uid, gid = (int(part) for part in args.user.split(":"))
         drop_privileges(uid, gid)
     print("ready", flush=True)
     Proxy(
-        listener, args.upstream, Rules(args.compartment, args.fullscreen, marker), protocols
+        listener,
+        args.upstream,
+        Rules(args.compartment, args.fullscreen, marker),
+        protocols,
+        control,
     ).serve_forever()
     return 0
 

@@ -11,6 +11,14 @@
   also offers a marker type carrying this filter's secret; an offer the compositor sends
   without that marker came from another compartment or the host, and the client never sees
   it (the compositor is told it is destroyed and the client sees an empty selection).
+* `qnix clip` (regular clipboard): the filter knows which source of its clients is the
+  compartment's current selection and can ask that client for its data (`copy`); a grant
+  (`paste`) is shown to the compartment's clients on the next selection offer the compositor
+  sends them, with the grant's types instead of the offer's, and the first `receive` on it is
+  answered by the filter with the granted data; then the grant is gone. To make the
+  compositor send that offer at once, the filter re-creates the client's data device (a
+  release and a get_data_device with the same id, which sends the focused client the current
+  selection); the compositor's delete_id for the released id is not passed on.
 * Every message on the connection is decoded against its signature; anything else ends it.
 """
 
@@ -25,6 +33,7 @@ from qnix.wayland.protocol import Interface, Protocols
 from qnix.wayland.wire import (
     DISPLAY_ID,
     Decoded,
+    Fd,
     Objects,
     UntypedNewId,
     Value,
@@ -79,6 +88,10 @@ ALLOWED_GLOBALS = frozenset(
 
 MARKER_PREFIX = "application/x-qnix-origin-"
 APP_ID_UNNAMED = "app"
+# A source's types the filter remembers (more are passed on, not remembered).
+MAX_SOURCE_TYPES = 64
+# What `qnix clip copy` takes from a source, best first: text, else its first type.
+TEXT_TYPES = ("text/plain;charset=utf-8", "text/plain", "UTF8_STRING", "STRING", "TEXT")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +155,35 @@ def title(compartment: str, untrusted_title: str | None) -> str:
 Chunk = tuple[bytes, list[int]]
 
 
+def clip_type(offered: list[str]) -> str | None:
+    """The type `qnix clip copy` asks a source for: its best text type, else its first."""
+    for wanted in TEXT_TYPES:
+        if wanted in offered:
+            return wanted
+    return offered[0] if offered else None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """`qnix clip paste`: data the compartment may receive once, offered as these types."""
+
+    mime_types: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(slots=True)
+class Shared:
+    """What the sessions of one filter share: the source that is the compartment's current
+    selection (its session and id), and a grant not yet received."""
+
+    owner: tuple[Session, int] | None = None
+    grant: Grant | None = None
+
+    def take(self) -> Grant | None:
+        grant, self.grant = self.grant, None
+        return grant
+
+
 @dataclass(slots=True)
 class Output:
     """What one batch of input makes the filter send on each side."""
@@ -150,6 +192,8 @@ class Output:
     to_client: list[Chunk] = field(default_factory=list)
     # Descriptors that came with a message not passed on: the proxy closes them.
     discard: list[int] = field(default_factory=list)
+    # A grant received: the proxy writes the data into the descriptor and closes it.
+    deliver: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -164,9 +208,17 @@ class Session:
     """The filter of one client connection: feed it what each side sends, send what it returns.
     WireError from either feed means: close this client and its compositor connection."""
 
-    def __init__(self, protocols: Protocols, rules: Rules) -> None:
+    def __init__(self, protocols: Protocols, rules: Rules, shared: Shared | None = None) -> None:
         self.protocols = protocols
         self.rules = rules
+        self.shared = Shared() if shared is None else shared
+        # The client's regular clipboard: its sources (id -> types), its data devices (id ->
+        # the manager and seat they came from), offers shown carrying the grant, and ids
+        # whose delete_id the client must not see (a data device the filter re-created).
+        self.sources: dict[int, list[str]] = {}
+        self.devices: dict[int, tuple[int, int]] = {}
+        self.granted: set[int] = set()
+        self.swallowed: set[int] = set()
         self.objects = Objects(protocols)
         self.shown: dict[int, tuple[str, int]] = {}
         self.pending: dict[int, _Offer] = {}
@@ -182,6 +234,37 @@ class Session:
 
     def from_server(self, data: bytes, fds: list[int]) -> Output:
         return self._feed(False, data, fds)
+
+    def close(self) -> None:
+        """The connection ended: its source is no longer the compartment's selection."""
+        if self.shared.owner is not None and self.shared.owner[0] is self:
+            self.shared.owner = None
+
+    def ask_source(self, source: int, mime_type: str, fd: int) -> Chunk:
+        """wl_data_source.send to this client, as the compositor sends it when someone pastes:
+        the client writes its selection as `mime_type` into `fd`."""
+        interface = self.protocols["wl_data_source"]
+        opcode = interface.event("send")
+        return encode(source, opcode, interface.events[opcode], (mime_type, Fd(fd)))
+
+    def refresh_selection(self) -> Output:
+        """Have the compositor send the current selection again (to a focused client): each
+        regular data device released and made again under its id."""
+        out = Output()
+        for device, (manager, seat) in sorted(self.devices.items()):
+            entry = self.objects.entries.get(device)
+            if entry is None or not entry.live or entry.version < 2:
+                continue  # release came with version 2
+            if not all(
+                (known := self.objects.entries.get(i)) is not None and known.live
+                for i in (manager, seat)
+            ):
+                continue
+            self._request_to_server(out, device, entry.interface, "release")
+            manager_of = self.protocols["wl_data_device_manager"]
+            self._request_to_server(out, manager, manager_of, "get_data_device", device, seat)
+            self.swallowed.add(device)
+        return out
 
     def queued_fds(self) -> list[int]:
         """Descriptors received but not yet passed on (the proxy closes them at the end)."""
@@ -235,6 +318,8 @@ class Session:
                 self.objects.create(value, arg.interface, decoded.version, by_server=False)
         if decoded.message.destructor:
             self.objects.destroy(decoded.object_id)
+        if self._clipboard_request(decoded, out):
+            return
         toplevel = self.protocols["xdg_toplevel"]
         if interface == "xdg_toplevel" and name == "set_app_id":
             untrusted = decoded.arg("app_id")
@@ -282,6 +367,57 @@ class Session:
                 source = self.protocols[clipboard.source]
                 self._request_to_server(out, created, source, "offer", self.rules.marker)
 
+    def _clipboard_request(self, decoded: Decoded, out: Output) -> bool:
+        """Keep track of the regular clipboard for `qnix clip`; True when the request is
+        answered by the filter (a receive on an offer carrying the grant)."""
+        interface, name, target = decoded.interface.name, decoded.message.name, decoded.object_id
+        if interface == "wl_data_device_manager" and name == "create_data_source":
+            created = decoded.arg("id")
+            assert isinstance(created, int)
+            self.sources[created] = []
+        elif interface == "wl_data_device_manager" and name == "get_data_device":
+            device, seat = decoded.arg("id"), decoded.arg("seat")
+            assert isinstance(device, int) and isinstance(seat, int)
+            self.devices[device] = (target, seat)
+        elif interface == "wl_data_device" and name == "release":
+            self.devices.pop(target, None)
+        elif interface == "wl_data_source" and name == "offer":
+            types = self.sources.get(target)
+            mime = decoded.arg("mime_type")
+            if (
+                types is not None
+                and isinstance(mime, str)
+                and len(types) < MAX_SOURCE_TYPES
+                and not mime.startswith(MARKER_PREFIX)
+            ):
+                types.append(mime)
+        elif interface == "wl_data_source" and name == "destroy":
+            self.sources.pop(target, None)
+            if self.shared.owner == (self, target):
+                self.shared.owner = None
+        elif interface == "wl_data_device" and name == "set_selection":
+            source = decoded.arg("source")
+            if isinstance(source, int) and source in self.sources:
+                # The compartment's own copy: its selection now, and a grant not yet
+                # received gives way to it.
+                self.shared.owner = (self, source)
+                self.shared.grant = None
+            elif not source:
+                self.shared.owner = None
+        elif interface == "wl_data_offer" and target in self.granted:
+            if name == "destroy":
+                self.granted.discard(target)
+            elif name == "receive":
+                fd = decoded.arg("fd")
+                assert isinstance(fd, Fd)
+                grant = self.shared.take()
+                if grant is None:
+                    out.discard.append(fd.fd)  # received already: the reader gets nothing
+                else:
+                    out.deliver.append((fd.fd, grant.data))
+                return True
+        return False
+
     def _bind(self, decoded: Decoded, untrusted: UntypedNewId) -> None:
         name = decoded.arg("name")
         assert isinstance(name, int)
@@ -311,7 +447,14 @@ class Session:
         elif decoded.object_id == DISPLAY_ID and name == "delete_id":
             deleted = decoded.arg("id")
             assert isinstance(deleted, int)
+            if deleted in self.swallowed:
+                self.swallowed.discard(deleted)  # a device the filter re-created: still live
+                return
             self.objects.forget(deleted)
+            self._forward_event(out, decoded)
+        elif interface == "wl_data_source" and name == "cancelled":
+            if self.shared.owner == (self, decoded.object_id):
+                self.shared.owner = None
             self._forward_event(out, decoded)
         elif interface == "wl_registry":
             self._registry_event(decoded, out)
@@ -354,11 +497,22 @@ class Session:
         if held is None:
             self._forward_event(out, decoded)
             return
+        assert isinstance(offer, int)
+        grant = self.shared.grant
+        regular = decoded.interface.name == "wl_data_device"
+        if grant is not None and regular and decoded.message.name == "selection":
+            # A grant not yet received: this offer carries it, with its types only.
+            out.discard += [fd for _, fds in held.messages for fd in fds]
+            out.to_client.append(held.messages[0])  # data_offer: the offer itself
+            for mime in grant.mime_types:
+                self._event_to_client(out, offer, self.protocols["wl_data_offer"], "offer", mime)
+            self.granted.add(offer)
+            self._forward_event(out, decoded)
+            return
         if held.ours:
             out.to_client += held.messages
             self._forward_event(out, decoded)
             return
-        assert isinstance(offer, int)
         out.discard += [fd for _, fds in held.messages for fd in fds]
         entry = self.objects.live(offer, None)
         self._request_to_server(out, offer, entry.interface, "destroy")
