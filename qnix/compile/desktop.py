@@ -83,7 +83,33 @@ def sway_fragment(ws: Workstation) -> str:
             f"mark --add qnix-{rule_word(compartment.name)}, border normal {SWAY_BORDER_PIXELS}, "
             f'title_format "{badge} %title"'
         )
+    lines += sway_clip_bindings(ws)
     return "\n".join(lines) + "\n"
+
+
+# Qubes' keys for its global clipboard.
+CLIP_KEYS = {"copy": "Ctrl+Shift+c", "paste": "Ctrl+Shift+v"}
+
+
+def sway_clip_bindings(ws: Workstation) -> list[str]:
+    """Ctrl+Shift+C / Ctrl+Shift+V: `qnix clip copy|paste` of the focused window's
+    compartment. One command per GUI compartment, each limited by criteria to a focused window
+    whose app id has that compartment's prefix (which only its filter gives, so no other
+    compartment can have its window taken for another's); on any other window the keys do
+    nothing. sway runs them as its own user: `sudo -n` needs a sudoers line allowing that
+    user `qnix clip copy *` and `qnix clip paste *` (docs/gui.md)."""
+    compartments = gui_compartments(ws)
+    if not compartments:
+        return []
+    lines = []
+    for action, key in CLIP_KEYS.items():
+        commands = [
+            f'[con_id=__focused__ app_id="{app_id_prefix(c.name)}"] '
+            f"exec sudo -n qnix clip {action} {rule_word(c.name)}"
+            for c in compartments
+        ]
+        lines.append(f"bindsym {key} " + "; ".join(commands))
+    return lines
 
 
 def hyprland_rules(ws: Workstation) -> str:

@@ -49,6 +49,13 @@ def test_sway_fragment_badges_each_gui_compartment() -> None:
         "title_format \"<span background='#edd400' foreground='#000000'> banking </span> %title\"\n"
         'for_window [app_id="^qnix-work[.]"] mark --add qnix-work, border normal 3, '
         "title_format \"<span background='#3465a4' foreground='#ffffff'> work </span> %title\"\n"
+        # Qubes' keys: qnix clip of the focused window's compartment, known by its app id.
+        "bindsym Ctrl+Shift+c "
+        '[con_id=__focused__ app_id="^qnix-banking[.]"] exec sudo -n qnix clip copy banking; '
+        '[con_id=__focused__ app_id="^qnix-work[.]"] exec sudo -n qnix clip copy work\n'
+        "bindsym Ctrl+Shift+v "
+        '[con_id=__focused__ app_id="^qnix-banking[.]"] exec sudo -n qnix clip paste banking; '
+        '[con_id=__focused__ app_id="^qnix-work[.]"] exec sudo -n qnix clip paste work\n'
     )
 
 
