@@ -172,6 +172,22 @@ def dispose_argv(template_name: str, template: DisposableTemplate, app: str) -> 
     return ["qnix", "dispose", option, template_name, "--", app]
 
 
+def launchers(ws: Workstation) -> list[tuple[str, str, list[str]]]:
+    """Every menu entry as (compartment or template, app, the command it runs): the spec's
+    compartments' apps, then its disposable templates'."""
+    found = [
+        (compartment.name, app, launch_argv(compartment, app))
+        for compartment in ws.compartments.values()
+        for app in compartment.apps
+    ]
+    found += [
+        (name, app, dispose_argv(name, template, app))
+        for name, template in ws.disposable_templates.items()
+        for app in template.apps
+    ]
+    return found
+
+
 def entry_name(compartment: str, app: str, prefix: str = ENTRY_PREFIX) -> str:
     """The file's name without `.desktop`: `qnix-work-firefox`."""
     return f"{prefix}{compartment}-{app}"
@@ -182,18 +198,8 @@ def desktop_entries(ws: Workstation, prefix: str = ENTRY_PREFIX) -> dict[str, st
     qnix instance's own, so that it knows its files); a disposable template's apps as "[dvm]
     firefox", which starts it in a fresh disposable of the template each time. Compartments
     and templates share one namespace of names (spec), so their entries cannot collide."""
-    launchers = [
-        (compartment.name, app, launch_argv(compartment, app))
-        for compartment in ws.compartments.values()
-        for app in compartment.apps
-    ]
-    launchers += [
-        (name, app, dispose_argv(name, template, app))
-        for name, template in ws.disposable_templates.items()
-        for app in template.apps
-    ]
     entries = {}
-    for owner, app, argv in launchers:
+    for owner, app, argv in launchers(ws):
         fields = {
             "Type": "Application",
             "Name": desktop_string(f"[{owner}] {app}"),

@@ -18,7 +18,7 @@ from qnix.compile.desktop import (
     gui_compartments,
     hyprland_rules,
     hyprland_rules_name,
-    launch_argv,
+    launchers,
     sway_fragment,
     sway_fragment_name,
 )
@@ -391,16 +391,16 @@ def secrets_module(ws: Workstation) -> dict[str, NixValue]:
 
 
 def desktop_items(ws: Workstation) -> list[dict[str, str]]:
-    """One menu entry per app of each compartment, Qubes-style: `[work] firefox`. makeDesktopItem
-    writes its values as they are, so each is escaped as the Desktop Entry spec asks first."""
+    """One menu entry per app of each compartment and disposable template, Qubes-style:
+    `[work] firefox`, `[dvm] firefox`. makeDesktopItem writes its values as they are, so each
+    is escaped as the Desktop Entry spec asks first."""
     return [
         {
-            "desktopName": desktop_string(f"[{compartment.name}] {app}"),
-            "exec": exec_line(launch_argv(compartment, app)),
-            "name": entry_name(compartment.name, app),
+            "desktopName": desktop_string(f"[{owner}] {app}"),
+            "exec": exec_line(argv),
+            "name": entry_name(owner, app),
         }
-        for compartment in ws.compartments.values()
-        for app in compartment.apps
+        for owner, app, argv in launchers(ws)
     ]
 
 

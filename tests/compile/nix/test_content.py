@@ -493,15 +493,28 @@ def test_desktop_has_hyprland_the_lid_and_a_menu_entry_per_app() -> None:
         "logind": {"settings": {"Login": {"HandleLidSwitch": "suspend"}}}
     }
     entries = get(desktop, "environment", "systemPackages")
+    assert (
+        Call(
+            Raw("pkgs.makeDesktopItem"),
+            {
+                "desktopName": "[work] libreoffice",
+                "exec": "qnix run --gui work -- libreoffice",
+                "name": "qnix-work-libreoffice",
+            },
+        )
+        in entries
+    )
+    # A disposable template's app: a fresh disposable each time.
     assert entries[-1] == Call(
         Raw("pkgs.makeDesktopItem"),
         {
-            "desktopName": "[work] libreoffice",
-            "exec": "qnix run --gui work -- libreoffice",
-            "name": "qnix-work-libreoffice",
+            "desktopName": "[offline-dvm] libreoffice",
+            "exec": "qnix dispose --template offline-dvm -- libreoffice",
+            "name": "qnix-offline-dvm-libreoffice",
         },
     )
     apps = [(c.name, app) for c in ws.compartments.values() for app in c.apps]
+    apps += [(n, app) for n, t in ws.disposable_templates.items() for app in t.apps]
     assert [e.argument["desktopName"] for e in entries] == [f"[{c}] {a}" for c, a in apps]
 
 
