@@ -5,15 +5,16 @@ label's colour; the same windows without the fragment show neither colour."""
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from qnix.compile.desktop import LABEL_COLOURS, sway_fragment
+from qnix.compile.desktop import LABEL_COLOURS, app_id_prefix, sway_fragment
 from tests.compile.nix.support import workstation
 from tests.conftest import need
-from tests.wayland.desktop import Desktop
+from tests.wayland.desktop import Desktop, wait_for
 
 WS = workstation(
     compartments={
@@ -109,3 +110,56 @@ def test_control_without_the_fragment_neither_colour_shows(unlabelled: Desktop) 
     windows = open_windows(unlabelled)
     assert all(window["marks"] == [] for window in windows.values())
     assert colour_counts(unlabelled, None) == {"work": 0, "banking": 0}
+
+
+def press(desktop: Desktop, key: str) -> None:
+    """Ctrl+Shift+`key` on a virtual keyboard, as the user would press it."""
+    typed = desktop.run_as_user(
+        [need("wtype"), "-M", "ctrl", "-M", "shift", key, "-m", "shift", "-m", "ctrl"],
+        desktop.run,
+    )
+    assert typed.returncode == 0, typed.stderr
+    desktop.keyboard = desktop.new_keyboard()
+
+
+def test_the_clip_keys_act_only_on_the_focused_compartments_window() -> None:
+    """The fragment's Ctrl+Shift+C / Ctrl+Shift+V, pressed: the command runs for the compartment
+    whose window has the focus, not for the other, and not on a host window (the control).
+    The commands are the generated ones with `sudo -n qnix clip ACTION` made a `touch`, since
+    sway runs them as the test user."""
+    root = Path(tempfile.mkdtemp(prefix="qnix-keys-"))
+    ran = root / "home"
+    fragment = sway_fragment(WS)
+    for action in ("copy", "paste"):
+        fragment = fragment.replace(
+            f"exec sudo -n qnix clip {action} ", f"exec touch {ran}/{action}-"
+        )
+    assert fragment.count("exec touch") == 4
+    desktop = Desktop(root, fragment)
+    try:
+        open_windows(desktop)
+        desktop.spawn([need("foot"), "--app-id", "host", "-e", "sleep", "3600"], desktop.run)
+        desktop.window("host")
+        done: list[str] = []
+        for focused, action, key in (("work", "copy", "c"), ("banking", "paste", "v")):
+            focus = f'[app_id="{app_id_prefix(focused)}"] focus'
+            assert (
+                desktop.run_as_user(
+                    [need("swaymsg"), "-s", str(desktop.ipc), focus], desktop.run
+                ).returncode
+                == 0
+            )
+            press(desktop, key)
+            wait_for(lambda: (ran / f"{action}-{focused}").exists(), f"{action} {focused}")  # noqa: B023
+            done.append(f"{action}-{focused}")
+            time.sleep(0.5)
+            assert sorted(p.name for p in ran.glob("*-*")) == sorted(done)
+        # The control: on a host window the keys run nothing.
+        focus_host = '[app_id="^host$"] focus'
+        desktop.run_as_user([need("swaymsg"), "-s", str(desktop.ipc), focus_host], desktop.run)
+        press(desktop, "c")
+        press(desktop, "v")
+        time.sleep(0.5)
+        assert sorted(p.name for p in ran.glob("*-*")) == sorted(done)
+    finally:
+        desktop.close()
