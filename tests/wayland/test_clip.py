@@ -18,7 +18,7 @@ from tests.wayland.desktop import Desktop, wait_for
 SPEC = """\
 [host]
 hostname = "lab"
-subnet = "10.204.0.0/16"
+subnet = "10.216.0.0/16"
 
 [compartments.banking]
 label = "green"
