@@ -303,7 +303,8 @@ def install_pull_timer(root: Path = Path("/"), *, venv: Path = VENV) -> Outcome:
         )
         record_file.write_text(record.to_json())
     notes = []
-    if not under(root, UNIT_PATHS.state_root / "pull" / "trust.json").exists():
+    # The units' condition: what `qnix pull --init` writes.
+    if not under(root, Path(services.PULL_DIR) / "trust.json").exists():
         notes.append(
             "this host follows no fleet repository yet: the timer runs `qnix pull` once "
             "`qnix pull --init URL --host NAME --signers FILE` has set it up"
