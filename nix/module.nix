@@ -165,6 +165,38 @@
             "multi-user.target"
           ];
         };
+        qnix-pull = {
+          after = [
+            "network-online.target"
+            "qnix-boot.service"
+          ];
+          serviceConfig = {
+            CapabilityBoundingSet = [
+              "~CAP_AUDIT_CONTROL CAP_AUDIT_READ CAP_BLOCK_SUSPEND CAP_LEASE CAP_LINUX_IMMUTABLE CAP_MAC_ADMIN CAP_MAC_OVERRIDE CAP_SYS_BOOT CAP_SYS_MODULE CAP_SYS_PACCT CAP_SYS_RAWIO CAP_SYS_TIME CAP_SYS_TTY_CONFIG CAP_SYSLOG CAP_WAKE_ALARM"
+            ];
+            ExecStart = ("${config.systemd.package}/bin/systemd-run --scope --quiet --collect --property=Before=qnix-boot.service ${config.services.qnix.package}/bin/qnix pull");
+            LockPersonality = true;
+            NoNewPrivileges = true;
+            RestrictAddressFamilies = "AF_UNIX AF_NETLINK AF_INET AF_INET6 AF_PACKET AF_VSOCK";
+            RestrictRealtime = true;
+            RestrictSUIDSGID = true;
+            SystemCallArchitectures = "native";
+            SystemCallErrorNumber = "EPERM";
+            SystemCallFilter = [
+              "~@clock @cpu-emulation @obsolete @raw-io @reboot @swap"
+            ];
+            TimeoutStartSec = "30min";
+            Type = "oneshot";
+            UMask = "0077";
+          };
+          unitConfig = {
+            ConditionPathExists = "/var/lib/qnix/pull/trust.json";
+            Description = "qnix: follow the fleet repository (qnix pull)";
+          };
+          wants = [
+            "network-online.target"
+          ];
+        };
         qnix-received-append-only = {
           serviceConfig = {
             CapabilityBoundingSet = "CAP_LINUX_IMMUTABLE";
@@ -228,6 +260,19 @@
             "timers.target"
           ];
         };
+        qnix-pull = {
+          timerConfig = {
+            OnBootSec = "5min";
+            OnUnitActiveSec = "5min";
+            RandomizedDelaySec = "1min";
+          };
+          unitConfig = {
+            Description = "qnix: follow the fleet repository, every 5 minutes";
+          };
+          wantedBy = [
+            "timers.target"
+          ];
+        };
         qnix-received-append-only = {
           timerConfig = {
             OnBootSec = "1min";
@@ -254,7 +299,7 @@
   options = {
     services = {
       qnix = {
-        enable = (lib.mkEnableOption "the qnix services: boot, gc timer, host key, state folders");
+        enable = (lib.mkEnableOption "the qnix services: boot, gc and pull timers, host key, state folders");
         generation = (lib.mkOption {
           default = null;
           description = "A folder `qnix build` wrote (its manifest.json and the files it lists). When set, the boot unit runs `qnix boot --generation` on it at each boot: the generation is installed under /var/lib/qnix and the host brought to it, with no `qnix apply` by hand. The flake `qnix build` writes sets it to its own folder (`./.`). A switch to a new generation leaves the running compartments alone; the next boot, or `systemctl restart qnix-boot`, brings the host to it. Null: the generation `qnix apply` installed.";

@@ -10,6 +10,7 @@
   bubblewrap,
   btrfs-progs,
   e2fsprogs,
+  git,
   gnupg,
   iproute2,
   nftables,
@@ -75,6 +76,7 @@ python3Packages.buildPythonApplication {
       bubblewrap
       btrfs-progs
       e2fsprogs
+      git
       gnupg
       iproute2
       nftables

@@ -18,6 +18,16 @@ Each unit is hardened as far as its job allows, and no further:
   neither starts nor runs anything: only the capabilities and address families it uses.
 * `qnix-integrity` (AIDE against the baseline) and `qnix-host-key` (the host's age identity)
   touch only files: a read-only system, private everything, no network.
+* `qnix-pull` (its timer every few minutes, once `qnix pull --init` pinned a fleet repository's
+  signers) applies what it pulls, so it has the boot unit's needs and limits, which the
+  compartments it starts inherit. Those must outlive the pull, while a oneshot's leftover
+  processes are stopped with it: it runs `qnix pull` through `systemd-run --scope`, which
+  moves itself into a new transient scope and then becomes `qnix pull`, so every keeper the
+  pull starts lives in that scope, which ends with the last of them. The scope is ordered
+  before qnix-boot: at shutdown (and only then is it stopped) the boot unit's `qnix down` stops
+  every compartment first, the pulls' included, as it stops its own. On a host that is not
+  NixOS the pull units are put in place by `qnix pull --install-timer`, not `qnix install`:
+  only a desk of a fleet needs them.
 
 The audit log needs no unit: it is a file under the state root, which the tmpfiles rules make.
 There is no broker socket to activate: calls from a compartment are served by its keeper, and
@@ -40,7 +50,9 @@ from qnix.spec.model import RECEIVED_DIR
 Host = Literal["nixos", "other"]
 HOSTS: tuple[Host, ...] = ("nixos", "other")
 # The programs a unit runs, named by the renderer for its host (a store path on NixOS).
-Tool = Literal["qnix", "age-keygen"]
+Tool = Literal["qnix", "age-keygen", "systemd-run"]
+# Which command puts a unit in place on a host that is not NixOS.
+Installer = Literal["install", "pull"]
 
 STATE_ROOT = "/var/lib/qnix"
 RUN_ROOT = "/run/qnix"
@@ -50,6 +62,8 @@ HOST_IDENTITY = f"{CONFIG_DIR}/host.agekey"
 # qnix.runtime.integrity.INTEGRITY_FOLDER under the state root
 INTEGRITY_DIR = f"{STATE_ROOT}/integrity"
 AUDIT_DIR = f"{STATE_ROOT}/audit"
+# qnix.runtime.pull.PullFiles under the state root
+PULL_DIR = f"{STATE_ROOT}/pull"
 
 Value = str | int | bool | tuple[str, ...]
 
@@ -63,7 +77,15 @@ class ModuleOption:
     option: str
 
 
-Argument = str | ModuleOption
+@dataclass(frozen=True, slots=True)
+class Program:
+    """An argument that is the path of a program (a command run by another, as systemd-run
+    runs qnix)."""
+
+    tool: Tool
+
+
+Argument = str | ModuleOption | Program
 Command = tuple[Tool, tuple[Argument, ...]]
 
 # Capabilities no qnix unit uses: setting the clock, rebooting, loading modules (the kernel
@@ -107,6 +129,9 @@ HOST_FACING: dict[str, Value] = {
     "SystemCallErrorNumber": "EPERM",
     "SystemCallFilter": ("~@clock @cpu-emulation @obsolete @raw-io @reboot @swap",),
 }
+
+# What the runtime and the compartments talk: the boot unit's and the pull's.
+RUNTIME_FAMILIES = "AF_UNIX AF_NETLINK AF_INET AF_INET6 AF_PACKET AF_VSOCK"
 
 # Units that only read and write files.
 FILES_ONLY: dict[str, Value] = {
@@ -158,6 +183,8 @@ class Service:
     restart_on_switch: bool = True
     # Where the unit is installed; NixOS's own AIDE unit comes with the generated flake.
     hosts: tuple[Host, ...] = HOSTS
+    # On a host that is not NixOS: `qnix install` or `qnix pull --install-timer`.
+    installer: Installer = "install"
 
     @property
     def unit(self) -> str:
@@ -204,7 +231,7 @@ SERVICES: tuple[Service, ...] = (
         service={
             **HOST_FACING,
             "RemainAfterExit": True,
-            "RestrictAddressFamilies": "AF_UNIX AF_NETLINK AF_INET AF_INET6 AF_PACKET AF_VSOCK",
+            "RestrictAddressFamilies": RUNTIME_FAMILIES,
             "TimeoutStartSec": "5min",
             "Type": "oneshot",
         },
@@ -293,6 +320,40 @@ SERVICES: tuple[Service, ...] = (
         ),
         hosts=("other",),
     ),
+    Service(
+        name="qnix-pull",
+        description="qnix: follow the fleet repository (qnix pull)",
+        # The scope, not this unit, holds what the pull starts (the module docstring).
+        command=(
+            "systemd-run",
+            (
+                "--scope",
+                "--quiet",
+                "--collect",
+                "--property=Before=qnix-boot.service",
+                Program("qnix"),
+                "pull",
+            ),
+        ),
+        # Until `qnix pull --init` pinned the signers this host follows no repository.
+        conditions={"ConditionPathExists": f"{PULL_DIR}/trust.json"},
+        after=("network-online.target", "qnix-boot.service"),
+        wants=("network-online.target",),
+        service={
+            **HOST_FACING,
+            "RestrictAddressFamilies": RUNTIME_FAMILIES,
+            # A fetch, an apply and its health check, perhaps a roll-back: a stopped pull is
+            # put right by the next one (docs/fleet.md), but should not be cut short often.
+            "TimeoutStartSec": "30min",
+            "Type": "oneshot",
+        },
+        timer=Timer(
+            description="qnix: follow the fleet repository, every 5 minutes",
+            # Spread over a minute, so that a fleet's desks do not fetch at the same second.
+            settings={"OnBootSec": "5min", "OnUnitActiveSec": "5min", "RandomizedDelaySec": "1min"},
+        ),
+        installer="pull",
+    ),
 )
 
 # The folders the runtime and the units expect, root's alone (tmpfiles.d(5) lines).
@@ -305,8 +366,9 @@ TMPFILES_RULES = (
 TMPFILES_NAME = "qnix.conf"
 
 
-def services_for(host: Host) -> tuple[Service, ...]:
-    return tuple(s for s in SERVICES if host in s.hosts)
+def services_for(host: Host, installer: Installer | None = None) -> tuple[Service, ...]:
+    """The host's services; on a host that is not NixOS, those one installer puts in place."""
+    return tuple(s for s in SERVICES if host in s.hosts and installer in (None, s.installer))
 
 
 # ---- unit files ------------------------------------------------------------------------------
@@ -330,7 +392,8 @@ def _section(name: str, settings: Mapping[str, Value]) -> str:
 
 def _exec(tools: Mapping[Tool, str], command: Command) -> str:
     tool, args = command
-    return " ".join((tools[tool], *(a for a in args if isinstance(a, str))))
+    words = [tools[a.tool] if isinstance(a, Program) else a for a in args]
+    return " ".join((tools[tool], *(w for w in words if isinstance(w, str))))
 
 
 def _unit_section(service: Service, description: str) -> dict[str, Value]:
@@ -346,10 +409,11 @@ def _unit_section(service: Service, description: str) -> dict[str, Value]:
     return unit
 
 
-def unit_files(tools: Mapping[Tool, str]) -> dict[str, str]:
-    """The unit files of a non-NixOS host, by file name; `tools` maps each Tool to its path."""
+def unit_files(tools: Mapping[Tool, str], installer: Installer = "install") -> dict[str, str]:
+    """The unit files `installer` puts on a non-NixOS host, by file name; `tools` maps each
+    Tool their commands run to its path."""
     files: dict[str, str] = {}
-    for service in services_for("other"):
+    for service in services_for("other", installer):
         body: dict[str, Value] = {"ExecStart": _exec(tools, service.command)}
         if service.stop is not None:
             body["ExecStop"] = _exec(tools, service.stop)
@@ -374,10 +438,10 @@ def unit_files(tools: Mapping[Tool, str]) -> dict[str, str]:
     return files
 
 
-def enabled_units() -> tuple[str, ...]:
+def enabled_units(installer: Installer = "install") -> tuple[str, ...]:
     """What `systemctl enable` gets: services wanted at boot, and every timer."""
     names = []
-    for service in services_for("other"):
+    for service in services_for("other", installer):
         if service.wanted_by:
             names.append(service.unit)
         if service.timer is not None:
@@ -396,6 +460,8 @@ PACKAGE = Raw("config.services.qnix.package")
 NIX_TOOLS: dict[Tool, Raw] = {
     "qnix": Raw("${config.services.qnix.package}/bin/qnix"),
     "age-keygen": Raw("${pkgs.age}/bin/age-keygen"),
+    # The systemd the host runs: its scopes are that manager's.
+    "systemd-run": Raw("${config.systemd.package}/bin/systemd-run"),
 }
 
 
@@ -403,6 +469,8 @@ def _nix_argument(argument: Argument) -> str:
     """One argument inside the command's Nix string; a module option's only when set."""
     if isinstance(argument, str):
         return string(" " + argument)[1:-1]
+    if isinstance(argument, Program):
+        return " " + NIX_TOOLS[argument.tool].code
     option = f"config.{OPTION}.{argument.option}"
     flag = string(" " + argument.flag + " ")[1:-1]
     return f'${{lib.optionalString ({option} != null) "{flag}${{{option}}}"}}'
@@ -477,7 +545,7 @@ def nixos_module() -> Function:
     options: dict[str, NixValue] = {
         "enable": Call(
             Raw("lib.mkEnableOption"),
-            "the qnix services: boot, gc timer, host key, state folders",
+            "the qnix services: boot, gc and pull timers, host key, state folders",
         ),
         "package": Call(
             Raw("lib.mkOption"),

@@ -101,7 +101,8 @@ PRE_RECEIVE_TEXT = """\
 # allowed_signers of its first parent: for the first new commit the branch's old tip, then the
 # commit before. A change of the signers lands only when a key trusted before it signed it.
 # A first commit (no parent) is verified against the allowed_signers beside this hook, or the
-# file QNIX_ROOT_SIGNERS names. Deleting a ref is refused.
+# file QNIX_ROOT_SIGNERS names. Deleting a ref is refused, and so is a force-push: a ref moved
+# to a commit that does not have its old one in its history (qnix pull would refuse it too).
 #
 #   pre-receive                  as git runs it: "OLD NEW REF" lines on stdin
 #   pre-receive --range OLD NEW  the same check of OLD..NEW (CI); OLD of zeros: all of NEW
@@ -154,8 +155,13 @@ if [ "${1:-}" = "--range" ]; then
     exit 0
 fi
 
-while read -r _old new ref; do
+while read -r old new ref; do
     [ "$new" != "$zero" ] || refuse "$ref: deleting a ref is not taken"
+    # A rewritten or rewound branch, even one of signed commits only, is not taken: what the
+    # desks deployed stays in the history they follow.
+    if [ "$old" != "$zero" ] && ! git merge-base --is-ancestor "$old" "$new" 2>/dev/null; then
+        refuse "$ref: $new is not a fast-forward of $old (a force-push)"
+    fi
     # The commits of NEW the repository does not hold yet (the refs are not updated yet).
     commits=$(git rev-list --reverse --topo-order "$new" --not --all)
     # shellcheck disable=SC2086 # one commit id a word

@@ -14,6 +14,9 @@ which puts in place, under `root` (`/`, or a folder that stands for it, as
   there already (init writes it for the live generation, which is what the baseline has);
 * the host's age identity /etc/qnix/host.agekey (0400), made when missing.
 
+`qnix pull --install-timer` adds the pull units (qnix-pull.service and its timer) on a desk
+that follows a fleet repository, and records them in the same file.
+
 VENV/installed.json records what install made, so that uninstall removes exactly that, the
 virtual environment last. The state root stays unless `purge`; so does a host identity install
 made while the state root holds files other than install's own (the age copies of the
@@ -237,6 +240,75 @@ def install(root: Path = Path("/"), *, venv: Path = VENV, spec: Path | None = No
     if spec is None:
         notes.append("no --spec: no rsyslog forwarding and no AIDE configuration were written")
     notes.append("`qnix integrity init` records the AIDE baseline the daily check compares with")
+    return Outcome(tuple(done), tuple(notes))
+
+
+def timer_commands(root: Path, running: bool, timers: tuple[str, ...]) -> list[list[str]]:
+    """The systemctl commands that enable (and, with systemd running, start) `timers` whose
+    units were just written under `root`."""
+    systemctl = require_tool("systemctl", "systemd")
+    if running:
+        return [[systemctl, "daemon-reload"], [systemctl, "enable", "--now", *timers]]
+    # Offline: only the links, in root's /etc/systemd/system (as install enables its units).
+    return [[systemctl, f"--root={root}", "--quiet", "enable", *timers]]
+
+
+def install_pull_timer(root: Path = Path("/"), *, venv: Path = VENV) -> Outcome:
+    """qnix-pull.service and .timer (qnix.compile.services) in /etc/systemd/system, the timer
+    enabled and started, both added to install's record so that `qnix uninstall` removes
+    them. On the host itself systemd must be running: the pull's compartments live in scopes
+    its manager makes."""
+    running = systemd_running(root)
+    if root == Path("/") and not running:
+        raise QnixError(
+            "systemd is not running here: the pull timer needs it as the service manager",
+            hint="on a host booted with systemd run this again; until then run `qnix pull` "
+            "by hand or from another scheduler (docs/fleet.md)",
+        )
+    venv_dir = under(root, venv)
+    record_file = venv_dir / RECORD_NAME
+    if not record_file.exists():
+        raise QnixError(
+            f"qnix is not installed at {venv_dir} (no {RECORD_NAME})",
+            hint="`make install` first: the pull timer goes beside its units",
+        )
+    record = Record(**json.loads(record_file.read_text()))
+    tools: dict[services.Tool, str] = {
+        "qnix": str(venv / "bin" / "qnix"),
+        "systemd-run": require_tool("systemd-run", "systemd"),
+    }
+    files = services.unit_files(tools, "pull")
+    timers = services.enabled_units("pull")
+    if any(str(under(root, UNIT_DIR / name)) in record.files for name in files):
+        raise QnixError(
+            "the pull timer is already installed",
+            hint="`qnix uninstall` removes it with the rest of qnix",
+        )
+    done: list[str] = []
+    unit_dir = under(root, UNIT_DIR)
+    before = {p for p in unit_dir.iterdir() if p.is_dir()}
+    try:
+        for name, text in sorted(files.items()):
+            _write(root, UNIT_DIR / name, text, 0o644, record)
+            done.append(f"wrote {UNIT_DIR / name}")
+        record.units += timers
+        for command in timer_commands(root, running, timers):
+            run(command, timeout=300)
+        done.append(("enabled and started " if running else "enabled ") + " ".join(timers))
+    finally:
+        # The .wants folder enable made, if it was not there; and the record, also after a
+        # failure, so that `qnix uninstall` removes what was made.
+        record.folders += sorted(
+            str(p) for p in unit_dir.iterdir() if p.is_dir() and p not in before
+        )
+        record_file.write_text(record.to_json())
+    notes = []
+    # The units' condition: what `qnix pull --init` writes.
+    if not under(root, Path(services.PULL_DIR) / "trust.json").exists():
+        notes.append(
+            "this host follows no fleet repository yet: the timer runs `qnix pull` once "
+            "`qnix pull --init URL --host NAME --signers FILE` has set it up"
+        )
     return Outcome(tuple(done), tuple(notes))
 
 

@@ -35,6 +35,7 @@ AIMS = {
     "qnix-gc.service": "MEDIUM",
     "qnix-host-key.service": "OK",
     "qnix-integrity.service": "OK",
+    "qnix-pull.service": "MEDIUM",  # it starts compartments, as boot does
 }
 _OVERALL = re.compile(r"Overall exposure level for (\S+): ([0-9.]+) ([A-Z]+)")
 
@@ -43,7 +44,12 @@ def real_tools() -> dict[services.Tool, str]:
     """Programs that exist here, so that `verify` checks the command lines for real."""
     qnix = Path(sys.executable).with_name("qnix")  # this checkout's, beside the interpreter
     assert qnix.is_file()
-    return {"qnix": str(qnix), "age-keygen": need("age-keygen")}
+    return {"qnix": str(qnix), "age-keygen": need("age-keygen"), "systemd-run": need("systemd-run")}
+
+
+def every_unit_file(tools: dict[services.Tool, str]) -> dict[str, str]:
+    """What `qnix install` and `qnix pull --install-timer` put in place, together."""
+    return {**services.unit_files(tools), **services.unit_files(tools, "pull")}
 
 
 def write_units(folder: Path, files: dict[str, str]) -> list[Path]:
@@ -75,7 +81,7 @@ def exposure(unit: Path) -> tuple[float, str]:
 
 
 def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
-    paths = write_units(tmp_path, services.unit_files(real_tools()))
+    paths = write_units(tmp_path, every_unit_file(real_tools()))
     assert sorted(p.name for p in paths) == [
         "qnix-audit-seal.service",
         "qnix-audit-seal.timer",
@@ -85,6 +91,8 @@ def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         "qnix-host-key.service",
         "qnix-integrity.service",
         "qnix-integrity.timer",
+        "qnix-pull.service",
+        "qnix-pull.timer",
         "qnix-received-append-only.service",
         "qnix-received-append-only.timer",
     ]
@@ -99,6 +107,12 @@ def test_verify_catches_a_command_that_is_not_there(tmp_path: Path) -> None:
     result = verify(paths)
     assert result.returncode != 0
     assert "no-such-qnix is not executable" in result.stderr
+    # The pull's command is systemd-run's, checked the same way.
+    tools = {**real_tools(), "systemd-run": str(tmp_path / "no-such-systemd-run")}
+    paths = write_units(tmp_path / "pull", services.unit_files(tools, "pull"))
+    result = verify(paths)
+    assert result.returncode != 0
+    assert "no-such-systemd-run is not executable" in result.stderr
 
 
 def unhardened(text: str) -> str:
@@ -110,7 +124,7 @@ def unhardened(text: str) -> str:
 def test_each_unit_reaches_the_exposure_its_job_allows(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    files = services.unit_files(real_tools())
+    files = every_unit_file(real_tools())
     hardened = write_units(tmp_path / "hardened", files)
     bare = write_units(
         tmp_path / "bare", {n: unhardened(t) for n, t in files.items() if n.endswith(".service")}
@@ -172,12 +186,69 @@ def test_the_unit_files_are_exactly_the_table() -> None:
         "qnix-received-append-only.timer",
         "qnix-integrity.timer",
     )
+    assert services.enabled_units("pull") == ("qnix-pull.timer",)
     assert services.tmpfiles_conf() == (
         "d /etc/qnix 0700 root root -\n"
         "d /var/lib/qnix 0700 root root -\n"
         "d /var/lib/qnix/audit 0700 root root -\n"
         "d /run/qnix 0700 root root -\n"
     )
+
+
+PULL_SERVICE = """\
+[Unit]
+Description=qnix: follow the fleet repository (qnix pull)
+Wants=network-online.target
+After=network-online.target qnix-boot.service
+ConditionPathExists=/var/lib/qnix/pull/trust.json
+
+[Service]
+ExecStart=/usr/bin/systemd-run --scope --quiet --collect --property=Before=qnix-boot.service \
+/opt/qnix/bin/qnix pull
+CapabilityBoundingSet=~CAP_AUDIT_CONTROL CAP_AUDIT_READ CAP_BLOCK_SUSPEND CAP_LEASE \
+CAP_LINUX_IMMUTABLE CAP_MAC_ADMIN CAP_MAC_OVERRIDE CAP_SYS_BOOT CAP_SYS_MODULE CAP_SYS_PACCT \
+CAP_SYS_RAWIO CAP_SYS_TIME CAP_SYS_TTY_CONFIG CAP_SYSLOG CAP_WAKE_ALARM
+LockPersonality=yes
+NoNewPrivileges=yes
+RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6 AF_PACKET AF_VSOCK
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+SystemCallErrorNumber=EPERM
+SystemCallFilter=~@clock @cpu-emulation @obsolete @raw-io @reboot @swap
+TimeoutStartSec=30min
+Type=oneshot
+UMask=0077
+"""
+PULL_TIMER = """\
+[Unit]
+Description=qnix: follow the fleet repository, every 5 minutes
+
+[Timer]
+OnBootSec=5min
+OnUnitActiveSec=5min
+RandomizedDelaySec=1min
+
+[Install]
+WantedBy=timers.target
+"""
+PULL_TOOLS: dict[services.Tool, str] = {
+    "qnix": "/opt/qnix/bin/qnix",
+    "systemd-run": "/usr/bin/systemd-run",
+}
+
+
+def test_the_pull_units_are_exactly_the_table() -> None:
+    """The pull runs in a scope of its own (systemd-run --scope), so the keepers it starts
+    outlive this oneshot; the scope is stopped after qnix-boot at shutdown."""
+    assert services.unit_files(PULL_TOOLS, "pull") == {
+        "qnix-pull.service": PULL_SERVICE,
+        "qnix-pull.timer": PULL_TIMER,
+    }
+    # `qnix install` leaves them out: only a desk of a fleet needs them.
+    assert not [
+        name for name in services.unit_files({**PULL_TOOLS, "age-keygen": "/a"}) if "pull" in name
+    ]
 
 
 # ---- the NixOS module and the root flake -----------------------------------------------------
@@ -227,6 +298,7 @@ import {render(str(ROOT / services.MODULE_FILE))} {{
     package = {{ outPath = "pkg:qnix"; }};
     generation = {render(generation)};
   }};
+  config.systemd.package = {{ outPath = "pkg:systemd"; }};
 }}
 """
     )
@@ -243,6 +315,7 @@ def nix_expected(value: Any, generation: str | None = None) -> Any:
             value.code[1:-1]
             .replace("${config.services.qnix.package}", "pkg:qnix")
             .replace("${pkgs.age}", "pkg:age")
+            .replace("${config.systemd.package}", "pkg:systemd")
             .replace(
                 OPTIONAL_GENERATION, "" if generation is None else f" --generation {generation}"
             )
@@ -276,8 +349,19 @@ def test_the_module_evaluates_to_the_table(tmp_path: Path) -> None:
         "qnix-boot",
         "qnix-gc",
         "qnix-host-key",
+        "qnix-pull",
         "qnix-received-append-only",
     ]
+    pull = module["config"]["systemd"]["services"]["qnix-pull"]["serviceConfig"]
+    assert pull["ExecStart"] == (
+        "pkg:systemd/bin/systemd-run --scope --quiet --collect"
+        " --property=Before=qnix-boot.service pkg:qnix/bin/qnix pull"
+    )
+    assert module["config"]["systemd"]["timers"]["qnix-pull"]["timerConfig"] == {
+        "OnBootSec": "5min",
+        "OnUnitActiveSec": "5min",
+        "RandomizedDelaySec": "1min",
+    }
 
 
 def test_with_a_generation_the_boot_unit_boots_from_it(tmp_path: Path) -> None:
@@ -444,7 +528,7 @@ let
     platforms.linux = [ "linux" ];
   }};
   tools = builtins.listToAttrs (map (name: {{ inherit name; value = "/pkg/" + name; }}) [
-    "age" "aide" "bubblewrap" "btrfs-progs" "e2fsprogs" "gnupg" "iproute2" "nftables" "openssh"
+    "age" "aide" "bubblewrap" "btrfs-progs" "e2fsprogs" "git" "gnupg" "iproute2" "nftables" "openssh"
     "pass" "procps" "util-linux"
   ]);
   package = import {render(str(ROOT / "nix" / "package.nix"))} (tools // {{
@@ -477,5 +561,5 @@ def test_the_package_takes_every_dependency_of_pyproject_from_nixpkgs(tmp_path: 
     assert set(package["pythonRelaxDeps"]) <= required
     path = package["makeWrapperArgs"]
     assert path[:3] == ["--prefix", "PATH", ":"]
-    tools = {"bubblewrap", "nftables", "iproute2", "age", "aide", "util-linux"}
+    tools = {"bubblewrap", "nftables", "iproute2", "age", "aide", "util-linux", "git"}
     assert {f"/pkg/{tool}/bin" for tool in tools} <= set(path[3].split(":"))

@@ -1,7 +1,7 @@
 """`qnix fleet init`: a starter repository that `qnix fleet check` and `build` take; its
 workflow valid against the GitHub workflow schema (check-jsonschema); its pre-receive hook, in a
-real bare repository, refusing an unsigned push, a push signed by an unknown key and a signers
-change signed only by the new key, each next to the signed push that lands."""
+real bare repository, refusing an unsigned push, a push signed by an unknown key, a signers
+change signed only by the new key and a force-push, each next to the signed push that lands."""
 
 from __future__ import annotations
 
@@ -258,6 +258,37 @@ def test_deleting_the_branch_is_refused(fleet: Fleet) -> None:
     assert refused.returncode != 0
     assert "refs/heads/main: deleting a ref is not taken" in refused.stderr
     assert fleet.served() == before
+
+
+def test_a_force_push_is_refused_even_when_every_commit_is_signed(
+    fleet: Fleet, keys: dict[str, tuple[Path, str]]
+) -> None:
+    admin_key = keys["admin"][0]
+    base = fleet.served()
+    fleet.commit("a change", admin_key)
+    assert fleet.push().returncode == 0
+    served = fleet.served()
+    # History rewritten: a signed commit beside the served one.
+    fleet.git("reset", "--quiet", "--hard", base)
+    rewritten = fleet.commit("the change, rewritten", admin_key)
+    refused = fleet.git("push", "--quiet", "--force", str(fleet.bare), "HEAD:main", check=False)
+    assert refused.returncode != 0
+    assert (
+        f"qnix: refused: refs/heads/main: {rewritten} is not a fast-forward of {served}"
+        " (a force-push)"
+    ) in refused.stderr
+    assert fleet.served() == served
+    # The branch rewound to a commit it had: no new commit to verify, refused all the same.
+    rewound = fleet.git("push", "--quiet", "--force", str(fleet.bare), f"{base}:main", check=False)
+    assert rewound.returncode != 0
+    assert f"refs/heads/main: {base} is not a fast-forward of {served}" in rewound.stderr
+    assert fleet.served() == served
+    # The control: a signed commit on top of the served one lands.
+    fleet.reset_to_served()
+    on_top = fleet.commit("on top", admin_key)
+    landed = fleet.push()
+    assert landed.returncode == 0, landed.stderr
+    assert fleet.served() == on_top
 
 
 def test_a_first_push_needs_the_pinned_signers_beside_the_hook(

@@ -1,11 +1,13 @@
 """`qnix install` / `qnix uninstall` into a folder that stands for / (`--root`, as systemctl
 takes one), with the real systemctl, systemd-tmpfiles and age-keygen: what lands where, and
-that uninstall leaves the tree as it found it."""
+that uninstall leaves the tree as it found it; `qnix pull --install-timer` the same way, and
+its refusal where systemd is not running."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +15,9 @@ from qnix.compile import services
 from qnix.compile.aide import aide_config
 from qnix.compile.inputs import load
 from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
-from qnix.runner import run
+from qnix.errors import QnixError
+from qnix.runner import Result, run
+from qnix.runtime import install as install_module
 from tests.conftest import EXAMPLES, need
 from tests.install.support import QNIX, listing
 
@@ -274,3 +278,95 @@ def test_uninstall_cleans_up_after_an_install_that_failed_half_way(root: Path) -
     assert sorted(set(before) - set(after)) == ["drwxr-xr-x /opt/qnix"]  # listed one deep
     assert [line for line in after if line not in before] == []
     assert (root / "etc/qnix").read_text() == "not a folder\n"
+
+
+# ---- qnix pull --install-timer ---------------------------------------------------------------
+
+
+def test_the_pull_timer_goes_beside_install_and_leaves_with_uninstall(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = listing(root, skip="/nowhere")
+    installed(root)
+    ran: list[tuple[str, ...]] = []
+
+    def recorded(argv: list[str], **options: Any) -> Result:
+        ran.append(tuple(argv))
+        return run(argv, **options)
+
+    monkeypatch.setattr(install_module, "run", recorded)
+    outcome = install_module.install_pull_timer(root)
+
+    tools: dict[services.Tool, str] = {
+        "qnix": "/opt/qnix/bin/qnix",
+        "systemd-run": need("systemd-run"),
+    }
+    units = root / "etc/systemd/system"
+    for name, text in services.unit_files(tools, "pull").items():
+        assert (units / name).read_text() == text
+        assert (units / name).stat().st_mode & 0o777 == 0o644
+    # Under a root systemd is not running: the link only, made offline.
+    assert ran == [(need("systemctl"), f"--root={root}", "--quiet", "enable", "qnix-pull.timer")]
+    assert (units / "timers.target.wants/qnix-pull.timer").readlink() == Path(
+        "/etc/systemd/system/qnix-pull.timer"
+    )
+    assert outcome.done == (
+        "wrote /etc/systemd/system/qnix-pull.service",
+        "wrote /etc/systemd/system/qnix-pull.timer",
+        "enabled qnix-pull.timer",
+    )
+    assert outcome.notes == (
+        "this host follows no fleet repository yet: the timer runs `qnix pull` once "
+        "`qnix pull --init URL --host NAME --signers FILE` has set it up",
+    )
+    with pytest.raises(QnixError, match="the pull timer is already installed"):
+        install_module.install_pull_timer(root)
+
+    # uninstall reads install's record, which now lists the pull units too.
+    result = qnix("uninstall", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "removed /etc/systemd/system/qnix-pull.timer" in result.stdout.splitlines()
+    assert listing(root, skip="/nowhere") == before
+
+
+def test_on_a_running_systemd_the_timer_is_loaded_and_started() -> None:
+    """What `qnix pull --install-timer` runs on a booted systemd host (not this one): the
+    manager reloads the new units, then the timer is enabled and started in one call."""
+    systemctl = need("systemctl")
+    assert install_module.timer_commands(Path("/"), True, ("qnix-pull.timer",)) == [
+        [systemctl, "daemon-reload"],
+        [systemctl, "enable", "--now", "qnix-pull.timer"],
+    ]
+
+
+def test_the_pull_timer_is_refused_without_systemd_or_before_install(root: Path) -> None:
+    # This host was not booted with systemd (no /run/systemd/system): refused, nothing written.
+    assert not Path("/run/systemd/system").exists()
+    refused = qnix("pull", "--install-timer")
+    assert (refused.returncode, refused.stdout, refused.stderr) == (
+        1,
+        "",
+        "error: systemd is not running here: the pull timer needs it as the service manager\n"
+        "  hint: on a host booted with systemd run this again; until then run `qnix pull` by "
+        "hand or from another scheduler (docs/fleet.md)\n",
+    )
+    # Under a root, without `qnix install` first: nothing to put it beside.
+    before = listing(root, skip="/nowhere")
+    early = qnix("pull", "--install-timer", "--root", str(root))
+    assert early.returncode == 1
+    assert early.stderr == (
+        f"error: qnix is not installed at {root}/opt/qnix (no installed.json)\n"
+        "  hint: `make install` first: the pull timer goes beside its units\n"
+    )
+    assert listing(root, skip="/nowhere") == before
+    # The CLI under a root does what the function above does.
+    installed(root)
+    done = qnix("pull", "--install-timer", "--root", str(root))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:3] == [
+        "wrote /etc/systemd/system/qnix-pull.service",
+        "wrote /etc/systemd/system/qnix-pull.timer",
+        "enabled qnix-pull.timer",
+    ]
+    assert qnix("uninstall", "--root", str(root)).returncode == 0
+    assert listing(root, skip="/nowhere") == before

@@ -1,13 +1,15 @@
 """`qnix pull` on two stand-in hosts from a fleet repository served by `git daemon` on
 127.0.0.1: a signed change lands on both; unsigned, unlisted-key, buried-unsigned,
 force-pushed and self-signed-signers changes are refused with nothing applied (each with its
-control: the same change properly signed lands); a change that breaks `apply` is rolled back;
-a pull killed at any point and run again leaves the old or the new generation."""
+control: the same change properly signed lands); a change that breaks `apply`, and one that
+applies but fails the health check, are rolled back; a pull killed at any point and run again
+leaves the old or the new generation."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -19,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from qnix.runtime import cgroups
 from tests.conftest import need
 from tests.runtime.gitserver import GitServer, ssh_key
 from tests.runtime.livehost import QNIX, LiveHost
@@ -36,13 +39,18 @@ def age_key(folder: Path, name: str) -> tuple[Path, str]:
     return identity, recipient
 
 
-def fleet_toml(declared_key: str, extras: tuple[str, ...] = (), broken: bool = False) -> str:
+def fleet_toml(
+    declared_key: str, extras: tuple[str, ...] = (), broken: bool = False, doomed: bool = False
+) -> str:
     """Two desks of one role; `extras`: more compartments (a change); `broken`: an autostart
-    compartment with a secret for a key the hosts do not hold (apply fails starting it)."""
+    compartment with a secret for a key the hosts do not hold (apply fails starting it);
+    `doomed`: one more autostart compartment (the health check test ends it)."""
     text = '[fleet]\nname = "lab"\n\n[roles.desk.host]\nsubnet = "10.208.0.0/16"\n\n'
     text += "[roles.desk.compartments.work]\nautostart = true\nmemory_mb = 128\n\n"
     for extra in extras:
         text += f"[roles.desk.compartments.{extra}]\nmemory_mb = 64\n\n"
+    if doomed:
+        text += "[roles.desk.compartments.doomed]\nautostart = true\nmemory_mb = 64\n\n"
     if broken:
         text += (
             "[roles.desk.compartments.locked]\nautostart = true\nmemory_mb = 64\n"
@@ -313,6 +321,80 @@ def test_a_change_that_breaks_apply_is_rolled_back(fleet: Fleet) -> None:
         "# TYPE qnix_pull_last_run_timestamp_seconds gauge\n"
         f"qnix_pull_last_run_timestamp_seconds {status['time']}\n"
     )
+
+
+def started(host: LiveHost, name: str) -> bool:
+    """Whether the audit log has `name`'s successful start (read while qnix writes it: a last
+    line not whole yet is left for the next look)."""
+    for line in host.paths.audit_log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if (entry["event"], entry.get("compartment"), entry.get("result")) == (
+                "start",
+                name,
+                "ok",
+            ):
+                return True
+    return False
+
+
+def test_a_change_that_fails_the_health_check_is_rolled_back(fleet: Fleet) -> None:
+    """The change applies: its new autostart compartment starts. But it does not stay running,
+    as a compartment whose program dies right after its start: once the pull recorded the
+    start, the pull is held (SIGSTOP), every process of the compartment is killed, its keeper
+    tears the run down, and the pull goes on to its health check, which finds the compartment
+    stopped. The deployed generation is applied again, and drift is clean."""
+    host = fleet.hosts["lab-a"]
+    start = fleet.at_deployed()
+    before = fleet.compartments()
+    generation = fleet.trust()["generation"]
+    extras = tuple(c for c in before if c != "work")
+    assert not started(host, "doomed")
+    text = fleet_toml(fleet.declared_key, extras, doomed=True)
+    tip = fleet.server.commit({"fleet.toml": text}, "a compartment that will not stay", fleet.admin)
+    fleet.server.publish()
+    pulling = subprocess.Popen(
+        [QNIX, "pull"], env=host.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not started(host, "doomed"):
+            assert pulling.poll() is None, pulling.communicate()
+            assert time.monotonic() < deadline, "the pull never started the compartment"
+            time.sleep(0.002)
+        pulling.send_signal(signal.SIGSTOP)
+        cgroups.kill(cgroups.cgroup_of(host.paths.cgroup_name("doomed"), cgroups.detect()))
+        while host.paths.run_dir("doomed").exists():  # its keeper's teardown
+            assert time.monotonic() < deadline, "the keeper did not tear the run down"
+            time.sleep(0.01)
+    finally:
+        pulling.send_signal(signal.SIGCONT)
+    stdout, stderr = pulling.communicate(timeout=300)
+    assert pulling.returncode == 1, stdout + stderr
+    reason = (
+        "health check: 1 difference(s) from the generation: "
+        "compartment doomed: expected running, found stopped"
+    )
+    assert stderr.endswith(f"rolled-back {tip[:12]}: {reason}\n"), stderr
+    assert fleet.compartments() == before
+    assert host.ok("drift") == NO_DRIFT
+    assert (fleet.trust()["commit"], fleet.trust()["generation"]) == (start, generation)
+    installed = json.loads((host.paths.installed_dir / "manifest.json").read_text())
+    assert installed["generation"] == generation
+    entry = fleet.events("pull.rolled-back")[-1]
+    assert (entry["commit"], entry["deployed"], entry["reason"]) == (tip, start, reason)
+    assert "result" not in entry  # the roll-back itself went well
+    status = fleet.status()
+    assert (status["outcome"], status["commit"], status["deployed"], status["reason"]) == (
+        "rolled-back",
+        tip,
+        start,
+        reason,
+    )
+    metrics = (host.paths.state_root / "pull" / "metrics.prom").read_text()
+    assert f'qnix_pull_deployment_info{{commit_id="{start}",status="failed"}} 1\n' in metrics
+    assert "qnix_pull_last_deployment_failed 1\n" in metrics
+    assert os.path.exists(host.paths.state_dir("doomed"))  # its home stays, as apply keeps it
 
 
 def test_a_pull_killed_at_any_point_ends_at_the_old_or_the_new_generation(fleet: Fleet) -> None:
