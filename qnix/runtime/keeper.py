@@ -20,6 +20,9 @@ nothing of the broker). The keeper
    of the compartment, SIGKILL after a grace period, removes the cgroup and the compartment's
    run folder (for a disposable also its nft elements, link and namespace), and exits.
 
+A compartment on the spec's overlay also gets nebula in its network namespace, started before
+the sandbox and ended after it (qnix.runtime.nebula).
+
 bubblewrap runs with --die-with-parent (systemd-nspawn and a container's first process with a
 parent-death signal): if the keeper is killed outright (SIGKILL), the compartment dies with it,
 and `qnix gc` removes the cgroup and files it leaves behind.

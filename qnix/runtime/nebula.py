@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -53,6 +55,7 @@ CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger("qnix.run")
 
 
 def ca_folder(paths: RuntimePaths) -> Path:
@@ -181,6 +184,8 @@ def start(folder: Path, netns_path: str) -> Running:
     """nebula in the namespace at `netns_path`, from `folder`; returns once its interface is
     up (QnixError with its last words if it ends or takes too long)."""
     argv = nebula_argv()
+    # What --debug shows, as `ip netns exec` would run it by hand.
+    log.debug("$ (cd %s && nsenter --net=%s %s)", folder, netns_path, shlex.join(argv))
     netns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         process = subprocess.Popen(

@@ -178,6 +178,7 @@ def test_a_compartment_is_signed_with_its_address_and_groups_and_nothing_else(
         "-out-key",
         f"{folder}/host.key",
     ]
+    assert nebula.nebula_argv() == [shutil.which("nebula"), "-config", "config.yml"]
     assert nebula.prepare(paths, ws, "work", run_dir) == folder
     assert sorted(p.name for p in folder.iterdir()) == [
         "ca.crt",
