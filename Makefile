@@ -10,6 +10,8 @@ STAMP     := $(VENV)/.installed
 SYSTEM_PACKAGES := bubblewrap nftables libnftables1 nix-bin age graphviz iproute2 systemd-container python3-venv \
                    gnupg openssh-client pass rsyslog rsyslog-gnutls rsyslog-relp aide btrfs-progs busybox-static cpio \
                    openssl e2fsprogs git
+# Remote access per compartment: nebula and nebula-cert (docs/fleet.md).
+SYSTEM_PACKAGES += nebula
 # GUI compartments: the Wayland filter reads the protocol files (libwayland-dev ships
 # wayland.xml); its tests run sway headless and attack it with grim, wtype and wl-clipboard,
 # and open GTK4 windows (GTK4's introspection for the system's python3).

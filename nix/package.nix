@@ -13,6 +13,7 @@
   git,
   gnupg,
   iproute2,
+  nebula,
   nftables,
   openssh,
   pass,
@@ -79,6 +80,7 @@ python3Packages.buildPythonApplication {
       git
       gnupg
       iproute2
+      nebula
       nftables
       openssh
       pass

@@ -17,6 +17,7 @@ from qnix import __version__
 from qnix.compile import nft, openings
 from qnix.compile.nix.flake import render_nix_files
 from qnix.compile.nix.modules import secret_file
+from qnix.compile.overlay import overlay_files
 from qnix.compile.policy import policy_files
 from qnix.compile.rsyslog import AUDIT_LOG, rsyslog_config
 from qnix.spec.load import LoadedSpec
@@ -102,6 +103,7 @@ def compile_spec(loaded: LoadedSpec) -> Artifacts:
     texts.update(render_nix_files(ws, nft.render_table_body(ws, opened)))
     texts[RULESET] = nft.render_ruleset(ws, opened)
     texts.update(policy_files(ws.policy.rules, loaded.policy_files))
+    texts.update(overlay_files(ws))
     forwarding = rsyslog_config(ws, AUDIT_LOG)
     if forwarding:
         texts[RSYSLOG_CONF] = forwarding

@@ -42,6 +42,7 @@ from qnix.audit import events
 from qnix.compile import names
 from qnix.compile.artifacts import MANIFEST
 from qnix.compile.nft import TABLE
+from qnix.compile.overlay import NEBULA_DEV
 from qnix.errors import QnixError
 from qnix.runner import require_tool, run
 from qnix.runtime.backends import vm
@@ -183,6 +184,8 @@ def _link_differences(
     allowed = {"lo"} | ({COMPARTMENT_IFNAME} if compartment.network != NETWORK_NONE else set())
     if compartment.isolation == vm.ISOLATION and compartment.network != NETWORK_NONE:
         allowed.add(vm.TAP_IFNAME)  # a running VM's, joined to the veth's inner end
+    if compartment.overlay is not None and ws.overlay is not None:
+        allowed.add(NEBULA_DEV)  # its overlay's, while its keeper runs nebula
     for stray in sorted(inside.keys() - allowed):
         yield Difference("link", f"{netns}:{stray}", None, PRESENT)
     if compartment.network == NETWORK_NONE:

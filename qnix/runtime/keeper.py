@@ -20,6 +20,9 @@ nothing of the broker). The keeper
    of the compartment, SIGKILL after a grace period, removes the cgroup and the compartment's
    run folder (for a disposable also its nft elements, link and namespace), and exits.
 
+A compartment on the spec's overlay also gets nebula in its network namespace, started before
+the sandbox and ended after it (qnix.runtime.nebula).
+
 bubblewrap runs with --die-with-parent (systemd-nspawn and a container's first process with a
 parent-death signal): if the keeper is killed outright (SIGKILL), the compartment dies with it,
 and `qnix gc` removes the cgroup and files it leaves behind.
@@ -44,11 +47,11 @@ from pathlib import Path
 from types import FrameType
 
 from qnix.errors import QnixError
-from qnix.runtime import agent, bytecode, cgroups, secrets, vmlink, waylandproxy
+from qnix.runtime import agent, bytecode, cgroups, nebula, secrets, vmlink, waylandproxy
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends import namespace as ns
 from qnix.runtime.files import atomic_write
-from qnix.runtime.live import KEEPER_MAIN, READY_TIMEOUT, KeeperConfig
+from qnix.runtime.live import KEEPER_MAIN, READY_TIMEOUT, KeeperConfig, live_workstation
 from qnix.runtime.net import COMPARTMENT_IFNAME, HostNetwork
 from qnix.runtime.paths import CALL_DIR_INSIDE, CALL_SOCKET_NAME, RuntimePaths, call_dir
 from qnix.runtime.quickrun import process_start_time
@@ -132,6 +135,18 @@ def _end_gui(process: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _start_overlay(config: KeeperConfig) -> nebula.Running | None:
+    """The compartment's overlay identity (nebula in its network namespace), if the live
+    generation gives it one; started before the compartment, ended after it."""
+    if config.template is not None:  # a disposable has no identity of its own
+        return None
+    paths = config.runtime_paths()
+    ws = live_workstation(paths)
+    if ws is None:
+        return None
+    return nebula.start_for(paths, ws, config.name, Path(config.run_dir), config.netns_path)
 
 
 class _Stop:
@@ -642,6 +657,7 @@ def keep(
     stop = _Stop()
     cgroup: cgroups.Cgroup | None = None
     gui: subprocess.Popen[bytes] | None = None
+    overlay: nebula.Running | None = None
     try:
         if owner is None and config.owner_pid is not None:
             owner = os.pidfd_open(config.owner_pid)
@@ -654,6 +670,7 @@ def keep(
         # once the compartment runs.
         call_listener = listen_for_calls(call_dir(config.run_dir), config.host_gid)
         gui = _start_gui(config, stop)
+        overlay = _start_overlay(config)
         process = _start(config, cgroup, stop, while_starting)
         if serve_calls is None:
             call_listener.close()  # nobody answers: a call finds no socket and fails at once
@@ -669,6 +686,7 @@ def keep(
         with contextlib.suppress(OSError):
             os.write(notify, f"error: {message}\n".encode())
         _end_gui(gui)
+        nebula.end(overlay)
         teardown(config, cgroup)
         return 1
     on_ready()
@@ -680,6 +698,7 @@ def keep(
     finally:
         _end(process, cgroup, grace=config.stop_grace if stop.requested else 0)
         _end_gui(gui)
+        nebula.end(overlay)
         teardown(config, cgroup)
     return 0
 

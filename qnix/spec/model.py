@@ -426,6 +426,8 @@ class Compartment(CompartmentBase):
     # Encrypted snapshots of the state kept: one is taken at each stop and the latest N are
     # kept (qnix.runtime.state); 0 takes none at stop and removes none. A disposable has none.
     snapshots: int = Field(default=5, ge=0, le=1000)
+    # An identity on the spec's overlay, held inside the compartment's own network namespace.
+    overlay: CompartmentOverlay | None = None
 
     @model_validator(mode="after")
     def _disposable_keeps_nothing(self) -> Self:
@@ -630,6 +632,116 @@ class Audit(Model):
     aide_paths: Annotated[tuple[AbsPath, ...], _LIST, AfterValidator(_no_duplicates)] = ()
 
 
+# ---- overlay: remote access per compartment -------------------------------------------------
+
+NEBULA_PORT = 4242
+# Who may give the generated Tailscale policy's tags to a node, unless the spec says.
+TAG_OWNERS = ("autogroup:admin",)
+TAG_OWNER_RE = r"^(autogroup:[a-z-]+|group:[a-z0-9_-]+|[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+)$"
+TagOwner = Annotated[str, StringConstraints(pattern=TAG_OWNER_RE)]
+
+
+class OverlayAdmit(Model):
+    """What a server lets in over the overlay: a protocol and ports, from certificates that
+    carry any of `groups`."""
+
+    groups: Annotated[
+        tuple[TagName, ...], _LIST, AfterValidator(_one_to(64)), AfterValidator(_no_duplicates)
+    ]
+    proto: Proto
+    ports: Annotated[tuple[PortRange, ...], _LIST, AfterValidator(_no_duplicates)] = ()
+
+    @model_validator(mode="after")
+    def _ports_fit(self) -> Self:
+        if self.proto == "icmp" and self.ports:
+            raise SpecRuleError("icmp has no ports", "ports", hint="drop ports")
+        if self.proto != "icmp" and not self.ports:
+            raise SpecRuleError(f"{self.proto} needs its ports", "ports", hint="add ports = [445]")
+        return self
+
+
+class OverlayServer(Model):
+    """A machine on the overlay (the office server), outside this workstation: its overlay
+    address, where it is reached (`host`, `port`), and what it admits."""
+
+    address: IpAddress
+    host: DnsName | None = None
+    port: int = Field(default=NEBULA_PORT, ge=1, le=65535)
+    # A lighthouse tells the compartments where the others are; at least one is needed.
+    lighthouse: bool = False
+    admit: Annotated[tuple[OverlayAdmit, ...], _LIST] = ()
+
+    @model_validator(mode="after")
+    def _lighthouse_reachable(self) -> Self:
+        if self.lighthouse and self.host is None:
+            raise SpecRuleError(
+                "a lighthouse needs the host it is reached at",
+                "host",
+                hint='add host = "office.example.com" (and port, if not 4242)',
+            )
+        return self
+
+
+class Overlay(Model):
+    """The overlay network the compartments join (Nebula here; Tailscale or Headscale on
+    NixOS and in the generated policy). Its certificate authority: `ca_cert` and `ca_key` on
+    this host, or neither (qnix makes one under the state root, limited to the spec's groups
+    and subnet)."""
+
+    subnet: Annotated[str, AfterValidator(_cidr)]
+    servers: dict[CompartmentName, OverlayServer]
+    ca_cert: AbsPath | None = None
+    ca_key: AbsPath | None = None
+    # Headscale's URL (Tailscale's own coordination server when not given).
+    login_server: (
+        Annotated[str, StringConstraints(pattern=r"^https://[A-Za-z0-9.:/_-]+$")] | None
+    ) = None
+    tag_owners: Annotated[
+        tuple[TagOwner, ...], _LIST, AfterValidator(_one_to(64)), AfterValidator(_no_duplicates)
+    ] = TAG_OWNERS
+
+    @field_validator("servers", mode="after")
+    @classmethod
+    def _canonical_order(cls, value: Any) -> Any:
+        return _sorted_mapping(value)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        subnet = ipaddress.ip_network(self.subnet)
+        if subnet.version != 4:
+            raise SpecRuleError(
+                "must be an IPv4 network, such as 10.42.0.0/16",
+                "subnet",
+                hint="Nebula 1.6 gives its hosts IPv4 addresses only",
+            )
+        if (self.ca_cert is None) != (self.ca_key is None):
+            given = "ca_cert" if self.ca_key is None else "ca_key"
+            raise SpecRuleError(
+                "give ca_cert and ca_key together, or neither",
+                given,
+                hint="neither: qnix makes a certificate authority of its own",
+            )
+        if not any(server.lighthouse for server in self.servers.values()):
+            raise SpecRuleError(
+                "no server is a lighthouse",
+                "servers",
+                hint="set lighthouse = true on the server the compartments ask for the others",
+            )
+        return self
+
+
+class CompartmentOverlay(Model):
+    """A compartment's own identity on the overlay: its address and the groups its
+    certificate carries (what servers admit)."""
+
+    address: IpAddress
+    groups: Annotated[
+        tuple[TagName, ...], _LIST, AfterValidator(_one_to(64)), AfterValidator(_no_duplicates)
+    ]
+    # A Tailscale auth key (a secret the compartment lists) for the NixOS output's tailscaled.
+    tailscale_auth_key: SecretName | None = None
+
+
 # ---- the whole workstation -----------------------------------------------------------------
 
 
@@ -641,6 +753,7 @@ class Workstation(Model):
     policy: Policy = Policy()
     secrets: dict[SecretName, Secret] = {}
     audit: Audit = Audit()
+    overlay: Overlay | None = None
 
     @model_validator(mode="before")
     @classmethod

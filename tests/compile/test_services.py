@@ -528,8 +528,8 @@ let
     platforms.linux = [ "linux" ];
   }};
   tools = builtins.listToAttrs (map (name: {{ inherit name; value = "/pkg/" + name; }}) [
-    "age" "aide" "bubblewrap" "btrfs-progs" "e2fsprogs" "git" "gnupg" "iproute2" "nftables" "openssh"
-    "pass" "procps" "util-linux"
+    "age" "aide" "bubblewrap" "btrfs-progs" "e2fsprogs" "git" "gnupg" "iproute2" "nebula"
+    "nftables" "openssh" "pass" "procps" "util-linux"
   ]);
   package = import {render(str(ROOT / "nix" / "package.nix"))} (tools // {{
     inherit lib python3Packages;
@@ -561,5 +561,5 @@ def test_the_package_takes_every_dependency_of_pyproject_from_nixpkgs(tmp_path: 
     assert set(package["pythonRelaxDeps"]) <= required
     path = package["makeWrapperArgs"]
     assert path[:3] == ["--prefix", "PATH", ":"]
-    tools = {"bubblewrap", "nftables", "iproute2", "age", "aide", "util-linux", "git"}
+    tools = {"bubblewrap", "nftables", "iproute2", "age", "aide", "util-linux", "git", "nebula"}
     assert {f"/pkg/{tool}/bin" for tool in tools} <= set(path[3].split(":"))

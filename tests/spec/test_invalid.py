@@ -22,7 +22,7 @@ SECRET = f'[secrets.work-vpn]\nfile = "vpn.age"\nrecipients = ["{AGE_KEY}"]\n'
 UPLINK = '[compartments.a]\nnetwork = "uplink"\n'
 FIELDS = (
     "apps, autostart, cpus, devices, firewall, fullscreen, gui, isolation, label, memory_mb, name, "
-    "network, "
+    "network, overlay, "
     "packages, persistence, persistent_paths, pids, provides_network, secrets, snapshots, tags, "
     "user"
 )

@@ -35,6 +35,7 @@ from qnix.compile.nix.disk import disk_module
 from qnix.compile.nix.hardening import hardening_module
 from qnix.compile.nix.printer import Call, NixValue, Raw, attr_path, string
 from qnix.compile.nix.vms import vms_module
+from qnix.compile.overlay import tailscale_containers
 from qnix.compile.rsyslog import AUDIT_LOG, receiver_config, rsyslog_config
 from qnix.spec.model import NETWORK_NONE, RECEIVED_DIR, Compartment, Workstation
 
@@ -69,6 +70,9 @@ def network_module(ws: Workstation, nft_table_body: str) -> dict[str, NixValue]:
             "kernel": {"sysctl": {"net.ipv4.ip_forward": 1}},
             "kernelModules": list(NETWORK_KERNEL_MODULES),
         }
+    tailscale = tailscale_containers(ws)
+    if tailscale:  # each in its container: never on the host's own network
+        config["containers"] = tailscale
     config["networking"] = {
         "nftables": {
             "enable": True,
