@@ -10,7 +10,9 @@
 * Clipboard (regular and primary selection): every source a client of this compartment makes
   also offers a marker type carrying this filter's secret; an offer the compositor sends
   without that marker came from another compartment or the host, and the client never sees
-  it (the compositor is told it is destroyed and the client sees an empty selection).
+  what it holds: it gets the offer object without its types and an empty selection, and
+  every request on it but destroy goes nowhere (the object itself must reach the client,
+  whose ids for the compositor's objects may have no gap).
 * `qnix clip` (regular clipboard): the filter knows which source of its clients is the
   compartment's current selection and can ask that client for its data (`copy`); a grant
   (`paste`) is shown to the compartment's clients on the next selection offer the compositor
@@ -222,7 +224,7 @@ class Session:
         self.objects = Objects(protocols)
         self.shown: dict[int, tuple[str, int]] = {}
         self.pending: dict[int, _Offer] = {}
-        self.hidden: set[int] = set()
+        self.hidden: set[int] = set()  # offers from elsewhere, shown empty
         self.buffers = {True: bytearray(), False: bytearray()}
         self.fds: dict[bool, deque[int]] = {True: deque(), False: deque()}
 
@@ -318,6 +320,13 @@ class Session:
                 self.objects.create(value, arg.interface, decoded.version, by_server=False)
         if decoded.message.destructor:
             self.objects.destroy(decoded.object_id)
+        if decoded.object_id in self.hidden:
+            if decoded.message.destructor:  # the compositor's object: it frees the id
+                self.hidden.discard(decoded.object_id)
+                self._forward_request(out, decoded)
+            else:  # a receive, accept or finish on an offer from elsewhere
+                out.discard += decoded.fds()
+            return
         if self._clipboard_request(decoded, out):
             return
         toplevel = self.protocols["xdg_toplevel"]
@@ -513,10 +522,12 @@ class Session:
             out.to_client += held.messages
             self._forward_event(out, decoded)
             return
+        # From elsewhere: the client gets the offer object, empty, and the selection as none.
+        # The object itself must reach it: libwayland takes a gap in the compositor's ids as a
+        # protocol error, so a hidden id would end the client at the compositor's next new
+        # object. What it asks of the object, but to destroy it, goes nowhere.
         out.discard += [fd for _, fds in held.messages for fd in fds]
-        entry = self.objects.live(offer, None)
-        self._request_to_server(out, offer, entry.interface, "destroy")
-        self.objects.destroy(offer)
+        out.to_client.append(held.messages[0])
         self.hidden.add(offer)
         args = tuple(
             0 if arg.name == argument else value

@@ -212,6 +212,27 @@ def test_primary_selection_stays_in_its_compartment(desktop: Desktop) -> None:
     assert paste(desktop, personal, "--primary") == b""
 
 
+def test_a_client_that_holds_the_focus_outlives_hidden_selections(desktop: Desktop) -> None:
+    """A long-lived client (foot) in personal is sent a selection from banking (hidden) and
+    right after its own primary selection, both new objects of the compositor's: the hidden
+    offer must not leave a gap in the ids the client sees, which libwayland takes as a
+    protocol error and dies of."""
+    personal, banking = desktop.filter("ids-personal"), desktop.filter("ids-banking")
+    argv = [need("foot"), "--app-id", "holder", "-e", "sleep", "3600"]
+    holder = desktop.spawn(argv, personal)
+    desktop.window("qnix-ids-personal.holder")
+    copy(desktop, personal, "personal-primary", "--primary")
+    copy(desktop, banking, "banking-regular")
+    wait_for(lambda: paste(desktop, desktop.run) == b"banking-regular", "banking's selection")
+    # Focus back on the holder: banking's selection (hidden), then personal's primary.
+    copy(desktop, personal, "personal-primary-2", "--primary")
+    copy(desktop, banking, "banking-regular-2")
+    wait_for(lambda: paste(desktop, desktop.run) == b"banking-regular-2", "banking's selection")
+    assert paste(desktop, personal, "--primary") == b"personal-primary-2"
+    assert holder.poll() is None, holder.communicate()
+    desktop.close_window(holder, "qnix-ids-personal.holder")
+
+
 @pytest.fixture(scope="module")
 def fuzzed(desktop: Desktop, protocols: Protocols) -> Iterator[tuple[Path, Client]]:
     """A filter, and a well-behaved client of it that must outlive every malformed one."""

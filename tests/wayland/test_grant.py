@@ -50,7 +50,10 @@ def test_a_grant_rides_on_the_next_offer_and_is_received_once(protocols: Protoco
     hidden = filtered.from_server(
         event(protocols, 12, "wl_data_device", "selection", SERVER + 1), []
     )
-    assert hidden.to_client == [(event(protocols, 12, "wl_data_device", "selection", 0), [])]
+    assert hidden.to_client == [
+        (event(protocols, 12, "wl_data_device", "data_offer", SERVER + 1), []),
+        (event(protocols, 12, "wl_data_device", "selection", 0), []),
+    ]
 
 
 def test_the_compositor_is_made_to_send_the_selection_again(protocols: Protocols) -> None:

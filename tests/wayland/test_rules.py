@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from qnix.wayland.protocol import Protocols
 from qnix.wayland.rules import MARKER_PREFIX, Rules, Session, app_id, title
-from qnix.wayland.wire import UntypedNewId, Value, WireError, encode
+from qnix.wayland.wire import Fd, UntypedNewId, Value, WireError, encode
 
 MARKER = MARKER_PREFIX + "0123456789abcdef"
 SERVER = 0xFF000000
@@ -164,12 +166,45 @@ def test_a_selection_from_elsewhere_is_never_shown(protocols: Protocols) -> None
     selection = filtered.from_server(
         event(protocols, 12, "wl_data_device", "selection", SERVER), []
     )
-    assert selection.to_client == [(event(protocols, 12, "wl_data_device", "selection", 0), [])]
-    assert selection.to_server == [(request(protocols, SERVER, "wl_data_offer", "destroy"), [])]
-    # The client never learnt the offer's id: it cannot read from it.
-    receive = request(protocols, SERVER, "wl_data_offer", "receive", "text/plain", 0)
-    with pytest.raises(WireError, match="was destroyed"):
-        filtered.from_client(receive, [])
+    # The offer object, without its types (its id must reach the client), and no selection.
+    assert selection.to_client == [
+        (event(protocols, 12, "wl_data_device", "data_offer", SERVER), []),
+        (event(protocols, 12, "wl_data_device", "selection", 0), []),
+    ]
+    assert selection.to_server == []
+    # What comes for it later is not passed on; a receive on it goes nowhere, its fd closed.
+    late = filtered.from_server(event(protocols, SERVER, "wl_data_offer", "offer", "x/y"), [])
+    assert late.to_client == []
+    read, write = os.pipe()
+    try:
+        receive = request(protocols, SERVER, "wl_data_offer", "receive", "text/plain", Fd(write))
+        refused = filtered.from_client(receive, [write])
+        assert (refused.to_server, refused.discard) == ([], [write])
+    finally:
+        os.close(read)
+    # Its destroy goes to the compositor, which frees the id.
+    destroy = request(protocols, SERVER, "wl_data_offer", "destroy")
+    assert filtered.from_client(destroy, []).to_server == [(destroy, [])]
+
+
+def test_the_ids_the_client_sees_have_no_gap_after_a_hidden_offer(protocols: Protocols) -> None:
+    """libwayland ends a client whose next object of the compositor's skips an id."""
+    filtered = session(protocols)
+    data_device(protocols, filtered)
+    filtered.from_server(offered(protocols, "text/plain"), [])
+    hidden = filtered.from_server(event(protocols, 12, "wl_data_device", "selection", SERVER), [])
+    ours = event(protocols, 12, "wl_data_device", "data_offer", SERVER + 1) + event(
+        protocols, SERVER + 1, "wl_data_offer", "offer", MARKER
+    )
+    filtered.from_server(ours, [])
+    shown = filtered.from_server(
+        event(protocols, 12, "wl_data_device", "selection", SERVER + 1), []
+    )
+    assert hidden.to_client[0] == (event(protocols, 12, "wl_data_device", "data_offer", SERVER), [])
+    assert shown.to_client[0] == (
+        event(protocols, 12, "wl_data_device", "data_offer", SERVER + 1),
+        [],
+    )
 
 
 def test_a_selection_of_this_compartment_is_shown_without_the_marker(protocols: Protocols) -> None:
