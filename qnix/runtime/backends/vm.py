@@ -317,12 +317,17 @@ def guest_config(
     hostname: str,
     address: str | None,
     gateway: str | None,
+    runtime_dir: str,
+    gui: bool = False,
 ) -> bytes:
-    """The guest's configuration file, as qnix.runtime.vmlink.read_config reads it."""
+    """The guest's configuration file, as qnix.runtime.vmlink.read_config reads it. With
+    `gui`, the guest serves its GUI socket (vmlink.GUI_SOCKET_INSIDE) for waypipe's server."""
     values = {
         "uid": str(uid),
         "user": user,
         "home": home,
+        "runtime_dir": runtime_dir,
+        "gui": "yes" if gui else "",
         "home_share": "yes" if home_share else "",
         "hostname": hostname,
         "address": address or "",
