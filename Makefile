@@ -11,8 +11,9 @@ SYSTEM_PACKAGES := bubblewrap nftables libnftables1 nix-bin age graphviz iproute
                    gnupg openssh-client pass rsyslog rsyslog-gnutls rsyslog-relp aide btrfs-progs busybox-static cpio \
                    openssl e2fsprogs git
 # GUI compartments: the Wayland filter reads the protocol files (libwayland-dev ships
-# wayland.xml); its tests run sway headless and attack it with grim, wtype and wl-clipboard.
-SYSTEM_PACKAGES += wayland-protocols libwayland-dev sway grim wtype wl-clipboard foot
+# wayland.xml); its tests run sway headless and attack it with grim, wtype and wl-clipboard;
+# a VM compartment shows its apps through waypipe (its server in the guest, from the host's /usr).
+SYSTEM_PACKAGES += wayland-protocols libwayland-dev sway grim wtype wl-clipboard foot waypipe
 # VM compartments: QEMU and a kernel for the guests, for this machine's architecture.
 ifeq ($(shell dpkg --print-architecture 2>/dev/null),arm64)
 SYSTEM_PACKAGES += qemu-system-arm linux-image-arm64
