@@ -73,7 +73,8 @@ INSIDE_DIR = "/opt/qnix-agent"  # as in a namespace compartment
 # it every page of the interpreter and every module lookup is a round trip to QEMU, which
 # under TCG costs the guest seconds per start; the read-write home is never cached, so each
 # write is on the host when it returns. Each stage says its name on the console (the kernel is
-# quiet), so a start that hangs shows how far the guest got.
+# quiet), so a start that hangs shows how far the guest got. /dev/shm is there for what
+# shares memory through shm_open (GUI apps' buffers under waypipe).
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -81,8 +82,9 @@ echo "qnix: init"
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mkdir -p /dev/pts /tmp /run /home
+mkdir -p /dev/pts /dev/shm /tmp /run /home
 mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=1777 shm /dev/shm
 mount -t tmpfs -o mode=1777 tmp /tmp
 while read -r module; do insmod "/qnix/kmod/$module"; done < /qnix/modules
 ro=trans=virtio,version=9p2000.L,ro,cache=loose
