@@ -5,14 +5,18 @@ A client (tests/wayland/client.py, on qnix's own codec) connects, binds wl_compo
 and xdg_wm_base, maps a 256x256 toplevel with an shm buffer and waits for the frame callback
 of its first commit: connect to first frame. Each path is timed RUNS times, alternating, after
 one warm-up each; the medians and the ratio are printed. sway 1.7 runs headless (pixman, no
-GPU) as a test user made for the run (tests/wayland/desktop.py), removed at the end. Run it as
-root: `python bench/gui.py`.
+GPU) as a test user made for the run (tests/wayland/desktop.py), removed at the end. Then a VM
+compartment with gui = true on a stand-in host (tests/runtime/livehost.py): the same first
+frame from its guest, through waypipe, the agent port and its filter, against the raw socket
+(a ratio, no target: QEMU under TCG where KVM does not serve). Run it as root:
+`python bench/gui.py`.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +34,107 @@ from tests.wayland.desktop import Desktop  # noqa: E402
 RUNS = 15
 SIDE = 256
 XRGB8888 = 1
+VM_RUNS = 5  # each a `qnix run --gui` into a TCG guest: seconds apiece
+
+# The same first frame for a VM compartment, where qnix's codec is not: a client on the
+# standard library alone, run by the guest's python3 under waypipe's server (and, for the
+# ratio, by the host's on the raw socket). It prints milliseconds from connect to the frame
+# callback, measured where it runs.
+STANDALONE_CLIENT = r"""
+import os, socket, struct, sys, time
+
+def main():
+    display = os.environ["WAYLAND_DISPLAY"]
+    if not display.startswith("/"):
+        display = os.path.join(os.environ["XDG_RUNTIME_DIR"], display)
+    started = time.perf_counter()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(display)
+    buffered = b""
+
+    def send(obj, opcode, *args, fd=None):
+        body = b""
+        for arg in args:
+            if isinstance(arg, str):
+                raw = arg.encode() + b"\0"
+                body += struct.pack("=I", len(raw)) + raw + b"\0" * (-len(raw) % 4)
+            else:
+                body += struct.pack("=I", arg & 0xFFFFFFFF)
+        message = struct.pack("=II", obj, (8 + len(body)) << 16 | opcode) + body
+        if fd is None:
+            sock.sendall(message)
+        else:
+            socket.send_fds(sock, [message], [fd])
+
+    def events():
+        nonlocal buffered
+        while True:
+            while len(buffered) >= 8:
+                obj, word = struct.unpack_from("=II", buffered)
+                size = word >> 16
+                if len(buffered) < size:
+                    break
+                body, buffered = buffered[8:size], buffered[size:]
+                if obj == 1 and word & 0xFFFF == 0:
+                    raise SystemExit(f"protocol error: {body!r}")
+                yield obj, word & 0xFFFF, body
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise SystemExit("the display closed the connection")
+            buffered += chunk
+
+    send(1, 1, 2)  # wl_display.get_registry
+    send(1, 0, 3)  # wl_display.sync
+    names = {}
+    for obj, opcode, body in events():
+        if obj == 2 and opcode == 0:
+            name, length = struct.unpack_from("=II", body)
+            names[body[8 : 8 + length - 1].decode()] = name
+        if obj == 3:
+            break
+    wanted = ((4, "wl_compositor", 4), (5, "wl_shm", 1), (6, "xdg_wm_base", 1))
+    for new, interface, version in wanted:
+        send(2, 0, names[interface], interface, version, new)  # wl_registry.bind
+    send(4, 0, 7)  # create_surface
+    send(6, 2, 8, 7)  # get_xdg_surface
+    send(8, 1, 9)  # get_toplevel
+    send(9, 3, "bench")  # set_app_id
+    send(7, 6)  # commit
+    for obj, opcode, body in events():
+        if obj == 6 and opcode == 0:
+            send(6, 3, struct.unpack("=I", body)[0])  # pong
+        if obj == 8 and opcode == 0:
+            send(8, 4, struct.unpack("=I", body)[0])  # ack_configure
+            break
+    side = 256
+    memfd = os.memfd_create("frame")
+    os.ftruncate(memfd, side * side * 4)
+    send(5, 0, 10, side * side * 4, fd=memfd)  # create_pool (the fd goes beside the bytes)
+    os.close(memfd)
+    send(10, 0, 11, 0, side, side, side * 4, 1)  # create_buffer, XRGB8888
+    send(7, 1, 11, 0, 0)  # attach
+    send(7, 2, 0, 0, side, side)  # damage
+    send(7, 3, 12)  # frame
+    send(7, 6)  # commit
+    for obj, opcode, body in events():
+        if obj == 6 and opcode == 0:
+            send(6, 3, struct.unpack("=I", body)[0])
+        if obj == 12:
+            break
+    print(f"{(time.perf_counter() - started) * 1000:.2f}")
+
+main()
+"""
+VM_SPEC = """\
+[host]
+hostname = "bench"
+subnet = "10.205.0.0/16"
+
+[compartments.vmgui]
+isolation = "vm"
+gui = true
+memory_mb = 384
+"""
 
 
 def first_frame(display: Path, protocols: Protocols) -> float:
@@ -79,6 +184,50 @@ def first_frame(display: Path, protocols: Protocols) -> float:
         client.close()
 
 
+def vm_first_frames(desktop: Desktop) -> tuple[dict[str, list[float]], str]:
+    """STANDALONE_CLIENT's first frame on the raw socket (run on the host) and from a VM
+    compartment with gui = true (run in the guest under waypipe, through the agent port, the
+    host's waypipe client and the filter), alternating after one warm-up each. The same
+    interpreter both times: the guest's /usr is the host's."""
+    from qnix.runtime.backends import vm
+    from tests.runtime.livehost import QNIX, LiveHost
+
+    host = LiveHost()
+    env = {**host.env, "QNIX_WAYLAND_DISPLAY": str(desktop.display)}
+    client = ["/usr/bin/python3", "-I", "-c", STANDALONE_CLIENT]
+    timings: dict[str, list[float]] = {"raw socket": [], "vm": []}
+
+    def direct() -> float:
+        shown = desktop.run_as_user(client, desktop.run)
+        assert shown.returncode == 0, shown.stderr
+        return float(shown.stdout)
+
+    def in_the_vm() -> float:
+        shown = subprocess.run(
+            [QNIX, "run", "--gui", "vmgui", "--", *client],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        return float(shown.stdout)
+
+    try:
+        host.ok("apply", str(host.spec(VM_SPEC)))
+        subprocess.run([QNIX, "start", "vmgui"], env=env, check=True, capture_output=True)
+        accel = (host.paths.run_root / vm.ACCEL_FILE).read_text().strip()
+        accel = os.environ.get(vm.ACCEL_ENV) or accel
+        direct(), in_the_vm()  # warm-up
+        for _ in range(VM_RUNS):
+            timings["raw socket"].append(direct())
+            timings["vm"].append(in_the_vm())
+    finally:
+        host.qnix("down")
+        host.close()
+    return timings, accel
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("run this as root: it makes a test user for sway", file=sys.stderr)
@@ -93,6 +242,7 @@ def main() -> int:
         for _ in range(RUNS):
             for name, display in paths.items():
                 timings[name].append(first_frame(display, protocols))
+        vm_timings, accel = vm_first_frames(desktop)
     finally:
         desktop.close()
     medians = {name: statistics.median(values) * 1000 for name, values in timings.items()}
@@ -100,6 +250,14 @@ def main() -> int:
     for name, median in medians.items():
         print(f"  {name:12s} {median:7.2f} ms")
     print(f"  filter / raw {medians['filter'] / medians['raw socket']:7.2f}")
+    vm_medians = {name: statistics.median(values) for name, values in vm_timings.items()}
+    print(
+        f"a VM compartment ({accel}), the standard-library client, median of {VM_RUNS}:"
+        " through waypipe, the agent port and the filter, against the raw socket"
+    )
+    for name, median in vm_medians.items():
+        print(f"  {name:12s} {median:7.2f} ms")
+    print(f"  vm / raw     {vm_medians['vm'] / vm_medians['raw socket']:7.2f}")
     return 0
 
 
