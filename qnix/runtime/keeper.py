@@ -415,23 +415,27 @@ def _start_vm(
             stdout=subprocess.DEVNULL,
             stderr=None,  # the keeper's log
         )
-        qemu_pidfd = os.pidfd_open(qemu.pid)  # the relay ends QEMU with itself
+        # The relay ends QEMU (and a GUI VM's waypipe client) with itself.
+        with_relay = [qemu] if waypipe is None else [qemu, waypipe[0]]
+        pidfds = [os.pidfd_open(process.pid) for process in with_relay]
         try:
             relay = ns.launch(
                 [
                     *(sys.executable, "-I", "-m", "qnix.runtime.backends.vm_relay"),
-                    *(str(listen_fd), str(relay_end.fileno()), str(qemu_pidfd)),
+                    *(str(listen_fd), str(relay_end.fileno())),
+                    ",".join(str(pidfd) for pidfd in pidfds),
                     str(call_dir(config.run_dir) / CALL_SOCKET_NAME),
                     *(str(config.host_uid), str(config.host_gid)),  # it drops to them itself
                     "" if waypipe is None else str(waypipe[1]),
                 ],
                 netns_path=None,
                 cgroup=cgroup,
-                pass_fds=(listen_fd, relay_end.fileno(), qemu_pidfd),
+                pass_fds=(listen_fd, relay_end.fileno(), *pidfds),
                 stdout=subprocess.PIPE,
             )
         finally:
-            os.close(qemu_pidfd)
+            for pidfd in pidfds:
+                os.close(pidfd)
     except BaseException:
         if qemu is not None:
             _end(qemu, cgroup, grace=0)

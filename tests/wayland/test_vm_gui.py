@@ -186,3 +186,18 @@ def test_a_vm_started_without_a_display_refuses_gui_apps(desktop: Desktop, host:
         assert "runs without a display" in refused.stderr
     finally:
         assert qnix(host, "stop", "guivm").returncode == 0
+
+
+def test_a_killed_keeper_takes_the_filter_and_waypipe_along(
+    desktop: Desktop, host: LiveHost
+) -> None:
+    started = qnix(host, "start", "guivm", QNIX_WAYLAND_DISPLAY=str(desktop.display))
+    assert started.returncode == 0, started.stderr
+    assert len(filters(host)) == 1 and len(waypipes(host)) == 1
+    state = quickrun.running_state(host.paths, "guivm")
+    assert state is not None
+    os.kill(state["keeper_pid"], signal.SIGKILL)
+    # The filter reads its end from the keeper's pipe; the relay, told by its parent-death
+    # signal, ends QEMU and the waypipe client.
+    wait_for(lambda: not filters(host) and not waypipes(host), "the filter and waypipe to end")
+    assert qnix(host, "gc").returncode == 0

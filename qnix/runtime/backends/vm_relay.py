@@ -404,15 +404,16 @@ def _die_with_parent() -> None:
         sys.exit(1)  # the keeper died before the line above
 
 
-def _end_qemu_with_us(qemu_pidfd: int) -> None:
+def _end_qemu_with_us(pidfds: list[int]) -> None:
     """QEMU drops to our uid, which clears any parent-death signal of its own: so when we are
-    told to end, the VM at the other end of the port ends first (a pidfd: never another
-    process that took its pid)."""
+    told to end, the VM at the other end of the port ends first, and so does the host's
+    waypipe client of a GUI VM (pidfds: never another process that took a pid)."""
     import signal
 
     def end(number: int, frame: object) -> None:
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(qemu_pidfd, signal.SIGKILL)
+        for pidfd in pidfds:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         os._exit(0)
 
     signal.signal(signal.SIGTERM, end)
@@ -421,7 +422,7 @@ def _end_qemu_with_us(qemu_pidfd: int) -> None:
 def relay(
     listen_fd: int,
     port_fd: int,
-    qemu_pidfd: int,
+    pidfds: list[int],
     call_socket: str,
     uid: int,
     gid: int,
@@ -430,8 +431,8 @@ def relay(
     """The host end, started as root beside QEMU and running as `uid`: it waits for the
     guest's hello on the agent port (descriptor `port_fd`, a socket joined to QEMU's
     chardev), then serves the agent socket the keeper bound (descriptor `listen_fd`; says
-    "ready") until the port closes. `qemu_pidfd` is QEMU's, which ends with us; `gui_socket`
-    the host's waypipe client's, if the compartment has a display."""
+    "ready") until the port closes. `pidfds` are QEMU's and, for a GUI VM, its waypipe
+    client's, which end with us; `gui_socket` is that client's socket."""
     # Everything it will use is imported now: `uid` may not reach the interpreter's files.
     import ctypes  # noqa: F401
     import queue  # noqa: F401 - vmlink's Inbox loads it when it is first used
@@ -446,7 +447,7 @@ def relay(
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
-    _end_qemu_with_us(qemu_pidfd)
+    _end_qemu_with_us(pidfds)
     _die_with_parent()
     port = socket.socket(fileno=port_fd)
     link = Link(socket.SocketIO(port, "r"), socket.SocketIO(port, "w"))
@@ -465,16 +466,16 @@ def relay(
 
 if __name__ == "__main__":
     if len(sys.argv) == 8:
-        listen_fd, port_fd, qemu_pidfd = (int(argument) for argument in sys.argv[1:4])
+        listen_fd, port_fd = int(sys.argv[1]), int(sys.argv[2])
         relay(
             listen_fd,
             port_fd,
-            qemu_pidfd,
+            [int(pidfd) for pidfd in sys.argv[3].split(",")],
             sys.argv[4],
             int(sys.argv[5]),
             int(sys.argv[6]),
             sys.argv[7] or None,
         )
     else:
-        sys.stderr.write("usage: vm_relay.py FD PORT_FD QEMU_PIDFD CALLS UID GID GUI|''\n")
+        sys.stderr.write("usage: vm_relay.py FD PORT_FD PIDFD[,PIDFD] CALLS UID GID GUI|''\n")
         sys.exit(2)
