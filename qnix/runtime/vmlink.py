@@ -68,8 +68,8 @@ MAX_STREAMS = 64  # at once: each holds up to a window of the relay's memory
 # The GUI: `waypipe --socket GUI_SOCKET_INSIDE server -- APP` in the guest connects here for
 # each of APP's Wayland connections; the host's end is a `waypipe client` whose display is the
 # compartment's Wayland filter. No GPU (no dmabuf to forward: the guest has no GPU, and the
-# host's waypipe then parses no buffer formats from the guest); no compression (the link is
-# local, and compressing costs a TCG guest more than it saves).
+# host's waypipe then parses no buffer formats from the guest); no compression (the link never
+# leaves this machine: compressing would only spend the guest's CPU).
 GUI_SOCKET_INSIDE = "/run/qnix-gui/waypipe.sock"
 WAYPIPE_OPTIONS = ("--no-gpu", "--compress", "none")
 FINAL_ANSWERS = ("exited", "refused", "error")
