@@ -184,21 +184,21 @@ def first_frame(display: Path, protocols: Protocols) -> float:
         client.close()
 
 
-def vm_first_frames(desktop: Desktop) -> tuple[dict[str, list[float]], str]:
-    """STANDALONE_CLIENT's first frame on the raw socket (run on the host) and from a VM
-    compartment with gui = true (run in the guest under waypipe, through the agent port, the
-    host's waypipe client and the filter), alternating after one warm-up each. The same
-    interpreter both times: the guest's /usr is the host's."""
+def vm_first_frames(desktop: Desktop, filter_dir: Path) -> tuple[dict[str, list[float]], str]:
+    """STANDALONE_CLIENT's first frame on the raw socket and through a filter (run on the
+    host), and from a VM compartment with gui = true (run in the guest under waypipe, through
+    the agent port, the host's waypipe client and its filter), alternating after one warm-up
+    each. The same interpreter each time: the guest's /usr is the host's."""
     from qnix.runtime.backends import vm
     from tests.runtime.livehost import QNIX, LiveHost
 
     host = LiveHost()
     env = {**host.env, "QNIX_WAYLAND_DISPLAY": str(desktop.display)}
     client = ["/usr/bin/python3", "-I", "-c", STANDALONE_CLIENT]
-    timings: dict[str, list[float]] = {"raw socket": [], "vm": []}
+    timings: dict[str, list[float]] = {"raw socket": [], "filter": [], "vm": []}
 
-    def direct() -> float:
-        shown = desktop.run_as_user(client, desktop.run)
+    def direct(runtime_dir: Path) -> float:
+        shown = desktop.run_as_user(client, runtime_dir)
         assert shown.returncode == 0, shown.stderr
         return float(shown.stdout)
 
@@ -218,9 +218,10 @@ def vm_first_frames(desktop: Desktop) -> tuple[dict[str, list[float]], str]:
         subprocess.run([QNIX, "start", "vmgui"], env=env, check=True, capture_output=True)
         accel = (host.paths.run_root / vm.ACCEL_FILE).read_text().strip()
         accel = os.environ.get(vm.ACCEL_ENV) or accel
-        direct(), in_the_vm()  # warm-up
+        direct(desktop.run), direct(filter_dir), in_the_vm()  # warm-up
         for _ in range(VM_RUNS):
-            timings["raw socket"].append(direct())
+            timings["raw socket"].append(direct(desktop.run))
+            timings["filter"].append(direct(filter_dir))
             timings["vm"].append(in_the_vm())
     finally:
         host.qnix("down")
@@ -235,14 +236,15 @@ def main() -> int:
     protocols = load_protocols(dict(os.environ))
     desktop = Desktop(Path(tempfile.mkdtemp(prefix="qnix-gui-bench-")))
     try:
-        paths = {"raw socket": desktop.display, "filter": desktop.filter("bench") / "wayland-0"}
+        filter_dir = desktop.filter("bench")
+        paths = {"raw socket": desktop.display, "filter": filter_dir / "wayland-0"}
         timings: dict[str, list[float]] = {name: [] for name in paths}
         for display in paths.values():
             first_frame(display, protocols)  # warm-up
         for _ in range(RUNS):
             for name, display in paths.items():
                 timings[name].append(first_frame(display, protocols))
-        vm_timings, accel = vm_first_frames(desktop)
+        vm_timings, accel = vm_first_frames(desktop, filter_dir)
     finally:
         desktop.close()
     medians = {name: statistics.median(values) * 1000 for name, values in timings.items()}
@@ -253,7 +255,8 @@ def main() -> int:
     vm_medians = {name: statistics.median(values) for name, values in vm_timings.items()}
     print(
         f"a VM compartment ({accel}), the standard-library client, median of {VM_RUNS}:"
-        " through waypipe, the agent port and the filter, against the raw socket"
+        " on the raw socket and through a filter (host), and in the guest through waypipe,"
+        " the agent port and the filter"
     )
     for name, median in vm_medians.items():
         print(f"  {name:12s} {median:7.2f} ms")
