@@ -14,9 +14,10 @@ SYSTEM_PACKAGES := bubblewrap nftables libnftables1 nix-bin age graphviz iproute
 SYSTEM_PACKAGES += nebula
 # GUI compartments: the Wayland filter reads the protocol files (libwayland-dev ships
 # wayland.xml); its tests run sway headless and attack it with grim, wtype and wl-clipboard,
-# and open GTK4 windows (GTK4's introspection for the system's python3).
+# and open GTK4 windows (GTK4's introspection for the system's python3); a VM compartment shows
+# its apps through waypipe (its server in the guest, from the host's /usr).
 SYSTEM_PACKAGES += wayland-protocols libwayland-dev sway grim wtype wl-clipboard foot \
-                   python3-gi gir1.2-gtk-4.0
+                   python3-gi gir1.2-gtk-4.0 waypipe
 # VM compartments: QEMU and a kernel for the guests, for this machine's architecture.
 ifeq ($(shell dpkg --print-architecture 2>/dev/null),arm64)
 SYSTEM_PACKAGES += qemu-system-arm linux-image-arm64

@@ -2,7 +2,11 @@
 { pkgs ? import <nixpkgs> { } }:
 pkgs.mkShell {
   packages = with pkgs; [
-    python311
+    # GTK4's introspection for the GUI tests' GTK4 windows (Debian: python3-gi); the venv is
+    # made from it too.
+    (python311.withPackages (ps: [ ps.pygobject3 ]))
+    gtk4
+    gobject-introspection
     gnumake
     bubblewrap
     nftables # nft, and libnftables.so.1, which qnix loads from beside it
@@ -32,6 +36,8 @@ pkgs.mkShell {
     wtype
     wl-clipboard
     foot
+    waypipe # VM compartments' GUI apps: its server in the guest, its client on the host
+    nebula # remote access per compartment: nebula and nebula-cert
     firejail  # make bench: the nearest peer
   ];
 }

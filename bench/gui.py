@@ -10,13 +10,18 @@ GTK's start are in both paths alike. Each path is timed alternating, after one w
 the medians and their ratio are printed against the target (through the filter at most 1.5
 times the raw socket), with the filter's resident memory (one per compartment) idle and
 after the runs. sway 1.7 runs headless (pixman, no GPU) as a test user made for the run
-(tests/wayland/desktop.py), removed at the end. Run it as root: `python bench/gui.py`.
+(tests/wayland/desktop.py), removed at the end. Then a VM
+compartment with gui = true on a stand-in host (tests/runtime/livehost.py): the same first
+frame from its guest, through waypipe, the agent port and its filter, against the raw socket
+(a ratio, no target: QEMU under TCG where KVM does not serve). Run it as root:
+`python bench/gui.py`.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +42,107 @@ SIDE = 256
 # Through the filter, at most this times the raw socket (issue 10).
 TARGET = 1.5
 XRGB8888 = 1
+VM_RUNS = 5  # each a `qnix run --gui` into a TCG guest: seconds apiece
+
+# The same first frame for a VM compartment, where qnix's codec is not: a client on the
+# standard library alone, run by the guest's python3 under waypipe's server (and, for the
+# ratio, by the host's on the raw socket). It prints milliseconds from connect to the frame
+# callback, measured where it runs.
+STANDALONE_CLIENT = r"""
+import os, socket, struct, sys, time
+
+def main():
+    display = os.environ["WAYLAND_DISPLAY"]
+    if not display.startswith("/"):
+        display = os.path.join(os.environ["XDG_RUNTIME_DIR"], display)
+    started = time.perf_counter()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(display)
+    buffered = b""
+
+    def send(obj, opcode, *args, fd=None):
+        body = b""
+        for arg in args:
+            if isinstance(arg, str):
+                raw = arg.encode() + b"\0"
+                body += struct.pack("=I", len(raw)) + raw + b"\0" * (-len(raw) % 4)
+            else:
+                body += struct.pack("=I", arg & 0xFFFFFFFF)
+        message = struct.pack("=II", obj, (8 + len(body)) << 16 | opcode) + body
+        if fd is None:
+            sock.sendall(message)
+        else:
+            socket.send_fds(sock, [message], [fd])
+
+    def events():
+        nonlocal buffered
+        while True:
+            while len(buffered) >= 8:
+                obj, word = struct.unpack_from("=II", buffered)
+                size = word >> 16
+                if len(buffered) < size:
+                    break
+                body, buffered = buffered[8:size], buffered[size:]
+                if obj == 1 and word & 0xFFFF == 0:
+                    raise SystemExit(f"protocol error: {body!r}")
+                yield obj, word & 0xFFFF, body
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise SystemExit("the display closed the connection")
+            buffered += chunk
+
+    send(1, 1, 2)  # wl_display.get_registry
+    send(1, 0, 3)  # wl_display.sync
+    names = {}
+    for obj, opcode, body in events():
+        if obj == 2 and opcode == 0:
+            name, length = struct.unpack_from("=II", body)
+            names[body[8 : 8 + length - 1].decode()] = name
+        if obj == 3:
+            break
+    wanted = ((4, "wl_compositor", 4), (5, "wl_shm", 1), (6, "xdg_wm_base", 1))
+    for new, interface, version in wanted:
+        send(2, 0, names[interface], interface, version, new)  # wl_registry.bind
+    send(4, 0, 7)  # create_surface
+    send(6, 2, 8, 7)  # get_xdg_surface
+    send(8, 1, 9)  # get_toplevel
+    send(9, 3, "bench")  # set_app_id
+    send(7, 6)  # commit
+    for obj, opcode, body in events():
+        if obj == 6 and opcode == 0:
+            send(6, 3, struct.unpack("=I", body)[0])  # pong
+        if obj == 8 and opcode == 0:
+            send(8, 4, struct.unpack("=I", body)[0])  # ack_configure
+            break
+    side = 256
+    memfd = os.memfd_create("frame")
+    os.ftruncate(memfd, side * side * 4)
+    send(5, 0, 10, side * side * 4, fd=memfd)  # create_pool (the fd goes beside the bytes)
+    os.close(memfd)
+    send(10, 0, 11, 0, side, side, side * 4, 1)  # create_buffer, XRGB8888
+    send(7, 1, 11, 0, 0)  # attach
+    send(7, 2, 0, 0, side, side)  # damage
+    send(7, 3, 12)  # frame
+    send(7, 6)  # commit
+    for obj, opcode, body in events():
+        if obj == 6 and opcode == 0:
+            send(6, 3, struct.unpack("=I", body)[0])
+        if obj == 12:
+            break
+    print(f"{(time.perf_counter() - started) * 1000:.2f}")
+
+main()
+"""
+VM_SPEC = """\
+[host]
+hostname = "bench"
+subnet = "10.205.0.0/16"
+
+[compartments.vmgui]
+isolation = "vm"
+gui = true
+memory_mb = 384
+"""
 
 
 def first_frame(display: Path, protocols: Protocols) -> float:
@@ -113,6 +219,51 @@ def report(title: str, timings: dict[str, list[float]]) -> None:
     print(f"  filter / raw {ratio:7.2f}  (target <= {TARGET}: {verdict(ratio)})")
 
 
+def vm_first_frames(desktop: Desktop, filter_dir: Path) -> tuple[dict[str, list[float]], str]:
+    """STANDALONE_CLIENT's first frame on the raw socket and through a filter (run on the
+    host), and from a VM compartment with gui = true (run in the guest under waypipe, through
+    the agent port, the host's waypipe client and its filter), alternating after one warm-up
+    each. The same interpreter each time: the guest's /usr is the host's."""
+    from qnix.runtime.backends import vm
+    from tests.runtime.livehost import QNIX, LiveHost
+
+    host = LiveHost()
+    env = {**host.env, "QNIX_WAYLAND_DISPLAY": str(desktop.display)}
+    client = ["/usr/bin/python3", "-I", "-c", STANDALONE_CLIENT]
+    timings: dict[str, list[float]] = {"raw socket": [], "filter": [], "vm": []}
+
+    def direct(runtime_dir: Path) -> float:
+        shown = desktop.run_as_user(client, runtime_dir)
+        assert shown.returncode == 0, shown.stderr
+        return float(shown.stdout)
+
+    def in_the_vm() -> float:
+        shown = subprocess.run(
+            [QNIX, "run", "--gui", "vmgui", "--", *client],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        return float(shown.stdout)
+
+    try:
+        host.ok("apply", str(host.spec(VM_SPEC)))
+        subprocess.run([QNIX, "start", "vmgui"], env=env, check=True, capture_output=True)
+        accel = (host.paths.run_root / vm.ACCEL_FILE).read_text().strip()
+        accel = os.environ.get(vm.ACCEL_ENV) or accel
+        direct(desktop.run), direct(filter_dir), in_the_vm()  # warm-up
+        for _ in range(VM_RUNS):
+            timings["raw socket"].append(direct(desktop.run))
+            timings["filter"].append(direct(filter_dir))
+            timings["vm"].append(in_the_vm())
+    finally:
+        host.qnix("down")
+        host.close()
+    return timings, accel
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("run this as root: it makes a test user for sway", file=sys.stderr)
@@ -120,16 +271,16 @@ def main() -> int:
     protocols = load_protocols(dict(os.environ))
     desktop = Desktop(Path(tempfile.mkdtemp(prefix="qnix-gui-bench-")))
     try:
-        folder = desktop.filter("bench")
+        filter_dir = desktop.filter("bench")
         idle_kib = desktop.rss_kib("bench")
-        paths = {"raw socket": desktop.display, "filter": folder / "wayland-0"}
+        paths = {"raw socket": desktop.display, "filter": filter_dir / "wayland-0"}
         timings: dict[str, list[float]] = {name: [] for name in paths}
         for display in paths.values():
             first_frame(display, protocols)  # warm-up
         for _ in range(RUNS):
             for name, display in paths.items():
                 timings[name].append(first_frame(display, protocols))
-        runtime_dirs = {"raw socket": desktop.run, "filter": folder}
+        runtime_dirs = {"raw socket": desktop.run, "filter": filter_dir}
         gtk: dict[str, list[float]] = {name: [] for name in runtime_dirs}
         for runtime_dir in runtime_dirs.values():
             gtk_first_frame(desktop, runtime_dir)  # warm-up
@@ -137,6 +288,7 @@ def main() -> int:
             for name, runtime_dir in runtime_dirs.items():
                 gtk[name].append(gtk_first_frame(desktop, runtime_dir))
         used_kib = desktop.rss_kib("bench")
+        vm_timings, accel = vm_first_frames(desktop, filter_dir)
     finally:
         desktop.close()
     headless = "sway 1.7 headless (pixman)"
@@ -145,6 +297,15 @@ def main() -> int:
     print("Wayland filter memory (one per GUI compartment), resident")
     print(f"  idle         {idle_kib / 1024:7.1f} MiB")
     print(f"  after runs   {used_kib / 1024:7.1f} MiB")
+    vm_medians = {name: statistics.median(values) for name, values in vm_timings.items()}
+    print(
+        f"a VM compartment ({accel}), the standard-library client, median of {VM_RUNS}:"
+        " on the raw socket and through a filter (host), and in the guest through waypipe,"
+        " the agent port and the filter"
+    )
+    for name, median in vm_medians.items():
+        print(f"  {name:12s} {median:7.2f} ms")
+    print(f"  vm / raw     {vm_medians['vm'] / vm_medians['raw socket']:7.2f}")
     return 0
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from types import FrameType
 
 from qnix.errors import QnixError
+from qnix.runner import require_tool
 from qnix.runtime import agent, bytecode, cgroups, nebula, secrets, vmlink, waylandproxy
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends import namespace as ns
@@ -66,6 +67,10 @@ INSIDE_DIR = "/opt/qnix-agent"
 # A GUI compartment's display inside: the filter's socket in the user's runtime folder.
 RUNTIME_DIR_INSIDE = "/run/user/1000"
 GUI_DISPLAY = "wayland-0"
+# A GUI VM's display on the host: a folder of the compartment's host uid in its run folder,
+# where the host's `waypipe client` binds its socket (waypipe binds it itself).
+WAYPIPE_FOLDER = "waypipe"
+WAYPIPE_SOCKET = "client"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -104,7 +109,11 @@ def gui_binds(config: KeeperConfig) -> tuple[tuple[str, str], ...]:
 
 
 def gui_env(config: KeeperConfig) -> tuple[tuple[str, str], ...]:
-    return () if config.wayland_display is None else (("WAYLAND_DISPLAY", GUI_DISPLAY),)
+    """A VM's commands get none: its GUI apps run under waypipe's server, which gives each app
+    the display it makes."""
+    if config.wayland_display is None or config.isolation == vm.ISOLATION:
+        return ()
+    return (("WAYLAND_DISPLAY", GUI_DISPLAY),)
 
 
 def _start_gui(config: KeeperConfig, stop: _Stop) -> subprocess.Popen[bytes] | None:
@@ -334,6 +343,7 @@ def _started(
         "cwd": plan.home_inside,
         "cgroup": config.cgroup,
         "gui": config.wayland_display is not None,
+        "isolation": config.isolation,  # a VM's GUI apps run under waypipe, without scopes
         "started": time.time(),
     }
     atomic_write(Path(config.state_file), (json.dumps(state, indent=2) + "\n").encode(), 0o600)
@@ -378,6 +388,8 @@ def _start_vm(
             hostname=config.name,
             address=config.guest_address,
             gateway=config.guest_gateway,
+            runtime_dir=plan.runtime_dir,
+            gui=config.wayland_display is not None,
         ),
         vm.INTERPRETER_FILE: (config.interpreter + "\n").encode(),
         vm.PREFIX_FILE: ((config.interpreter_prefix or "") + "\n").encode(),
@@ -395,6 +407,7 @@ def _start_vm(
     qemu_end, relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     qemu: subprocess.Popen[bytes] | None = None
     try:
+        waypipe = _start_waypipe(config, cgroup)  # ended with the cgroup, on every path
         machine = vm.VmPlan(
             name=config.name,
             memory_mb=config.memory_bytes >> 20,
@@ -417,22 +430,27 @@ def _start_vm(
             stdout=subprocess.DEVNULL,
             stderr=None,  # the keeper's log
         )
-        qemu_pidfd = os.pidfd_open(qemu.pid)  # the relay ends QEMU with itself
+        # The relay ends QEMU (and a GUI VM's waypipe client) with itself.
+        with_relay = [qemu] if waypipe is None else [qemu, waypipe[0]]
+        pidfds = [os.pidfd_open(process.pid) for process in with_relay]
         try:
             relay = ns.launch(
                 [
                     *(sys.executable, "-I", "-m", "qnix.runtime.backends.vm_relay"),
-                    *(str(listen_fd), str(relay_end.fileno()), str(qemu_pidfd)),
+                    *(str(listen_fd), str(relay_end.fileno())),
+                    ",".join(str(pidfd) for pidfd in pidfds),
                     str(call_dir(config.run_dir) / CALL_SOCKET_NAME),
                     *(str(config.host_uid), str(config.host_gid)),  # it drops to them itself
+                    "" if waypipe is None else str(waypipe[1]),
                 ],
                 netns_path=None,
                 cgroup=cgroup,
-                pass_fds=(listen_fd, relay_end.fileno(), qemu_pidfd),
+                pass_fds=(listen_fd, relay_end.fileno(), *pidfds),
                 stdout=subprocess.PIPE,
             )
         finally:
-            os.close(qemu_pidfd)
+            for pidfd in pidfds:
+                os.close(pidfd)
     except BaseException:
         if qemu is not None:
             _end(qemu, cgroup, grace=0)
@@ -444,6 +462,8 @@ def _start_vm(
         relay_end.close()
     try:
         _wait_line(relay, stop, b"ready\n", READY_TIMEOUT, "the VM's agent", also=qemu)
+        if waypipe is not None:
+            _wait_for_waypipe(*waypipe, stop)
     except BaseException as exc:
         _end(qemu, cgroup, grace=0)
         relay.kill()
@@ -461,6 +481,54 @@ def _start_vm(
             )
         ) from None
     return qemu
+
+
+def _start_waypipe(
+    config: KeeperConfig, cgroup: cgroups.Cgroup
+) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """A GUI VM's display on the host: `waypipe client` as the compartment's host uid, in its
+    cgroup and network namespace, with the compartment's Wayland filter as its display. The
+    relay joins each stream of the guest's waypipe server to a connection on its socket: the
+    guest's windows pass the same filter as any compartment's. It parses what the guest sends,
+    so it runs with the guest's own rights on the host, as the relay does."""
+    if config.wayland_display is None:
+        return None
+    folder = Path(config.run_dir) / WAYPIPE_FOLDER
+    folder.mkdir(mode=0o700)
+    os.chown(folder, config.host_uid, config.host_gid)
+    path = folder / WAYPIPE_SOCKET
+    display = Path(config.run_dir) / waylandproxy.FOLDER_NAME / waylandproxy.SOCKET_NAME
+    argv = [
+        require_tool("waypipe", "waypipe"),
+        *vmlink.WAYPIPE_OPTIONS,
+        *("--socket", str(path), "client"),
+    ]
+    process = ns.launch(
+        argv,
+        netns_path=config.netns_path,
+        cgroup=cgroup,
+        run_as=ns.HostIdentity(config.host_uid, config.host_gid),
+        env={"WAYLAND_DISPLAY": str(display), "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL,
+        stderr=None,  # the keeper's log
+    )
+    return process, path
+
+
+def _wait_for_waypipe(process: subprocess.Popen[bytes], path: Path, stop: _Stop) -> None:
+    """Until the waypipe client listens (it says nothing when it does): its socket is there."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not path.is_socket():
+        if process.poll() is not None:
+            raise QnixError(
+                f"the VM's waypipe client exited with code {process.returncode} before it listened",
+                hint="its reason is in the keeper's log",
+            )
+        if stop.requested:
+            raise QnixError("stopped while starting")
+        if time.monotonic() > deadline:
+            raise QnixError(f"the VM's waypipe client did not listen within {READY_TIMEOUT:g}s")
+        time.sleep(0.02)
 
 
 def last_lines(path: Path, count: int) -> list[str] | None:

@@ -27,7 +27,7 @@ from typing import Any
 from qnix.audit import events
 from qnix.compile import names
 from qnix.errors import QnixError
-from qnix.runtime import cgroups, hostowner, secrets
+from qnix.runtime import cgroups, hostowner, secrets, vmlink
 from qnix.runtime.backends import container, vm
 from qnix.runtime.backends.namespace import HostIdentity
 from qnix.runtime.files import atomic_write
@@ -321,7 +321,13 @@ WAIT_FOR_SCOPE = (
 
 
 def run_gui_app(paths: RuntimePaths, name: str, state: dict[str, Any], argv: Sequence[str]) -> int:
-    """argv in a cgroup scope of its own inside the compartment's (app-<pid inside>)."""
+    """argv in a cgroup scope of its own inside the compartment's (app-<pid inside>); in a
+    VM, under waypipe's server (the guest's processes are not the host's to move)."""
+    if state.get("isolation") == vm.ISOLATION:
+        try:
+            return execute(paths, name, state, vmlink.gui_argv(argv))
+        except Exception as exc:
+            raise QnixError(f"cannot run in {name}: {exc}") from exc
     tree = container.cgroup_tree(cgroups.cgroup_of(str(state["cgroup"]), cgroups.detect()))
     scopes: list[Path] = []
 

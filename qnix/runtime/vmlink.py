@@ -35,7 +35,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import Any
 
 HELLO = 1  # guest -> host: the guest is set up; what the host sends from now on is served
@@ -55,9 +55,23 @@ CALL_STDERR = 13  # host -> guest
 CALL_ANSWER = 14  # host -> guest: the call server's answer (JSON); exited/refused/error end it
 CREDIT = 15  # either way: the sender of the channel's data may send this many bytes more
 HANGUP = 16  # host -> guest: the command's client has gone; end the command
-LAST_KIND = HANGUP
-DATA_KINDS = frozenset({STDIN, STDOUT, STDERR, CALL_STDIN, CALL_STDOUT, CALL_STDERR})
+# A byte stream from a connection on the guest's GUI socket (waypipe's, see `Stream`), on a
+# channel the guest numbers from STREAM_CHANNELS up to CALL_CHANNELS:
+STREAM_OPEN = 17  # guest -> host
+STREAM_DATA = 18  # either way
+STREAM_END = 19  # either way: the sender reads no more from its socket
+LAST_KIND = STREAM_END
+DATA_KINDS = frozenset({STDIN, STDOUT, STDERR, CALL_STDIN, CALL_STDOUT, CALL_STDERR, STREAM_DATA})
+STREAM_CHANNELS = 1 << 30
 CALL_CHANNELS = 1 << 31
+MAX_STREAMS = 64  # at once: each holds up to a window of the relay's memory
+# The GUI: `waypipe --socket GUI_SOCKET_INSIDE server -- APP` in the guest connects here for
+# each of APP's Wayland connections; the host's end is a `waypipe client` whose display is the
+# compartment's Wayland filter. No GPU (no dmabuf to forward: the guest has no GPU, and the
+# host's waypipe then parses no buffer formats from the guest); no compression (the link never
+# leaves this machine: compressing would only spend the guest's CPU).
+GUI_SOCKET_INSIDE = "/run/qnix-gui/waypipe.sock"
+WAYPIPE_OPTIONS = ("--no-gpu", "--compress", "none")
 FINAL_ANSWERS = ("exited", "refused", "error")
 CALL_SOCKET_INSIDE = "/run/qnix-call/call.sock"  # where qnix/inside/call.py connects
 HEADER_SIZE = 9
@@ -221,6 +235,90 @@ def _pump(read: Callable[[], bytes], send: Callable[[bytes], None]) -> None:
         if not chunk:
             return
         send(chunk)
+
+
+class Stream:
+    """One stream at either end: a connected unix socket here, frames there. What the socket
+    gives goes out as STREAM_DATA under the channel's window, then STREAM_END; what comes in is
+    written to the socket (dropped, and granted, once that fails) until the other end's
+    STREAM_END, which shuts the socket's sending side. Done, and the socket closed, when both
+    directions are. `ended(channel)` is called then."""
+
+    incoming = (STREAM_DATA, STREAM_END)
+
+    def __init__(self, link: Link, channel: int, ended: Callable[[int], object]) -> None:
+        self.link = link
+        self.channel = channel
+        self.inbox = Inbox(link, channel)
+        self.window = Window()
+        self.ended = ended
+        self.left = 2  # directions still going
+        self.lock = _thread.allocate_lock()
+
+    def start(self, connect: Callable[[], Any]) -> None:
+        """Both directions, in threads of their own, once `connect()` gives the socket (an
+        OSError from it: no socket, so the stream ends at once and what comes is dropped)."""
+        import threading
+
+        threading.Thread(target=self._run, args=(connect,), daemon=True).start()
+
+    def _run(self, connect: Callable[[], Any]) -> None:
+        import threading
+
+        try:
+            sock = connect()
+        except OSError:
+            sock = None
+        threading.Thread(target=self._write_out, args=(sock,), daemon=True).start()
+        if sock is not None:
+            while True:
+                try:
+                    chunk = sock.recv(MAX_PAYLOAD)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                send_data(self.link, self.window, self.channel, STREAM_DATA, chunk)
+        try:  # noqa: SIM105 - contextlib is not loaded in the guest
+            self.link.send(self.channel, STREAM_END)
+        except (LinkError, OSError):
+            pass
+        self._done(sock)
+
+    def _write_out(self, sock: Any) -> None:
+        writing = sock is not None
+        while True:
+            kind, chunk = self.inbox.take()
+            if kind == STREAM_END:
+                break
+            if writing:
+                try:
+                    sock.sendall(chunk)
+                except OSError:
+                    writing = False
+            self.inbox.written(len(chunk))
+        if writing:
+            try:  # noqa: SIM105 - contextlib is not loaded in the guest
+                sock.shutdown(1)  # SHUT_WR: the other end has no more
+            except OSError:
+                pass
+        self._done(sock)
+
+    def _done(self, sock: Any) -> None:
+        with self.lock:
+            self.left -= 1
+            if self.left:
+                return
+        self.window.close()
+        if sock is not None:
+            sock.close()
+        self.ended(self.channel)
+
+
+def gui_argv(argv: Sequence[str]) -> list[str]:
+    """A GUI app in the guest: under waypipe's server, whose Wayland connections reach the
+    host's filter through the guest's GUI socket."""
+    return ["waypipe", *WAYPIPE_OPTIONS, "--socket", GUI_SOCKET_INSIDE, "server", "--", *argv]
 
 
 # ---- the guest -----------------------------------------------------------------------------
@@ -539,6 +637,41 @@ def _answer_call(conn: Any, fds: list[int], inbox: Inbox, window: Window) -> Non
 
 
 _GUEST_TERMINALS: dict[int, int] = {}  # channel -> its terminal's master
+_GUEST_STREAMS: dict[int, Stream] = {}  # channel -> a connection on the GUI socket
+
+
+def _given(sock: Any) -> Callable[[], Any]:
+    return lambda: sock
+
+
+def _serve_streams(link: Link, user: tuple[int, int]) -> None:
+    """The GUI socket inside the guest (only the user's): each connection waypipe's server
+    makes becomes a stream to the host, where the relay joins it to the host's waypipe client.
+    Beyond MAX_STREAMS at once a connection is closed unanswered."""
+    import socket
+    import threading
+
+    os.makedirs(os.path.dirname(GUI_SOCKET_INSIDE), mode=0o755, exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(GUI_SOCKET_INSIDE)
+    os.chown(GUI_SOCKET_INSIDE, *user)
+    os.chmod(GUI_SOCKET_INSIDE, 0o600)
+    server.listen(16)
+    numbers = iter(range(STREAM_CHANNELS, CALL_CHANNELS))
+
+    def serve() -> None:
+        while True:
+            conn, _ = server.accept()
+            if len(_GUEST_STREAMS) >= MAX_STREAMS:
+                conn.close()
+                continue
+            channel = next(numbers)
+            stream = Stream(link, channel, lambda ended: _GUEST_STREAMS.pop(ended, None))
+            _GUEST_STREAMS[channel] = stream  # before the host can answer its open
+            link.send(channel, STREAM_OPEN)
+            stream.start(_given(conn))
+
+    threading.Thread(target=serve, daemon=True).start()
 
 
 def read_config(text: str) -> dict[str, str]:
@@ -565,6 +698,10 @@ def _set_up_guest(config: dict[str, str]) -> tuple[int, int]:
     with open("/etc/group", "a", encoding="utf-8") as handle:
         handle.write(f"{user}:x:{gid}:\n")
     os.makedirs(home, exist_ok=True)
+    # The user's runtime folder (XDG_RUNTIME_DIR of its commands): waypipe's server puts the
+    # display socket of its app there.
+    os.makedirs(config["runtime_dir"], mode=0o700)
+    os.chown(config["runtime_dir"], uid, gid)
     if config["home_share"] == "yes":
         # Uncached (no cache= option): a write is on the host when it returns, so a VM that
         # is stopped at once loses nothing written before.
@@ -602,6 +739,8 @@ def guest() -> None:
     # The host's frames wait in the port meanwhile: the call socket is there before any
     # command runs, and what every command needs is loaded before the first one arrives.
     _serve_calls(link, user)
+    if config["gui"] == "yes":
+        _serve_streams(link, user)
     import json
     import queue  # noqa: F401 - for the first command
     import select  # noqa: F401 - for the first command
@@ -619,6 +758,11 @@ def guest() -> None:
             ).start()
         elif kind == CREDIT and found is not None:
             found[1].grant(payload)
+        elif kind in (CREDIT, STREAM_DATA, STREAM_END) and (stream := _GUEST_STREAMS.get(channel)):
+            if kind == CREDIT:
+                stream.window.grant(payload)
+            else:
+                stream.inbox.put(kind, payload)
         elif kind == HANGUP:
             _hang_up(channel)
         elif (

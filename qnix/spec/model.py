@@ -396,12 +396,6 @@ class CompartmentBase(Model):
                 "fullscreen",
                 hint="set gui = true, or drop fullscreen",
             )
-        if self.gui and self.isolation == "vm":
-            raise SpecRuleError(
-                "GUI apps in VM compartments are not supported yet (they need waypipe)",
-                "gui",
-                hint='use isolation = "namespace" or "container" for a GUI compartment',
-            )
         return self
 
     @model_validator(mode="after")

@@ -657,14 +657,6 @@ CASES = [
         "set gui = true",
     ),
     Bad(
-        "gui-in-a-vm",
-        toml('[compartments.a]\nisolation = "vm"\ngui = true\n'),
-        "compartments.a.gui",
-        "GUI apps in VM compartments are not supported yet",
-        "true",
-        'isolation = "namespace"',
-    ),
-    Bad(
         "gui-not-a-boolean",
         toml('[disposable_templates.t]\ngui = "x11"\n'),
         "disposable_templates.t.gui",

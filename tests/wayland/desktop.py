@@ -17,8 +17,13 @@ from pathlib import Path
 from tests.conftest import ROOT, need
 
 TIMEOUT = 20.0
-# The system's interpreter, which has GTK4's introspection (python3-gi, gir1.2-gtk-4.0).
-GTK_PYTHON = "/usr/bin/python3"
+# The system's interpreter, which has GTK4's introspection: Debian's (python3-gi,
+# gir1.2-gtk-4.0), or on NixOS the shell's python3 (shell.nix gives it pygobject3 and gtk4).
+GTK_PYTHON = (
+    "/usr/bin/python3"
+    if Path("/usr/bin/python3").exists()
+    else shutil.which("python3") or "python3"
+)
 
 
 def wait_for(condition: object, what: str, timeout: float = TIMEOUT) -> None:

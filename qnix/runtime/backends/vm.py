@@ -73,7 +73,8 @@ INSIDE_DIR = "/opt/qnix-agent"  # as in a namespace compartment
 # it every page of the interpreter and every module lookup is a round trip to QEMU, which
 # under TCG costs the guest seconds per start; the read-write home is never cached, so each
 # write is on the host when it returns. Each stage says its name on the console (the kernel is
-# quiet), so a start that hangs shows how far the guest got.
+# quiet), so a start that hangs shows how far the guest got. /dev/shm is there for what
+# shares memory through shm_open (GUI apps' buffers under waypipe).
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -81,8 +82,9 @@ echo "qnix: init"
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mkdir -p /dev/pts /tmp /run /home
+mkdir -p /dev/pts /dev/shm /tmp /run /home
 mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=1777 shm /dev/shm
 mount -t tmpfs -o mode=1777 tmp /tmp
 while read -r module; do insmod "/qnix/kmod/$module"; done < /qnix/modules
 ro=trans=virtio,version=9p2000.L,ro,cache=loose
@@ -317,12 +319,17 @@ def guest_config(
     hostname: str,
     address: str | None,
     gateway: str | None,
+    runtime_dir: str,
+    gui: bool = False,
 ) -> bytes:
-    """The guest's configuration file, as qnix.runtime.vmlink.read_config reads it."""
+    """The guest's configuration file, as qnix.runtime.vmlink.read_config reads it. With
+    `gui`, the guest serves its GUI socket (vmlink.GUI_SOCKET_INSIDE) for waypipe's server."""
     values = {
         "uid": str(uid),
         "user": user,
         "home": home,
+        "runtime_dir": runtime_dir,
+        "gui": "yes" if gui else "",
         "home_share": "yes" if home_share else "",
         "hostname": hostname,
         "address": address or "",

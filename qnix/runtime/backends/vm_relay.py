@@ -2,8 +2,11 @@
 guest end): run by the keeper as the compartment's host uid, it answers the agent protocol of
 qnix.runtime.agent on the compartment's usual agent socket and carries each command's stdin,
 stdout and stderr as frames over the virtio-serial port; calls from inside come the other way
-and are made on the compartment's call socket on the host. What comes from the guest is
-untrusted: a malformed frame ends the relay, and with it the compartment's agent channel.
+and are made on the compartment's call socket on the host; so do the streams of a GUI
+compartment's Wayland connections (waypipe's server in the guest), each joined to a
+connection of its own on the host's `waypipe client`, whose display is the compartment's
+Wayland filter. What comes from the guest is untrusted: a malformed frame ends the relay, and
+with it the compartment's agent channel.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from qnix.runtime.vmlink import (
     HELLO,
     MAX_CHANNELS,
     MAX_PAYLOAD,
+    MAX_STREAMS,
     OPEN,
     QUIET_END,
     RESIZE,
@@ -37,9 +41,13 @@ from qnix.runtime.vmlink import (
     STDIN,
     STDIN_END,
     STDOUT,
+    STREAM_CHANNELS,
+    STREAM_END,
+    STREAM_OPEN,
     Inbox,
     Link,
     LinkError,
+    Stream,
     Window,
     feed_while,
     send_data,
@@ -77,13 +85,17 @@ class _Call:
 class Relay:
     """The host end: the agent protocol on the agent socket, frames on the port."""
 
-    def __init__(self, link: Link, call_socket: str) -> None:
+    def __init__(self, link: Link, call_socket: str, gui_socket: str | None = None) -> None:
+        """`gui_socket`: the host's waypipe client's socket (None: the compartment has no
+        display, and every stream ends at once)."""
         self.link = link
         self.call_socket = call_socket
+        self.gui_socket = gui_socket
         self.lock = threading.Lock()
         self.commands: dict[int, _Command] = {}
         self.next_channel = 1
         self.calls: dict[int, _Call] = {}
+        self.streams: dict[int, Stream] = {}
 
     def serve(self, server: socket.socket) -> None:
         """Accept agent connections, each in a thread of its own."""
@@ -219,14 +231,56 @@ class Relay:
                 self.calls[channel] = _Call(self.link, channel)
                 threading.Thread(target=self._call, args=(channel, payload), daemon=True).start()
                 continue
+            if kind == STREAM_OPEN:
+                self._open_stream(channel)
+                continue
             with self.lock:
-                flow = self.commands.get(channel) or self.calls.get(channel)
+                flow = (
+                    self.commands.get(channel)
+                    or self.calls.get(channel)
+                    or self.streams.get(channel)
+                )
             if flow is None:
                 continue  # a channel that has ended
             if kind == CREDIT:
                 flow.window.grant(payload)
             elif kind in flow.incoming:
                 flow.inbox.put(kind, payload)
+
+    def _open_stream(self, untrusted_channel: int) -> None:
+        """A Wayland connection in the guest: joined to a new connection on the host's waypipe
+        client. One on a channel outside the guest's range, or on one still open, is malformed;
+        beyond MAX_STREAMS at once it is ended at once (the guest holds to that limit)."""
+        if not STREAM_CHANNELS <= untrusted_channel < CALL_CHANNELS:
+            raise LinkError(f"a stream opened on channel {untrusted_channel}")
+        stream = None
+        with self.lock:
+            if untrusted_channel in self.streams:
+                raise LinkError(f"stream {untrusted_channel} opened twice")
+            if len(self.streams) < MAX_STREAMS:
+                stream = Stream(self.link, untrusted_channel, self._stream_ended)
+                self.streams[untrusted_channel] = stream
+        if stream is None:
+            self.link.send(untrusted_channel, STREAM_END)
+        else:
+            stream.start(self._connect_gui)
+
+    def _connect_gui(self) -> socket.socket:
+        import socket
+
+        if self.gui_socket is None:
+            raise OSError("this compartment has no display")
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(self.gui_socket)
+        except OSError:
+            client.close()
+            raise
+        return client
+
+    def _stream_ended(self, channel: int) -> None:
+        with self.lock:
+            self.streams.pop(channel, None)
 
     def _call(self, channel: int, untrusted_payload: bytes) -> None:
         """A call from the guest, made on the compartment's call socket with pipes as its
@@ -350,27 +404,35 @@ def _die_with_parent() -> None:
         sys.exit(1)  # the keeper died before the line above
 
 
-def _end_qemu_with_us(qemu_pidfd: int) -> None:
+def _end_qemu_with_us(pidfds: list[int]) -> None:
     """QEMU drops to our uid, which clears any parent-death signal of its own: so when we are
-    told to end, the VM at the other end of the port ends first (a pidfd: never another
-    process that took its pid)."""
+    told to end, the VM at the other end of the port ends first, and so does the host's
+    waypipe client of a GUI VM (pidfds: never another process that took a pid)."""
     import signal
 
     def end(number: int, frame: object) -> None:
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(qemu_pidfd, signal.SIGKILL)
+        for pidfd in pidfds:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         os._exit(0)
 
     signal.signal(signal.SIGTERM, end)
 
 
 def relay(
-    listen_fd: int, port_fd: int, qemu_pidfd: int, call_socket: str, uid: int, gid: int
+    listen_fd: int,
+    port_fd: int,
+    pidfds: list[int],
+    call_socket: str,
+    uid: int,
+    gid: int,
+    gui_socket: str | None = None,
 ) -> None:
     """The host end, started as root beside QEMU and running as `uid`: it waits for the
     guest's hello on the agent port (descriptor `port_fd`, a socket joined to QEMU's
     chardev), then serves the agent socket the keeper bound (descriptor `listen_fd`; says
-    "ready") until the port closes. `qemu_pidfd` is QEMU's, which ends with us."""
+    "ready") until the port closes. `pidfds` are QEMU's and, for a GUI VM, its waypipe
+    client's, which end with us; `gui_socket` is that client's socket."""
     # Everything it will use is imported now: `uid` may not reach the interpreter's files.
     import ctypes  # noqa: F401
     import queue  # noqa: F401 - vmlink's Inbox loads it when it is first used
@@ -385,7 +447,7 @@ def relay(
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
-    _end_qemu_with_us(qemu_pidfd)
+    _end_qemu_with_us(pidfds)
     _die_with_parent()
     port = socket.socket(fileno=port_fd)
     link = Link(socket.SocketIO(port, "r"), socket.SocketIO(port, "w"))
@@ -394,7 +456,7 @@ def relay(
         raise LinkError("the guest did not say hello")
     server = socket.socket(fileno=listen_fd)
     server.listen(64)  # as `uid`: SO_PEERCRED names the compartment's uid, as for any agent
-    bridge = Relay(link, call_socket)
+    bridge = Relay(link, call_socket, gui_socket)
     threading.Thread(target=bridge.serve, args=(server,), daemon=True).start()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -403,9 +465,17 @@ def relay(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 7:
-        listen_fd, port_fd, qemu_pidfd = (int(argument) for argument in sys.argv[1:4])
-        relay(listen_fd, port_fd, qemu_pidfd, sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+    if len(sys.argv) == 8:
+        listen_fd, port_fd = int(sys.argv[1]), int(sys.argv[2])
+        relay(
+            listen_fd,
+            port_fd,
+            [int(pidfd) for pidfd in sys.argv[3].split(",")],
+            sys.argv[4],
+            int(sys.argv[5]),
+            int(sys.argv[6]),
+            sys.argv[7] or None,
+        )
     else:
-        sys.stderr.write("usage: vm_relay.py FD PORT_FD QEMU_PIDFD CALLS UID GID\n")
+        sys.stderr.write("usage: vm_relay.py FD PORT_FD PIDFD[,PIDFD] CALLS UID GID GUI|''\n")
         sys.exit(2)

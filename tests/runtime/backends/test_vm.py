@@ -104,22 +104,34 @@ def test_the_guest_reads_its_configuration_as_the_host_writes_it() -> None:
         hostname="box",
         address="10.0.0.3",
         gateway="10.0.0.2",
+        runtime_dir="/run/user/1000",
+        gui=True,
     )
     assert vmlink.read_config(written.decode()) == {
         "uid": str(0x70000005),
         "user": "user",
         "home": "/home/user",
+        "runtime_dir": "/run/user/1000",
+        "gui": "yes",
         "home_share": "yes",
         "hostname": "box",
         "address": "10.0.0.3",
         "gateway": "10.0.0.2",
     }
     sealed = vm.guest_config(
-        uid=1, user="u", home="/h=x", home_share=False, hostname="s", address=None, gateway=None
+        uid=1,
+        user="u",
+        home="/h=x",
+        home_share=False,
+        hostname="s",
+        address=None,
+        gateway=None,
+        runtime_dir="/run/user/1000",
     )
     read = vmlink.read_config(sealed.decode())
-    assert (read["home"], read["home_share"], read["address"], read["gateway"]) == (
+    assert (read["home"], read["home_share"], read["address"], read["gateway"], read["gui"]) == (
         "/h=x",
+        "",
         "",
         "",
         "",
@@ -133,6 +145,7 @@ def test_the_guest_reads_its_configuration_as_the_host_writes_it() -> None:
             hostname="a\nb",
             address=None,
             gateway=None,
+            runtime_dir="/run/user/1000",
         )
 
 
@@ -409,7 +422,7 @@ def test_whatever_the_guest_sends_is_a_frame_or_the_end_of_the_link(untrusted: b
         except vmlink.LinkError:
             break
         frames += 1
-        assert vmlink.HELLO <= kind <= vmlink.CREDIT
+        assert vmlink.HELLO <= kind <= vmlink.LAST_KIND
         assert len(payload) <= vmlink.MAX_PAYLOAD and 0 <= channel < 1 << 32
     assert frames * vmlink.HEADER_SIZE <= len(untrusted)
 

@@ -1,0 +1,203 @@
+"""`gui = true` on a live VM compartment (QEMU under TCG): its apps run under waypipe's server in
+the guest, whose connections reach the host's waypipe client over the agent port, and that
+client's display is the compartment's Wayland filter. So a window from the guest carries the
+compartment's name, cannot go fullscreen and finds no screencopy; the control is the same
+waypipe pair on the compositor's raw socket, which passes all of it through unchanged."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qnix.runtime import quickrun, vmlink
+from qnix.runtime.backends import vm
+from tests.conftest import need
+from tests.runtime.livehost import QNIX, LiveHost
+from tests.wayland.desktop import Desktop, wait_for
+from tests.wayland.test_gui_compartment import filters
+
+SPEC = """\
+[host]
+hostname = "lab"
+subnet = "10.204.0.0/16"
+
+[compartments.guivm]
+isolation = "vm"
+gui = true
+memory_mb = 1024  # waypipe mirrors foot's 512 MiB shm pool whole in the guest
+"""
+SLOW = 180.0  # a TCG guest starting foot under waypipe
+
+
+@pytest.fixture(scope="module")
+def host(desktop: Desktop) -> Iterator[LiveHost]:
+    os.environ[vm.ACCEL_ENV] = "tcg"  # the keepers inherit it from `qnix apply`
+    live = LiveHost()
+    try:
+        live.ok("apply", str(live.spec(SPEC)))
+        yield live
+    finally:
+        live.qnix("down")
+        live.close()
+        del os.environ[vm.ACCEL_ENV]
+
+
+def qnix(host: LiveHost, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in host.env.items() if k not in ("WAYLAND_DISPLAY", "DISPLAY")}
+    return subprocess.run(
+        [QNIX, *args], env={**environ, **env}, capture_output=True, text=True, timeout=SLOW
+    )
+
+
+def waypipes(host: LiveHost) -> dict[int, int]:
+    """The host's waypipe clients serving this host's compartments: pid -> uid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            uid = entry.stat().st_uid
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+            continue
+        if argv[0].endswith(b"waypipe") and any(
+            str(host.paths.run_root).encode() in arg for arg in argv
+        ):
+            found[int(entry.name)] = uid
+    return found
+
+
+def window(desktop: Desktop, app_id: str) -> dict[str, object]:
+    found: list[dict[str, object]] = []
+
+    def mapped() -> bool:
+        found[:] = [w for w in desktop.tree() if w.get("app_id") == app_id]
+        return bool(found)
+
+    wait_for(mapped, f"a window {app_id}", timeout=SLOW)
+    return found[0]
+
+
+def test_waypipe_alone_passes_everything_through(desktop: Desktop) -> None:
+    """The control: waypipe between an app and the compositor's raw socket changes nothing —
+    the app id it claims, fullscreen and screencopy all get through."""
+    socket_path = str(desktop.home / "waypipe-control")
+    options = [*vmlink.WAYPIPE_OPTIONS, "--socket", socket_path]
+    desktop.spawn([need("waypipe"), *options, "client"], desktop.run)
+    wait_for(lambda: Path(socket_path).is_socket(), "the waypipe client")
+    app = desktop.spawn(
+        [
+            *(need("waypipe"), *options, "server", "--", need("foot")),
+            *("--app-id", "qnix-banking.x", "--fullscreen", "-e", "sleep", "600"),
+        ],
+        desktop.run,
+    )
+    try:
+        assert window(desktop, "qnix-banking.x")["fullscreen_mode"] == 1
+        shot = desktop.run_as_user(
+            [need("waypipe"), *options, "server", "--", need("grim"), "-t", "ppm", "-"],
+            desktop.run,
+        )
+        assert shot.returncode == 0, shot.stderr
+        assert shot.stdout.startswith(b"P6")
+    finally:
+        # waypipe's server leaves its app running when it is told to end: the control's
+        # processes go by pid, the desktop user's waypipes, foot and its sleep.
+        app.terminate()
+        app.wait(30)
+        for pid in desktop.user_pids():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() in ("waypipe", "foot", "sleep"):
+                    os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: not [w for w in desktop.tree() if w.get("app_id") == "qnix-banking.x"],
+            "the control's window to go",
+        )
+
+
+def test_a_gui_vm_shows_its_windows_through_its_filter(desktop: Desktop, host: LiveHost) -> None:
+    display = {"QNIX_WAYLAND_DISPLAY": str(desktop.display)}
+    started = qnix(host, "start", "guivm", **display)
+    assert started.returncode == 0, started.stderr
+    assert len(filters(host)) == 1
+    # The host's waypipe client runs as the compartment's host uid, not root's nor the
+    # desktop user's.
+    state = quickrun.running_state(host.paths, "guivm")
+    assert state is not None
+    assert list(waypipes(host).values()) == [state["host_uid"]]
+    # Its commands get no display of their own: only a GUI app has one, waypipe's.
+    plain = qnix(host, "run", "guivm", "--", "sh", "-c", "echo ${WAYLAND_DISPLAY:-none}")
+    assert (plain.returncode, plain.stdout) == (0, "none\n"), plain.stderr
+
+    app = subprocess.Popen(
+        [
+            *(QNIX, "run", "--gui", "guivm", "--", "foot"),
+            *("--app-id", "qnix-banking.x", "--fullscreen", "-e", "sleep", "600"),
+        ],
+        env={**host.env, **display},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # The filter's rewrite: it passed the filter, whatever it claimed; not fullscreen.
+        found = window(desktop, "qnix-guivm.qnix-banking.x")
+        assert found["fullscreen_mode"] == 0
+        assert not [w for w in desktop.tree() if w.get("app_id") == "qnix-banking.x"]
+        # Nothing to capture the screen with from inside the guest.
+        grim = subprocess.run(
+            [QNIX, "run", "--gui", "guivm", "--", "grim", "/tmp/x.png"],
+            env={**host.env, **display},
+            capture_output=True,
+            text=True,
+            timeout=SLOW,
+            check=False,
+        )
+        assert grim.returncode != 0
+        assert "doesn't support wlr-screencopy" in grim.stderr
+    finally:
+        app.terminate()
+        app.wait(30)
+    # A killed `qnix run` ends its app in the guest, and its window goes.
+    wait_for(
+        lambda: not [w for w in desktop.tree() if str(w.get("app_id")).startswith("qnix-guivm.")],
+        "the window to go",
+        timeout=SLOW,
+    )
+
+    stopped = qnix(host, "stop", "guivm")
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: not filters(host) and not waypipes(host), "the filter and waypipe to end")
+
+
+def test_a_vm_started_without_a_display_refuses_gui_apps(desktop: Desktop, host: LiveHost) -> None:
+    started = qnix(host, "start", "guivm")
+    assert started.returncode == 0, started.stderr
+    try:
+        assert not waypipes(host)
+        refused = qnix(
+            host, "run", "--gui", "guivm", "--", "true", QNIX_WAYLAND_DISPLAY=str(desktop.display)
+        )
+        assert refused.returncode == 1
+        assert "runs without a display" in refused.stderr
+    finally:
+        assert qnix(host, "stop", "guivm").returncode == 0
+
+
+def test_a_killed_keeper_takes_the_filter_and_waypipe_along(
+    desktop: Desktop, host: LiveHost
+) -> None:
+    started = qnix(host, "start", "guivm", QNIX_WAYLAND_DISPLAY=str(desktop.display))
+    assert started.returncode == 0, started.stderr
+    assert len(filters(host)) == 1 and len(waypipes(host)) == 1
+    state = quickrun.running_state(host.paths, "guivm")
+    assert state is not None
+    os.kill(state["keeper_pid"], signal.SIGKILL)
+    # The filter reads its end from the keeper's pipe; the relay, told by its parent-death
+    # signal, ends QEMU and the waypipe client.
+    wait_for(lambda: not filters(host) and not waypipes(host), "the filter and waypipe to end")
+    assert qnix(host, "gc").returncode == 0
