@@ -264,11 +264,19 @@ def test_relp_to_an_ha_pair_loses_nothing_when_a_receiver_freezes_and_dies(
     receivers, written = burst(namespace, tmp_path, authority, "relp")
     receiver_a, receiver_b = receivers["a"][0], receivers["b"][0]
     for sender in SENDERS:
-        wait_for(
-            lambda sender=sender: len(set(receiver_a.copy(sender))) == BURST,  # type: ignore[misc]
-            f"receiver A to hold all of {sender} again",
-            timeout=240,
-        )
+        try:
+            wait_for(
+                lambda sender=sender: len(set(receiver_a.copy(sender))) == BURST,  # type: ignore[misc]
+                f"receiver A to hold all of {sender} again",
+                timeout=240,
+            )
+        except AssertionError:
+            held = set(receiver_a.copy(sender))
+            missing = [line for line in written[sender] if line not in held]
+            raise AssertionError(
+                f"receiver A holds {len(held)} of {sender}'s {BURST} entries; the first missing:"
+                f" {missing[:3]!r}"
+            ) from None
     settled(receiver_a, SENDERS, 2)
     for sender in SENDERS:
         copies = [receiver_a.copy(sender), receiver_b.copy(sender)]

@@ -26,6 +26,15 @@ GTK_PYTHON = (
 )
 
 
+# wl-clipboard without data-control maps a window for focus and can lose the race with a busy
+# sway configuring it (the tests' RACE): tried again, each time a little later.
+CLIPBOARD_ATTEMPTS = 8
+
+
+def pause_before_retry(attempt: int) -> None:
+    time.sleep(0.2 * (attempt + 1))
+
+
 def wait_for(condition: object, what: str, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not callable(condition) or not condition():
@@ -236,7 +245,7 @@ class Desktop:
         walk(json.loads(self.swaymsg("get_tree")))
         return windows
 
-    def window(self, app_id_prefix: str) -> dict[str, object]:
+    def window(self, app_id_prefix: str, timeout: float = TIMEOUT) -> dict[str, object]:
         """The window whose app id starts with `app_id_prefix`, once it is mapped."""
         found: list[dict[str, object]] = []
 
@@ -244,7 +253,7 @@ class Desktop:
             found[:] = [w for w in self.tree() if str(w.get("app_id")).startswith(app_id_prefix)]
             return bool(found)
 
-        wait_for(mapped, f"a window {app_id_prefix}*")
+        wait_for(mapped, f"a window {app_id_prefix}*", timeout)
         return found[0]
 
     def close_window(self, process: subprocess.Popen[bytes], app_id: str) -> None:

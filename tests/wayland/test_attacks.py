@@ -20,7 +20,7 @@ from qnix.wayland.protocol import Protocols
 from qnix.wayland.wire import WireError
 from tests.conftest import need
 from tests.wayland.client import Client, Disconnected, capture, count_colour
-from tests.wayland.desktop import Desktop, wait_for
+from tests.wayland.desktop import CLIPBOARD_ATTEMPTS, Desktop, pause_before_retry, wait_for
 
 VICTIM_RGB = (0x12, 0xAB, 0x34)
 FILTER_ARGV = [sys.executable, "-m", "qnix.runtime.waylandproxy"]
@@ -167,19 +167,20 @@ RACE = b"has never been configured"
 
 def paste(desktop: Desktop, runtime_dir: Path, *options: str) -> bytes:
     """What wl-paste gets; an empty selection is b"" (checked to be wl-paste's own answer)."""
-    for _ in range(5):
+    for attempt in range(CLIPBOARD_ATTEMPTS):
         result = desktop.run_as_user([need("wl-paste"), "--no-newline", *options], runtime_dir)
         if result.returncode == 0:
             return result.stdout
         if RACE not in result.stderr:
             assert result.stderr == b"No selection\n", result.stderr
             return b""
-    raise AssertionError("wl-paste failed five times")
+        pause_before_retry(attempt)
+    raise AssertionError(f"wl-paste failed {CLIPBOARD_ATTEMPTS} times")
 
 
 def copy(desktop: Desktop, runtime_dir: Path, text: str, *options: str) -> None:
     """wl-copy, which stays to serve the selection (see RACE)."""
-    for _ in range(5):
+    for attempt in range(CLIPBOARD_ATTEMPTS):
         process = desktop.spawn([need("wl-copy"), "--foreground", *options, text], runtime_dir)
         try:
             process.wait(1)
@@ -187,7 +188,8 @@ def copy(desktop: Desktop, runtime_dir: Path, text: str, *options: str) -> None:
             return  # serving
         _, error = process.communicate()
         assert RACE in error, error
-    raise AssertionError("wl-copy failed five times")
+        pause_before_retry(attempt)
+    raise AssertionError(f"wl-copy failed {CLIPBOARD_ATTEMPTS} times")
 
 
 def test_clipboard_stays_in_its_compartment(desktop: Desktop) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import need
 from tests.runtime.livehost import QNIX, LiveHost
-from tests.wayland.desktop import Desktop, wait_for
+from tests.wayland.desktop import CLIPBOARD_ATTEMPTS, Desktop, pause_before_retry, wait_for
 
 SPEC = """\
 [host]
@@ -70,19 +70,20 @@ def qnix(host: LiveHost, desktop: Desktop, *args: str) -> subprocess.CompletedPr
 
 def paste(host: LiveHost, desktop: Desktop, name: str) -> str:
     """What wl-paste inside `name` gets; "" for an empty selection."""
-    for _ in range(5):
+    for attempt in range(CLIPBOARD_ATTEMPTS):
         result = qnix(host, desktop, "run", name, "--", need("wl-paste"), "--no-newline")
         if result.returncode == 0:
             return result.stdout
         if RACE not in result.stderr:
             assert result.stderr == "No selection\n", result.stderr
             return ""
-    raise AssertionError("wl-paste failed five times")
+        pause_before_retry(attempt)
+    raise AssertionError(f"wl-paste failed {CLIPBOARD_ATTEMPTS} times")
 
 
 def copy(host: LiveHost, desktop: Desktop, name: str, text: str) -> subprocess.Popen[str]:
     """wl-copy inside `name`, which stays to serve its selection."""
-    for _ in range(5):
+    for attempt in range(CLIPBOARD_ATTEMPTS):
         process = subprocess.Popen(
             [QNIX, "run", name, "--", need("wl-copy"), "--foreground", text],
             env={k: v for k, v in host.env.items() if k != "WAYLAND_DISPLAY"},
@@ -97,7 +98,8 @@ def copy(host: LiveHost, desktop: Desktop, name: str, text: str) -> subprocess.P
             return process
         _, error = process.communicate()
         assert RACE in error, error
-    raise AssertionError("wl-copy failed five times")
+        pause_before_retry(attempt)
+    raise AssertionError(f"wl-copy failed {CLIPBOARD_ATTEMPTS} times")
 
 
 def clip_records(host: LiveHost) -> list[dict[str, Any]]:

@@ -218,7 +218,8 @@ def test_a_gui_app_in_a_disposable(desktop: Desktop, host: LiveHost) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        window = desktop.window("qnix-disp")
+        # A disposable made for the call (sandbox, link, filter): slower than a window alone.
+        window = desktop.window("qnix-disp", timeout=60)
         matched = re.fullmatch(r"qnix-(disp[0-9]+)[.]foot", str(window["app_id"]))
         assert matched is not None, window["app_id"]
         name = matched.group(1)
