@@ -12,6 +12,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -82,16 +83,30 @@ def window(desktop: Desktop, app_id: str) -> dict[str, object]:
     return found[0]
 
 
-def test_waypipe_alone_passes_everything_through(desktop: Desktop) -> None:
-    """The control: waypipe between an app and the compositor's raw socket changes nothing —
-    the app id it claims, fullscreen and screencopy all get through."""
+class Pair(NamedTuple):
+    """The controls' waypipe pair on the compositor's raw socket."""
+
+    server: list[str]  # runs an app (appended) under a waypipe server connected to the client
+    client_pid: int
+
+
+@pytest.fixture(scope="module")
+def raw_waypipe(desktop: Desktop) -> Pair:
+    """A waypipe client on the compositor's raw socket, with the options qnix gives the
+    guest's, run as the desktop's user, as are the servers of the controls."""
     socket_path = str(desktop.home / "waypipe-control")
     options = [*vmlink.WAYPIPE_OPTIONS, "--socket", socket_path]
-    desktop.spawn([need("waypipe"), *options, "client"], desktop.run)
+    client = desktop.spawn([need("waypipe"), *options, "client"], desktop.run)
     wait_for(lambda: Path(socket_path).is_socket(), "the waypipe client")
+    return Pair([need("waypipe"), *options, "server", "--"], client.pid)
+
+
+def test_waypipe_alone_passes_everything_through(desktop: Desktop, raw_waypipe: Pair) -> None:
+    """The control: waypipe between an app and the compositor's raw socket changes nothing —
+    the app id it claims, fullscreen and screencopy all get through."""
     app = desktop.spawn(
         [
-            *(need("waypipe"), *options, "server", "--", need("foot")),
+            *(*raw_waypipe.server, need("foot")),
             *("--app-id", "qnix-banking.x", "--fullscreen", "-e", "sleep", "600"),
         ],
         desktop.run,
@@ -99,17 +114,17 @@ def test_waypipe_alone_passes_everything_through(desktop: Desktop) -> None:
     try:
         assert window(desktop, "qnix-banking.x")["fullscreen_mode"] == 1
         shot = desktop.run_as_user(
-            [need("waypipe"), *options, "server", "--", need("grim"), "-t", "ppm", "-"],
-            desktop.run,
+            [*raw_waypipe.server, need("grim"), "-t", "ppm", "-"], desktop.run
         )
         assert shot.returncode == 0, shot.stderr
         assert shot.stdout.startswith(b"P6")
     finally:
         # waypipe's server leaves its app running when it is told to end: the control's
-        # processes go by pid, the desktop user's waypipes, foot and its sleep.
+        # processes go by pid, the desktop user's waypipes (but the pair's client, which the
+        # next controls use), foot and its sleep.
         app.terminate()
         app.wait(30)
-        for pid in desktop.user_pids():
+        for pid in set(desktop.user_pids()) - {raw_waypipe.client_pid}:
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 if Path(f"/proc/{pid}/comm").read_text().strip() in ("waypipe", "foot", "sleep"):
                     os.kill(pid, signal.SIGKILL)
