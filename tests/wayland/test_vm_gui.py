@@ -278,10 +278,10 @@ def test_typing_into_a_host_window_from_the_guest(
     desktop: Desktop, gui_vm: dict[str, str], victim: Path
 ) -> None:
     # The control is the raw socket without waypipe: waypipe 0.8.4 does not carry wtype's
-    # keyboard. It makes a shadow of the keymap's file descriptor (virtual-keyboard's keymap
-    # request) but never sends its contents, so its client cannot translate it ("Could not
-    # untranslate remote id") and ends the connection ("waypipe internal error"), and wtype,
-    # which does not check, exits 0 having typed nothing.
+    # keyboard. Its server makes a shadow of the keymap's file descriptor (virtual-keyboard's
+    # keymap request) but does not send the file, so its client cannot translate the request
+    # ("Could not untranslate remote id 1") and ends the connection ("waypipe internal
+    # error"), and wtype, which does not check, exits 0 having typed nothing.
     wtype = need("wtype")
     control = desktop.run_as_user([wtype, "control\n"], desktop.run)
     assert control.returncode == 0, control.stderr
