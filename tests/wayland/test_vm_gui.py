@@ -23,7 +23,7 @@ from qnix.runtime import quickrun, vmlink
 from qnix.runtime.backends import vm
 from tests.conftest import need
 from tests.runtime.livehost import QNIX, LiveHost
-from tests.wayland.desktop import Desktop, wait_for
+from tests.wayland.desktop import CLIPBOARD_ATTEMPTS, Desktop, pause_before_retry, wait_for
 from tests.wayland.test_attacks import RACE, copy, paste
 from tests.wayland.test_gui_compartment import filters
 
@@ -299,20 +299,21 @@ def test_typing_into_a_host_window_from_the_guest(
 def paste_in_guest(env: dict[str, str]) -> str:
     """What wl-paste in the guest gets; an empty selection is "" (wl-paste's own answer). It
     has no data-control there, so it maps a window for the focus: see RACE."""
-    for _ in range(5):
+    for attempt in range(CLIPBOARD_ATTEMPTS):
         result = in_guest(env, "wl-paste", "--no-newline")
         if result.returncode == 0:
             return result.stdout
         if RACE.decode() not in result.stderr:
             assert result.stderr == "No selection\n", result.stderr
             return ""
-    raise AssertionError("wl-paste in the guest failed five times")
+        pause_before_retry(attempt)
+    raise AssertionError(f"wl-paste in the guest failed {CLIPBOARD_ATTEMPTS} times")
 
 
 def copy_in_guest(desktop: Desktop, env: dict[str, str], text: str) -> subprocess.Popen[str]:
     """wl-copy in the guest, serving `text` (the host's raw socket reads it) until its
     `qnix run` is ended."""
-    for _ in range(5):
+    for attempt in range(CLIPBOARD_ATTEMPTS):
         process = subprocess.Popen(
             [QNIX, "run", "--gui", "guivm", "--", "wl-copy", "--foreground", text],
             env=env,
@@ -330,7 +331,8 @@ def copy_in_guest(desktop: Desktop, env: dict[str, str], text: str) -> subproces
             return process
         _, error = process.communicate()
         assert RACE.decode() in error, error
-    raise AssertionError("wl-copy in the guest failed five times")
+        pause_before_retry(attempt)
+    raise AssertionError(f"wl-copy in the guest failed {CLIPBOARD_ATTEMPTS} times")
 
 
 def test_the_clipboard_from_the_host_and_within_the_guest(
