@@ -314,9 +314,11 @@ def check_gui_host(environ: dict[str, str]) -> None:
 
 # A GUI app waits, as a shell inside, until the host has moved it into its scope, and only
 # then becomes the app: nothing it starts can be left behind in the compartment's own cgroup.
+# It waits for the scope's own name (app-<its pid inside>, as cgroups.scope is called), not
+# for any change: the host may move it before the shell has read where it started.
 WAIT_FOR_SCOPE = (
-    'start=$(cat /proc/self/cgroup); while [ "$(cat /proc/self/cgroup)" = "$start" ];'
-    ' do sleep 0.01; done; exec "$@"'
+    "scoped() { while IFS= read -r line; do case $line in */app-$$) return 0;; esac; done"
+    ' < /proc/self/cgroup; return 1; }; until scoped; do sleep 0.01; done; exec "$@"'
 )
 
 

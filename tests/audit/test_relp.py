@@ -263,10 +263,16 @@ def test_relp_to_an_ha_pair_loses_nothing_when_a_receiver_freezes_and_dies(
 ) -> None:
     receivers, written = burst(namespace, tmp_path, authority, "relp")
     receiver_a, receiver_b = receivers["a"][0], receivers["b"][0]
+    # The restarted sender may drop the one entry it was handing to A (catching up after its
+    # restart) when it stops: rsyslog's orderly stop does not keep an action's batch in
+    # flight. B has it; the merged copies must have everything (docs/audit.md).
+    may_miss = {sender: 1 if sender == SENDERS[-1] else 0 for sender in SENDERS}
     for sender in SENDERS:
         try:
             wait_for(
-                lambda sender=sender: len(set(receiver_a.copy(sender))) == BURST,  # type: ignore[misc]
+                lambda sender=sender: (  # type: ignore[misc]
+                    len(set(receiver_a.copy(sender))) >= BURST - may_miss[sender]
+                ),
                 f"receiver A to hold all of {sender} again",
                 timeout=240,
             )
@@ -280,9 +286,11 @@ def test_relp_to_an_ha_pair_loses_nothing_when_a_receiver_freezes_and_dies(
     settled(receiver_a, SENDERS, 2)
     for sender in SENDERS:
         copies = [receiver_a.copy(sender), receiver_b.copy(sender)]
-        # Each copy alone holds every entry (the restarted one may hold some twice).
-        for copy in copies:
-            assert sorted(set(copy), key=copy.index) == written[sender]
+        # B, never touched, holds every entry; A every one but what may_miss allows (the
+        # restarted one may hold some twice).
+        assert sorted(set(copies[1]), key=copies[1].index) == written[sender]
+        kept = set(copies[0])
+        assert len([line for line in written[sender] if line not in kept]) <= may_miss[sender]
         merged = merge_copies(copies)
         assert (merged.lost, merged.disagreements) == ((), ())
         assert list(merged.lines) == written[sender]

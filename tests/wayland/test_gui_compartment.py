@@ -219,7 +219,15 @@ def test_a_gui_app_in_a_disposable(desktop: Desktop, host: LiveHost) -> None:
     )
     try:
         # A disposable made for the call (sandbox, link, filter): slower than a window alone.
-        window = desktop.window("qnix-disp", timeout=60)
+        try:
+            window = desktop.window("qnix-disp", timeout=60)
+        except AssertionError:
+            app.terminate()
+            _, error = app.communicate(timeout=30)
+            shown = [w.get("app_id") for w in desktop.tree()]
+            raise AssertionError(
+                f"no window among {shown}; qnix dispose said: {error.decode()!r}"
+            ) from None
         matched = re.fullmatch(r"qnix-(disp[0-9]+)[.]foot", str(window["app_id"]))
         assert matched is not None, window["app_id"]
         name = matched.group(1)
