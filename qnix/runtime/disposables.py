@@ -28,17 +28,16 @@ from qnix.audit import events
 from qnix.compile import names
 from qnix.compile.nft import disposable_elements
 from qnix.errors import QnixError
-from qnix.runtime import cgroups, hostowner
+from qnix.runtime import hostowner
 from qnix.runtime.agent import AgentError, ProtocolError
-from qnix.runtime.backends.container import cgroup_tree
 from qnix.runtime.backends.namespace import HostIdentity
 from qnix.runtime.files import atomic_write
 from qnix.runtime.keeper import teardown_network
 from qnix.runtime.lifecycle import (
-    WAIT_FOR_SCOPE,
     check_gui_host,
     cleanup_run,
     keeper_config,
+    run_gui_app,
     spawn_keeper,
     stop_locked,
 )
@@ -338,33 +337,6 @@ def _check_gui_template(ws: Workstation, template: str | None) -> None:
     check_gui_host(dict(os.environ))
 
 
-def _run_gui_app(
-    paths: RuntimePaths,
-    name: str,
-    state: dict[str, Any],
-    argv: Sequence[str],
-    template: str | None,
-) -> int:
-    """argv in a cgroup scope of its own inside the disposable's (as `qnix run --gui` runs an
-    app: the shell inside waits until the host has moved it there, then becomes the app); the
-    scope goes with the disposable's cgroup."""
-    tree = cgroup_tree(cgroups.cgroup_of(str(state["cgroup"]), cgroups.detect()))
-
-    def into_scope(untrusted_pid: int) -> None:
-        cgroups.scope(tree, f"app-{untrusted_pid}", untrusted_pid)
-
-    return execute(
-        paths,
-        name,
-        state,
-        ["/bin/sh", "-c", WAIT_FOR_SCOPE, "sh", *argv],
-        event="dispose",
-        on_started=into_scope,
-        template=template,
-        gui=True,
-    )
-
-
 def dispose(
     paths: RuntimePaths, argv: Sequence[str], template: str | None = None, *, gui: bool = False
 ) -> int:
@@ -388,7 +360,9 @@ def dispose(
             raise QnixError(f"disposable {name} started without its Wayland filter")
         try:
             if gui:
-                return _run_gui_app(paths, name, state, argv, config.template)
+                return run_gui_app(
+                    paths, name, state, argv, event="dispose", template=config.template, gui=True
+                )
             return execute(paths, name, state, argv, event="dispose", template=config.template)
         except (AgentError, ProtocolError) as exc:
             raise QnixError(f"cannot run in disposable {name}: {exc}") from exc

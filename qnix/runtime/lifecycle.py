@@ -322,12 +322,22 @@ WAIT_FOR_SCOPE = (
 )
 
 
-def run_gui_app(paths: RuntimePaths, name: str, state: dict[str, Any], argv: Sequence[str]) -> int:
+def run_gui_app(
+    paths: RuntimePaths,
+    name: str,
+    state: dict[str, Any],
+    argv: Sequence[str],
+    *,
+    event: str = "run",
+    **audit: events.FieldValue,
+) -> int:
     """argv in a cgroup scope of its own inside the compartment's (app-<pid inside>); in a
-    VM, under waypipe's server (the guest's processes are not the host's to move)."""
+    VM, under waypipe's server (the guest's processes are not the host's to move). Audited as
+    `event` with `audit`, as quickrun.execute audits."""
+    fields: dict[str, Any] = dict(audit)  # execute's own keywords are not among them
     if state.get("isolation") == vm.ISOLATION:
         try:
-            return execute(paths, name, state, vmlink.gui_argv(argv))
+            return execute(paths, name, state, vmlink.gui_argv(argv), event=event, **fields)
         except Exception as exc:
             raise QnixError(f"cannot run in {name}: {exc}") from exc
     tree = container.cgroup_tree(cgroups.cgroup_of(str(state["cgroup"]), cgroups.detect()))
@@ -342,7 +352,9 @@ def run_gui_app(paths: RuntimePaths, name: str, state: dict[str, Any], argv: Seq
             name,
             state,
             ["/bin/sh", "-c", WAIT_FOR_SCOPE, "sh", *argv],
+            event=event,
             on_started=into_scope,
+            **fields,
         )
     except Exception as exc:
         raise QnixError(f"cannot run in {name}: {exc}") from exc
